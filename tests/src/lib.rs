@@ -1,5 +1,7 @@
 //! Shared helpers for Kluis's cross-crate integration tests.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, missing_debug_implementations)]
+
+pub mod forge;
 
 use std::path::PathBuf;
 

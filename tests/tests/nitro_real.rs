@@ -60,7 +60,7 @@ fn real_documents_rejected_under_another_root() {
     let Some(vectors) = load_real_vectors("real_documents_rejected_under_another_root") else {
         return;
     };
-    let sim_root = kluis_nsm::SimRoot::generate().unwrap();
+    let sim_root = kluis_nsm::sim::SimRoot::generate().unwrap();
     let verifier =
         Verifier::new(TrustAnchor::dangerous_from_der(&sim_root.root_der()).unwrap());
     for v in &vectors {
