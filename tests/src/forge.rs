@@ -108,9 +108,15 @@ impl ChainSpec {
             params.key_usages = spec.key_usages.clone();
             params.not_before = OffsetDateTime::from_unix_timestamp(spec.not_before).unwrap();
             params.not_after = OffsetDateTime::from_unix_timestamp(spec.not_after).unwrap();
-            params.serial_number = Some(rcgen::SerialNumber::from(vec![1, u8::try_from(i).unwrap() + 1]));
+            params.serial_number = Some(rcgen::SerialNumber::from(vec![
+                1,
+                u8::try_from(i).unwrap() + 1,
+            ]));
             if spec.unknown_critical_extension {
-                let mut ext = CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x05, 0x00]);
+                let mut ext = CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 4, 1, 99999, 1],
+                    vec![0x05, 0x00],
+                );
                 ext.set_criticality(true);
                 params.custom_extensions.push(ext);
             }
@@ -204,8 +210,12 @@ impl Forged {
 
     /// ECDSA P-384 SHA-384 `r||s` over `message` with the leaf key.
     pub fn raw_signature(&self, message: &[u8]) -> Vec<u8> {
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &self.leaf_pkcs8).unwrap();
-        key.sign(&SystemRandom::new(), message).unwrap().as_ref().to_vec()
+        let key =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &self.leaf_pkcs8).unwrap();
+        key.sign(&SystemRandom::new(), message)
+            .unwrap()
+            .as_ref()
+            .to_vec()
     }
 }
 

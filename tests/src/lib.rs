@@ -1,5 +1,11 @@
 //! Shared helpers for Kluis's cross-crate integration tests.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, missing_debug_implementations)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_debug_implementations
+)]
 
 pub mod forge;
 
@@ -45,7 +51,9 @@ pub struct RealVector {
 /// when the folder is absent.
 pub fn load_real_vectors(test: &str) -> Option<Vec<RealVector>> {
     let Some(dir) = nitro_real_dir() else {
-        eprintln!("SKIPPED {test}: ../shared/vectors/nitro-real is absent (set KLUIS_NITRO_VECTORS)");
+        eprintln!(
+            "SKIPPED {test}: ../shared/vectors/nitro-real is absent (set KLUIS_NITRO_VECTORS)"
+        );
         return None;
     };
     let manifest: serde_json::Value =

@@ -25,7 +25,10 @@ fn run(cases: Vec<Case>) {
     let mut failures = Vec::new();
     for case in &cases {
         let verifier = Verifier::new(TrustAnchor::dangerous_from_der(&case.root).unwrap());
-        let got = verifier.verify(&case.doc, &case.options).map(|_| ()).map_err(|e| e);
+        let got = verifier
+            .verify(&case.doc, &case.options)
+            .map(|_| ())
+            .map_err(|e| e);
         let ok = match (&got, case.expect) {
             (Ok(()), Ok(())) => true,
             (Err(e), Err(kind)) => e.kind() == kind,
@@ -36,11 +39,17 @@ fn run(cases: Vec<Case>) {
                 "{}: expected {:?}, got {:?}",
                 case.name,
                 case.expect,
-                got.as_ref().map_err(|e: &VerifyError| format!("{} ({e})", e.kind()))
+                got.as_ref()
+                    .map_err(|e: &VerifyError| format!("{} ({e})", e.kind()))
             ));
         }
     }
-    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn at_now() -> VerifyOptions {
@@ -86,11 +95,7 @@ fn remove(payload: &mut Vec<(Value, Value)>, key: &str) {
 }
 
 /// Build a chain with one knob turned, sign a normal payload with it.
-fn chain_case(
-    name: &'static str,
-    expect: &'static str,
-    edit: impl FnOnce(&mut ChainSpec),
-) -> Case {
+fn chain_case(name: &'static str, expect: &'static str, edit: impl FnOnce(&mut ChainSpec)) -> Case {
     let mut spec = ChainSpec::aws_like(NOW_S);
     edit(&mut spec);
     let forged = spec.forge();
@@ -135,9 +140,11 @@ fn envelope_rules() {
     // alg ES256 (-7): {1: -7}
     let es256 = forged.sign_with_protected(&[0xa1, 0x01, 0x26], &payload_bytes);
     // {1: -35, 4: h'00'} (alg plus a kid)
-    let with_kid = forged.sign_with_protected(&[0xa2, 0x01, 0x38, 0x22, 0x04, 0x41, 0x00], &payload_bytes);
+    let with_kid =
+        forged.sign_with_protected(&[0xa2, 0x01, 0x38, 0x22, 0x04, 0x41, 0x00], &payload_bytes);
     // {1: -35} followed by a stray byte inside the protected bstr
-    let protected_trailing = forged.sign_with_protected(&[0xa1, 0x01, 0x38, 0x22, 0x00], &payload_bytes);
+    let protected_trailing =
+        forged.sign_with_protected(&[0xa1, 0x01, 0x38, 0x22, 0x00], &payload_bytes);
     // empty protected header
     let no_alg = forged.sign_with_protected(&[0xa0], &payload_bytes);
 
@@ -172,7 +179,8 @@ fn envelope_rules() {
     // Signed by a key that is not the leaf's.
     let other = ChainSpec::aws_like(NOW_S).forge();
     let wrong_signer = {
-        let tbs = kluis_nsm::sim::cose::sig_structure(&[0xa1, 0x01, 0x38, 0x22], &payload_bytes).unwrap();
+        let tbs =
+            kluis_nsm::sim::cose::sig_structure(&[0xa1, 0x01, 0x38, 0x22], &payload_bytes).unwrap();
         let sig = other.raw_signature(&tbs);
         kluis_nsm::sim::cose::encode_sign1(&[0xa1, 0x01, 0x38, 0x22], &payload_bytes, &sig).unwrap()
     };
@@ -188,17 +196,33 @@ fn envelope_rules() {
         case("alg ES256", es256, Err("cose_algorithm")),
         case("alg plus other header", with_kid, Err("cose_algorithm")),
         case("no alg", no_alg, Err("cose_algorithm")),
-        case("trailing byte in protected header", protected_trailing, Err("cbor_trailing_bytes")),
+        case(
+            "trailing byte in protected header",
+            protected_trailing,
+            Err("cbor_trailing_bytes"),
+        ),
         case("95-byte signature", short_sig, Err("cose_signature_length")),
         case("detached payload", detached, Err("cose_detached_payload")),
         case("array of three", three, Err("cose_structure")),
         case("duplicate header key", dup, Err("cbor_duplicate_key")),
         case("flipped signature bit", bad_sig, Err("signature_invalid")),
-        case("signed by another key", wrong_signer, Err("signature_invalid")),
+        case(
+            "signed by another key",
+            wrong_signer,
+            Err("signature_invalid"),
+        ),
         case("deep nesting", deep, Err("cbor_too_deep")),
-        case("too large", vec![0x84; 40 * 1024], Err("document_too_large")),
+        case(
+            "too large",
+            vec![0x84; 40 * 1024],
+            Err("document_too_large"),
+        ),
         case("empty input", Vec::new(), Err("cbor_malformed")),
-        case("not CBOR at all", b"hello world".to_vec(), Err("cbor_trailing_bytes")),
+        case(
+            "not CBOR at all",
+            b"hello world".to_vec(),
+            Err("cbor_trailing_bytes"),
+        ),
     ]);
 }
 
@@ -223,10 +247,14 @@ fn payload_rules() {
             set(p, "user_data", Value::Bytes(vec![2; 1024]));
         }),
         payload_case("PCRs of 32 and 64 bytes", Ok(()), |p| {
-            set(p, "pcrs", Value::Map(vec![
-                (Value::Integer(0.into()), Value::Bytes(vec![0; 32])),
-                (Value::Integer(31.into()), Value::Bytes(vec![0; 64])),
-            ]));
+            set(
+                p,
+                "pcrs",
+                Value::Map(vec![
+                    (Value::Integer(0.into()), Value::Bytes(vec![0; 32])),
+                    (Value::Integer(31.into()), Value::Bytes(vec![0; 64])),
+                ]),
+            );
         }),
         payload_case("unknown field", Err("payload_unknown_field"), |p| {
             p.push((text("extra"), Value::Bool(true)));
@@ -259,16 +287,35 @@ fn payload_rules() {
             set(p, "module_id", Value::Bytes(b"i-1".to_vec()));
         }),
         payload_case("PCR index 32", Err("payload_pcr_index"), |p| {
-            set(p, "pcrs", Value::Map(vec![(Value::Integer(32.into()), Value::Bytes(vec![0; 48]))]));
+            set(
+                p,
+                "pcrs",
+                Value::Map(vec![(Value::Integer(32.into()), Value::Bytes(vec![0; 48]))]),
+            );
         }),
         payload_case("PCR index negative", Err("payload_pcr_index"), |p| {
-            set(p, "pcrs", Value::Map(vec![(Value::Integer((-1).into()), Value::Bytes(vec![0; 48]))]));
+            set(
+                p,
+                "pcrs",
+                Value::Map(vec![(
+                    Value::Integer((-1).into()),
+                    Value::Bytes(vec![0; 48]),
+                )]),
+            );
         }),
         payload_case("PCR index as text", Err("payload_pcr_index"), |p| {
-            set(p, "pcrs", Value::Map(vec![(text("0"), Value::Bytes(vec![0; 48]))]));
+            set(
+                p,
+                "pcrs",
+                Value::Map(vec![(text("0"), Value::Bytes(vec![0; 48]))]),
+            );
         }),
         payload_case("PCR of 47 bytes", Err("payload_pcr_length"), |p| {
-            set(p, "pcrs", Value::Map(vec![(Value::Integer(0.into()), Value::Bytes(vec![0; 47]))]));
+            set(
+                p,
+                "pcrs",
+                Value::Map(vec![(Value::Integer(0.into()), Value::Bytes(vec![0; 47]))]),
+            );
         }),
         payload_case("no PCRs", Err("payload_field_length"), |p| {
             set(p, "pcrs", Value::Map(vec![]));
@@ -279,9 +326,13 @@ fn payload_rules() {
         payload_case("empty certificate", Err("payload_field_length"), |p| {
             set(p, "certificate", Value::Bytes(vec![]));
         }),
-        payload_case("certificate over 1024 bytes", Err("payload_field_length"), |p| {
-            set(p, "certificate", Value::Bytes(vec![0x30; 1025]));
-        }),
+        payload_case(
+            "certificate over 1024 bytes",
+            Err("payload_field_length"),
+            |p| {
+                set(p, "certificate", Value::Bytes(vec![0x30; 1025]));
+            },
+        ),
         payload_case("empty cabundle", Err("payload_field_length"), |p| {
             set(p, "cabundle", Value::Array(vec![]));
         }),
@@ -291,12 +342,20 @@ fn payload_rules() {
         payload_case("cabundle entry as text", Err("payload_wrong_type"), |p| {
             set(p, "cabundle", Value::Array(vec![text("cert")]));
         }),
-        payload_case("public_key over 1024 bytes", Err("payload_field_length"), |p| {
-            set(p, "public_key", Value::Bytes(vec![0; 1025]));
-        }),
-        payload_case("user_data over 1024 bytes", Err("payload_field_length"), |p| {
-            set(p, "user_data", Value::Bytes(vec![0; 1025]));
-        }),
+        payload_case(
+            "public_key over 1024 bytes",
+            Err("payload_field_length"),
+            |p| {
+                set(p, "public_key", Value::Bytes(vec![0; 1025]));
+            },
+        ),
+        payload_case(
+            "user_data over 1024 bytes",
+            Err("payload_field_length"),
+            |p| {
+                set(p, "user_data", Value::Bytes(vec![0; 1025]));
+            },
+        ),
         payload_case("nonce over 1024 bytes", Err("payload_field_length"), |p| {
             set(p, "nonce", Value::Bytes(vec![0; 1025]));
         }),
@@ -304,10 +363,19 @@ fn payload_rules() {
             set(p, "user_data", text("hello"));
         }),
     ];
-    for field in ["module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle"] {
-        cases.push(payload_case("missing required field", Err("payload_missing_field"), |p| {
-            remove(p, field)
-        }));
+    for field in [
+        "module_id",
+        "digest",
+        "timestamp",
+        "pcrs",
+        "certificate",
+        "cabundle",
+    ] {
+        cases.push(payload_case(
+            "missing required field",
+            Err("payload_missing_field"),
+            |p| remove(p, field),
+        ));
     }
 
     // Payload that is an array, not a map.
@@ -406,9 +474,11 @@ fn chain_rules() {
     });
 
     cases.extend([
-        chain_case("regional signed by a stranger", "chain_bad_signature", |s| {
-            s.certs[1].signed_by_stranger = true
-        }),
+        chain_case(
+            "regional signed by a stranger",
+            "chain_bad_signature",
+            |s| s.certs[1].signed_by_stranger = true,
+        ),
         chain_case("leaf signed by a stranger", "chain_bad_signature", |s| {
             let l = s.leaf();
             s.certs[l].signed_by_stranger = true
@@ -416,7 +486,9 @@ fn chain_rules() {
         chain_case("issuer name mismatch", "chain_issuer_mismatch", |s| {
             s.certs[2].wrong_issuer_name = true
         }),
-        chain_case("zonal not a CA", "chain_not_a_ca", |s| s.certs[2].is_ca = IsCa::ExplicitNoCa),
+        chain_case("zonal not a CA", "chain_not_a_ca", |s| {
+            s.certs[2].is_ca = IsCa::ExplicitNoCa
+        }),
         chain_case("instance without basicConstraints", "chain_not_a_ca", |s| {
             s.certs[3].is_ca = IsCa::NoCa
         }),
@@ -444,9 +516,11 @@ fn chain_rules() {
         chain_case("P-256 instance key", "chain_key_type", |s| {
             s.certs[3].key_alg = &rcgen::PKCS_ECDSA_P256_SHA256
         }),
-        chain_case("unknown critical extension", "chain_critical_extension", |s| {
-            s.certs[2].unknown_critical_extension = true
-        }),
+        chain_case(
+            "unknown critical extension",
+            "chain_critical_extension",
+            |s| s.certs[2].unknown_critical_extension = true,
+        ),
         chain_case("expired zonal", "chain_expired", |s| {
             s.certs[2].not_after = NOW_S - 1
         }),
@@ -454,7 +528,9 @@ fn chain_rules() {
             let l = s.leaf();
             s.certs[l].not_before = NOW_S + 10
         }),
-        chain_case("expired root", "chain_expired", |s| s.certs[0].not_after = NOW_S - 1),
+        chain_case("expired root", "chain_expired", |s| {
+            s.certs[0].not_after = NOW_S - 1
+        }),
     ]);
     run(cases);
 }
@@ -476,9 +552,24 @@ fn freshness_rules() {
     };
     let five_min = Duration::from_secs(300);
     run(vec![
-        case("right nonce", &doc, at_now().expect_nonce(b"nonce-1".to_vec()), Ok(())),
-        case("wrong nonce", &doc, at_now().expect_nonce(b"nonce-2".to_vec()), Err("nonce_mismatch")),
-        case("no nonce", &no_nonce, at_now().expect_nonce(b"nonce-1".to_vec()), Err("nonce_missing")),
+        case(
+            "right nonce",
+            &doc,
+            at_now().expect_nonce(b"nonce-1".to_vec()),
+            Ok(()),
+        ),
+        case(
+            "wrong nonce",
+            &doc,
+            at_now().expect_nonce(b"nonce-2".to_vec()),
+            Err("nonce_mismatch"),
+        ),
+        case(
+            "no nonce",
+            &no_nonce,
+            at_now().expect_nonce(b"nonce-1".to_vec()),
+            Err("nonce_missing"),
+        ),
         case(
             "within max age",
             &doc,

@@ -29,11 +29,31 @@ fn real_documents_verify_per_manifest() {
         let verified = result.unwrap_or_else(|e| panic!("{}: {e}", v.file));
         let doc = verified.document();
         assert_eq!(doc.module_id, v.entry["module_id"], "{}", v.file);
-        assert_eq!(doc.timestamp_ms, v.entry["timestamp_ms"].as_u64().unwrap(), "{}", v.file);
-        assert_eq!(hex::encode(doc.pcr(0).unwrap()), v.entry["pcr0"], "{}", v.file);
+        assert_eq!(
+            doc.timestamp_ms,
+            v.entry["timestamp_ms"].as_u64().unwrap(),
+            "{}",
+            v.file
+        );
+        assert_eq!(
+            hex::encode(doc.pcr(0).unwrap()),
+            v.entry["pcr0"],
+            "{}",
+            v.file
+        );
         assert_eq!(doc.is_debug_mode(), v.entry["debug_mode"], "{}", v.file);
-        assert_eq!(len_of(&doc.public_key), v.entry["public_key_len"], "{}", v.file);
-        assert_eq!(len_of(&doc.user_data), v.entry["user_data_len"], "{}", v.file);
+        assert_eq!(
+            len_of(&doc.public_key),
+            v.entry["public_key_len"],
+            "{}",
+            v.file
+        );
+        assert_eq!(
+            len_of(&doc.user_data),
+            v.entry["user_data_len"],
+            "{}",
+            v.file
+        );
         assert_eq!(len_of(&doc.nonce), v.entry["nonce_len"], "{}", v.file);
         accepted += 1;
     }
@@ -61,8 +81,7 @@ fn real_documents_rejected_under_another_root() {
         return;
     };
     let sim_root = kluis_nsm::sim::SimRoot::generate().unwrap();
-    let verifier =
-        Verifier::new(TrustAnchor::dangerous_from_der(&sim_root.root_der()).unwrap());
+    let verifier = Verifier::new(TrustAnchor::dangerous_from_der(&sim_root.root_der()).unwrap());
     for v in &vectors {
         let err = verifier
             .verify(&v.bytes, &VerifyOptions::at(UnixMillis(v.at_ms)))

@@ -107,6 +107,9 @@ fn every_bit_flip_position_of_a_real_document_is_rejected() {
     for i in 0..v.bytes.len() {
         let mut changed = v.bytes.clone();
         changed[i] ^= 0x01;
-        assert!(verifier.verify(&changed, &options).is_err(), "bit flip at {i} accepted");
+        assert!(
+            verifier.verify(&changed, &options).is_err(),
+            "bit flip at {i} accepted"
+        );
     }
 }

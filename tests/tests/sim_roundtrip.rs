@@ -18,7 +18,8 @@ fn sim(config: SimConfig) -> (SimulatedNsm, Arc<FixedClock>, Verifier) {
 
 #[test]
 fn fields_survive_the_round_trip() {
-    let (nsm, _clock, verifier) = sim(SimConfig::default().with_image(b"enclave image v1".to_vec(), None));
+    let (nsm, _clock, verifier) =
+        sim(SimConfig::default().with_image(b"enclave image v1".to_vec(), None));
     let public_key = vec![0x04; 97];
     let user_data = b"sha384 of the request".to_vec();
     let nonce = vec![0xab; 32];
@@ -39,7 +40,11 @@ fn fields_survive_the_round_trip() {
         .with_image(b"enclave image v1".to_vec(), None)
         .boot_pcr_values();
     for (i, value) in expected.iter().enumerate() {
-        assert_eq!(d.pcr(u8::try_from(i).unwrap()), Some(value.as_slice()), "PCR{i}");
+        assert_eq!(
+            d.pcr(u8::try_from(i).unwrap()),
+            Some(value.as_slice()),
+            "PCR{i}"
+        );
     }
     assert_eq!(verified.document_sha384(), &kluis_attestation::sha384(&doc));
 }
@@ -48,26 +53,31 @@ fn fields_survive_the_round_trip() {
 fn absent_fields_come_back_absent() {
     let (nsm, _clock, verifier) = sim(SimConfig::default());
     let doc = attest(&nsm, None, None, None).unwrap();
-    let verified = verifier.verify(&doc, &VerifyOptions::at(UnixMillis(T0))).unwrap();
+    let verified = verifier
+        .verify(&doc, &VerifyOptions::at(UnixMillis(T0)))
+        .unwrap();
     assert_eq!(verified.document().public_key, None);
     assert_eq!(verified.document().user_data, None);
     assert_eq!(verified.document().nonce, None);
     let err = verifier
-        .verify(&doc, &VerifyOptions::at(UnixMillis(T0)).expect_nonce(vec![1]))
+        .verify(
+            &doc,
+            &VerifyOptions::at(UnixMillis(T0)).expect_nonce(vec![1]),
+        )
         .unwrap_err();
     assert_eq!(err.kind(), "nonce_missing");
 }
 
 #[test]
 fn debug_mode_zeroes_pcr0_to_2_but_not_pcr3() {
-    let (nsm, _clock, verifier) = sim(
-        SimConfig::default()
-            .with_image(b"img".to_vec(), None)
-            .with_boot_pcr(3, [7u8; 48])
-            .with_debug(true),
-    );
+    let (nsm, _clock, verifier) = sim(SimConfig::default()
+        .with_image(b"img".to_vec(), None)
+        .with_boot_pcr(3, [7u8; 48])
+        .with_debug(true));
     let doc = attest(&nsm, None, None, None).unwrap();
-    let verified = verifier.verify(&doc, &VerifyOptions::at(UnixMillis(T0))).unwrap();
+    let verified = verifier
+        .verify(&doc, &VerifyOptions::at(UnixMillis(T0)))
+        .unwrap();
     assert!(verified.document().is_debug_mode());
     assert_eq!(verified.document().pcr(3), Some([7u8; 48].as_slice()));
 }
@@ -82,7 +92,10 @@ fn extended_pcrs_do_not_change_boot_measurements_in_the_document() {
     let b = verifier.verify(&before, &at).unwrap().into_document();
     let a = verifier.verify(&after, &at).unwrap().into_document();
     assert_eq!(a.pcr(0), b.pcr(0));
-    assert_ne!(before, after, "each document has its own leaf and signature");
+    assert_ne!(
+        before, after,
+        "each document has its own leaf and signature"
+    );
 }
 
 #[test]
@@ -90,7 +103,9 @@ fn simulated_documents_are_not_aws_documents() {
     let (nsm, _clock, _) = sim(SimConfig::default());
     let doc = attest(&nsm, None, None, None).unwrap();
     let aws = Verifier::new(TrustAnchor::aws_nitro_root_g1().unwrap());
-    let err = aws.verify(&doc, &VerifyOptions::at(UnixMillis(T0))).unwrap_err();
+    let err = aws
+        .verify(&doc, &VerifyOptions::at(UnixMillis(T0)))
+        .unwrap_err();
     assert_eq!(err.kind(), "chain_untrusted_root");
 }
 
@@ -99,16 +114,24 @@ fn leaf_lives_three_hours() {
     let (nsm, clock, verifier) = sim(SimConfig::default());
     let doc = attest(&nsm, None, None, None).unwrap();
     let three_hours = 3 * 3_600_000;
-    assert!(verifier.verify(&doc, &VerifyOptions::at(UnixMillis(T0 + three_hours))).is_ok());
+    assert!(verifier
+        .verify(&doc, &VerifyOptions::at(UnixMillis(T0 + three_hours)))
+        .is_ok());
     let err = verifier
-        .verify(&doc, &VerifyOptions::at(UnixMillis(T0 + three_hours + 1_000)))
+        .verify(
+            &doc,
+            &VerifyOptions::at(UnixMillis(T0 + three_hours + 1_000)),
+        )
         .unwrap_err();
     assert_eq!(err.kind(), "chain_expired");
     // A document made later by the same module verifies then.
     clock.advance(three_hours);
     let later = attest(&nsm, None, None, None).unwrap();
     assert!(verifier
-        .verify(&later, &VerifyOptions::at(UnixMillis(T0 + three_hours + 1_000)))
+        .verify(
+            &later,
+            &VerifyOptions::at(UnixMillis(T0 + three_hours + 1_000))
+        )
         .is_ok());
 }
 
@@ -125,7 +148,8 @@ fn verifier_is_usable_from_many_threads() {
         .map(|(i, doc)| {
             let v = verifier.clone();
             std::thread::spawn(move || {
-                let opts = VerifyOptions::at(UnixMillis(T0)).expect_nonce(vec![u8::try_from(i).unwrap()]);
+                let opts =
+                    VerifyOptions::at(UnixMillis(T0)).expect_nonce(vec![u8::try_from(i).unwrap()]);
                 v.verify(&doc, &opts).map(|_| ())
             })
         })

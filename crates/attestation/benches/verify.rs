@@ -37,13 +37,21 @@ fn bench_real(c: &mut Criterion) {
 
     let anchor = TrustAnchor::aws_nitro_root_g1().expect("built-in root");
     let uncached = Verifier::with_cache_capacity(anchor.clone(), 0);
-    uncached.verify(&doc, &options).expect("real document verifies");
+    uncached
+        .verify(&doc, &options)
+        .expect("real document verifies");
     group.bench_function("no_cache", |b| {
-        b.iter(|| uncached.verify(black_box(&doc), &options).expect("verifies"))
+        b.iter(|| {
+            uncached
+                .verify(black_box(&doc), &options)
+                .expect("verifies")
+        })
     });
 
     let cached = Verifier::new(anchor);
-    cached.verify(&doc, &options).expect("real document verifies");
+    cached
+        .verify(&doc, &options)
+        .expect("real document verifies");
     group.bench_function("link_cache", |b| {
         b.iter(|| cached.verify(black_box(&doc), &options).expect("verifies"))
     });
