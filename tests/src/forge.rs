@@ -104,7 +104,7 @@ impl ChainSpec {
             dn.push(DnType::OrganizationName, "Kluis Forged");
             dn.push(DnType::CommonName, spec.cn.clone());
             params.distinguished_name = dn;
-            params.is_ca = spec.is_ca.clone();
+            params.is_ca = spec.is_ca;
             params.key_usages = spec.key_usages.clone();
             params.not_before = OffsetDateTime::from_unix_timestamp(spec.not_before).unwrap();
             params.not_after = OffsetDateTime::from_unix_timestamp(spec.not_after).unwrap();

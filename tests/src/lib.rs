@@ -2,6 +2,7 @@
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
+    clippy::arithmetic_side_effects,
     clippy::panic,
     clippy::indexing_slicing,
     missing_debug_implementations

@@ -2,6 +2,14 @@
 //! manifest: accepted at its own time with the fields the manifest lists,
 //! rejected an hour after its leaf expired, and the negative one rejected.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing
+)]
+
 use kluis_attestation::{TrustAnchor, UnixMillis, Verifier, VerifyOptions};
 use kluis_tests::load_real_vectors;
 
@@ -81,7 +89,7 @@ fn real_documents_rejected_under_another_root() {
         return;
     };
     let sim_root = kluis_nsm::sim::SimRoot::generate().unwrap();
-    let verifier = Verifier::new(TrustAnchor::dangerous_from_der(&sim_root.root_der()).unwrap());
+    let verifier = Verifier::new(TrustAnchor::dangerous_from_der(sim_root.root_der()).unwrap());
     for v in &vectors {
         let err = verifier
             .verify(&v.bytes, &VerifyOptions::at(UnixMillis(v.at_ms)))

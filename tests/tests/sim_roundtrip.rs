@@ -1,6 +1,14 @@
 //! Simulated NSM → verifier round trips: what the enclave asks for is what the
 //! verifier reports, under the simulator's root and only under it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing
+)]
+
 use kluis_attestation::{TrustAnchor, UnixMillis, Verifier, VerifyOptions};
 use kluis_nsm::sim::{FixedClock, SimConfig, SimulatedNsm};
 use kluis_nsm::{attest, extend_pcr};

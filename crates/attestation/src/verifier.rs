@@ -440,3 +440,80 @@ pub fn describe_certificate(der: &[u8]) -> Result<CertificateSummary, ChainError
 pub fn check_certificate(der: &[u8]) -> Result<CertificateSummary, ChainError> {
     parse_cert(der, "certificate").map(|p| CertificateSummary::from(&p.info))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kluis_nsm::sim::{FixedClock, SimConfig, SimulatedNsm};
+    use std::sync::Arc;
+
+    const T0: u64 = 1_767_225_600_000;
+
+    fn sim() -> (SimulatedNsm, TrustAnchor) {
+        let nsm = SimulatedNsm::new(SimConfig::default().with_clock(Arc::new(FixedClock::new(T0))))
+            .unwrap();
+        let anchor = TrustAnchor::dangerous_from_der(nsm.root().root_der()).unwrap();
+        (nsm, anchor)
+    }
+
+    #[test]
+    fn cache_holds_ca_links_only_and_changes_no_outcome() {
+        let (nsm, anchor) = sim();
+        let cached = Verifier::new(anchor.clone());
+        let uncached = Verifier::with_cache_capacity(anchor, 0);
+        let at = VerifyOptions::at(UnixMillis(T0));
+        for _ in 0..3 {
+            let doc = kluis_nsm::attest(&nsm, None, None, None).unwrap();
+            let a = cached.verify(&doc, &at).unwrap();
+            let b = uncached.verify(&doc, &at).unwrap();
+            assert_eq!(a.document(), b.document());
+        }
+        // regional, zonal, instance; three fresh leaves were not cached.
+        assert_eq!(cached.cache.len(), 3);
+        assert_eq!(uncached.cache.len(), 0);
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let (nsm, anchor) = sim();
+        let verifier = Verifier::with_cache_capacity(anchor, 2);
+        let doc = kluis_nsm::attest(&nsm, None, None, None).unwrap();
+        verifier
+            .verify(&doc, &VerifyOptions::at(UnixMillis(T0)))
+            .unwrap();
+        assert_eq!(verifier.cache.len(), 2);
+        // Still verifies with evictions happening.
+        verifier
+            .verify(&doc, &VerifyOptions::at(UnixMillis(T0)))
+            .unwrap();
+    }
+
+    #[test]
+    fn cached_links_are_still_checked_for_validity() {
+        let (nsm, anchor) = sim();
+        let verifier = Verifier::new(anchor);
+        let doc = kluis_nsm::attest(&nsm, None, None, None).unwrap();
+        verifier
+            .verify(&doc, &VerifyOptions::at(UnixMillis(T0)))
+            .unwrap();
+        // Before the instance CA's notBefore: the cached link must not help.
+        let err = verifier
+            .verify(&doc, &VerifyOptions::at(UnixMillis(T0 - 10_000_000)))
+            .unwrap_err();
+        assert_eq!(err.kind(), "chain_not_yet_valid");
+    }
+
+    #[test]
+    fn freshness_is_separate_from_validity() {
+        let (nsm, anchor) = sim();
+        let verifier = Verifier::new(anchor);
+        let doc = kluis_nsm::attest(&nsm, None, Some(b"n"), None).unwrap();
+        let ok = VerifyOptions::at(UnixMillis(T0 + 60_000)).max_age(Duration::from_secs(60));
+        assert!(verifier.verify(&doc, &ok).is_ok());
+        let stale = VerifyOptions::at(UnixMillis(T0 + 60_001)).max_age(Duration::from_secs(60));
+        assert_eq!(
+            verifier.verify(&doc, &stale).unwrap_err().kind(),
+            "document_too_old"
+        );
+    }
+}
