@@ -58,5 +58,39 @@ fn bench_real(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_real);
+fn bench_sim(c: &mut Criterion) {
+    use kluis_nsm::sim::{FixedClock, SimConfig, SimulatedNsm};
+    use std::sync::Arc;
+    const T0: u64 = 1_767_225_600_000;
+    let nsm = SimulatedNsm::new(SimConfig::default().with_clock(Arc::new(FixedClock::new(T0))))
+        .expect("simulator");
+    // Each document has its own leaf, like a real NSM's.
+    let docs: Vec<Vec<u8>> = (0..256u16)
+        .map(|i| kluis_nsm::attest(&nsm, None, Some(&i.to_be_bytes()), None).expect("attest"))
+        .collect();
+    let anchor = TrustAnchor::dangerous_from_der(nsm.root().root_der()).expect("sim root");
+    let options = VerifyOptions::at(UnixMillis(T0));
+
+    let mut group = c.benchmark_group("sim");
+    group.throughput(Throughput::Elements(1));
+    for (name, capacity) in [
+        (
+            "fresh_leaf_per_doc",
+            kluis_attestation::DEFAULT_CACHE_CAPACITY,
+        ),
+        ("fresh_leaf_no_cache", 0),
+    ] {
+        let verifier = Verifier::with_cache_capacity(anchor.clone(), capacity);
+        let mut next = docs.iter().cycle();
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let doc = next.next().expect("cycle");
+                verifier.verify(black_box(doc), &options).expect("verifies")
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_real, bench_sim);
 criterion_main!(benches);

@@ -7,6 +7,17 @@
 
 use thiserror::Error;
 
+/// Unix seconds as RFC 3339 UTC, for messages; the number when out of range.
+fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{secs} (Unix seconds)"))
+}
+
 /// A failure to decode CBOR strictly.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -263,7 +274,7 @@ pub enum ChainError {
         oid: String,
     },
     /// A certificate has expired at the verification time.
-    #[error("{cert}: expired at {not_after} (verification time {at})")]
+    #[error("{cert}: expired at {} (verification time {})", rfc3339(*not_after), rfc3339(*at))]
     Expired {
         /// Which certificate.
         cert: String,
@@ -273,7 +284,7 @@ pub enum ChainError {
         at: i64,
     },
     /// A certificate is not yet valid at the verification time.
-    #[error("{cert}: not valid before {not_before} (verification time {at})")]
+    #[error("{cert}: not valid before {} (verification time {})", rfc3339(*not_before), rfc3339(*at))]
     NotYetValid {
         /// Which certificate.
         cert: String,
