@@ -101,10 +101,7 @@ impl SimRoot {
         let validity =
             Validity::starting(chain::unix_seconds(clock.now_unix_ms())?, ROOT_VALIDITY_S)?;
         let fresh = chain::issue_root(validity)?;
-        let key_pem = Zeroizing::new(pem::encode(&pem::Pem::new(
-            "PRIVATE KEY",
-            fresh.issuer.key().pkcs8().to_vec(),
-        )));
+        let key_pem = encode_private_key(fresh.issuer.key());
         let key_written = write_atomic(state_dir, ROOT_KEY_FILE, key_pem.as_bytes(), 0o600, false)?;
         let root = if key_written {
             fresh
@@ -219,6 +216,14 @@ impl SimRoot {
     pub(crate) fn ca(&self) -> &Ca {
         &self.ca
     }
+}
+
+/// The key as a PKCS#8 PEM block; every copy of the key is zeroized on drop.
+fn encode_private_key(key: &P384Key) -> Zeroizing<String> {
+    let block = pem::Pem::new("PRIVATE KEY", key.pkcs8().to_vec());
+    let text = Zeroizing::new(pem::encode(&block));
+    drop(Zeroizing::new(block.into_contents()));
+    text
 }
 
 fn pem_certificate(der: &[u8]) -> String {
