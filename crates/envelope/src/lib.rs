@@ -1,0 +1,1 @@
+//! Kluis streaming envelope: segmented AES-256-GCM with an authenticated header

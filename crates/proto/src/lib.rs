@@ -1,0 +1,1 @@
+//! Kluis wire protocol: frames, key-release messages, HPKE sealing and response signatures
