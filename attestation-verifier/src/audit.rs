@@ -1,0 +1,1 @@
+//! Audit log (see docs/dev/issue3-plan.md).

@@ -1,0 +1,1 @@
+//! Key policy (see docs/dev/issue3-plan.md).

@@ -1,0 +1,1 @@
+//! Kluis key store (see docs/dev/issue3-plan.md).
