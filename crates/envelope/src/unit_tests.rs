@@ -3,7 +3,8 @@
 #![allow(clippy::arithmetic_side_effects)]
 
 use crate::{
-    DataKey, DecryptError, EncryptError, EnvelopeReader, EnvelopeWriter, WrappedKey, SEGMENT_OVERHEAD,
+    DataKey, DecryptError, EncryptError, EnvelopeReader, EnvelopeWriter, WrappedKey,
+    SEGMENT_OVERHEAD,
 };
 use std::io::{Read, Write};
 
@@ -68,7 +69,11 @@ fn reader_refuses_a_stream_longer_than_the_limit() {
         ),
         "{err:?}"
     );
-    assert_eq!(out.len(), 2 * S, "segments 0 and 1 authenticated before the limit");
+    assert_eq!(
+        out.len(),
+        2 * S,
+        "segments 0 and 1 authenticated before the limit"
+    );
 }
 
 #[test]
