@@ -44,11 +44,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod binding;
 mod bounded;
 mod error;
 pub mod frame;
+mod identity;
+pub mod keys;
 pub mod message;
 
+pub use binding::{hpke_info, request_hash, response_transcript};
 pub use error::{
     ClientError, EphemeralKeyError, FrameError, FramePart, IdentityError, MessageError, OpenError,
     RequestError, SealError, WireError,
@@ -57,6 +61,8 @@ pub use frame::{
     read_frame, read_frame_sync, write_frame, write_frame_sync, DEFAULT_MAX_FRAME_LEN,
     PROTOCOL_VERSION,
 };
+pub use identity::VerifierIdentity;
+pub use keys::{check_released_keys, PlaintextKey, ReleasedKey, ResponseMismatch, PAYLOAD_VERSION};
 pub use message::{
     read_message, read_message_sync, write_message, write_message_sync, ErrorCode, KeyOperation,
     KeyRequest, Message, Request, Response, SealedKeys,
