@@ -46,11 +46,16 @@
 
 pub mod binding;
 mod bounded;
+pub mod client;
 mod error;
 pub mod frame;
 mod identity;
 pub mod keys;
 pub mod message;
+mod seal;
+
+#[cfg(test)]
+mod tests;
 
 pub use binding::{hpke_info, request_hash, response_transcript};
 pub use error::{
@@ -67,3 +72,4 @@ pub use message::{
     read_message, read_message_sync, write_message, write_message_sync, ErrorCode, KeyOperation,
     KeyRequest, Message, Request, Response, SealedKeys,
 };
+pub use seal::{open_keys, open_keys_for_request, seal_keys, EphemeralKeyPair};
