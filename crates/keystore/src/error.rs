@@ -211,6 +211,15 @@ pub enum StoreError {
         id: String,
     },
 
+    /// A key backend (an HSM, for instance) failed.
+    #[error("key backend {backend} failed: {reason}")]
+    Backend {
+        /// The backend's name (`KeyBackend::name`).
+        backend: &'static str,
+        /// What failed (never key material or credentials).
+        reason: String,
+    },
+
     /// A wrapped blob is malformed, was made under other material or with
     /// other associated data, or was altered.
     #[error("could not unwrap under key material {id:?}: {reason}")]

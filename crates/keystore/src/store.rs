@@ -248,7 +248,9 @@ impl Store {
     /// and durably: when this returns, the record survives a crash; if the
     /// process dies before, the old value (or none) remains. A replaced
     /// record's old file is overwritten with zeros once the new one is in
-    /// place.
+    /// place; an error from that last step (the only one that can follow a
+    /// successful replacement) is reported, and repeating the `put` is
+    /// harmless.
     pub fn put(
         &self,
         guard: &StoreGuard<'_>,
