@@ -167,6 +167,29 @@ impl SegmentCipher {
         Ok(out)
     }
 
+    /// Encrypts `plaintext` into `out` (same length) and the tag into `tag`,
+    /// leaving the plaintext untouched.
+    pub(crate) fn seal_into(
+        &self,
+        index: u32,
+        is_final: bool,
+        word: [u8; 4],
+        plaintext: &[u8],
+        out: &mut [u8],
+        tag: &mut [u8],
+    ) -> Result<(), CryptoFailure> {
+        self.key
+            .seal_out_of_place_scatter(
+                self.nonce(index, is_final),
+                Aad::from(word),
+                plaintext,
+                out,
+                &[],
+                tag,
+            )
+            .map_err(|_| CryptoFailure)
+    }
+
     /// Authenticates `ciphertext || tag` and decrypts it into `out` (same
     /// length as the ciphertext), leaving the ciphertext intact. On failure
     /// AWS-LC has zeroed `out`.

@@ -127,8 +127,9 @@ impl Encoder {
         }
     }
 
-    /// Seals the buffered plaintext as segment `next_index`.
-    fn seal(&mut self, is_final: bool) -> Result<(), EncryptError> {
+    /// Seals the buffered plaintext (or, with `direct`, a full segment of the
+    /// caller's input, saving a copy) as segment `next_index`.
+    fn seal(&mut self, is_final: bool, direct: Option<&[u8]>) -> Result<(), EncryptError> {
         let State::Filling { filled } = self.state else {
             return Err(EncryptError::Failed);
         };
@@ -145,7 +146,8 @@ impl Encoder {
                 max_segments: self.max_segments,
             });
         }
-        match self.seal_segment(index, filled, is_final) {
+        let len = direct.map_or(filled, <[u8]>::len);
+        match self.seal_segment(index, len, is_final, direct) {
             Ok(end) => {
                 self.state = State::Draining {
                     pos: 0,
@@ -167,6 +169,7 @@ impl Encoder {
         index: u64,
         len: usize,
         is_final: bool,
+        direct: Option<&[u8]>,
     ) -> Result<usize, EncryptError> {
         let counter = u32::try_from(index).map_err(|_| EncryptError::TooManySegments {
             max_segments: self.max_segments,
@@ -179,12 +182,20 @@ impl Encoder {
             .ok_or(EncryptError::Crypto)?;
         let (body, rest) = rest.split_at_mut_checked(len).ok_or(EncryptError::Crypto)?;
         let tag_slot = rest.get_mut(..TAG_LEN).ok_or(EncryptError::Crypto)?;
-        let tag = self
-            .cipher
-            .seal(counter, is_final, word, body)
-            .map_err(|_| EncryptError::Crypto)?;
+        match direct {
+            Some(plaintext) => self
+                .cipher
+                .seal_into(counter, is_final, word, plaintext, body, tag_slot)
+                .map_err(|_| EncryptError::Crypto)?,
+            None => {
+                let tag = self
+                    .cipher
+                    .seal(counter, is_final, word, body)
+                    .map_err(|_| EncryptError::Crypto)?;
+                tag_slot.copy_from_slice(&tag);
+            }
+        }
         word_slot.copy_from_slice(&word);
-        tag_slot.copy_from_slice(&tag);
         // word + len + tag: at most 16 MiB + 20, no overflow.
         Ok(SEGMENT_WORD_LEN.saturating_add(len).saturating_add(TAG_LEN))
     }
@@ -206,7 +217,17 @@ impl Encoder {
                 State::Header { .. } | State::Draining { .. } => ready!(self.drain(&mut sink))?,
                 State::Filling { filled } if filled >= self.segment_size => {
                     // More input follows a full segment: it is not the last.
-                    self.seal(false)?;
+                    self.seal(false, None)?;
+                }
+                State::Filling { filled: 0 } if input.len() > self.segment_size => {
+                    // A whole segment with more input after it: seal it
+                    // straight from the caller's buffer, as non-final.
+                    let Some(segment) = input.get(..self.segment_size) else {
+                        self.state = State::Failed;
+                        return Poll::Ready(Err(EncryptError::Failed));
+                    };
+                    self.seal(false, Some(segment))?;
+                    return Poll::Ready(Ok(self.segment_size));
                 }
                 State::Filling { filled } => {
                     let room = self.segment_size.saturating_sub(filled);
@@ -244,7 +265,7 @@ impl Encoder {
                 State::Failed => return Poll::Ready(Err(EncryptError::Failed)),
                 State::Done => return Poll::Ready(Ok(())),
                 State::Header { .. } | State::Draining { .. } => ready!(self.drain(&mut sink))?,
-                State::Filling { .. } => self.seal(true)?,
+                State::Filling { .. } => self.seal(true, None)?,
             }
         }
     }

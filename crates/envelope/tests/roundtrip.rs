@@ -312,3 +312,18 @@ fn finish_without_data_writes_header_and_empty_final_segment() {
     assert_eq!(envelope.len(), header_len + SEGMENT_OVERHEAD);
     assert!(open(&envelope).unwrap().is_empty());
 }
+
+#[test]
+fn partial_write_then_finish_ends_with_an_empty_final_segment() {
+    // `write` may accept only a full segment of a longer buffer; if the caller
+    // then finishes without writing the rest, the envelope holds exactly the
+    // accepted bytes, closed by an empty final segment.
+    let plaintext = data(S + 1);
+    let mut writer = EnvelopeWriter::with_segment_size(Vec::new(), &key(), wrapped(), S32).unwrap();
+    assert_eq!(writer.write(&plaintext).unwrap(), S);
+    let envelope = writer.finish().unwrap();
+    let (_, segments) = layout(&envelope);
+    assert_eq!(segments.len(), 2);
+    assert_eq!(segments[1].len(), SEGMENT_OVERHEAD);
+    assert_eq!(open(&envelope).unwrap(), plaintext[..S]);
+}
