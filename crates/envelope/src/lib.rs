@@ -5,8 +5,9 @@
 //! the parent only moves it, and the controller's tools
 //! (`attestation-verifier data encrypt|decrypt`) produce and consume it on the
 //! controller's premises. The byte layout below is that shared contract;
-//! [`FORMAT.md`](https://example.invalid/kluis/crates/envelope/FORMAT.md) in
-//! this crate's directory says the same in prose for non-Rust implementers.
+//! `FORMAT.md` next to this crate's `Cargo.toml` says the same for
+//! implementers elsewhere, and `tests/spec.rs` is an independent decoder
+//! written from it.
 //!
 //! # Use
 //!
@@ -99,8 +100,9 @@
 //! sealed with key *Ks*, nonce `P (7) || i as u32 (4) || f as one byte (0x00 or
 //! 0x01)`, and the 4-byte word as associated data. A non-final segment has
 //! *L* = *S* exactly; the final segment has 0 ≤ *L* ≤ *S* (an empty plaintext
-//! is one empty final segment; writers emit an empty final segment after
-//! others only when a write was abandoned right after a full segment). Exactly
+//! is one empty final segment; a writer ends with an empty final segment after
+//! others only when a `write` accepted a full segment and it was then finished
+//! without more data). Exactly
 //! one segment, the last, has *f* = 1, and the envelope ends with it: the
 //! format is self-delimiting, so a reader never needs to read past it.
 //!
@@ -170,7 +172,8 @@
 //! - **Not hidden.** The plaintext length (to the byte), the CMK id and version
 //!   and the wrapped key are visible to whoever holds the envelope.
 //! - **Crypto.** AWS-LC via `aws-lc-rs` (AES-GCM, HKDF, HMAC, SHA-256, and the
-//!   system random generator for salts and keys).
+//!   system random generator for salts and keys). GCM with caller-built nonces,
+//!   as STREAM needs, is outside AWS-LC's FIPS-approved service indicator.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
