@@ -5,4 +5,10 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod auth;
+pub mod broker;
+pub mod keys;
+pub mod kms;
+pub mod nonce;
 pub mod policy;
+pub mod service;

@@ -3,11 +3,14 @@
 //! Verifies Nitro attestation documents against the pinned AWS root (this
 //! issue's scope), and will hold the key hierarchy, policy and audit log.
 //!
-//! Exit codes: 0 accepted, 1 rejected, 2 usage or I/O error. Never a panic.
+//! Exit codes: 0 accepted/done, 1 rejected/refused, 2 usage or I/O error.
+//! Never a panic.
 #![forbid(unsafe_code)]
 
+mod admin_cmd;
 mod input;
 mod report;
+mod serve_cmd;
 mod verify_cmd;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +22,8 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "attestation-verifier", version, about)]
 struct Cli {
+    #[command(flatten)]
+    store: admin_cmd::StoreArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,6 +41,36 @@ enum Command {
         /// The document: a file of raw COSE bytes or their base64, or `-` for stdin.
         doc: PathBuf,
     },
+    /// Create a store: root secret, verifier identity, audit log, and the first
+    /// key-admin and app-admin credentials.
+    Init(admin_cmd::InitArgs),
+    /// Administrators.
+    #[command(subcommand)]
+    Admin(admin_cmd::AdminCommand),
+    /// Customer master keys (key administrators).
+    #[command(subcommand)]
+    Key(admin_cmd::KeyCommand),
+    /// Key policies (application administrators).
+    #[command(subcommand)]
+    Policy(admin_cmd::PolicyCommand),
+    /// Print the verifier's public identity key (to build into the enclave image).
+    Identity,
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(admin_cmd::AuditCommand),
+    /// Run the key-release service.
+    Serve(serve_cmd::ServeArgs),
+}
+
+/// Logs go to stderr, filtered by RUST_LOG (default: warnings). They never
+/// carry key material or credentials.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// The outcome of a command, mapped to the documented exit codes.
@@ -47,9 +82,18 @@ pub(crate) enum Outcome {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let outcome = match cli.command {
-        Command::Verify(args) => verify_cmd::run(&args),
-        Command::Inspect { doc } => verify_cmd::inspect(&doc),
+    init_logging();
+    let store = &cli.store;
+    let outcome = match &cli.command {
+        Command::Verify(args) => verify_cmd::run(args),
+        Command::Inspect { doc } => verify_cmd::inspect(doc),
+        Command::Init(args) => admin_cmd::finish(admin_cmd::init(store, args)),
+        Command::Admin(c) => admin_cmd::finish(admin_cmd::admin(store, c)),
+        Command::Key(c) => admin_cmd::finish(admin_cmd::key(store, c)),
+        Command::Policy(c) => admin_cmd::finish(admin_cmd::policy(store, c)),
+        Command::Identity => admin_cmd::finish(admin_cmd::identity(store)),
+        Command::Audit(c) => admin_cmd::finish(admin_cmd::audit(store, c)),
+        Command::Serve(args) => admin_cmd::finish(serve_cmd::serve(store, args)),
     };
     // Flush explicitly: a closed stdout must not turn into a panic.
     let _ = std::io::stdout().flush();

@@ -37,7 +37,7 @@ pub(crate) struct VerifyArgs {
 }
 
 /// Print one JSON value on stdout. A closed stdout is not worth a panic.
-fn emit(value: &Value) {
+pub(crate) fn emit(value: &Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{value}");
 }
@@ -76,7 +76,7 @@ fn parse_hex(what: &str, s: &str) -> Result<Vec<u8>, Outcome> {
     hex::decode(s.trim()).map_err(|e| fail("usage", format!("{what} is not valid hex: {e}")))
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

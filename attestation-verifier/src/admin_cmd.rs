@@ -1,0 +1,780 @@
+//! The administrative commands: `init`, `admin`, `key`, `policy`, `identity`,
+//! `audit`, `serve`. Every mutation is authenticated, role-checked and audited.
+
+use crate::verify_cmd::{emit, now_ms};
+use crate::Outcome;
+use anyhow::{anyhow, Context};
+use attestation_verifier::audit::{Actor, AuditFilter, AuditLog, Decision, NewRecord};
+use attestation_verifier::auth::{self, Admin, Credential, Permission, Role};
+use attestation_verifier::keys::{
+    CmkRecord, KeyError, KeyName, KeyState, DEFAULT_DELETION_WAIT_DAYS, DEFAULT_ROTATION_DAYS,
+};
+use attestation_verifier::kms::{Kms, StoredPolicy};
+use attestation_verifier::policy::KeyPolicy;
+use clap::{Args, Subcommand};
+use kluis_keystore::RootSecret;
+use kluis_proto::VerifierIdentity;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+/// Where the store is and how to open it.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct StoreArgs {
+    /// The store directory.
+    #[arg(long, env = "KLUIS_STORE", value_name = "DIR", global = true)]
+    pub store: Option<PathBuf>,
+    /// The root key file (32 random bytes, mode 0600). Alternatively set
+    /// KLUIS_STORE_PASSPHRASE to use a passphrase (Argon2id).
+    #[arg(long, env = "KLUIS_ROOT_KEY_FILE", value_name = "FILE", global = true)]
+    pub root_key_file: Option<PathBuf>,
+    /// The administrator credential file.
+    #[arg(
+        long,
+        env = "KLUIS_CREDENTIAL_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub credential: Option<PathBuf>,
+}
+
+/// A command failure: refused (exit 1) or usage/I/O (exit 2).
+pub(crate) enum Failure {
+    Refused(String, String),
+    Usage(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Usage(e)
+    }
+}
+
+impl From<KeyError> for Failure {
+    fn from(e: KeyError) -> Self {
+        match &e {
+            KeyError::Store(_) | KeyError::CorruptRecord { .. } => Failure::Usage(anyhow!(e)),
+            _ => Failure::Refused(key_error_kind(&e).to_owned(), e.to_string()),
+        }
+    }
+}
+
+fn key_error_kind(e: &KeyError) -> &'static str {
+    match e {
+        KeyError::InvalidName { .. } => "invalid_key_name",
+        KeyError::NotFound(_) => "key_not_found",
+        KeyError::AlreadyExists(_) => "key_exists",
+        KeyError::WrongState { .. } => "wrong_state",
+        KeyError::Destroyed { .. } => "key_destroyed",
+        KeyError::NoSuchVersion { .. } => "no_such_version",
+        KeyError::WaitingPeriod { .. } => "waiting_period",
+        KeyError::InvalidArgument(_) => "invalid_argument",
+        KeyError::BadWrappedKey(_) => "bad_wrapped_key",
+        _ => "store_error",
+    }
+}
+
+pub(crate) fn finish(result: Result<(), Failure>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Accepted,
+        Err(Failure::Refused(kind, message)) => {
+            emit(&json!({ "error": { "kind": kind, "message": message } }));
+            eprintln!("refused ({kind}): {message}");
+            Outcome::Rejected
+        }
+        Err(Failure::Usage(e)) => {
+            emit(&json!({ "error": { "kind": "usage", "message": format!("{e:#}") } }));
+            eprintln!("error: {e:#}");
+            Outcome::Failed
+        }
+    }
+}
+
+impl StoreArgs {
+    fn dir(&self) -> anyhow::Result<&Path> {
+        self.store
+            .as_deref()
+            .ok_or_else(|| anyhow!("no store: pass --store DIR or set KLUIS_STORE"))
+    }
+
+    fn secret(&self) -> anyhow::Result<RootSecret> {
+        if let Some(path) = &self.root_key_file {
+            return RootSecret::from_key_file(path)
+                .with_context(|| format!("root key file {}", path.display()));
+        }
+        match std::env::var("KLUIS_STORE_PASSPHRASE") {
+            Ok(p) if !p.is_empty() => Ok(RootSecret::from_passphrase(Zeroizing::new(p))?),
+            _ => Err(anyhow!(
+                "no root secret: pass --root-key-file FILE (or KLUIS_ROOT_KEY_FILE) or set KLUIS_STORE_PASSPHRASE"
+            )),
+        }
+    }
+
+    pub(crate) fn open(&self) -> anyhow::Result<Kms> {
+        let dir = self.dir()?;
+        Kms::open(dir, self.secret()?)
+            .with_context(|| format!("opening the store {}", dir.display()))
+    }
+
+    pub(crate) fn audit_log(&self) -> anyhow::Result<AuditLog> {
+        let path = self.dir()?.join("audit.log");
+        AuditLog::open(&path).with_context(|| format!("opening the audit log {}", path.display()))
+    }
+
+    fn credential(&self) -> Result<Credential, Failure> {
+        let Some(path) = &self.credential else {
+            return Err(Failure::Refused(
+                "credential_missing".into(),
+                auth::AuthError::Missing.to_string(),
+            ));
+        };
+        let text = crate::input::read_bounded(path, 4096)
+            .with_context(|| format!("reading credential {}", path.display()))?
+            .ok_or_else(|| anyhow!("credential file {} is too large", path.display()))?;
+        let text = Zeroizing::new(
+            String::from_utf8(text).map_err(|_| anyhow!("credential file is not text"))?,
+        );
+        Ok(Credential::new(text))
+    }
+}
+
+/// An opened store, audit log and authenticated administrator.
+pub(crate) struct Session {
+    pub kms: Kms,
+    pub audit: AuditLog,
+    pub admin: Admin,
+}
+
+impl Session {
+    /// Open, authenticate, and check `permission`; failures are audited.
+    pub(crate) fn start(
+        args: &StoreArgs,
+        permission: Permission,
+        action: &str,
+    ) -> Result<Session, Failure> {
+        let kms = args.open()?;
+        let audit = args.audit_log()?;
+        let credential = args.credential()?;
+        let claimed = credential
+            .claimed_name()
+            .unwrap_or("<malformed>")
+            .to_owned();
+        let record = kms.admin(&claimed)?;
+        let admin = match auth::authenticate(&credential, record.as_ref()) {
+            Ok(admin) => admin,
+            Err(e) => {
+                let session_audit = audit_refusal(
+                    &audit,
+                    &kms,
+                    Actor::System,
+                    action,
+                    format!("authentication failed for {claimed:?}"),
+                );
+                session_audit?;
+                return Err(Failure::Refused(
+                    "credential_rejected".into(),
+                    e.to_string(),
+                ));
+            }
+        };
+        if let Err(e) = admin.require(permission, action) {
+            audit_refusal(&audit, &kms, admin_actor(&admin), action, e.to_string())?;
+            return Err(Failure::Refused("forbidden".into(), e.to_string()));
+        }
+        Ok(Session { kms, audit, admin })
+    }
+
+    /// Append an audit record for this administrator and anchor the head.
+    pub(crate) fn record(
+        &self,
+        operation: &str,
+        key: Option<&KeyName>,
+        version: Option<u32>,
+        decision: Decision,
+        reason: Option<String>,
+    ) -> Result<(), Failure> {
+        append_anchored(
+            &self.audit,
+            &self.kms,
+            NewRecord {
+                time_ms: now_ms(),
+                actor: admin_actor(&self.admin),
+                operation: operation.to_owned(),
+                key_id: key.map(ToString::to_string),
+                key_version: version,
+                decision,
+                reason,
+                attestation_document: None,
+            },
+        )
+    }
+
+    /// Run `f`; audit its outcome (allowed with its version, or refused with the error).
+    pub(crate) fn audited<T>(
+        &self,
+        operation: &str,
+        key: &KeyName,
+        f: impl FnOnce(&Kms) -> Result<(T, Option<u32>), KeyError>,
+    ) -> Result<T, Failure> {
+        match f(&self.kms) {
+            Ok((value, version)) => {
+                self.record(operation, Some(key), version, Decision::Allowed, None)?;
+                Ok(value)
+            }
+            Err(e) => {
+                self.record(
+                    operation,
+                    Some(key),
+                    None,
+                    Decision::Refused,
+                    Some(format!("{}: {e}", key_error_kind(&e))),
+                )?;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn admin_actor(admin: &Admin) -> Actor {
+    Actor::Admin {
+        name: admin.name.clone(),
+        role: admin.role.as_str().to_owned(),
+    }
+}
+
+fn audit_refusal(
+    audit: &AuditLog,
+    kms: &Kms,
+    actor: Actor,
+    action: &str,
+    reason: String,
+) -> Result<(), Failure> {
+    append_anchored(
+        audit,
+        kms,
+        NewRecord {
+            time_ms: now_ms(),
+            actor,
+            operation: action.to_owned(),
+            key_id: None,
+            key_version: None,
+            decision: Decision::Refused,
+            reason: Some(reason),
+            attestation_document: None,
+        },
+    )
+}
+
+/// Append under the store lock (so processes do not interleave) and anchor
+/// the new head in the store.
+pub(crate) fn append_anchored(
+    audit: &AuditLog,
+    kms: &Kms,
+    record: NewRecord,
+) -> Result<(), Failure> {
+    let head = {
+        let _guard = kms.lock()?;
+        audit
+            .append(record)
+            .map_err(|e| anyhow!("audit log: {e}"))?
+    };
+    kms.set_audit_head(&head)?;
+    Ok(())
+}
+
+fn write_secret_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- init
+
+#[derive(Debug, Args)]
+pub(crate) struct InitArgs {
+    /// Directory to write the first key-admin and app-admin credentials to
+    /// (files `key-admin.credential` and `app-admin.credential`, mode 0600).
+    #[arg(long, value_name = "DIR")]
+    credentials_out: PathBuf,
+    /// Generate the root key file given by --root-key-file if it does not exist.
+    #[arg(long)]
+    generate_root_key: bool,
+}
+
+pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
+    let dir = store.dir()?;
+    let secret = match (&store.root_key_file, args.generate_root_key) {
+        (Some(path), true) if !path.exists() => RootSecret::generate_key_file(path)
+            .with_context(|| format!("generating the root key file {}", path.display()))?,
+        _ => store.secret()?,
+    };
+    std::fs::create_dir_all(&args.credentials_out)
+        .with_context(|| format!("creating {}", args.credentials_out.display()))?;
+    let kms =
+        Kms::init(dir, secret).with_context(|| format!("creating the store {}", dir.display()))?;
+    let identity = VerifierIdentity::generate().map_err(|e| anyhow!("identity key: {e}"))?;
+    let pkcs8 = identity
+        .to_pkcs8_der()
+        .map_err(|e| anyhow!("identity key: {e}"))?;
+    kms.set_identity_pkcs8(&pkcs8)?;
+    let audit = store.audit_log()?;
+    let now = now_ms();
+    let mut created = Vec::new();
+    for role in [Role::KeyAdmin, Role::AppAdmin] {
+        let (record, credential) =
+            auth::new_admin(role.as_str(), role, now).map_err(|e| anyhow!("{e}"))?;
+        let path = args
+            .credentials_out
+            .join(format!("{}.credential", role.as_str()));
+        write_secret_file(&path, credential.expose())?;
+        kms.add_admin(&record)?;
+        append_anchored(
+            &audit,
+            &kms,
+            NewRecord {
+                time_ms: now,
+                actor: Actor::System,
+                operation: "admin.create".to_owned(),
+                key_id: None,
+                key_version: None,
+                decision: Decision::Allowed,
+                reason: Some(format!("initial {} {}", role.as_str(), record.name)),
+                attestation_document: None,
+            },
+        )?;
+        created.push(json!({ "name": record.name, "role": role.as_str(), "credential_file": path.display().to_string() }));
+    }
+    emit(&json!({
+        "store": dir.display().to_string(),
+        "verifier_public_key": hex::encode(identity.public_key_sec1()),
+        "administrators": created,
+    }));
+    eprintln!("store created; build the verifier public key above into the enclave image");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- admin
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AdminCommand {
+    /// Add an administrator of your own role; writes their credential to --out (0600).
+    Add {
+        /// key-admin or app-admin.
+        #[arg(long)]
+        role: String,
+        /// Their name.
+        #[arg(long)]
+        name: String,
+        /// Where to write the new credential.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+pub(crate) fn admin(store: &StoreArgs, command: &AdminCommand) -> Result<(), Failure> {
+    let AdminCommand::Add { role, name, out } = command;
+    let role = Role::parse(role).ok_or_else(|| anyhow!("--role must be key-admin or app-admin"))?;
+    let session = Session::start(store, Permission::AddAdmin(role), "admin.create")?;
+    let (record, credential) = auth::new_admin(name, role, now_ms())
+        .map_err(|e| Failure::Refused("invalid_name".into(), e.to_string()))?;
+    session.kms.add_admin(&record)?;
+    write_secret_file(out, credential.expose())?;
+    session.record(
+        "admin.create",
+        None,
+        None,
+        Decision::Allowed,
+        Some(format!("{} {}", role.as_str(), record.name)),
+    )?;
+    emit(
+        &json!({ "name": record.name, "role": role.as_str(), "credential_file": out.display().to_string() }),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- key
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeyCommand {
+    /// Create a master key `tenant/application/environment`.
+    Create {
+        /// The key name.
+        name: String,
+        /// Automatic rotation period in days (0: only on demand).
+        #[arg(long, default_value_t = DEFAULT_ROTATION_DAYS)]
+        rotation_days: u32,
+    },
+    /// Rotate a key now, or every key whose rotation is due (--due).
+    Rotate {
+        /// The key name.
+        #[arg(required_unless_present = "due")]
+        name: Option<String>,
+        /// Rotate every key whose rotation period has passed.
+        #[arg(long, conflicts_with = "name")]
+        due: bool,
+    },
+    /// List master keys.
+    List,
+    /// Show a master key with all its versions.
+    Show {
+        /// The key name.
+        name: String,
+    },
+    /// Disable a key (it cannot be used until enabled).
+    Disable {
+        /// The key name.
+        name: String,
+    },
+    /// Enable a disabled key.
+    Enable {
+        /// The key name.
+        name: String,
+    },
+    /// Schedule destruction after a waiting period (7 to 365 days).
+    ScheduleDeletion {
+        /// The key name.
+        name: String,
+        /// Waiting period in days.
+        #[arg(long, default_value_t = DEFAULT_DELETION_WAIT_DAYS)]
+        days: u32,
+    },
+    /// Cancel a scheduled deletion (the key becomes disabled).
+    CancelDeletion {
+        /// The key name.
+        name: String,
+    },
+    /// Destroy a key whose waiting period is over: everything under it becomes unreadable.
+    Destroy {
+        /// The key name.
+        name: String,
+    },
+}
+
+fn key_json(record: &CmkRecord) -> Value {
+    let (state, extra) = match record.state {
+        KeyState::PendingDeletion { after_ms } => (
+            "pending_deletion",
+            json!({ "destroy_after": crate::report::rfc3339_millis(after_ms) }),
+        ),
+        KeyState::Destroyed { at_ms } => (
+            "destroyed",
+            json!({ "destroyed_at": crate::report::rfc3339_millis(at_ms) }),
+        ),
+        KeyState::Enabled => ("enabled", Value::Null),
+        KeyState::Disabled => ("disabled", Value::Null),
+    };
+    json!({
+        "name": record.name.as_str(),
+        "state": state,
+        "state_detail": extra,
+        "created": crate::report::rfc3339_millis(record.created_ms),
+        "rotation_days": record.rotation_days,
+        "current_version": record.current().map(|v| v.version),
+        "versions": record.versions.iter().map(|v| json!({
+            "version": v.version,
+            "created": crate::report::rfc3339_millis(v.created_ms),
+            "state": v.state,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn parse_name(name: &str) -> Result<KeyName, Failure> {
+    KeyName::parse(name).map_err(Failure::from)
+}
+
+pub(crate) fn key(store: &StoreArgs, command: &KeyCommand) -> Result<(), Failure> {
+    let now = now_ms();
+    match command {
+        KeyCommand::List => {
+            let session = Session::start(store, Permission::Read, "key.list")?;
+            let keys = session.kms.keys()?;
+            emit(&json!(keys.iter().map(key_json).collect::<Vec<_>>()));
+        }
+        KeyCommand::Show { name } => {
+            let session = Session::start(store, Permission::Read, "key.show")?;
+            emit(&key_json(&session.kms.key(&parse_name(name)?)?));
+        }
+        KeyCommand::Create {
+            name,
+            rotation_days,
+        } => {
+            let name = parse_name(name)?;
+            let session = Session::start(store, Permission::ManageKeys, "key.create")?;
+            let record = session.audited("key.create", &name, |k| {
+                k.create_key(&name, *rotation_days, now)
+                    .map(|r| (r, Some(1)))
+            })?;
+            emit(&key_json(&record));
+        }
+        KeyCommand::Rotate {
+            name: Some(name), ..
+        } => {
+            let name = parse_name(name)?;
+            let session = Session::start(store, Permission::ManageKeys, "key.rotate")?;
+            let version = session.audited("key.rotate", &name, |k| {
+                k.rotate_key(&name, now).map(|v| (v, Some(v)))
+            })?;
+            emit(&json!({ "name": name.as_str(), "current_version": version }));
+        }
+        KeyCommand::Rotate { name: None, .. } => {
+            let session = Session::start(store, Permission::ManageKeys, "key.rotate")?;
+            let rotated = session.kms.rotate_due(now)?;
+            for (name, version) in &rotated {
+                session.record(
+                    "key.rotate",
+                    Some(name),
+                    Some(*version),
+                    Decision::Allowed,
+                    Some("rotation period elapsed".to_owned()),
+                )?;
+            }
+            emit(&json!(rotated
+                .iter()
+                .map(|(n, v)| json!({ "name": n.as_str(), "current_version": v }))
+                .collect::<Vec<_>>()));
+        }
+        KeyCommand::Disable { name } => {
+            let name = parse_name(name)?;
+            let session = Session::start(store, Permission::ManageKeys, "key.disable")?;
+            let record = session.audited("key.disable", &name, |k| {
+                k.disable_key(&name).map(|r| (r, None))
+            })?;
+            emit(&key_json(&record));
+        }
+        KeyCommand::Enable { name } => {
+            let name = parse_name(name)?;
+            let session = Session::start(store, Permission::ManageKeys, "key.enable")?;
+            let record = session.audited("key.enable", &name, |k| {
+                k.enable_key(&name).map(|r| (r, None))
+            })?;
+            emit(&key_json(&record));
+        }
+        KeyCommand::ScheduleDeletion { name, days } => {
+            let name = parse_name(name)?;
+            let session = Session::start(store, Permission::ManageKeys, "key.schedule_deletion")?;
+            session.audited("key.schedule_deletion", &name, |k| {
+                k.schedule_deletion(&name, *days, now).map(|a| (a, None))
+            })?;
+            emit(&key_json(&session.kms.key(&name)?));
+        }
+        KeyCommand::CancelDeletion { name } => {
+            let name = parse_name(name)?;
+            let session = Session::start(store, Permission::ManageKeys, "key.cancel_deletion")?;
+            let record = session.audited("key.cancel_deletion", &name, |k| {
+                k.cancel_deletion(&name).map(|r| (r, None))
+            })?;
+            emit(&key_json(&record));
+        }
+        KeyCommand::Destroy { name } => {
+            let name = parse_name(name)?;
+            let session = Session::start(store, Permission::ManageKeys, "key.destroy")?;
+            let record = session.audited("key.destroy", &name, |k| {
+                k.destroy_key(&name, now).map(|r| (r, None))
+            })?;
+            emit(&key_json(&record));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- policy
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Set a key's policy from a TOML or JSON file (validated first).
+    Set {
+        /// The key name.
+        name: String,
+        /// The policy file (.toml or .json).
+        file: PathBuf,
+    },
+    /// Show a key's policy.
+    Show {
+        /// The key name.
+        name: String,
+    },
+}
+
+pub(crate) fn policy(store: &StoreArgs, command: &PolicyCommand) -> Result<(), Failure> {
+    match command {
+        PolicyCommand::Set { name, file } => {
+            let name = parse_name(name)?;
+            let session = Session::start(store, Permission::ManagePolicy, "policy.set")?;
+            let policy = match KeyPolicy::from_file(file) {
+                Ok(p) => p,
+                Err(e) => {
+                    session.record(
+                        "policy.set",
+                        Some(&name),
+                        None,
+                        Decision::Refused,
+                        Some(format!("{}: {e}", e.kind())),
+                    )?;
+                    return Err(Failure::Refused(
+                        format!("policy_{}", e.kind()),
+                        e.to_string(),
+                    ));
+                }
+            };
+            let text = serde_json::to_string(&policy).map_err(|e| anyhow!("{e}"))?;
+            let stored = StoredPolicy {
+                format: "json".to_owned(),
+                text,
+                set_by: session.admin.name.clone(),
+                set_ms: now_ms(),
+            };
+            session.audited("policy.set", &name, |k| {
+                k.set_policy(&name, &stored).map(|()| ((), None))
+            })?;
+            emit(&json!({ "name": name.as_str(), "policy": policy }));
+        }
+        PolicyCommand::Show { name } => {
+            let name = parse_name(name)?;
+            let session = Session::start(store, Permission::Read, "policy.show")?;
+            match session.kms.policy(&name)? {
+                None => emit(
+                    &json!({ "name": name.as_str(), "policy": null, "note": "no policy: no enclave may use this key" }),
+                ),
+                Some(s) => {
+                    let policy: Value =
+                        serde_json::from_str(&s.text).map_err(|e| anyhow!("stored policy: {e}"))?;
+                    emit(
+                        &json!({ "name": name.as_str(), "policy": policy, "set_by": s.set_by, "set": crate::report::rfc3339_millis(s.set_ms) }),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- identity, audit
+
+pub(crate) fn identity(store: &StoreArgs) -> Result<(), Failure> {
+    let session = Session::start(store, Permission::Read, "identity.show")?;
+    let identity = load_identity(&session.kms)?;
+    emit(&json!({ "verifier_public_key": hex::encode(identity.public_key_sec1()) }));
+    Ok(())
+}
+
+pub(crate) fn load_identity(kms: &Kms) -> Result<VerifierIdentity, Failure> {
+    let pkcs8 = kms
+        .identity_pkcs8()?
+        .ok_or_else(|| anyhow!("the store has no verifier identity"))?;
+    VerifierIdentity::from_pkcs8_der(&pkcs8)
+        .map_err(|e| Failure::Usage(anyhow!("verifier identity: {e}")))
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Check the hash chain (and the head anchored in the store); name the first broken record.
+    Verify,
+    /// List records, optionally filtered.
+    Show {
+        /// Only records about this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only this operation (e.g. key.create, key.release).
+        #[arg(long)]
+        operation: Option<String>,
+        /// Only `allowed` or `refused`.
+        #[arg(long)]
+        decision: Option<String>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) fn audit(store: &StoreArgs, command: &AuditCommand) -> Result<(), Failure> {
+    let session = Session::start(store, Permission::Read, "audit.read")?;
+    match command {
+        AuditCommand::Verify => {
+            let head = session.kms.audit_head()?;
+            match session.audit.verify(head.as_ref()) {
+                Ok(report) => emit(
+                    &json!({ "status": "intact", "records": report.records, "head": report.head.to_string() }),
+                ),
+                Err(e) => {
+                    return Err(Failure::Refused(
+                        "audit_broken".into(),
+                        format!(
+                            "{e}{}",
+                            e.broken_seq()
+                                .map(|s| format!(" (first broken record: seq {s})"))
+                                .unwrap_or_default()
+                        ),
+                    ))
+                }
+            }
+        }
+        AuditCommand::Show {
+            key,
+            operation,
+            decision,
+            json,
+        } => {
+            let decision = match decision.as_deref() {
+                None => None,
+                Some("allowed") => Some(Decision::Allowed),
+                Some("refused") => Some(Decision::Refused),
+                Some(other) => {
+                    return Err(Failure::Usage(anyhow!(
+                        "--decision must be allowed or refused, not {other:?}"
+                    )))
+                }
+            };
+            let filter = AuditFilter {
+                key_id: key.clone(),
+                operation: operation.clone(),
+                decision,
+                ..AuditFilter::default()
+            };
+            let records = session
+                .audit
+                .records(&filter)
+                .map_err(|e| anyhow!("audit log: {e}"))?;
+            let mut out = std::io::stdout().lock();
+            for r in records {
+                if *json {
+                    let _ = writeln!(out, "{}", serde_json::to_string(&r).unwrap_or_default());
+                } else {
+                    let actor = match &r.actor {
+                        Actor::Admin { name, role } => format!("{name} ({role})"),
+                        Actor::Enclave { module_id, .. } => format!("enclave {module_id}"),
+                        Actor::System => "system".to_owned(),
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{:>6}  {}  {:<28} {:<8} {:<24} {}{}",
+                        r.seq,
+                        crate::report::rfc3339_millis(r.time_ms)
+                            .as_str()
+                            .unwrap_or_default(),
+                        r.operation,
+                        match r.decision {
+                            Decision::Allowed => "allowed",
+                            Decision::Refused => "REFUSED",
+                        },
+                        r.key_id.as_deref().unwrap_or("-"),
+                        actor,
+                        r.reason
+                            .as_deref()
+                            .map(|x| format!("  [{x}]"))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

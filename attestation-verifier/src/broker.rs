@@ -1,0 +1,396 @@
+//! The key-release decision: challenge nonces, attestation, request binding,
+//! policy, audit, and the sealed answer. No sockets here: [`crate::service`]
+//! carries frames to and from [`Broker::handle`].
+//!
+//! A release is all or nothing: every operation of a request must be allowed
+//! by its key's policy and state, or nothing is released. Every decision —
+//! allowed or refused, and for a refusal the precise rule — is written to the
+//! audit log before the answer leaves; the enclave only ever learns a coarse
+//! [`ErrorCode`].
+
+use crate::audit::{Actor, AuditLog, Decision, NewRecord};
+use crate::keys::{KeyError, KeyName, WrappedDataKey};
+use crate::kms::Kms;
+use crate::nonce::{NonceStore, NONCE_LEN};
+use crate::policy::{KeyPolicy, Operation};
+use kluis_attestation::{UnixMillis, VerifiedAttestation, Verifier, VerifyOptions};
+use kluis_proto::{
+    check_released_keys, request_hash, seal_keys, ErrorCode, KeyOperation, KeyRequest,
+    PlaintextKey, ReleasedKey, Request, Response, VerifierIdentity,
+};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Settings of the broker.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Upper bound on document age, whatever a policy says.
+    pub max_document_age: Duration,
+    /// How long a challenge nonce lives.
+    pub nonce_lifetime: Duration,
+    /// How many challenges may be outstanding.
+    pub nonce_capacity: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_document_age: Duration::from_secs(300),
+            nonce_lifetime: Duration::from_secs(60),
+            nonce_capacity: 65_536,
+        }
+    }
+}
+
+/// The key broker.
+pub struct Broker {
+    kms: Kms,
+    verifier: Verifier,
+    identity: VerifierIdentity,
+    audit: AuditLog,
+    nonces: Mutex<NonceStore>,
+    config: BrokerConfig,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("kms", &self.kms)
+            .field("root", &self.verifier.anchor().subject())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refusal, for the audit log: rule name and operator detail.
+struct Refused {
+    rule: &'static str,
+    detail: String,
+    code: ErrorCode,
+}
+
+impl Refused {
+    fn denied(rule: &'static str, detail: impl Into<String>) -> Self {
+        Refused {
+            rule,
+            detail: detail.into(),
+            code: ErrorCode::Denied,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Broker {
+    /// A broker over `kms`, trusting documents that `verifier` accepts and
+    /// signing answers with `identity`.
+    pub fn new(
+        kms: Kms,
+        verifier: Verifier,
+        identity: VerifierIdentity,
+        audit: AuditLog,
+        config: BrokerConfig,
+    ) -> Self {
+        let nonces = Mutex::new(NonceStore::new(
+            millis(config.nonce_lifetime),
+            config.nonce_capacity,
+        ));
+        Broker {
+            kms,
+            verifier,
+            identity,
+            audit,
+            nonces,
+            config,
+        }
+    }
+
+    /// The key hierarchy.
+    pub fn kms(&self) -> &Kms {
+        &self.kms
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Answer one request at `now_ms`, with `random` a source of nonces.
+    pub fn handle(
+        &self,
+        request: Request,
+        now_ms: u64,
+        random: &dyn Fn() -> Option<[u8; NONCE_LEN]>,
+    ) -> Response {
+        match request {
+            Request::Challenge => self.challenge(now_ms, random),
+            Request::KeyRelease {
+                attestation_document,
+                request,
+            } => self.release(&attestation_document, &request, now_ms),
+            _ => Response::Error {
+                code: ErrorCode::BadRequest,
+            },
+        }
+    }
+
+    fn challenge(&self, now_ms: u64, random: &dyn Fn() -> Option<[u8; NONCE_LEN]>) -> Response {
+        let Some(nonce) = random() else {
+            return Response::Error {
+                code: ErrorCode::Internal,
+            };
+        };
+        let issued = match self.nonces.lock() {
+            Ok(mut nonces) => nonces.issue(nonce, now_ms),
+            Err(_) => {
+                return Response::Error {
+                    code: ErrorCode::Internal,
+                }
+            }
+        };
+        match issued {
+            Ok(expires_at_ms) => Response::Challenge {
+                nonce,
+                expires_at_ms,
+            },
+            Err(_) => Response::Error {
+                code: ErrorCode::Unavailable,
+            },
+        }
+    }
+
+    fn record(&self, record: NewRecord) -> Result<(), ErrorCode> {
+        // The store lock serialises appends with administrators' commands
+        // running in other processes.
+        let guard = self.kms.lock().map_err(|e| {
+            tracing::error!(error = %e, "store lock failed; refusing the request");
+            ErrorCode::Internal
+        })?;
+        let result = self.audit.append(record).map(|_| ());
+        drop(guard);
+        result.map_err(|e| {
+            tracing::error!(error = %e, "audit append failed; refusing the request");
+            ErrorCode::Internal
+        })
+    }
+
+    /// Anchor the audit log's current head in the store, so that truncating
+    /// the log's tail is detected. The service calls this periodically and at
+    /// exit rather than per request, to keep one fsync'd write per release.
+    pub fn anchor_audit_head(&self) {
+        let head = self.audit.head();
+        if let Err(e) = self.kms.set_audit_head(&head) {
+            tracing::error!(error = %e, "could not anchor the audit head");
+        }
+    }
+
+    /// The key-release exchange. See the module documentation.
+    pub fn release(&self, document: &[u8], request: &KeyRequest, now_ms: u64) -> Response {
+        let options = VerifyOptions::at(UnixMillis(now_ms)).max_age(self.config.max_document_age);
+        let attestation = match self.verifier.verify(document, &options) {
+            Ok(a) => a,
+            Err(e) => {
+                let rule = e.kind();
+                let _ = self.record(NewRecord {
+                    time_ms: now_ms,
+                    actor: Actor::System,
+                    operation: "key.release".to_owned(),
+                    key_id: None,
+                    key_version: None,
+                    decision: Decision::Refused,
+                    reason: Some(format!("attestation_rejected: {rule}: {e}")),
+                    attestation_document: (document.len() <= kluis_attestation::MAX_DOCUMENT_LEN)
+                        .then(|| document.to_vec()),
+                });
+                tracing::warn!(kind = rule, "attestation rejected: {e}");
+                return Response::Error {
+                    code: ErrorCode::Denied,
+                };
+            }
+        };
+        match self.release_attested(&attestation, document, request, now_ms) {
+            Ok(response) => response,
+            Err(refused) => {
+                tracing::warn!(
+                    rule = refused.rule,
+                    "key release refused: {}",
+                    refused.detail
+                );
+                let _ = self.record(NewRecord {
+                    time_ms: now_ms,
+                    actor: Actor::enclave(&attestation),
+                    operation: "key.release".to_owned(),
+                    key_id: None,
+                    key_version: None,
+                    decision: Decision::Refused,
+                    reason: Some(format!("{}: {}", refused.rule, refused.detail)),
+                    attestation_document: Some(document.to_vec()),
+                });
+                Response::Error { code: refused.code }
+            }
+        }
+    }
+
+    fn release_attested(
+        &self,
+        attestation: &VerifiedAttestation,
+        document: &[u8],
+        request: &KeyRequest,
+        now_ms: u64,
+    ) -> Result<Response, Refused> {
+        let doc = attestation.document();
+        self.nonces
+            .lock()
+            .map_err(|_| Refused::denied("internal", "nonce store poisoned"))?
+            .consume(doc.nonce.as_deref(), now_ms)
+            .map_err(|e| Refused::denied(e.as_str(), e.to_string()))?;
+
+        let hash = request_hash(request);
+        if doc.user_data.as_deref() != Some(hash.as_slice()) {
+            return Err(Refused::denied(
+                "request_hash_mismatch",
+                "user_data is not the SHA-384 request hash of the request sent",
+            ));
+        }
+        let Some(public_key) = doc.public_key.as_deref() else {
+            return Err(Refused::denied(
+                "no_public_key",
+                "the document carries no ephemeral public key",
+            ));
+        };
+
+        // Decide every operation before releasing anything.
+        let mut plan = Vec::with_capacity(request.operations().len());
+        for op in request.operations() {
+            plan.push(self.authorise(attestation, op, now_ms)?);
+        }
+
+        let mut released = Vec::with_capacity(plan.len());
+        for step in &plan {
+            released.push(self.perform(step, now_ms)?);
+        }
+        check_released_keys(request, &released).map_err(|e| {
+            Refused::denied(
+                "internal",
+                format!("response does not match request: {e:?}"),
+            )
+        })?;
+
+        for (step, key) in plan.iter().zip(&released) {
+            self.record(NewRecord {
+                time_ms: now_ms,
+                actor: Actor::enclave(attestation),
+                operation: format!("key.release.{}", step.operation.as_str()),
+                key_id: Some(step.key.to_string()),
+                key_version: Some(key.version),
+                decision: Decision::Allowed,
+                reason: Some(format!("measurement set {}", step.matched_set)),
+                attestation_document: Some(document.to_vec()),
+            })
+            .map_err(|code| Refused {
+                rule: "audit_failed",
+                detail: "could not write the audit record".to_owned(),
+                code,
+            })?;
+        }
+
+        let sealed = seal_keys(
+            public_key,
+            attestation.document_sha384(),
+            &hash,
+            &released,
+            &self.identity,
+        )
+        .map_err(|e| Refused::denied("seal_failed", e.to_string()))?;
+        Ok(Response::KeyRelease(Box::new(sealed)))
+    }
+
+    fn authorise(
+        &self,
+        attestation: &VerifiedAttestation,
+        op: &KeyOperation,
+        now_ms: u64,
+    ) -> Result<Step, Refused> {
+        let (key, operation, wrapped) = match op {
+            KeyOperation::GenerateDataKey { key_id } => {
+                (parse_key(key_id)?, Operation::Generate, None)
+            }
+            KeyOperation::DecryptDataKey { wrapped } => {
+                let w = WrappedDataKey::from_bytes(wrapped)
+                    .map_err(|e| Refused::denied("bad_wrapped_key", e.to_string()))?;
+                (w.key.clone(), Operation::Decrypt, Some(w))
+            }
+            _ => {
+                return Err(Refused {
+                    rule: "operation_not_supported",
+                    detail: "derived secrets are released as data keys (decrypt a wrapped key)"
+                        .to_owned(),
+                    code: ErrorCode::BadRequest,
+                })
+            }
+        };
+        let stored = self
+            .kms
+            .policy(&key)
+            .map_err(|e| Refused::denied("store_error", e.to_string()))?;
+        let policy = match stored {
+            None => None,
+            Some(s) => Some(
+                KeyPolicy::from_json_str(&s.text)
+                    .or_else(|_| KeyPolicy::from_toml_str(&s.text))
+                    .map_err(|e| Refused::denied("policy_invalid", format!("{key}: {e}")))?,
+            ),
+        };
+        let matched = KeyPolicy::evaluate_optional(
+            policy.as_ref(),
+            attestation,
+            operation,
+            UnixMillis(now_ms),
+        )
+        .map_err(|r| Refused::denied(r.rule.as_str(), format!("{key}: {}", r.detail)))?;
+        Ok(Step {
+            key,
+            operation,
+            wrapped,
+            matched_set: matched.set_name,
+        })
+    }
+
+    fn perform(&self, step: &Step, now_ms: u64) -> Result<ReleasedKey, Refused> {
+        let key_refusal =
+            |e: KeyError| Refused::denied("key_unusable", format!("{}: {e}", step.key));
+        let (plain, wrapped) = match &step.wrapped {
+            None => self
+                .kms
+                .generate_data_key(&step.key, now_ms)
+                .map_err(key_refusal)?,
+            Some(w) => (
+                self.kms.decrypt_data_key(w).map_err(key_refusal)?,
+                w.clone(),
+            ),
+        };
+        Ok(ReleasedKey {
+            key_id: step.key.to_string(),
+            version: wrapped.version,
+            wrapped: wrapped.to_bytes(),
+            plaintext: PlaintextKey::from_bytes(plain.as_bytes()),
+        })
+    }
+}
+
+struct Step {
+    key: KeyName,
+    operation: Operation,
+    wrapped: Option<WrappedDataKey>,
+    matched_set: String,
+}
+
+fn parse_key(key_id: &str) -> Result<KeyName, Refused> {
+    KeyName::parse(key_id).map_err(|e| Refused {
+        rule: "bad_key_id",
+        detail: e.to_string(),
+        code: ErrorCode::BadRequest,
+    })
+}

@@ -1,0 +1,213 @@
+//! The key-release service: frames over TCP (optionally TLS), bounded.
+//!
+//! Shaped like mini-redis: the caller binds the listener (tests use port 0) and
+//! passes a shutdown future; handlers are generic over `AsyncRead +
+//! AsyncWrite`; connections and in-flight requests are capped by semaphores;
+//! idle connections time out; on shutdown the listener stops accepting and
+//! in-flight requests finish (up to a grace period).
+//!
+//! Broker work (signature checks, disk writes for the audit log) runs on the
+//! blocking pool so it never stalls the reactor.
+
+use crate::broker::Broker;
+use kluis_proto::{
+    read_message, write_message, ErrorCode, FrameError, Request, Response, WireError,
+};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// Limits of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Most connections served at once; further ones wait in the backlog.
+    pub max_connections: usize,
+    /// Most requests processed at once across all connections.
+    pub max_in_flight: usize,
+    /// Largest frame accepted.
+    pub max_frame_len: usize,
+    /// A connection idle this long is closed.
+    pub idle_timeout: Duration,
+    /// How long shutdown waits for in-flight work.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            max_connections: 256,
+            max_in_flight: 32,
+            // A key request carries a ~5 KiB document and up to 64 wrapped keys.
+            max_frame_len: 128 * 1024,
+            idle_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Optional TLS for the listener.
+pub type TlsAcceptor = tokio_rustls::TlsAcceptor;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn random_nonce() -> Option<[u8; 32]> {
+    use aws_lc_rs::rand::SecureRandom;
+    let mut nonce = [0u8; 32];
+    aws_lc_rs::rand::SystemRandom::new().fill(&mut nonce).ok()?;
+    Some(nonce)
+}
+
+/// Serve until `shutdown` completes, then drain.
+pub async fn run(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    config: ServiceConfig,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = Arc::clone(&connections).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let broker = Arc::clone(&broker);
+        let in_flight = Arc::clone(&in_flight);
+        let config = config.clone();
+        let tls = tls.clone();
+        tasks.spawn(async move {
+            let result = match tls {
+                None => serve_connection(stream, broker, in_flight, &config).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(config.idle_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            serve_connection(tls_stream, broker, in_flight, &config).await
+                        }
+                        Ok(Err(e)) => Err(ConnectionEnd::Io(e.to_string())),
+                        Err(_) => Err(ConnectionEnd::Idle),
+                    }
+                }
+            };
+            if let Err(end) = result {
+                tracing::debug!(%peer, "connection ended: {end:?}");
+            }
+            drop(permit);
+        });
+        // Reap finished connection tasks so the set does not grow.
+        while tasks.try_join_next().is_some() {}
+    }
+    drop(listener);
+    tracing::info!("shutting down: waiting for {} connection(s)", tasks.len());
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    Ok(())
+}
+
+/// Why a connection ended other than by the peer closing it (for logs).
+#[derive(Debug)]
+pub enum ConnectionEnd {
+    /// The service is shutting down.
+    Closed,
+    /// No request within the idle timeout.
+    Idle,
+    /// A transport or framing error.
+    Io(String),
+}
+
+/// Serve one connection: request, answer, until the peer closes.
+pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    broker: Arc<Broker>,
+    in_flight: Arc<Semaphore>,
+    config: &ServiceConfig,
+) -> Result<(), ConnectionEnd> {
+    loop {
+        let request = match tokio::time::timeout(
+            config.idle_timeout,
+            read_message::<Request, _>(&mut stream, config.max_frame_len),
+        )
+        .await
+        {
+            Err(_) => return Err(ConnectionEnd::Idle),
+            Ok(Err(WireError::Frame(FrameError::Closed))) => return Ok(()),
+            Ok(Err(WireError::Frame(e))) => {
+                // Framing is lost: answer once, then close.
+                tracing::debug!("bad frame: {e}");
+                let _ = write_message(
+                    &mut stream,
+                    &Response::Error {
+                        code: ErrorCode::BadRequest,
+                    },
+                    config.max_frame_len,
+                )
+                .await;
+                return Err(ConnectionEnd::Io(e.to_string()));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("bad message: {e}");
+                write_message(
+                    &mut stream,
+                    &Response::Error {
+                        code: ErrorCode::BadRequest,
+                    },
+                    config.max_frame_len,
+                )
+                .await
+                .map_err(|e| ConnectionEnd::Io(e.to_string()))?;
+                continue;
+            }
+            Ok(Ok(request)) => request,
+        };
+        let response = {
+            let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                return Err(ConnectionEnd::Closed);
+            };
+            let broker = Arc::clone(&broker);
+            let joined = tokio::task::spawn_blocking(move || {
+                let response = broker.handle(request, now_ms(), &random_nonce);
+                drop(permit);
+                response
+            })
+            .await;
+            joined.unwrap_or(Response::Error {
+                code: ErrorCode::Internal,
+            })
+        };
+        write_message(&mut stream, &response, config.max_frame_len)
+            .await
+            .map_err(|e| ConnectionEnd::Io(e.to_string()))?;
+    }
+}
