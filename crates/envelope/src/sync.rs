@@ -191,7 +191,7 @@ impl<R: Read> EnvelopeReader<R> {
     /// # Errors
     /// The first [`DecryptError`] met.
     pub fn finish(mut self) -> Result<R, DecryptError> {
-        let mut scratch = zeroize::Zeroizing::new(vec![0u8; self.core.header().len().max(4096)]);
+        let mut scratch = zeroize::Zeroizing::new(vec![0u8; 4096]);
         loop {
             let inner = &mut self.inner;
             match self
