@@ -1,0 +1,586 @@
+//! The key broker end to end, with documents from the simulated NSM: the
+//! policy matrix (each refusal with its precise reason in the audit log),
+//! lifecycle through release, and the service over loopback TCP.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing
+)]
+
+use attestation_verifier::audit::{AuditFilter, AuditLog, Decision};
+use attestation_verifier::broker::{Broker, BrokerConfig};
+use attestation_verifier::keys::{KeyName, WrappedDataKey};
+use attestation_verifier::kms::{Kms, StoredPolicy};
+use attestation_verifier::service::{self, ServiceConfig};
+use kluis_attestation::{TrustAnchor, Verifier};
+use kluis_keystore::RootSecret;
+use kluis_nsm::sim::{FixedClock, SimConfig, SimRoot, SimulatedNsm};
+use kluis_proto::{
+    open_keys_for_request, request_hash, EphemeralKeyPair, ErrorCode, KeyOperation, KeyRequest,
+    Request, Response, VerifierIdentity,
+};
+use std::sync::Arc;
+
+const T0: u64 = 1_767_225_600_000;
+const KEY: &str = "agency-a/app-x/prod";
+
+struct World {
+    _dir: tempfile::TempDir,
+    broker: Broker,
+    root: Arc<SimRoot>,
+    pinned: [u8; 97],
+    nonce_counter: std::cell::Cell<u8>,
+}
+
+fn policy_toml(pcr0_sets: &[[u8; 48]], extra: &str) -> String {
+    let mut s = format!(
+        "operations = [\"generate\", \"decrypt\"]\nmax_document_age_seconds = 120\n{extra}\n"
+    );
+    for (i, pcr0) in pcr0_sets.iter().enumerate() {
+        s.push_str(&format!(
+            "[[measurements]]\nname = \"set-{i}\"\npcr0 = \"{}\"\n",
+            hex::encode(pcr0)
+        ));
+    }
+    s
+}
+
+fn image_pcr0(image: &[u8]) -> [u8; 48] {
+    SimConfig::default()
+        .with_image(image.to_vec(), None)
+        .boot_pcr_values()[0]
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let kms = Kms::init(
+            &dir.path().join("store"),
+            RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32])),
+        )
+        .unwrap();
+        let name = KeyName::parse(KEY).unwrap();
+        kms.create_key(&name, 365, T0).unwrap();
+        let identity = VerifierIdentity::generate().unwrap();
+        kms.set_identity_pkcs8(&identity.to_pkcs8_der().unwrap())
+            .unwrap();
+        let pinned = identity.public_key_sec1();
+        let root = Arc::new(SimRoot::generate_at(T0 - 86_400_000).unwrap());
+        let verifier = Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());
+        let audit = AuditLog::open(dir.path().join("audit.log")).unwrap();
+        let broker = Broker::new(kms, verifier, identity, audit, BrokerConfig::default());
+        World {
+            _dir: dir,
+            broker,
+            root,
+            pinned,
+            nonce_counter: std::cell::Cell::new(0),
+        }
+    }
+
+    fn set_policy(&self, key: &str, text: &str) {
+        let policy = attestation_verifier::policy::KeyPolicy::from_toml_str(text).unwrap();
+        self.broker
+            .kms()
+            .set_policy(
+                &KeyName::parse(key).unwrap(),
+                &StoredPolicy {
+                    format: "json".into(),
+                    text: serde_json::to_string(&policy).unwrap(),
+                    set_by: "test".into(),
+                    set_ms: T0,
+                },
+            )
+            .unwrap();
+    }
+
+    fn nsm(&self, image: &[u8], debug: bool, at_ms: u64) -> SimulatedNsm {
+        SimulatedNsm::new(
+            SimConfig::default()
+                .with_root(self.root.clone())
+                .with_clock(Arc::new(FixedClock::new(at_ms)))
+                .with_image(image.to_vec(), None)
+                .with_debug(debug),
+        )
+        .unwrap()
+    }
+
+    fn challenge(&self, now: u64) -> [u8; 32] {
+        let n = self.nonce_counter.get().wrapping_add(1);
+        self.nonce_counter.set(n);
+        match self
+            .broker
+            .handle(Request::Challenge, now, &|| Some([n; 32]))
+        {
+            Response::Challenge { nonce, .. } => nonce,
+            other => panic!("no challenge: {other:?}"),
+        }
+    }
+}
+
+/// One attested request: returns the response and what the client needs to open it.
+struct Attempt {
+    response: Response,
+    ephemeral: EphemeralKeyPair,
+    document: Vec<u8>,
+    request: KeyRequest,
+}
+
+fn attempt(
+    world: &World,
+    nsm: &SimulatedNsm,
+    nonce: Option<[u8; 32]>,
+    ops: Vec<KeyOperation>,
+    now: u64,
+    tamper_hash: bool,
+) -> Attempt {
+    let request = KeyRequest::new(ops).unwrap();
+    let ephemeral = EphemeralKeyPair::generate().unwrap();
+    let mut hash = request_hash(&request);
+    if tamper_hash {
+        hash[0] ^= 1;
+    }
+    let document = kluis_nsm::attest(
+        nsm,
+        Some(&hash),
+        nonce.as_ref().map(|n| n.as_slice()),
+        Some(&ephemeral.public_key_sec1()),
+    )
+    .unwrap();
+    let response = world.broker.release(&document, &request, now);
+    Attempt {
+        response,
+        ephemeral,
+        document,
+        request,
+    }
+}
+
+fn generate() -> Vec<KeyOperation> {
+    vec![KeyOperation::GenerateDataKey {
+        key_id: KEY.to_owned(),
+    }]
+}
+
+fn last_refusal_reason(world: &World) -> String {
+    let records = world
+        .broker
+        .audit()
+        .records(&AuditFilter {
+            decision: Some(Decision::Refused),
+            ..AuditFilter::default()
+        })
+        .unwrap();
+    records
+        .last()
+        .and_then(|r| r.reason.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn release_round_trip_generate_then_decrypt() {
+    let world = World::new();
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
+    let nsm = world.nsm(b"v1", false, T0);
+    let nonce = world.challenge(T0);
+    let a = attempt(&world, &nsm, Some(nonce), generate(), T0 + 1_000, false);
+    let Response::KeyRelease(sealed) = &a.response else {
+        panic!("{:?}", a.response)
+    };
+    let keys = open_keys_for_request(
+        sealed,
+        &a.ephemeral,
+        &world.pinned,
+        &kluis_attestation::sha384(&a.document),
+        &a.request,
+    )
+    .unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].version, 1);
+    let wrapped = WrappedDataKey::from_bytes(&keys[0].wrapped).unwrap();
+    assert_eq!(wrapped.key.as_str(), KEY);
+
+    // The same data key comes back through DecryptDataKey.
+    let nonce = world.challenge(T0 + 2_000);
+    let b = attempt(
+        &world,
+        &nsm,
+        Some(nonce),
+        vec![KeyOperation::DecryptDataKey {
+            wrapped: keys[0].wrapped.clone(),
+        }],
+        T0 + 3_000,
+        false,
+    );
+    let Response::KeyRelease(sealed) = &b.response else {
+        panic!("{:?}", b.response)
+    };
+    let again = open_keys_for_request(
+        sealed,
+        &b.ephemeral,
+        &world.pinned,
+        &kluis_attestation::sha384(&b.document),
+        &b.request,
+    )
+    .unwrap();
+    assert_eq!(
+        again[0].plaintext.expose_secret(),
+        keys[0].plaintext.expose_secret()
+    );
+
+    // Both releases are in the audit log with the enclave and its document.
+    let allowed = world
+        .broker
+        .audit()
+        .records(&AuditFilter {
+            decision: Some(Decision::Allowed),
+            ..AuditFilter::default()
+        })
+        .unwrap();
+    assert_eq!(allowed.len(), 2);
+    assert!(allowed
+        .iter()
+        .all(|r| r.attestation_document.is_some() && r.key_id.as_deref() == Some(KEY)));
+    world.broker.audit().verify(None).unwrap();
+}
+
+#[test]
+fn a_parent_pinning_its_own_key_cannot_read_the_answer_and_a_wrong_pin_fails() {
+    let world = World::new();
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
+    let nsm = world.nsm(b"v1", false, T0);
+    let nonce = world.challenge(T0);
+    let a = attempt(&world, &nsm, Some(nonce), generate(), T0 + 1_000, false);
+    let Response::KeyRelease(sealed) = &a.response else {
+        panic!()
+    };
+    let impostor = VerifierIdentity::generate().unwrap().public_key_sec1();
+    let err = open_keys_for_request(
+        sealed,
+        &a.ephemeral,
+        &impostor,
+        &kluis_attestation::sha384(&a.document),
+        &a.request,
+    )
+    .unwrap_err();
+    assert!(format!("{err:?}").contains("BadSignature"), "{err:?}");
+    // Another session's ephemeral key cannot open it either.
+    let other = EphemeralKeyPair::generate().unwrap();
+    assert!(open_keys_for_request(
+        sealed,
+        &other,
+        &world.pinned,
+        &kluis_attestation::sha384(&a.document),
+        &a.request
+    )
+    .is_err());
+}
+
+/// The policy matrix: each case is refused with a coarse code, and the audit
+/// log names the precise rule.
+#[test]
+fn policy_matrix() {
+    struct Case {
+        name: &'static str,
+        image: &'static [u8],
+        debug: bool,
+        doc_time: u64,
+        now: u64,
+        nonce: NonceChoice,
+        policy: Option<String>,
+        tamper_hash: bool,
+        expect: Result<(), &'static str>,
+    }
+    enum NonceChoice {
+        Fresh,
+        Wrong,
+        Reused,
+        Expired,
+    }
+    let v1 = image_pcr0(b"v1");
+    let v2 = image_pcr0(b"v2");
+    let base = || Case {
+        name: "",
+        image: b"v1",
+        debug: false,
+        doc_time: T0,
+        now: T0 + 1_000,
+        nonce: NonceChoice::Fresh,
+        policy: Some(policy_toml(&[v1], "")),
+        tamper_hash: false,
+        expect: Ok(()),
+    };
+    let cases = vec![
+        Case {
+            name: "admitted enclave",
+            ..base()
+        },
+        Case {
+            name: "wrong PCR0",
+            image: b"v3",
+            expect: Err("measurements_not_allowed"),
+            ..base()
+        },
+        Case {
+            name: "second allowed set (roll-out)",
+            image: b"v2",
+            policy: Some(policy_toml(&[v1, v2], "")),
+            ..base()
+        },
+        Case {
+            name: "debug enclave",
+            debug: true,
+            expect: Err("debug_enclave"),
+            ..base()
+        },
+        Case {
+            name: "debug enclave explicitly allowed",
+            debug: true,
+            policy: Some(policy_toml(&[[0u8; 48]], "dangerous_allow_debug = true")),
+            ..base()
+        },
+        Case {
+            name: "stale document (policy max age 30 s)",
+            now: T0 + 45_000,
+            policy: Some(policy_toml(&[v1], "").replace("= 120", "= 30")),
+            expect: Err("document_too_old"),
+            ..base()
+        },
+        Case {
+            name: "stale document (service max age 300 s)",
+            now: T0 + 301_000,
+            expect: Err("attestation_rejected: document_too_old"),
+            ..base()
+        },
+        Case {
+            name: "wrong nonce",
+            nonce: NonceChoice::Wrong,
+            expect: Err("nonce_unknown"),
+            ..base()
+        },
+        Case {
+            name: "reused nonce",
+            nonce: NonceChoice::Reused,
+            expect: Err("nonce_reused"),
+            ..base()
+        },
+        Case {
+            name: "expired nonce",
+            nonce: NonceChoice::Expired,
+            now: T0 + 61_000,
+            expect: Err("nonce_expired"),
+            ..base()
+        },
+        Case {
+            name: "missing policy",
+            policy: None,
+            expect: Err("no_policy"),
+            ..base()
+        },
+        Case {
+            name: "request does not match its hash",
+            tamper_hash: true,
+            expect: Err("request_hash_mismatch"),
+            ..base()
+        },
+    ];
+    let mut failures = Vec::new();
+    for case in cases {
+        let world = World::new();
+        if let Some(p) = &case.policy {
+            world.set_policy(KEY, p);
+        }
+        let nsm = world.nsm(case.image, case.debug, case.doc_time);
+        let nonce = match case.nonce {
+            NonceChoice::Fresh => Some(world.challenge(case.doc_time)),
+            NonceChoice::Wrong => Some([0xee; 32]),
+            NonceChoice::Expired => Some(world.challenge(case.doc_time)),
+            NonceChoice::Reused => {
+                let n = world.challenge(case.doc_time);
+                let first = attempt(&world, &nsm, Some(n), generate(), case.now, false);
+                assert!(
+                    matches!(first.response, Response::KeyRelease(_)),
+                    "{}: first use must succeed",
+                    case.name
+                );
+                Some(n)
+            }
+        };
+        let a = attempt(&world, &nsm, nonce, generate(), case.now, case.tamper_hash);
+        let outcome = match (&a.response, case.expect) {
+            (Response::KeyRelease(_), Ok(())) => Ok(()),
+            (Response::Error { code }, Err(rule)) => {
+                let reason = last_refusal_reason(&world);
+                if *code != ErrorCode::Denied {
+                    Err(format!("code {code:?}, reason {reason}"))
+                } else if reason.starts_with(rule) {
+                    Ok(())
+                } else {
+                    Err(format!("audit reason {reason:?}"))
+                }
+            }
+            (other, expect) => Err(format!("expected {expect:?}, got {other:?}")),
+        };
+        if let Err(e) = outcome {
+            failures.push(format!("{}: {e}", case.name));
+        }
+        world.broker.audit().verify(None).unwrap();
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn key_lifecycle_through_release() {
+    let world = World::new();
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
+    let nsm = world.nsm(b"v1", false, T0);
+    let kms = world.broker.kms();
+    let name = KeyName::parse(KEY).unwrap();
+
+    // Wrap under v1, rotate, wrap under v2; both unwrap; rewrap moves v1 to v2.
+    let (k1, w1) = kms.generate_data_key(&name, T0).unwrap();
+    assert_eq!(kms.rotate_key(&name, T0 + 1).unwrap(), 2);
+    let (_, w2) = kms.generate_data_key(&name, T0 + 2).unwrap();
+    assert_eq!((w1.version, w2.version), (1, 2));
+    assert_eq!(kms.decrypt_data_key(&w1).unwrap().as_bytes(), k1.as_bytes());
+    let moved = kms.rewrap(&w1).unwrap();
+    assert_eq!(moved.version, 2);
+    assert_eq!(
+        kms.decrypt_data_key(&moved).unwrap().as_bytes(),
+        k1.as_bytes()
+    );
+
+    // Automatic rotation when used after the period.
+    let year = 365 * 86_400_000;
+    let (_, w3) = kms.generate_data_key(&name, T0 + year + 10).unwrap();
+    assert_eq!(w3.version, 3);
+
+    // Disabled: no release; enabled again: release.
+    kms.disable_key(&name).unwrap();
+    let n = world.challenge(T0);
+    let a = attempt(&world, &nsm, Some(n), generate(), T0 + 1_000, false);
+    assert!(matches!(
+        a.response,
+        Response::Error {
+            code: ErrorCode::Denied
+        }
+    ));
+    assert!(
+        last_refusal_reason(&world).starts_with("key_unusable"),
+        "{}",
+        last_refusal_reason(&world)
+    );
+    kms.enable_key(&name).unwrap();
+
+    // Shredding: after the waiting period, nothing under the key can be read.
+    let after = kms.schedule_deletion(&name, 7, T0).unwrap();
+    assert!(
+        kms.destroy_key(&name, after - 1).is_err(),
+        "waiting period enforced"
+    );
+    kms.destroy_key(&name, after).unwrap();
+    let err = kms.decrypt_data_key(&w1).unwrap_err().to_string();
+    assert!(err.contains("destroyed") && err.contains(KEY), "{err}");
+    let n = world.challenge(T0);
+    let b = attempt(
+        &world,
+        &nsm,
+        Some(n),
+        vec![KeyOperation::DecryptDataKey {
+            wrapped: w2.to_bytes(),
+        }],
+        T0 + 1_000,
+        false,
+    );
+    assert!(matches!(
+        b.response,
+        Response::Error {
+            code: ErrorCode::Denied
+        }
+    ));
+}
+
+#[test]
+fn service_over_loopback() {
+    let world = World::new();
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
+    let pinned = world.pinned;
+    let root = world.root.clone();
+    let World { broker, _dir, .. } = world;
+    let broker = Arc::new(broker);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(service::run(
+            listener,
+            Arc::clone(&broker),
+            ServiceConfig::default(),
+            None,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        // The simulated NSM dates documents now, since the service uses the real clock.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let nsm = SimulatedNsm::new(
+            SimConfig::default()
+                .with_root(root)
+                .with_clock(Arc::new(FixedClock::new(now)))
+                .with_image(b"v1".to_vec(), None),
+        )
+        .unwrap();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let max = 128 * 1024;
+        for _ in 0..3 {
+            let challenge = kluis_proto::client::request_challenge(&mut stream, max)
+                .await
+                .unwrap();
+            let request = KeyRequest::new(generate()).unwrap();
+            let ephemeral = EphemeralKeyPair::generate().unwrap();
+            let doc = kluis_nsm::attest(
+                &nsm,
+                Some(&request_hash(&request)),
+                Some(&challenge.nonce),
+                Some(&ephemeral.public_key_sec1()),
+            )
+            .unwrap();
+            let keys = kluis_proto::client::request_keys(
+                &mut stream,
+                max,
+                &doc,
+                &request,
+                &ephemeral,
+                &pinned,
+            )
+            .await
+            .unwrap();
+            assert_eq!(keys.len(), 1);
+        }
+        // Garbage on another connection gets an error answer, not a crash.
+        let mut bad = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        bad.write_all(&[0, 0, 0, 3, 1, 0xff, 0xff]).await.unwrap();
+        let answer: Response = kluis_proto::read_message(&mut bad, max).await.unwrap();
+        assert!(matches!(
+            answer,
+            Response::Error {
+                code: ErrorCode::BadRequest
+            }
+        ));
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        broker.audit().verify(None).unwrap();
+    });
+}
