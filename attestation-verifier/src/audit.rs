@@ -83,20 +83,29 @@
 //!
 //! # Durability and concurrency
 //!
-//! [`AuditLog::open`] takes an exclusive lock on the file (one writer per
-//! file, across processes), reads only its last record to learn the head,
-//! and keeps the file open; appends never re-read the file. [`AuditLog::append`]
-//! writes the line and does not return before it is on disk (`fdatasync`).
-//! Concurrent appends are ordered by an internal mutex and share fsyncs
-//! (group commit): while one thread syncs, the others write their lines, and
-//! the next sync covers them all. A write or sync failure makes the log
-//! refuse further appends until it is reopened.
+//! [`AuditLog::open`] reads only the last record of the file to learn the
+//! head, and keeps the file open and the head in memory.
+//! [`AuditLog::append`] writes the line and does not return before it is on
+//! disk (`fdatasync`). Concurrent appends through one handle are ordered by
+//! an internal mutex and share fsyncs (group commit): while one thread syncs,
+//! the others write their lines, and the next sync covers them all.
+//!
+//! Several handles, in one process or several (the key-release service and
+//! an administrator's command), may append to the same file. Each append
+//! holds an exclusive `flock` on the file while it writes, and first compares
+//! the file's length with the length it knows (one `fstat`): only when
+//! another handle appended meanwhile does it read those new records, checking
+//! that they chain onto its head, before chaining onto theirs. The fsync
+//! happens after the lock is released. A file that shrank under an open
+//! handle is refused ([`AuditError::FileShrank`]). A write or sync failure
+//! makes the handle refuse further appends until the log is reopened.
 //!
 //! A crash while a line is being written can leave an unfinished last line.
-//! Its append never returned, so `open` removes it (at most [`MAX_LINE_LEN`]
-//! bytes, and only if it looks like the start of a record or is zeros) and
-//! reports how many bytes it removed ([`AuditLog::recovered_tail_bytes`]);
-//! the caller should audit that. `verify_file` reports such a line instead.
+//! Its append never returned, so the next `open` or append (under the lock)
+//! removes it — at most [`MAX_LINE_LEN`] bytes, and only if it looks like the
+//! start of a record or is zeros — and counts the bytes removed
+//! ([`AuditLog::recovered_tail_bytes`]); the caller should audit that.
+//! [`verify_file`] reports such a line instead.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha384};
@@ -512,12 +521,18 @@ pub enum AuditError {
         #[source]
         source: io::Error,
     },
-    /// Another handle (in this or another process) has the log open for
-    /// writing.
-    #[error("audit log {path} is already open for writing elsewhere")]
-    Locked {
+    /// The file is shorter than the records this handle knows: records were
+    /// removed from its end while it was open.
+    #[error(
+        "audit log {path} shrank while open, from {known} to {found} bytes: records were removed"
+    )]
+    FileShrank {
         /// The file.
         path: String,
+        /// The length this handle knows.
+        known: u64,
+        /// The length found.
+        found: u64,
     },
     /// The file is not a regular file, or group or others may write it.
     #[error("audit log {path} has mode {mode:o}: it must be a regular file that only its owner may write")]
@@ -600,7 +615,6 @@ pub struct AuditLog {
     file: File,
     state: Mutex<State>,
     synced: Condvar,
-    recovered_tail_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -615,28 +629,21 @@ struct State {
     syncing: bool,
     /// Why the log refuses appends, after a failure.
     failed: Option<String>,
+    /// Bytes of unfinished lines removed (see the module documentation).
+    recovered_tail_bytes: u64,
 }
 
 impl AuditLog {
     /// Opens the log at `path`, creating it (mode 0600) if it does not exist.
     ///
-    /// Takes an exclusive lock on the file, refuses a file that group or
-    /// others may write, removes an unfinished last line left by a crash (see
-    /// the [module documentation](self)) and reads the last record to learn
-    /// the head. It does not verify the whole chain; call
-    /// [`AuditLog::verify`] with the head kept elsewhere for that.
+    /// Refuses a file that group or others may write; under the file lock,
+    /// removes an unfinished last line left by a crash (see the
+    /// [module documentation](self)) and reads the last record to learn the
+    /// head. It does not verify the whole chain; call [`AuditLog::verify`]
+    /// with the head kept elsewhere for that.
     pub fn open(path: impl AsRef<Path>) -> Result<AuditLog, AuditError> {
         let path = path.as_ref();
         let (file, created) = open_or_create(path)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(AuditError::Locked {
-                    path: path.display().to_string(),
-                })
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(AuditError::io(path, e)),
-        }
         let meta = file.metadata().map_err(|e| AuditError::io(path, e))?;
         if !meta.is_file() || meta.mode() & 0o022 != 0 {
             return Err(AuditError::InsecureFile {
@@ -647,7 +654,8 @@ impl AuditLog {
         if created {
             sync_parent_dir(path)?;
         }
-        let file_len = meta.len();
+        let lock = FileLock::acquire(&file).map_err(|e| AuditError::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| AuditError::io(path, e))?.len();
         let (head, len) = read_tail(&file, file_len).map_err(|e| match e {
             TailError::Io(e) => AuditError::io(path, e),
             TailError::Broken => locate_break(&file, file_len, path),
@@ -657,6 +665,7 @@ impl AuditLog {
             file.set_len(len).map_err(|e| AuditError::io(path, e))?;
             file.sync_all().map_err(|e| AuditError::io(path, e))?;
         }
+        drop(lock);
         Ok(AuditLog {
             path: path.to_owned(),
             file,
@@ -666,9 +675,9 @@ impl AuditLog {
                 synced_seq: head.seq,
                 syncing: false,
                 failed: None,
+                recovered_tail_bytes,
             }),
             synced: Condvar::new(),
-            recovered_tail_bytes,
         })
     }
 
@@ -677,14 +686,16 @@ impl AuditLog {
         &self.path
     }
 
-    /// How many bytes of an unfinished last line `open` removed (0 normally).
+    /// How many bytes of unfinished last lines (left by a crashed writer)
+    /// this handle removed, at open or later (0 normally).
     pub fn recovered_tail_bytes(&self) -> u64 {
-        self.recovered_tail_bytes
+        self.lock().recovered_tail_bytes
     }
 
-    /// The last record written by this handle or found at open. (An append
-    /// that has written it may still be waiting for its fsync; the head that
-    /// [`AuditLog::append`] returns is on disk.)
+    /// The last record this handle wrote or saw (at open, or appended by
+    /// another handle before this handle's last append, verify or records
+    /// call). An append that has written it may still be waiting for its
+    /// fsync; the head that [`AuditLog::append`] returns is on disk.
     pub fn head(&self) -> AuditHead {
         self.lock().head
     }
@@ -702,6 +713,9 @@ impl AuditLog {
         if let Some(reason) = &st.failed {
             return Err(AuditError::Failed(reason.clone()));
         }
+        // Other handles append under the same lock; pick up what they wrote.
+        let file_lock = FileLock::acquire(&self.file).map_err(|e| AuditError::io(&self.path, e))?;
+        self.refresh(&mut st)?;
         let seq = st
             .head
             .seq
@@ -731,6 +745,7 @@ impl AuditLog {
             }
             return Err(AuditError::io(&self.path, e));
         }
+        drop(file_lock);
         st.len = st
             .len
             .saturating_add(u64::try_from(line.len()).unwrap_or(u64::MAX));
@@ -774,7 +789,7 @@ impl AuditLog {
     /// first broken record. Appends may continue meanwhile; records written
     /// after the call started are not checked.
     pub fn verify(&self, expected_head: Option<&AuditHead>) -> Result<VerifyReport, AuditError> {
-        let (head, len) = self.snapshot();
+        let (head, len) = self.snapshot()?;
         let report = verify_chain(self.reader(len), expected_head, &self.path)?;
         if report.head != head {
             return Err(AuditError::ChangedOnDisk {
@@ -788,13 +803,73 @@ impl AuditLog {
     /// The records that pass `filter`, in order, checking the chain as it
     /// reads (a broken chain is an error, not a shorter answer).
     pub fn records(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, AuditError> {
-        let (_, len) = self.snapshot();
+        let (_, len) = self.snapshot()?;
         records_from_reader(self.reader(len), filter, &self.path)
     }
 
-    fn snapshot(&self) -> (AuditHead, u64) {
-        let st = self.lock();
-        (st.head, st.len)
+    /// The head and length of the file, including what other handles
+    /// appended.
+    fn snapshot(&self) -> Result<(AuditHead, u64), AuditError> {
+        let mut st = self.lock();
+        let _file_lock =
+            FileLock::acquire(&self.file).map_err(|e| AuditError::io(&self.path, e))?;
+        self.refresh(&mut st)?;
+        Ok((st.head, st.len))
+    }
+
+    /// With the file lock held: if the file grew, read the records other
+    /// handles appended, checking that they chain onto `st.head`, and move the
+    /// head to the last of them; remove an unfinished line a crashed writer
+    /// left.
+    fn refresh(&self, st: &mut State) -> Result<(), AuditError> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| AuditError::io(&self.path, e))?
+            .len();
+        if len == st.len {
+            return Ok(());
+        }
+        if len < st.len {
+            return Err(AuditError::FileShrank {
+                path: self.path.display().to_string(),
+                known: st.len,
+                found: len,
+            });
+        }
+        let reader = BufReader::with_capacity(
+            TAIL_CHUNK,
+            PositionalReader {
+                file: &self.file,
+                pos: st.len,
+                end: len,
+            },
+        );
+        let mut chain = ChainReader::resume(reader, &self.path, st.head);
+        let mut good_len = st.len;
+        loop {
+            match chain.next_record() {
+                Ok(Some(_)) => good_len = st.len.saturating_add(chain.consumed),
+                Ok(None) => break,
+                Err(AuditError::Broken {
+                    problem: Problem::TornLine { .. },
+                    ..
+                }) if looks_like_torn_record(&chain.buf) => {
+                    self.file
+                        .set_len(good_len)
+                        .and_then(|()| self.file.sync_all())
+                        .map_err(|e| AuditError::io(&self.path, e))?;
+                    st.recovered_tail_bytes = st
+                        .recovered_tail_bytes
+                        .saturating_add(len.saturating_sub(good_len));
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        st.head = chain.head;
+        st.len = good_len;
+        Ok(())
     }
 
     fn reader(&self, len: u64) -> BufReader<PositionalReader<'_>> {
@@ -901,6 +976,8 @@ fn records_from_reader(
 struct ChainReader<'a, R> {
     reader: R,
     source: &'a Path,
+    /// Bytes of complete lines read.
+    consumed: u64,
     line_no: u64,
     head: AuditHead,
     buf: Vec<u8>,
@@ -909,11 +986,17 @@ struct ChainReader<'a, R> {
 
 impl<'a, R: BufRead> ChainReader<'a, R> {
     fn new(reader: R, source: &'a Path) -> Self {
+        Self::resume(reader, source, AuditHead::GENESIS)
+    }
+
+    /// Continues a chain whose last record is `head` (on line `head.seq`).
+    fn resume(reader: R, source: &'a Path, head: AuditHead) -> Self {
         ChainReader {
             reader,
             source,
-            line_no: 0,
-            head: AuditHead::GENESIS,
+            consumed: 0,
+            line_no: head.seq,
+            head,
             buf: Vec::new(),
             canonical: Vec::new(),
         }
@@ -949,6 +1032,9 @@ impl<'a, R: BufRead> ChainReader<'a, R> {
         }
         let record = check_line(&self.buf, &self.head, &mut self.canonical).map_err(broken)?;
         self.head = record.head();
+        self.consumed = self
+            .consumed
+            .saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
         Ok(Some(record))
     }
 }
@@ -1194,6 +1280,26 @@ fn locate_break(file: &File, file_len: u64, path: &Path) -> AuditError {
             seq: report.records.saturating_add(1),
             problem: Problem::Unparseable("the end of the file is not a record".to_owned()),
         },
+    }
+}
+
+/// An exclusive `flock` on the log file, released on drop. It orders
+/// appends of handles in different processes (and of different handles in
+/// one process); threads sharing a handle are ordered by its mutex.
+struct FileLock<'a>(&'a File);
+
+impl<'a> FileLock<'a> {
+    fn acquire(file: &'a File) -> io::Result<Self> {
+        file.lock()?;
+        Ok(FileLock(file))
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        // Closing the file releases the lock too; an unlock error leaves
+        // nothing to undo.
+        let _ = self.0.unlock();
     }
 }
 

@@ -734,14 +734,40 @@ fn truncated_tail_is_detected_with_the_head() {
         Err(AuditError::HeadMismatch { .. })
     ));
 
-    // Truncated while open: the handle notices.
+    // Truncated while open: the handle notices, and refuses to append.
     let log = AuditLog::open(&path).unwrap();
+    let full = std::fs::metadata(&path).unwrap().len();
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    file.set_len(u64::try_from(short.len()).unwrap()).unwrap();
+    let cut = u64::try_from(short.len()).unwrap();
+    file.set_len(cut).unwrap();
+    for err in [
+        log.verify(None).unwrap_err(),
+        log.append(admin(6)).unwrap_err(),
+    ] {
+        match err {
+            AuditError::FileShrank { known, found, .. } => assert_eq!((known, found), (full, cut)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), cut);
+    drop(log);
+
+    // Rewritten in place while open (same length): the file no longer ends
+    // with the head the handle knows.
+    let (_dir, path, heads) = small_log(3);
+    let log = AuditLog::open(&path).unwrap();
+    let mut l = lines(&path);
+    let r2: AuditRecord = serde_json::from_slice(&l[1]).unwrap();
+    // Same length: pad the operation of the forged record.
+    let pad = l[2].len() - forge(3, r2.hash, "forged").len();
+    let forged = forge(3, r2.hash, &format!("forged{}", "x".repeat(pad)));
+    assert_eq!(forged.len(), l[2].len());
+    l[2] = forged;
+    std::fs::write(&path, join(&l)).unwrap();
     match log.verify(None).unwrap_err() {
         AuditError::ChangedOnDisk { in_memory, on_disk } => {
-            assert_eq!(in_memory, heads[4]);
-            assert_eq!(on_disk, heads[2]);
+            assert_eq!(in_memory, heads[2]);
+            assert_eq!(on_disk.seq, 3);
         }
         other => panic!("{other:?}"),
     }
@@ -886,15 +912,78 @@ fn open_names_the_first_broken_record_when_the_tail_is_bad() {
 }
 
 #[test]
-fn one_writer_per_file() {
+fn several_handles_append_to_one_chain() {
+    // Two handles on one file lock it like two processes would (flock is
+    // per open file description): the service and an administrator's command.
     let (_dir, path) = tmp();
+    let service = Arc::new(AuditLog::open(&path).unwrap());
+    let admin_cmd = AuditLog::open(&path).unwrap();
+    assert_eq!(service.append(admin(1)).unwrap().seq, 1);
+    assert_eq!(admin_cmd.append(admin(2)).unwrap().seq, 2);
+    assert_eq!(admin_cmd.append(admin(3)).unwrap().seq, 3);
+    // The service picks up the administrator's records and chains onto them.
+    let h4 = service.append(system(4)).unwrap();
+    assert_eq!(h4.seq, 4);
+    assert_eq!(admin_cmd.verify(Some(&h4)).unwrap().records, 4);
+    assert_eq!(admin_cmd.head(), h4);
+
+    // Interleaved from threads through both handles.
+    let other = Arc::new(AuditLog::open(&path).unwrap());
+    let threads: Vec<_> = [Arc::clone(&service), other]
+        .into_iter()
+        .flat_map(|log| {
+            (0..3).map(move |t| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for i in 0..30 {
+                        log.append(admin(t * 100 + i)).unwrap();
+                    }
+                })
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let report = service.verify(None).unwrap();
+    assert_eq!(report.records, 4 + 6 * 30);
+    assert_eq!(verify_file(&path, Some(&report.head)).unwrap(), report);
+}
+
+#[test]
+fn records_another_handle_appended_must_chain() {
+    let (_dir, path, _) = small_log(2);
     let log = AuditLog::open(&path).unwrap();
-    assert!(matches!(
-        AuditLog::open(&path).unwrap_err(),
-        AuditError::Locked { .. }
-    ));
-    drop(log);
-    AuditLog::open(&path).unwrap();
+    // A line appended behind the handles' backs that does not chain.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(&forge(3, [0x42; 48], "forged")).unwrap();
+    file.write_all(b"\n").unwrap();
+    drop(file);
+    let err = log.append(admin(3)).unwrap_err();
+    assert!(
+        matches!(broken(&err), (3, 3, Problem::PrevHashMismatch { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unfinished_line_of_a_crashed_writer_is_removed_by_the_next_append() {
+    let (_dir, path, heads) = small_log(2);
+    let log = AuditLog::open(&path).unwrap();
+    let next = forge(3, heads[1].hash, "interrupted");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(&next[..40]).unwrap();
+    drop(file);
+    let h3 = log.append(admin(3)).unwrap();
+    assert_eq!(h3.seq, 3);
+    assert_eq!(log.recovered_tail_bytes(), 40);
+    assert_eq!(verify_file(&path, Some(&h3)).unwrap().records, 3);
 }
 
 #[test]
