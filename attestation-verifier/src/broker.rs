@@ -375,7 +375,7 @@ impl Broker {
             key_id: step.key.to_string(),
             version: wrapped.version,
             wrapped: wrapped.to_bytes(),
-            plaintext: PlaintextKey::from_bytes(plain.as_bytes()),
+            plaintext: PlaintextKey::from_bytes(plain.expose_secret()),
         })
     }
 }

@@ -20,7 +20,6 @@ use kluis_keystore::{KeyBackend, StoreGuard};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use thiserror::Error;
-use zeroize::Zeroizing;
 
 /// Default automatic rotation period.
 pub const DEFAULT_ROTATION_DAYS: u32 = 365;
@@ -447,35 +446,13 @@ pub fn destroy(
     Ok(())
 }
 
-/// A 256-bit data key in the clear. Zeroized on drop; never printed.
-pub struct DataKey(Zeroizing<[u8; 32]>);
+/// A 256-bit data key in the clear: the envelope's key type (zeroized on
+/// drop, never printed).
+pub use kluis_envelope::DataKey;
 
-impl DataKey {
-    /// A fresh random data key.
-    pub fn generate() -> Result<Self, KeyError> {
-        use aws_lc_rs::rand::SecureRandom;
-        let mut key = Zeroizing::new([0u8; 32]);
-        aws_lc_rs::rand::SystemRandom::new()
-            .fill(key.as_mut())
-            .map_err(|_| KeyError::InvalidArgument("system randomness unavailable".to_owned()))?;
-        Ok(DataKey(key))
-    }
-
-    /// The key bytes.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    fn from_slice(bytes: &[u8]) -> Option<Self> {
-        let arr: [u8; 32] = bytes.try_into().ok()?;
-        Some(DataKey(Zeroizing::new(arr)))
-    }
-}
-
-impl fmt::Debug for DataKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("DataKey(<redacted>)")
-    }
+fn new_data_key() -> Result<DataKey, KeyError> {
+    DataKey::generate()
+        .map_err(|_| KeyError::InvalidArgument("system randomness unavailable".to_owned()))
 }
 
 /// A data key wrapped under one CMK version: travels with the data.
@@ -580,9 +557,9 @@ pub fn generate_data_key(
     let current = record
         .current()
         .ok_or_else(|| record.wrong_state("generating a data key (no current version)"))?;
-    let key = DataKey::generate()?;
+    let key = new_data_key()?;
     let aad = WrappedDataKey::aad(&record.name, current.version);
-    let ciphertext = backend.wrap(&current.material_id, key.as_bytes(), &aad)?;
+    let ciphertext = backend.wrap(&current.material_id, key.expose_secret(), &aad)?;
     Ok((
         key,
         WrappedDataKey {
@@ -621,7 +598,8 @@ pub fn decrypt_data_key(
         .map_err(|_| {
             KeyError::BadWrappedKey("does not authenticate under the named key version")
         })?;
-    DataKey::from_slice(&plain).ok_or(KeyError::BadWrappedKey("unwrapped key is not 32 bytes"))
+    DataKey::from_slice(&plain)
+        .map_err(|_| KeyError::BadWrappedKey("unwrapped key is not 32 bytes"))
 }
 
 /// Move a wrapped data key to the CMK's current version without exposing it.
@@ -635,7 +613,7 @@ pub fn rewrap(
         .current()
         .ok_or_else(|| record.wrong_state("rewrapping (no current version)"))?;
     let aad = WrappedDataKey::aad(&record.name, current.version);
-    let ciphertext = backend.wrap(&current.material_id, key.as_bytes(), &aad)?;
+    let ciphertext = backend.wrap(&current.material_id, key.expose_secret(), &aad)?;
     Ok(WrappedDataKey {
         key: record.name.clone(),
         version: current.version,

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod admin_cmd;
+mod data_cmd;
 mod input;
 mod report;
 mod serve_cmd;
@@ -60,6 +61,9 @@ enum Command {
     Audit(admin_cmd::AuditCommand),
     /// Run the key-release service.
     Serve(serve_cmd::ServeArgs),
+    /// Encrypt or decrypt data on the controller side (streaming envelope).
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
 }
 
 /// Logs go to stderr, filtered by RUST_LOG (default: warnings). They never
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         Command::Identity => admin_cmd::finish(admin_cmd::identity(store)),
         Command::Audit(c) => admin_cmd::finish(admin_cmd::audit(store, c)),
         Command::Serve(args) => admin_cmd::finish(serve_cmd::serve(store, args)),
+        Command::Data(c) => admin_cmd::finish(data_cmd::data(store, c)),
     };
     // Flush explicitly: a closed stdout must not turn into a panic.
     let _ = std::io::stdout().flush();

@@ -445,12 +445,15 @@ fn key_lifecycle_through_release() {
     assert_eq!(kms.rotate_key(&name, T0 + 1).unwrap(), 2);
     let (_, w2) = kms.generate_data_key(&name, T0 + 2).unwrap();
     assert_eq!((w1.version, w2.version), (1, 2));
-    assert_eq!(kms.decrypt_data_key(&w1).unwrap().as_bytes(), k1.as_bytes());
+    assert_eq!(
+        kms.decrypt_data_key(&w1).unwrap().expose_secret(),
+        k1.expose_secret()
+    );
     let moved = kms.rewrap(&w1).unwrap();
     assert_eq!(moved.version, 2);
     assert_eq!(
-        kms.decrypt_data_key(&moved).unwrap().as_bytes(),
-        k1.as_bytes()
+        kms.decrypt_data_key(&moved).unwrap().expose_secret(),
+        k1.expose_secret()
     );
 
     // Automatic rotation when used after the period.

@@ -1,0 +1,188 @@
+//! `data encrypt` / `data decrypt`: the controller's own tools for the
+//! streaming envelope (application administrators).
+//!
+//! Output is written to a temporary file next to the destination and renamed
+//! into place only when the whole stream has been processed and authenticated:
+//! a failed or interrupted decryption never leaves a file that looks complete.
+
+use crate::admin_cmd::{Failure, Session, StoreArgs};
+use crate::verify_cmd::{emit, now_ms};
+use anyhow::{anyhow, Context};
+use attestation_verifier::audit::Decision;
+use attestation_verifier::auth::Permission;
+use attestation_verifier::keys::{KeyName, WrappedDataKey};
+use clap::Subcommand;
+use kluis_envelope::{EnvelopeHeader, EnvelopeReader, EnvelopeWriter, WrappedKey};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DataCommand {
+    /// Encrypt IN to OUT under a fresh data key wrapped by master key --key.
+    Encrypt {
+        /// The master key.
+        #[arg(long)]
+        key: String,
+        /// Plaintext input (`-` for stdin).
+        input: PathBuf,
+        /// Envelope output (`-` for stdout).
+        output: PathBuf,
+    },
+    /// Decrypt envelope IN to OUT (the key comes from the envelope's header).
+    Decrypt {
+        /// Envelope input (`-` for stdin).
+        input: PathBuf,
+        /// Plaintext output (`-` for stdout).
+        output: PathBuf,
+    },
+}
+
+fn open_input(path: &Path) -> anyhow::Result<Box<dyn Read>> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(std::io::stdin().lock()));
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)))
+}
+
+/// Where output goes: stdout, or a temporary file renamed into place on success.
+enum Output {
+    Stdout,
+    File {
+        temp: tempfile::NamedTempFile,
+        dest: PathBuf,
+    },
+}
+
+impl Output {
+    fn create(path: &Path) -> anyhow::Result<Output> {
+        if path.as_os_str() == "-" {
+            return Ok(Output::Stdout);
+        }
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let temp = tempfile::Builder::new()
+            .prefix(".kluis-partial-")
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        Ok(Output::File {
+            temp,
+            dest: path.to_path_buf(),
+        })
+    }
+
+    fn writer(&mut self) -> Box<dyn Write + '_> {
+        match self {
+            Output::Stdout => Box::new(std::io::stdout().lock()),
+            Output::File { temp, .. } => Box::new(std::io::BufWriter::with_capacity(
+                1 << 20,
+                temp.as_file_mut(),
+            )),
+        }
+    }
+
+    /// Make the output visible: fsync and rename (a failure drops the temp file).
+    fn commit(self) -> anyhow::Result<()> {
+        match self {
+            Output::Stdout => Ok(std::io::stdout().flush()?),
+            Output::File { temp, dest } => {
+                temp.as_file().sync_all()?;
+                temp.persist(&dest)
+                    .map_err(|e| anyhow!("renaming into {}: {}", dest.display(), e.error))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failure> {
+    match command {
+        DataCommand::Encrypt { key, input, output } => {
+            let name = KeyName::parse(key)?;
+            let session = Session::start(store, Permission::UseData, "data.encrypt")?;
+            let (dk, wrapped) = session.audited("data.encrypt", &name, |k| {
+                k.generate_data_key(&name, now_ms()).map(|(dk, w)| {
+                    let v = w.version;
+                    ((dk, w), Some(v))
+                })
+            })?;
+            let header_key = WrappedKey::new(name.as_str(), wrapped.version, wrapped.to_bytes())
+                .map_err(|e| anyhow!("envelope header: {e}"))?;
+            let mut reader = open_input(input)?;
+            let mut out = Output::create(output)?;
+            let bytes = {
+                let mut writer = EnvelopeWriter::new(out.writer(), &dk, header_key)
+                    .map_err(|e| anyhow!("{e}"))?;
+                let n = std::io::copy(&mut reader, &mut writer).context("encrypting")?;
+                writer
+                    .finish()
+                    .map_err(|e| anyhow!("{e}"))?
+                    .flush()
+                    .context("writing")?;
+                n
+            };
+            out.commit()?;
+            if output.as_os_str() != "-" {
+                emit(
+                    &json!({ "key": name.as_str(), "version": wrapped.version, "plaintext_bytes": bytes, "output": output.display().to_string() }),
+                );
+            }
+        }
+        DataCommand::Decrypt { input, output } => {
+            let session = Session::start(store, Permission::UseData, "data.decrypt")?;
+            let mut reader = open_input(input)?;
+            let header = EnvelopeHeader::read_from(&mut reader)
+                .map_err(|e| Failure::Refused("bad_envelope".into(), e.to_string()))?;
+            let wrapped = WrappedDataKey::from_bytes(header.wrapped_key().wrapped_bytes())?;
+            if wrapped.key.as_str() != header.cmk_id() || wrapped.version != header.cmk_version() {
+                return Err(Failure::Refused(
+                    "bad_envelope".into(),
+                    "header names another key than its wrapped data key".into(),
+                ));
+            }
+            let name = wrapped.key.clone();
+            let dk = session.audited("data.decrypt", &name, |k| {
+                k.decrypt_data_key(&wrapped)
+                    .map(|dk| (dk, Some(wrapped.version)))
+            })?;
+            let mut out = Output::create(output)?;
+            let result = {
+                let mut plain =
+                    EnvelopeReader::with_header(reader, header, &dk).map_err(|e| anyhow!("{e}"))?;
+                let mut sink = out.writer();
+                let copied = std::io::copy(&mut plain, &mut sink);
+                let flushed = sink.flush();
+                drop(sink);
+                match (copied, flushed) {
+                    (Ok(n), Ok(())) => plain.finish().map(|_| n).map_err(|e| e.to_string()),
+                    (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+                }
+            };
+            match result {
+                Ok(bytes) => {
+                    out.commit()?;
+                    if output.as_os_str() != "-" {
+                        emit(
+                            &json!({ "key": name.as_str(), "version": wrapped.version, "plaintext_bytes": bytes, "output": output.display().to_string() }),
+                        );
+                    }
+                }
+                Err(e) => {
+                    // The temporary file is dropped (deleted) with `out`.
+                    session.record(
+                        "data.decrypt",
+                        Some(&name),
+                        Some(wrapped.version),
+                        Decision::Refused,
+                        Some(format!("envelope rejected: {e}")),
+                    )?;
+                    return Err(Failure::Refused("envelope_rejected".into(), e));
+                }
+            }
+        }
+    }
+    Ok(())
+}
