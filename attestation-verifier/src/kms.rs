@@ -316,9 +316,14 @@ impl Kms {
     }
 
     /// Anchor the audit log head in the store (authenticated, so truncating
-    /// the log's tail is detected).
+    /// the log's tail is detected). Only ever moves forward: processes that
+    /// anchor concurrently cannot move it back.
     pub fn set_audit_head(&self, head: &crate::audit::AuditHead) -> Result<(), KeyError> {
         let guard = self.lock()?;
+        let current: Option<crate::audit::AuditHead> = self.get_json(KIND_SYSTEM, ID_AUDIT_HEAD)?;
+        if current.is_some_and(|c| c.seq >= head.seq) {
+            return Ok(());
+        }
         self.put_json(&guard, KIND_SYSTEM, ID_AUDIT_HEAD, head)
     }
 }

@@ -536,7 +536,8 @@ fn service_over_loopback() {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
-            .as_millis() as u64;
+            .as_millis();
+        let now = u64::try_from(now).unwrap();
         let nsm = SimulatedNsm::new(
             SimConfig::default()
                 .with_root(root)

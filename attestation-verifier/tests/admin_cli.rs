@@ -1,0 +1,348 @@
+//! The administrative command line, driven as an operator would: separation of
+//! duties, exit codes, the data envelope tools, and audit verification.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let (code, out, err) = env.run(
+            None,
+            &[
+                "init",
+                "--generate-root-key",
+                "--credentials-out",
+                &env.path("creds"),
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out["verifier_public_key"].as_str().unwrap().len(), 194);
+        env
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn cred(&self, role: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("creds")
+            .join(format!("{role}.credential"))
+    }
+
+    fn run(&self, credential: Option<&Path>, args: &[&str]) -> (i32, serde_json::Value, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_attestation-verifier"));
+        cmd.env("KLUIS_STORE", self.dir.path().join("store"))
+            .env("KLUIS_ROOT_KEY_FILE", self.dir.path().join("root.key"))
+            .env_remove("KLUIS_CREDENTIAL_FILE")
+            .env_remove("KLUIS_STORE_PASSPHRASE")
+            .args(args);
+        if let Some(c) = credential {
+            cmd.env("KLUIS_CREDENTIAL_FILE", c);
+        }
+        let out = cmd.output().unwrap();
+        let code = out.status.code().expect("killed by a signal");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let json = stdout
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or(serde_json::Value::Null);
+        (
+            code,
+            json,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+const KEY: &str = "agency-a/app-x/prod";
+
+#[test]
+fn separation_of_duties_and_authentication() {
+    let env = Env::new();
+    let key_admin = env.cred("key-admin");
+    let app_admin = env.cred("app-admin");
+
+    let (code, out, err) = env.run(Some(&key_admin), &["key", "create", KEY]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out["current_version"], 1);
+
+    // The application administrator cannot manage keys; the key administrator
+    // cannot set policy or use data.
+    let (code, out, _) = env.run(Some(&app_admin), &["key", "rotate", KEY]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("forbidden"))
+    );
+    std::fs::write(env.path("p.toml"), "operations = [\"generate\"]\nmax_document_age_seconds = 60\n[[measurements]]\nname = \"a\"\npcr0 = \"".to_owned() + &"ab".repeat(48) + "\"\n").unwrap();
+    let (code, _, _) = env.run(
+        Some(&key_admin),
+        &["policy", "set", KEY, &env.path("p.toml")],
+    );
+    assert_eq!(code, 1);
+    let (code, _, err) = env.run(
+        Some(&app_admin),
+        &["policy", "set", KEY, &env.path("p.toml")],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    // No credential, a forged one, one from another store: refused.
+    let (code, out, _) = env.run(None, &["key", "list"]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("credential_missing"))
+    );
+    std::fs::write(
+        env.path("forged"),
+        "kluis1.key-admin.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n",
+    )
+    .unwrap();
+    let (code, out, _) = env.run(Some(Path::new(&env.path("forged"))), &["key", "list"]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("credential_rejected"))
+    );
+    let other = Env::new();
+    let (code, _, _) = env.run(Some(&other.cred("key-admin")), &["key", "list"]);
+    assert_eq!(code, 1);
+
+    // A key administrator can add key administrators only.
+    let (code, _, _) = env.run(
+        Some(&key_admin),
+        &[
+            "admin",
+            "add",
+            "--role",
+            "app-admin",
+            "--name",
+            "mallory",
+            "--out",
+            &env.path("m.cred"),
+        ],
+    );
+    assert_eq!(code, 1);
+    let (code, _, err) = env.run(
+        Some(&key_admin),
+        &[
+            "admin",
+            "add",
+            "--role",
+            "key-admin",
+            "--name",
+            "bob",
+            "--out",
+            &env.path("bob.cred"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = env.run(
+        Some(Path::new(&env.path("bob.cred"))),
+        &["key", "rotate", KEY],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    // Every refusal is in the audit log, which verifies.
+    let (code, out, err) = env.run(Some(&app_admin), &["audit", "verify"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out["records"].as_u64().unwrap() >= 9);
+    let (_, _, _) = env.run(
+        Some(&app_admin),
+        &["audit", "show", "--decision", "refused", "--json"],
+    );
+    let shown = Command::new(env!("CARGO_BIN_EXE_attestation-verifier"))
+        .env("KLUIS_STORE", env.dir.path().join("store"))
+        .env("KLUIS_ROOT_KEY_FILE", env.dir.path().join("root.key"))
+        .env("KLUIS_CREDENTIAL_FILE", &app_admin)
+        .args(["audit", "show", "--decision", "refused", "--json"])
+        .output()
+        .unwrap();
+    let refused: Vec<serde_json::Value> = String::from_utf8_lossy(&shown.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(refused.len() >= 5, "{refused:?}");
+    assert!(refused
+        .iter()
+        .all(|r| r["decision"] == "refused" && r["reason"].is_string()));
+
+    // Credentials and keys never reach the audit log or the store in the clear.
+    let secret = std::fs::read_to_string(&key_admin).unwrap();
+    let secret = secret.trim().rsplit('.').next().unwrap();
+    for entry in walk(env.dir.path().join("store").as_path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{} holds a credential",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn data_envelope_round_trip_tamper_and_shredding() {
+    let env = Env::new();
+    let key_admin = env.cred("key-admin");
+    let app_admin = env.cred("app-admin");
+    assert_eq!(env.run(Some(&key_admin), &["key", "create", KEY]).0, 0);
+
+    for size in [0usize, 1, 65_536, 65_537, 300_000] {
+        let plain: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        std::fs::write(env.path("plain"), &plain).unwrap();
+        let (code, out, err) = env.run(
+            Some(&app_admin),
+            &[
+                "data",
+                "encrypt",
+                "--key",
+                KEY,
+                &env.path("plain"),
+                &env.path("env"),
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out["plaintext_bytes"], size);
+        let (code, _, err) = env.run(
+            Some(&app_admin),
+            &["data", "decrypt", &env.path("env"), &env.path("back")],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(std::fs::read(env.path("back")).unwrap(), plain);
+    }
+
+    // A flipped byte: refused, and no output file appears.
+    let mut env_bytes = std::fs::read(env.path("env")).unwrap();
+    let i = env_bytes.len() / 2;
+    env_bytes[i] ^= 1;
+    std::fs::write(env.path("tampered"), &env_bytes).unwrap();
+    let (code, out, _) = env.run(
+        Some(&app_admin),
+        &["data", "decrypt", &env.path("tampered"), &env.path("never")],
+    );
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("envelope_rejected"))
+    );
+    assert!(!Path::new(&env.path("never")).exists());
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".kluis-partial")
+        })
+        .collect();
+    assert!(leftovers.is_empty());
+
+    // Rotation keeps old envelopes readable.
+    assert_eq!(env.run(Some(&key_admin), &["key", "rotate", KEY]).0, 0);
+    assert_eq!(
+        env.run(
+            Some(&app_admin),
+            &["data", "decrypt", &env.path("env"), &env.path("back2")]
+        )
+        .0,
+        0
+    );
+
+    // Shredding: schedule (waiting period enforced), then nothing decrypts —
+    // already while pending, and the error names the key.
+    let (code, out, _) = env.run(
+        Some(&key_admin),
+        &["key", "schedule-deletion", KEY, "--days", "6"],
+    );
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("invalid_argument"))
+    );
+    assert_eq!(
+        env.run(
+            Some(&key_admin),
+            &["key", "schedule-deletion", KEY, "--days", "7"]
+        )
+        .0,
+        0
+    );
+    let (code, out, _) = env.run(Some(&key_admin), &["key", "destroy", KEY]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("waiting_period"))
+    );
+    let (code, out, _) = env.run(
+        Some(&app_admin),
+        &["data", "decrypt", &env.path("env"), &env.path("no")],
+    );
+    assert_eq!(code, 1);
+    assert!(out["error"]["message"].as_str().unwrap().contains(KEY));
+}
+
+#[test]
+fn audit_tampering_is_detected_by_the_command() {
+    let env = Env::new();
+    let key_admin = env.cred("key-admin");
+    for i in 0..5 {
+        assert_eq!(
+            env.run(Some(&key_admin), &["key", "create", &format!("t/a/e{i}")])
+                .0,
+            0
+        );
+    }
+    let log = env.dir.path().join("store").join("audit.log");
+    let original = std::fs::read(&log).unwrap();
+    assert_eq!(env.run(Some(&key_admin), &["audit", "verify"]).0, 0);
+
+    // Change one byte inside record 3's operation name.
+    let text = String::from_utf8(original.clone()).unwrap();
+    let third = text.lines().nth(2).unwrap();
+    let changed = text.replacen(third, &third.replacen("key.create", "key.crEate", 1), 1);
+    std::fs::write(&log, changed).unwrap();
+    let (code, out, _) = env.run(Some(&key_admin), &["audit", "verify"]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("audit_broken"))
+    );
+    assert!(
+        out["error"]["message"].as_str().unwrap().contains("seq 3"),
+        "{out}"
+    );
+
+    // Drop the last record: the head anchored in the store catches it.
+    let lines: Vec<&str> = std::str::from_utf8(&original).unwrap().lines().collect();
+    std::fs::write(&log, lines[..lines.len() - 1].join("\n") + "\n").unwrap();
+    let (code, out, _) = env.run(Some(&key_admin), &["audit", "verify"]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("audit_broken")),
+        "{out}"
+    );
+}
