@@ -1,0 +1,178 @@
+//! Key-release throughput and latency over loopback TCP.
+//!
+//! `cargo bench -p attestation-verifier --bench release` starts the service on
+//! 127.0.0.1 (a temporary store, one master key with a policy admitting the
+//! simulated enclave) and runs `CLIENTS` concurrent enclave clients, each doing
+//! full round trips: challenge → attestation by the simulated NSM → key release
+//! → signature check and HPKE open. Client and server share the machine's two
+//! cores. It prints releases per second and p50/p90/p99 latency, with and
+//! without the simulated NSM's signing time (a real NSM signs in hardware).
+//! Bounded: it stops after `KLUIS_BENCH_RELEASES` releases (default 3000).
+
+// A benchmark may fail loudly on a broken set-up.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)]
+
+use attestation_verifier::audit::AuditLog;
+use attestation_verifier::broker::{Broker, BrokerConfig};
+use attestation_verifier::keys::KeyName;
+use attestation_verifier::kms::{Kms, StoredPolicy};
+use attestation_verifier::policy::KeyPolicy;
+use attestation_verifier::service::{self, ServiceConfig};
+use kluis_attestation::{TrustAnchor, Verifier};
+use kluis_keystore::RootSecret;
+use kluis_nsm::sim::{SimConfig, SimRoot, SimulatedNsm};
+use kluis_proto::{request_hash, EphemeralKeyPair, KeyOperation, KeyRequest, VerifierIdentity};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const KEY: &str = "bench/app/prod";
+fn clients() -> usize {
+    std::env::var("KLUIS_BENCH_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn main() {
+    let total: usize = std::env::var("KLUIS_BENCH_RELEASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    let dir = tempfile::tempdir().unwrap();
+    let kms = Kms::init(
+        &dir.path().join("store"),
+        RootSecret::from_key_bytes(zeroize::Zeroizing::new([9u8; 32])),
+    )
+    .unwrap();
+    let name = KeyName::parse(KEY).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    kms.create_key(&name, 365, now).unwrap();
+    let image = b"bench enclave".to_vec();
+    let pcr0 = SimConfig::default()
+        .with_image(image.clone(), None)
+        .boot_pcr_values()[0];
+    let policy = KeyPolicy::from_toml_str(&format!(
+        "operations = [\"generate\"]\nmax_document_age_seconds = 60\n[[measurements]]\nname = \"bench\"\npcr0 = \"{}\"\n",
+        hex::encode(pcr0)
+    ))
+    .unwrap();
+    kms.set_policy(
+        &name,
+        &StoredPolicy {
+            format: "json".into(),
+            text: serde_json::to_string(&policy).unwrap(),
+            set_by: "bench".into(),
+            set_ms: now,
+        },
+    )
+    .unwrap();
+    let identity = VerifierIdentity::generate().unwrap();
+    let pinned = identity.public_key_sec1();
+    let root = Arc::new(SimRoot::generate().unwrap());
+    let verifier = Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());
+    let audit = AuditLog::open(dir.path().join("audit.log")).unwrap();
+    let broker = Arc::new(Broker::new(
+        kms,
+        verifier,
+        identity,
+        audit,
+        BrokerConfig::default(),
+    ));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(service::run(listener, Arc::clone(&broker), ServiceConfig::default(), None, async {
+            let _ = stop_rx.await;
+        }));
+        let nsm = Arc::new(SimulatedNsm::new(SimConfig::default().with_root(root).with_image(image, None)).unwrap());
+
+        let started = Instant::now();
+        let clients = clients();
+        let per_client = total / clients;
+        let mut handles = Vec::new();
+        for _ in 0..clients {
+            let nsm = Arc::clone(&nsm);
+            handles.push(tokio::spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let max = 128 * 1024;
+                let mut latencies = Vec::with_capacity(per_client);
+                let mut without_nsm = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let t0 = Instant::now();
+                    let challenge = kluis_proto::client::request_challenge(&mut stream, max).await.unwrap();
+                    let request = KeyRequest::new(vec![KeyOperation::GenerateDataKey { key_id: KEY.to_owned() }]).unwrap();
+                    let ephemeral = EphemeralKeyPair::generate().unwrap();
+                    let hash = request_hash(&request);
+                    let pk = ephemeral.public_key_sec1();
+                    let nsm2 = Arc::clone(&nsm);
+                    let nonce = challenge.nonce;
+                    let t_nsm = Instant::now();
+                    let doc = tokio::task::spawn_blocking(move || kluis_nsm::attest(nsm2.as_ref(), Some(&hash), Some(&nonce), Some(&pk)).unwrap())
+                        .await
+                        .unwrap();
+                    let nsm_time = t_nsm.elapsed();
+                    let keys = kluis_proto::client::request_keys(&mut stream, max, &doc, &request, &ephemeral, &pinned).await.unwrap();
+                    assert_eq!(keys.len(), 1);
+                    let elapsed = t0.elapsed();
+                    latencies.push(elapsed);
+                    without_nsm.push(elapsed.saturating_sub(nsm_time));
+                }
+                (latencies, without_nsm)
+            }));
+        }
+        let mut all = Vec::new();
+        let mut all_wo = Vec::new();
+        for h in handles {
+            let (l, w) = h.await.unwrap();
+            all.extend(l);
+            all_wo.extend(w);
+        }
+        let wall = started.elapsed();
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        all.sort();
+        all_wo.sort();
+        let n = all.len();
+        println!("key release over loopback: {n} releases, {clients} concurrent clients, 2 cores shared by clients and server");
+        println!("  throughput        {:.0} releases/s", n as f64 / wall.as_secs_f64());
+        println!(
+            "  latency           p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms",
+            percentile(&all, 0.5).as_secs_f64() * 1e3,
+            percentile(&all, 0.9).as_secs_f64() * 1e3,
+            percentile(&all, 0.99).as_secs_f64() * 1e3
+        );
+        println!(
+            "  without NSM sign  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms",
+            percentile(&all_wo, 0.5).as_secs_f64() * 1e3,
+            percentile(&all_wo, 0.9).as_secs_f64() * 1e3,
+            percentile(&all_wo, 0.99).as_secs_f64() * 1e3
+        );
+        broker.audit().verify(None).unwrap();
+        println!("  audit log         {} records, chain intact", n);
+    });
+}
