@@ -77,6 +77,8 @@ pub async fn run(
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
     let mut tasks = JoinSet::new();
+    // Tells idle connections to close; a request being processed finishes first.
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -103,13 +105,14 @@ pub async fn run(
         let in_flight = Arc::clone(&in_flight);
         let config = config.clone();
         let tls = tls.clone();
+        let closing = closing_rx.clone();
         tasks.spawn(async move {
             let result = match tls {
-                None => serve_connection(stream, broker, in_flight, &config).await,
+                None => serve_connection(stream, broker, in_flight, &config, closing).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(config.idle_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
-                            serve_connection(tls_stream, broker, in_flight, &config).await
+                            serve_connection(tls_stream, broker, in_flight, &config, closing).await
                         }
                         Ok(Err(e)) => Err(ConnectionEnd::Io(e.to_string())),
                         Err(_) => Err(ConnectionEnd::Idle),
@@ -125,6 +128,7 @@ pub async fn run(
         while tasks.try_join_next().is_some() {}
     }
     drop(listener);
+    let _ = closing_tx.send(true);
     tracing::info!("shutting down: waiting for {} connection(s)", tasks.len());
     let drained = tokio::time::timeout(config.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}
@@ -153,14 +157,20 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     broker: Arc<Broker>,
     in_flight: Arc<Semaphore>,
     config: &ServiceConfig,
+    mut closing: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ConnectionEnd> {
     loop {
-        let request = match tokio::time::timeout(
-            config.idle_timeout,
-            read_message::<Request, _>(&mut stream, config.max_frame_len),
-        )
-        .await
-        {
+        if *closing.borrow() {
+            return Err(ConnectionEnd::Closed);
+        }
+        let next = tokio::select! {
+            _ = closing.changed() => return Err(ConnectionEnd::Closed),
+            next = tokio::time::timeout(
+                config.idle_timeout,
+                read_message::<Request, _>(&mut stream, config.max_frame_len),
+            ) => next,
+        };
+        let request = match next {
             Err(_) => return Err(ConnectionEnd::Idle),
             Ok(Err(WireError::Frame(FrameError::Closed))) => return Ok(()),
             Ok(Err(WireError::Frame(e))) => {

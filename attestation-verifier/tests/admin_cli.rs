@@ -216,7 +216,9 @@ fn data_envelope_round_trip_tamper_and_shredding() {
     assert_eq!(env.run(Some(&key_admin), &["key", "create", KEY]).0, 0);
 
     for size in [0usize, 1, 65_536, 65_537, 300_000] {
-        let plain: Vec<u8> = (0..size).map(|i| u8::try_from(i * 31 % 251).unwrap()).collect();
+        let plain: Vec<u8> = (0..size)
+            .map(|i| u8::try_from(i * 31 % 251).unwrap())
+            .collect();
         std::fs::write(env.path("plain"), &plain).unwrap();
         let (code, out, err) = env.run(
             Some(&app_admin),

@@ -588,3 +588,103 @@ fn service_over_loopback() {
         broker.audit().verify(None).unwrap();
     });
 }
+
+#[test]
+fn service_over_tls() {
+    let world = World::new();
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
+    let pinned = world.pinned;
+    let root = world.root.clone();
+    let World { broker, _dir, .. } = world;
+    let broker = Arc::new(broker);
+
+    // A server certificate for "localhost", trusted by the test client only.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let server_config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client_config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(service::run(
+            listener,
+            Arc::clone(&broker),
+            ServiceConfig::default(),
+            Some(acceptor),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let now = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap();
+        let nsm = SimulatedNsm::new(
+            SimConfig::default()
+                .with_root(root)
+                .with_clock(Arc::new(FixedClock::new(now)))
+                .with_image(b"v1".to_vec(), None),
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let server_name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut stream = connector.connect(server_name, tcp).await.unwrap();
+        let max = 128 * 1024;
+        let challenge = kluis_proto::client::request_challenge(&mut stream, max)
+            .await
+            .unwrap();
+        let request = KeyRequest::new(generate()).unwrap();
+        let ephemeral = EphemeralKeyPair::generate().unwrap();
+        let doc = kluis_nsm::attest(
+            &nsm,
+            Some(&request_hash(&request)),
+            Some(&challenge.nonce),
+            Some(&ephemeral.public_key_sec1()),
+        )
+        .unwrap();
+        let keys = kluis_proto::client::request_keys(
+            &mut stream,
+            max,
+            &doc,
+            &request,
+            &ephemeral,
+            &pinned,
+        )
+        .await
+        .unwrap();
+        assert_eq!(keys.len(), 1);
+
+        // A plaintext client cannot talk to the TLS listener.
+        let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(kluis_proto::client::request_challenge(&mut plain, max)
+            .await
+            .is_err());
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    });
+}
