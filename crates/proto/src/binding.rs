@@ -133,11 +133,24 @@ pub(crate) fn write_transcript<S: Sink>(sink: &mut S, f: &TranscriptFields<'_>) 
     put_lp(sink, f.ciphertext);
 }
 
-/// The SHA-384 state after the transcript, ready for ECDSA.
-pub(crate) fn transcript_digest(f: &TranscriptFields<'_>) -> Sha384 {
-    let mut h = Sha384::new();
-    write_transcript(&mut h, f);
-    h
+/// The transcript bytes, in a buffer of exactly their length: what ECDSA
+/// P-384/SHA-384 signs and verifies.
+pub(crate) fn transcript_bytes(f: &TranscriptFields<'_>) -> Vec<u8> {
+    // 7 length prefixes, the label, the suite and 4 fixed-size fields: far
+    // below `usize::MAX` with the ciphertext bounded by the caller.
+    let len = [
+        7 * 4,
+        TRANSCRIPT_LABEL.len(),
+        HPKE_SUITE_ID.len(),
+        2 * HASH_LEN,
+        2 * P384_PUBLIC_KEY_LEN,
+        f.ciphertext.len(),
+    ]
+    .iter()
+    .fold(0usize, |acc, n| acc.saturating_add(*n));
+    let mut out = Vec::with_capacity(len);
+    write_transcript(&mut out, f);
+    out
 }
 
 /// The transcript bytes the verifier signs, for third parties that re-verify
@@ -149,18 +162,13 @@ pub fn response_transcript(
     enc: &[u8; P384_PUBLIC_KEY_LEN],
     ciphertext: &[u8],
 ) -> Vec<u8> {
-    let mut out = Vec::new();
-    write_transcript(
-        &mut out,
-        &TranscriptFields {
-            document_sha384,
-            request_hash,
-            recipient_public_key,
-            enc,
-            ciphertext,
-        },
-    );
-    out
+    transcript_bytes(&TranscriptFields {
+        document_sha384,
+        request_hash,
+        recipient_public_key,
+        enc,
+        ciphertext,
+    })
 }
 
 #[cfg(test)]
@@ -257,20 +265,38 @@ mod tests {
     }
 
     #[test]
-    fn transcript_layout_and_digest_agree() {
+    fn transcript_layout_and_exact_buffer() {
         let t = response_transcript(&[1; 48], &[2; 48], &[3; 97], &[4; 97], b"ct");
         assert_eq!(
             t.len(),
             4 + TRANSCRIPT_LABEL.len() + 4 + 6 + 4 + 48 + 4 + 48 + 4 + 97 + 4 + 97 + 4 + 2
         );
+        assert_eq!(t.len(), t.capacity());
         assert!(t.ends_with(&[0, 0, 0, 2, b'c', b't']));
-        let d = transcript_digest(&TranscriptFields {
-            document_sha384: &[1; 48],
-            request_hash: &[2; 48],
-            recipient_public_key: &[3; 97],
-            enc: &[4; 97],
-            ciphertext: b"ct",
-        });
-        assert_eq!(d.finalize(), Sha384::digest(&t));
+        let mut expected = Vec::new();
+        for field in [
+            TRANSCRIPT_LABEL,
+            &HPKE_SUITE_ID[..],
+            &[1; 48][..],
+            &[2; 48][..],
+            &[3; 97][..],
+            &[4; 97][..],
+            b"ct",
+        ] {
+            expected.extend_from_slice(&u32::try_from(field.len()).unwrap().to_be_bytes());
+            expected.extend_from_slice(field);
+        }
+        assert_eq!(t, expected);
+        // Pinned, so that any change to the encoding is a deliberate one.
+        assert_eq!(
+            crate::error::hex(&Sha384::digest(&t)),
+            TRANSCRIPT_DIGEST_KNOWN_ANSWER
+        );
     }
+
+    /// SHA-384 of the transcript above, computed outside Rust from the
+    /// documented layout.
+    const TRANSCRIPT_DIGEST_KNOWN_ANSWER: &str = "\
+        6d79b3d6b7c069fa395f142c21183b37a969ba6a92c7bc96\
+        7c521bdfe7917a106306afec0690bf269ca420f43ca65d89";
 }

@@ -3,7 +3,7 @@
 //! P-384/SHA-384 signature by the verifier identity over the transcript (see
 //! [`crate::binding`] for the exact bytes).
 
-use crate::binding::{hpke_info, request_hash, transcript_digest, TranscriptFields};
+use crate::binding::{hpke_info, request_hash, transcript_bytes, TranscriptFields};
 use crate::error::{hex, EphemeralKeyError, OpenError, SealError};
 use crate::identity::VerifierIdentity;
 use crate::keys::{
@@ -14,12 +14,11 @@ use crate::message::{
     KeyRequest, SealedKeys, HASH_LEN, MAX_OPERATIONS, MAX_SEALED_CIPHERTEXT_LEN,
     P384_PUBLIC_KEY_LEN,
 };
+use aws_lc_rs::signature::{ParsedPublicKey, UnparsedPublicKey, ECDSA_P384_SHA384_FIXED};
 use hpke::aead::{AeadTag, AesGcm256};
 use hpke::kdf::HkdfSha384;
 use hpke::kem::DhP384HkdfSha384;
 use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
-use p384::ecdsa::signature::DigestVerifier;
-use p384::ecdsa::{Signature, VerifyingKey};
 use rand_core::{OsRng, RngCore as _};
 use std::fmt;
 use zeroize::{Zeroize, Zeroizing};
@@ -227,7 +226,7 @@ pub(crate) fn seal_payload_with_ikm(
     ciphertext.extend_from_slice(&payload[..]);
     ciphertext.extend_from_slice(&tag.to_bytes());
 
-    let signature = identity.sign_digest(transcript_digest(&TranscriptFields {
+    let signature = identity.sign(&transcript_bytes(&TranscriptFields {
         document_sha384,
         request_hash,
         recipient_public_key: recipient_bytes,
@@ -286,6 +285,22 @@ impl fmt::Debug for EphemeralKeyPair {
     }
 }
 
+/// The pinned verifier key: a SEC1 P-384 point, uncompressed (97 bytes) or
+/// compressed (49 bytes), on the curve. Other encodings (X.509 DER, hybrid)
+/// are configuration errors.
+fn pinned_key(bytes: &[u8]) -> Result<ParsedPublicKey, OpenError> {
+    let sec1 = matches!(
+        (bytes.first(), bytes.len()),
+        (Some(0x04), P384_PUBLIC_KEY_LEN) | (Some(0x02 | 0x03), 49)
+    );
+    if !sec1 {
+        return Err(OpenError::PinnedKey);
+    }
+    UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, bytes)
+        .parse()
+        .map_err(|_| OpenError::PinnedKey)
+}
+
 fn check_lengths(sealed: &SealedKeys) -> Result<(), OpenError> {
     let n = sealed.ciphertext.len();
     if !(TAG_LEN..=MAX_SEALED_CIPHERTEXT_LEN).contains(&n) {
@@ -322,11 +337,8 @@ pub fn open_keys(
     request_hash: &[u8; HASH_LEN],
 ) -> Result<Vec<ReleasedKey>, OpenError> {
     check_lengths(sealed)?;
-    let pinned = VerifyingKey::from_sec1_bytes(pinned_verifier_public_key_sec1)
-        .map_err(|_| OpenError::PinnedKey)?;
-    let signature =
-        Signature::from_slice(&sealed.signature).map_err(|_| OpenError::BadSignature)?;
-    let digest = transcript_digest(&TranscriptFields {
+    let pinned = pinned_key(pinned_verifier_public_key_sec1)?;
+    let transcript = transcript_bytes(&TranscriptFields {
         document_sha384: &sealed.document_sha384,
         request_hash: &sealed.request_hash,
         recipient_public_key: &ephemeral.public,
@@ -334,7 +346,7 @@ pub fn open_keys(
         ciphertext: &sealed.ciphertext,
     });
     pinned
-        .verify_digest(digest, &signature)
+        .verify_sig(&transcript, &sealed.signature)
         .map_err(|_| OpenError::BadSignature)?;
 
     if &sealed.document_sha384 != document_sha384 {

@@ -102,14 +102,14 @@ impl Fixture {
     /// Re-sign `sealed` as it stands with `identity` (what a verifier that
     /// made these bytes would have signed).
     fn resign(&self, sealed: &mut SealedKeys, identity: &VerifierIdentity) {
-        let digest = crate::binding::transcript_digest(&crate::binding::TranscriptFields {
-            document_sha384: &sealed.document_sha384,
-            request_hash: &sealed.request_hash,
-            recipient_public_key: &self.ephemeral.public_key_sec1(),
-            enc: &sealed.enc,
-            ciphertext: &sealed.ciphertext,
-        });
-        sealed.signature = identity.sign_digest(digest).unwrap();
+        let transcript = response_transcript(
+            &sealed.document_sha384,
+            &sealed.request_hash,
+            &self.ephemeral.public_key_sec1(),
+            &sealed.enc,
+            &sealed.ciphertext,
+        );
+        sealed.signature = identity.sign(&transcript).unwrap();
     }
 
     /// Seal arbitrary payload bytes to this enclave, signed by the real
@@ -187,9 +187,12 @@ fn sealed_keys_travel_in_a_response_frame() {
     assert_released_ok(&f.open(&back).unwrap());
 }
 
-/// The fixed vector: every input is fixed (ephemeral key, KEM randomness,
-/// identity key; ECDSA is RFC 6979 deterministic), so the output is too.
-/// Any change to an encoding, label or algorithm changes these values.
+/// The fixed vector: every HPKE input is fixed (enclave key and the KEM's
+/// ephemeral key by RFC 9180 `DeriveKeyPair`, identity key), so `enc` and the
+/// ciphertext are too. ECDSA signatures are randomized (AWS-LC), so the
+/// signature is verified rather than pinned; the one the vector was first
+/// made with (RFC 6979, by the `p384` crate) still verifies. Any change to an
+/// encoding, label or algorithm changes these values.
 #[test]
 fn test_vector() {
     let f = fixture();
@@ -201,10 +204,49 @@ fn test_vector() {
     assert_eq!(crate::error::hex(&f.request_hash), VECTOR_REQUEST_HASH);
     assert_eq!(crate::error::hex(&f.sealed.enc), VECTOR_ENC);
     assert_eq!(crate::error::hex(&f.sealed.ciphertext), VECTOR_CIPHERTEXT);
-    assert_eq!(crate::error::hex(&f.sealed.signature), VECTOR_SIGNATURE);
-    // Deterministic given the inputs.
-    assert_eq!(fixture().sealed, f.sealed);
+    assert_eq!(f.sealed.document_sha384, doc_hash());
+    assert_eq!(f.sealed.request_hash, f.request_hash);
+    // Deterministic given the inputs, except the signature.
+    let again = fixture().sealed;
+    assert_eq!(again.enc, f.sealed.enc);
+    assert_eq!(again.ciphertext, f.sealed.ciphertext);
+    assert_ne!(again.signature, f.sealed.signature);
     assert_released_ok(&f.open(&f.sealed).unwrap());
+    assert_released_ok(&f.open(&again).unwrap());
+
+    // The signature verifies under the pinned key over the documented
+    // transcript, with AWS-LC and with the `p384` crate.
+    let transcript = response_transcript(
+        &f.sealed.document_sha384,
+        &f.sealed.request_hash,
+        &f.ephemeral.public_key_sec1(),
+        &f.sealed.enc,
+        &f.sealed.ciphertext,
+    );
+    for sealed in [&f.sealed, &again] {
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED,
+            hex::decode(VECTOR_VERIFIER).unwrap(),
+        )
+        .verify(&transcript, &sealed.signature)
+        .unwrap();
+        use p384::ecdsa::signature::Verifier;
+        p384::ecdsa::VerifyingKey::from_sec1_bytes(&hex::decode(VECTOR_VERIFIER).unwrap())
+            .unwrap()
+            .verify(
+                &transcript,
+                &p384::ecdsa::Signature::from_slice(&sealed.signature).unwrap(),
+            )
+            .unwrap();
+    }
+
+    // The complete response as the `p384`/`hpke` implementation made it,
+    // signature included, still opens.
+    let mut original = f.sealed.clone();
+    original
+        .signature
+        .copy_from_slice(&hex::decode(VECTOR_SIGNATURE).unwrap());
+    assert_released_ok(&f.open(&original).unwrap());
 }
 
 const VECTOR_RECIPIENT: &str = "\
@@ -235,6 +277,7 @@ const VECTOR_CIPHERTEXT: &str = "\
     1269a5fb3e77c7b078d720e7f12aae87af13bd9243767b6d08ffc3ee5d384c59\
     2c17a723c0be7047ef943e53e98ae3688737ffc9c1f87a7029a4bcda033cffa8\
     e7b5884e111e5740cf6487bf6ebec30b8905a5b7083fa24384";
+/// The RFC 6979 signature the `p384` crate made for this vector.
 const VECTOR_SIGNATURE: &str = "\
     dfc808719f358f0074d0f860fbe276f1bb5fbcbb7e296e3ceec402fd622fc6e6\
     d5289097db0eb8640220ce5c3d1aab76ed15b57809d7983ee835e20399a9a391\
@@ -538,7 +581,25 @@ fn malformed_ciphertext_lengths() {
 #[test]
 fn bad_pinned_key_is_a_configuration_error() {
     let f = fixture();
-    for pinned in [&[][..], &[0x04; 97][..], &f.pinned[..96]] {
+    // Other encodings of the right key are not SEC1: the X.509
+    // SubjectPublicKeyInfo (which AWS-LC alone would accept), the hybrid form.
+    let spki = p384::pkcs8::EncodePublicKey::to_public_key_der(
+        &p384::PublicKey::from_sec1_bytes(&f.pinned).unwrap(),
+    )
+    .unwrap();
+    let mut hybrid = f.pinned;
+    hybrid[0] = 0x06 | (f.pinned[96] & 1);
+    let mut off_curve = f.pinned;
+    off_curve[96] ^= 1;
+    for pinned in [
+        &[][..],
+        &[0x04; 97][..],
+        &f.pinned[..96],
+        &[0u8][..],
+        spki.as_bytes(),
+        &hybrid[..],
+        &off_curve[..],
+    ] {
         assert_eq!(
             open_keys(
                 &f.sealed,
