@@ -39,8 +39,14 @@
 //!
 //! Released keys are [`PlaintextKey`]s: boxed, zeroized on drop, redacted in
 //! `Debug`, never in errors. The ephemeral private key and the verifier
-//! identity key are zeroized on drop and redacted; the former cannot be
-//! exported at all, the latter only as zeroizing PKCS#8.
+//! identity key are AWS-LC keys, cleansed when freed and redacted; the former
+//! cannot be exported at all, the latter only as zeroizing PKCS#8.
+//!
+//! # Crypto
+//!
+//! All P-384 arithmetic (ECDH, ECDSA) and the AEAD are AWS-LC's, through
+//! `aws-lc-rs`. HPKE is a small hand-written module for the one suite the
+//! protocol uses, tested for interoperability with the `hpke` crate.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -49,6 +55,7 @@ mod bounded;
 pub mod client;
 mod error;
 pub mod frame;
+mod hpke_p384;
 mod identity;
 pub mod keys;
 pub mod message;

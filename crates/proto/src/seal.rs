@@ -1,10 +1,12 @@
 //! Sealing and opening released keys: HPKE (RFC 9180) base mode with
 //! DHKEM(P-384, HKDF-SHA384), HKDF-SHA384 and AES-256-GCM, then an ECDSA
 //! P-384/SHA-384 signature by the verifier identity over the transcript (see
-//! [`crate::binding`] for the exact bytes).
+//! [`crate::binding`] for the exact bytes). HPKE is [`crate::hpke_p384`] and
+//! ECDSA is AWS-LC's, both through `aws-lc-rs`.
 
 use crate::binding::{hpke_info, request_hash, transcript_bytes, TranscriptFields};
 use crate::error::{hex, EphemeralKeyError, OpenError, SealError};
+use crate::hpke_p384::{self, KeyPair, PublicKey};
 use crate::identity::VerifierIdentity;
 use crate::keys::{
     check_released_keys, decode_payload, encode_payload, DecodedPayload, ReleasedKey,
@@ -15,82 +17,15 @@ use crate::message::{
     P384_PUBLIC_KEY_LEN,
 };
 use aws_lc_rs::signature::{ParsedPublicKey, UnparsedPublicKey, ECDSA_P384_SHA384_FIXED};
-use hpke::aead::{AeadTag, AesGcm256};
-use hpke::kdf::HkdfSha384;
-use hpke::kem::DhP384HkdfSha384;
-use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
-use rand_core::{OsRng, RngCore as _};
 use std::fmt;
-use zeroize::{Zeroize, Zeroizing};
-
-type Kem = DhP384HkdfSha384;
-type Kdf = HkdfSha384;
-type Aead = AesGcm256;
+use zeroize::Zeroizing;
 
 /// HPKE associated data: empty; everything is bound through `info` and the
 /// KEM context (which includes the recipient key).
 const HPKE_AAD: &[u8] = b"";
 
 /// AES-GCM tag length.
-const TAG_LEN: usize = 16;
-
-/// Randomness the KEM draws per encapsulation (one P-384 scalar's worth of
-/// input keying material, RFC 9180 `DeriveKeyPair(ikm)` with `Nsk` = 48).
-const IKM_LEN: usize = 48;
-
-/// An RNG that hands out pre-drawn bytes. The `hpke` crate takes an infallible
-/// RNG of another `rand_core` generation; drawing the bytes first from the
-/// fallible OS source keeps a randomness failure an error rather than a panic,
-/// and lets test vectors fix the ephemeral key. If the library ever asks for
-/// more than was drawn, it gets zeros and `overdrawn` is set, and the caller
-/// discards the result.
-struct PredrawnRng {
-    bytes: Zeroizing<[u8; IKM_LEN]>,
-    used: usize,
-    overdrawn: bool,
-}
-
-impl PredrawnRng {
-    fn new(ikm: &[u8; IKM_LEN]) -> Self {
-        let mut bytes = Zeroizing::new([0u8; IKM_LEN]);
-        bytes.copy_from_slice(ikm);
-        PredrawnRng {
-            bytes,
-            used: 0,
-            overdrawn: false,
-        }
-    }
-}
-
-impl hpke::rand_core::RngCore for PredrawnRng {
-    fn next_u32(&mut self) -> u32 {
-        let mut b = [0u8; 4];
-        self.fill_bytes(&mut b);
-        u32::from_le_bytes(b)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let mut b = [0u8; 8];
-        self.fill_bytes(&mut b);
-        u64::from_le_bytes(b)
-    }
-
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        let end = self.used.saturating_add(dest.len());
-        match self.bytes.get(self.used..end) {
-            Some(src) => {
-                dest.copy_from_slice(src);
-                self.used = end;
-            }
-            None => {
-                dest.zeroize();
-                self.overdrawn = true;
-            }
-        }
-    }
-}
-
-impl hpke::rand_core::CryptoRng for PredrawnRng {}
+const TAG_LEN: usize = hpke_p384::NT;
 
 /// Seal `keys` to the enclave and sign the result (verifier side).
 ///
@@ -110,43 +45,79 @@ pub fn seal_keys(
     keys: &[ReleasedKey],
     identity: &VerifierIdentity,
 ) -> Result<SealedKeys, SealError> {
-    let mut ikm = Zeroizing::new([0u8; IKM_LEN]);
-    OsRng
-        .try_fill_bytes(&mut ikm[..])
-        .map_err(|_| SealError::Randomness)?;
-    seal_keys_with_ikm(
-        recipient_public_key_sec1,
+    let (recipient, payload) = check_and_encode(recipient_public_key_sec1, keys)?;
+    let ephemeral = KeyPair::generate().map_err(|_| SealError::Randomness)?;
+    seal_payload(
+        &recipient,
         document_sha384,
         request_hash,
-        keys,
+        payload,
         identity,
-        &ikm,
+        ephemeral,
     )
 }
 
-/// [`seal_keys`] with the KEM's ephemeral input keying material given: for
-/// test vectors only.
+/// [`seal_keys`] with the KEM's ephemeral key made by RFC 9180
+/// `DeriveKeyPair(ikm)`: for test vectors only.
+#[cfg(test)]
 pub(crate) fn seal_keys_with_ikm(
     recipient_public_key_sec1: &[u8],
     document_sha384: &[u8; HASH_LEN],
     request_hash: &[u8; HASH_LEN],
     keys: &[ReleasedKey],
     identity: &VerifierIdentity,
-    ikm: &[u8; IKM_LEN],
+    ikm: &[u8; hpke_p384::NSK],
 ) -> Result<SealedKeys, SealError> {
-    let recipient_error = || SealError::RecipientKey {
+    let (recipient, payload) = check_and_encode(recipient_public_key_sec1, keys)?;
+    let ephemeral = KeyPair::derive(ikm).map_err(|_| SealError::Randomness)?;
+    seal_payload(
+        &recipient,
+        document_sha384,
+        request_hash,
+        payload,
+        identity,
+        ephemeral,
+    )
+}
+
+/// Seal and sign an encoded payload with the KEM's ephemeral key made by
+/// `DeriveKeyPair(ikm)`, so that tests can seal payloads that
+/// [`encode_payload`] would never produce.
+#[cfg(test)]
+pub(crate) fn seal_payload_with_ikm(
+    recipient_bytes: &[u8; P384_PUBLIC_KEY_LEN],
+    document_sha384: &[u8; HASH_LEN],
+    request_hash: &[u8; HASH_LEN],
+    payload: Zeroizing<Vec<u8>>,
+    identity: &VerifierIdentity,
+    ikm: &[u8; hpke_p384::NSK],
+) -> Result<SealedKeys, SealError> {
+    let recipient = recipient_key(recipient_bytes)?;
+    let ephemeral = KeyPair::derive(ikm).map_err(|_| SealError::Randomness)?;
+    seal_payload(
+        &recipient,
+        document_sha384,
+        request_hash,
+        payload,
+        identity,
+        ephemeral,
+    )
+}
+
+/// The recipient key, validated: 97 bytes, uncompressed SEC1, on the curve.
+fn recipient_key(recipient_public_key_sec1: &[u8]) -> Result<PublicKey, SealError> {
+    PublicKey::from_bytes(recipient_public_key_sec1).ok_or(SealError::RecipientKey {
         expected: P384_PUBLIC_KEY_LEN,
         found: recipient_public_key_sec1.len(),
-    };
-    let recipient_bytes: &[u8; P384_PUBLIC_KEY_LEN] = recipient_public_key_sec1
-        .try_into()
-        .map_err(|_| recipient_error())?;
-    if recipient_bytes.first() != Some(&0x04)
-        || <Kem as hpke::Kem>::PublicKey::from_bytes(recipient_bytes).is_err()
-    {
-        return Err(recipient_error());
-    }
+    })
+}
 
+/// Check the recipient key and the keys, and encode the payload.
+fn check_and_encode(
+    recipient_public_key_sec1: &[u8],
+    keys: &[ReleasedKey],
+) -> Result<(PublicKey, Zeroizing<Vec<u8>>), SealError> {
+    let recipient = recipient_key(recipient_public_key_sec1)?;
     if keys.is_empty() || keys.len() > MAX_OPERATIONS {
         return Err(SealError::KeyCount {
             found: keys.len(),
@@ -163,34 +134,19 @@ pub(crate) fn seal_keys_with_ikm(
                 found,
             })?;
     }
-
-    let payload = encode_payload(keys)?;
-    seal_payload_with_ikm(
-        recipient_bytes,
-        document_sha384,
-        request_hash,
-        payload,
-        identity,
-        ikm,
-    )
+    Ok((recipient, encode_payload(keys)?))
 }
 
-/// Seal and sign an encoded payload. Separate so that tests can seal payloads
-/// that [`encode_payload`] would never produce.
-pub(crate) fn seal_payload_with_ikm(
-    recipient_bytes: &[u8; P384_PUBLIC_KEY_LEN],
+/// HPKE-seal `payload` to `recipient` with the KEM's `ephemeral` key pair,
+/// then sign the transcript.
+fn seal_payload(
+    recipient: &PublicKey,
     document_sha384: &[u8; HASH_LEN],
     request_hash: &[u8; HASH_LEN],
-    mut payload: Zeroizing<Vec<u8>>,
+    payload: Zeroizing<Vec<u8>>,
     identity: &VerifierIdentity,
-    ikm: &[u8; IKM_LEN],
+    ephemeral: KeyPair,
 ) -> Result<SealedKeys, SealError> {
-    let recipient = <Kem as hpke::Kem>::PublicKey::from_bytes(recipient_bytes).map_err(|_| {
-        SealError::RecipientKey {
-            expected: P384_PUBLIC_KEY_LEN,
-            found: recipient_bytes.len(),
-        }
-    })?;
     if payload.len() > MAX_SEALED_CIPHERTEXT_LEN.saturating_sub(TAG_LEN) {
         // Unreachable through `seal_keys` (64 keys of bounded size stay far
         // below); kept so the ciphertext limit holds by construction.
@@ -200,36 +156,16 @@ pub(crate) fn seal_payload_with_ikm(
         });
     }
     let info = hpke_info(document_sha384, request_hash);
-    let mut rng = PredrawnRng::new(ikm);
-    let (encapped, tag) = hpke::single_shot_seal_in_place_detached::<Aead, Kdf, Kem, _>(
-        &OpModeS::Base,
-        &recipient,
-        &info,
-        &mut payload[..],
-        HPKE_AAD,
-        &mut rng,
-    )
-    .map_err(|e| SealError::Hpke {
-        detail: e.to_string(),
-    })?;
-    if rng.overdrawn {
-        return Err(SealError::Hpke {
-            detail: "the KEM drew more randomness than RFC 9180 specifies".to_owned(),
-        });
-    }
-
-    let mut enc = [0u8; P384_PUBLIC_KEY_LEN];
-    enc.copy_from_slice(&encapped.to_bytes());
-    // `payload` now holds ciphertext; copy it out with the tag. The buffer is
-    // zeroized on drop either way.
-    let mut ciphertext = Vec::with_capacity(payload.len().saturating_add(TAG_LEN));
-    ciphertext.extend_from_slice(&payload[..]);
-    ciphertext.extend_from_slice(&tag.to_bytes());
+    let (enc, ciphertext) = hpke_p384::seal(ephemeral, recipient, &info, HPKE_AAD, &payload)
+        .map_err(|_| SealError::Hpke {
+            detail: "AWS-LC refused the ECDH, HKDF or AES-GCM step".to_owned(),
+        })?;
+    drop(payload);
 
     let signature = identity.sign(&transcript_bytes(&TranscriptFields {
         document_sha384,
         request_hash,
-        recipient_public_key: recipient_bytes,
+        recipient_public_key: recipient.as_bytes(),
         enc: &enc,
         ciphertext: &ciphertext,
     }))?;
@@ -244,42 +180,40 @@ pub(crate) fn seal_payload_with_ikm(
 }
 
 /// The enclave's ephemeral HPKE key pair for one key-release session
-/// (DHKEM(P-384)). The private half is zeroized on drop, cannot be exported
-/// and is never shown by `Debug`.
+/// (DHKEM(P-384)). The private half is an AWS-LC key: cleansed when freed,
+/// not exportable, and never shown by `Debug`.
 pub struct EphemeralKeyPair {
-    private: <Kem as hpke::Kem>::PrivateKey,
-    public: [u8; P384_PUBLIC_KEY_LEN],
+    key_pair: KeyPair,
 }
 
 impl EphemeralKeyPair {
-    /// A new key pair from the operating system's random source.
+    /// A new key pair from AWS-LC's random source.
     pub fn generate() -> Result<Self, EphemeralKeyError> {
-        let mut ikm = Zeroizing::new([0u8; IKM_LEN]);
-        OsRng
-            .try_fill_bytes(&mut ikm[..])
-            .map_err(|_| EphemeralKeyError::Randomness)?;
-        Ok(Self::derive(&ikm))
+        KeyPair::generate()
+            .map(|key_pair| EphemeralKeyPair { key_pair })
+            .map_err(|_| EphemeralKeyError::Randomness)
     }
 
     /// RFC 9180 `DeriveKeyPair(ikm)`: for test vectors only.
-    pub(crate) fn derive(ikm: &[u8; IKM_LEN]) -> Self {
-        let (private, public_key) = Kem::derive_keypair(ikm);
-        let mut public = [0u8; P384_PUBLIC_KEY_LEN];
-        public.copy_from_slice(&public_key.to_bytes());
-        EphemeralKeyPair { private, public }
+    #[cfg(test)]
+    #[allow(clippy::expect_used)]
+    pub(crate) fn derive(ikm: &[u8; hpke_p384::NSK]) -> Self {
+        EphemeralKeyPair {
+            key_pair: KeyPair::derive(ikm).expect("DeriveKeyPair"),
+        }
     }
 
     /// The public key, uncompressed SEC1 (97 bytes): what goes in the
     /// attestation document's `public_key`.
     pub fn public_key_sec1(&self) -> [u8; P384_PUBLIC_KEY_LEN] {
-        self.public
+        *self.key_pair.public_key()
     }
 }
 
 impl fmt::Debug for EphemeralKeyPair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EphemeralKeyPair")
-            .field("public_key", &hex(&self.public))
+            .field("public_key", &hex(self.key_pair.public_key()))
             .field("private_key", &"<redacted>")
             .finish()
     }
@@ -341,7 +275,7 @@ pub fn open_keys(
     let transcript = transcript_bytes(&TranscriptFields {
         document_sha384: &sealed.document_sha384,
         request_hash: &sealed.request_hash,
-        recipient_public_key: &ephemeral.public,
+        recipient_public_key: ephemeral.key_pair.public_key(),
         enc: &sealed.enc,
         ciphertext: &sealed.ciphertext,
     });
@@ -362,24 +296,13 @@ pub fn open_keys(
         });
     }
 
-    let encapped =
-        <Kem as hpke::Kem>::EncappedKey::from_bytes(&sealed.enc).map_err(|_| OpenError::Decrypt)?;
-    let body_len = sealed.ciphertext.len().saturating_sub(TAG_LEN);
-    let (body, tag) = sealed
-        .ciphertext
-        .split_at_checked(body_len)
-        .ok_or(OpenError::Decrypt)?;
-    let tag = AeadTag::<Aead>::from_bytes(tag).map_err(|_| OpenError::Decrypt)?;
-    let mut plaintext = Zeroizing::new(body.to_vec());
     let info = hpke_info(document_sha384, request_hash);
-    hpke::single_shot_open_in_place_detached::<Aead, Kdf, Kem>(
-        &OpModeR::Base,
-        &ephemeral.private,
-        &encapped,
+    let plaintext = hpke_p384::open(
+        &ephemeral.key_pair,
+        &sealed.enc,
         &info,
-        &mut plaintext[..],
         HPKE_AAD,
-        &tag,
+        &sealed.ciphertext,
     )
     .map_err(|_| OpenError::Decrypt)?;
 

@@ -360,8 +360,7 @@ fn vector_matches_an_independent_rfc9180_implementation() {
     // The enclave key is DeriveKeyPair(ikm) of the RFC.
     let (sk_r, pk_r) = rfc9180::derive_key_pair(&[0x11; 48]);
     assert_eq!(pk_r, f.ephemeral.public_key_sec1());
-    // The KEM's ephemeral key is DeriveKeyPair of the 48 bytes drawn for it:
-    // the pre-drawn RNG hands them over unchanged and nothing else is drawn.
+    // The KEM's ephemeral key is DeriveKeyPair of the fixture's 48 bytes.
     let (_, pk_e) = rfc9180::derive_key_pair(&[0x33; 48]);
     assert_eq!(pk_e, f.sealed.enc);
     // The ciphertext opens under the documented info and empty AAD, and is
