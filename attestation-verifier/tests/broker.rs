@@ -506,6 +506,45 @@ fn key_lifecycle_through_release() {
     ));
 }
 
+/// A simulated NSM dating documents now: the service checks ages against the real clock.
+fn nsm_now(root: Arc<SimRoot>) -> SimulatedNsm {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    SimulatedNsm::new(
+        SimConfig::default()
+            .with_root(root)
+            .with_clock(Arc::new(FixedClock::new(u64::try_from(now).unwrap())))
+            .with_image(b"v1".to_vec(), None),
+    )
+    .unwrap()
+}
+
+/// One whole release over `stream`, as the enclave's client does it.
+async fn release_over<S>(stream: &mut S, nsm: &SimulatedNsm, pinned: &[u8; 97]) -> usize
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let max = 128 * 1024;
+    let challenge = kluis_proto::client::request_challenge(stream, max)
+        .await
+        .unwrap();
+    let request = KeyRequest::new(generate()).unwrap();
+    let ephemeral = EphemeralKeyPair::generate().unwrap();
+    let doc = kluis_nsm::attest(
+        nsm,
+        Some(&request_hash(&request)),
+        Some(&challenge.nonce),
+        Some(&ephemeral.public_key_sec1()),
+    )
+    .unwrap();
+    kluis_proto::client::request_keys(stream, max, &doc, &request, &ephemeral, pinned)
+        .await
+        .unwrap()
+        .len()
+}
+
 #[test]
 fn service_over_loopback() {
     let world = World::new();
@@ -532,45 +571,11 @@ fn service_over_loopback() {
                 let _ = stop_rx.await;
             },
         ));
-        // The simulated NSM dates documents now, since the service uses the real clock.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis();
-        let now = u64::try_from(now).unwrap();
-        let nsm = SimulatedNsm::new(
-            SimConfig::default()
-                .with_root(root)
-                .with_clock(Arc::new(FixedClock::new(now)))
-                .with_image(b"v1".to_vec(), None),
-        )
-        .unwrap();
+        let nsm = nsm_now(root);
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let max = 128 * 1024;
         for _ in 0..3 {
-            let challenge = kluis_proto::client::request_challenge(&mut stream, max)
-                .await
-                .unwrap();
-            let request = KeyRequest::new(generate()).unwrap();
-            let ephemeral = EphemeralKeyPair::generate().unwrap();
-            let doc = kluis_nsm::attest(
-                &nsm,
-                Some(&request_hash(&request)),
-                Some(&challenge.nonce),
-                Some(&ephemeral.public_key_sec1()),
-            )
-            .unwrap();
-            let keys = kluis_proto::client::request_keys(
-                &mut stream,
-                max,
-                &doc,
-                &request,
-                &ephemeral,
-                &pinned,
-            )
-            .await
-            .unwrap();
-            assert_eq!(keys.len(), 1);
+            assert_eq!(release_over(&mut stream, &nsm, &pinned).await, 1);
         }
         // Garbage on another connection gets an error answer, not a crash.
         let mut bad = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -637,47 +642,12 @@ fn service_over_tls() {
                 let _ = stop_rx.await;
             },
         ));
-        let now = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis(),
-        )
-        .unwrap();
-        let nsm = SimulatedNsm::new(
-            SimConfig::default()
-                .with_root(root)
-                .with_clock(Arc::new(FixedClock::new(now)))
-                .with_image(b"v1".to_vec(), None),
-        )
-        .unwrap();
+        let nsm = nsm_now(root);
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let server_name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let mut stream = connector.connect(server_name, tcp).await.unwrap();
         let max = 128 * 1024;
-        let challenge = kluis_proto::client::request_challenge(&mut stream, max)
-            .await
-            .unwrap();
-        let request = KeyRequest::new(generate()).unwrap();
-        let ephemeral = EphemeralKeyPair::generate().unwrap();
-        let doc = kluis_nsm::attest(
-            &nsm,
-            Some(&request_hash(&request)),
-            Some(&challenge.nonce),
-            Some(&ephemeral.public_key_sec1()),
-        )
-        .unwrap();
-        let keys = kluis_proto::client::request_keys(
-            &mut stream,
-            max,
-            &doc,
-            &request,
-            &ephemeral,
-            &pinned,
-        )
-        .await
-        .unwrap();
-        assert_eq!(keys.len(), 1);
+        assert_eq!(release_over(&mut stream, &nsm, &pinned).await, 1);
 
         // A plaintext client cannot talk to the TLS listener.
         let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
