@@ -175,6 +175,11 @@ fn envelope_rules() {
     dup.extend_from_slice(&encode(&p[2]));
     dup.extend_from_slice(&encode(&p[3]));
 
+    // Unprotected header {4: h'01'}: not signed, so not allowed.
+    let mut unprotected = parts(&good);
+    unprotected[1] = Value::Map(vec![(Value::Integer(4.into()), Value::Bytes(vec![1]))]);
+    let unprotected = encode(&Value::Array(unprotected));
+
     let mut flipped = parts(&good);
     if let Value::Bytes(sig) = &mut flipped[3] {
         sig[10] ^= 0x01;
@@ -210,6 +215,11 @@ fn envelope_rules() {
         case("detached payload", detached, Err("cose_detached_payload")),
         case("array of three", three, Err("cose_structure")),
         case("duplicate header key", dup, Err("cbor_duplicate_key")),
+        case(
+            "non-empty unprotected header",
+            unprotected,
+            Err("cose_unprotected_header"),
+        ),
         case("flipped signature bit", bad_sig, Err("signature_invalid")),
         case(
             "signed by another key",

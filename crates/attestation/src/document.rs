@@ -51,10 +51,12 @@ impl AttestationDocument {
 
     /// True when PCR0, PCR1 and PCR2 are all zero: the NSM reports this for
     /// enclaves started in debug mode, whose memory the parent can read.
+    /// Fails closed: a document that lacks any of the three counts as debug
+    /// mode too, since nothing then proves which image runs.
     pub fn is_debug_mode(&self) -> bool {
         [0u8, 1, 2]
             .iter()
-            .all(|i| self.pcrs.get(i).is_some_and(|v| v.iter().all(|&b| b == 0)))
+            .all(|i| self.pcrs.get(i).is_none_or(|v| v.iter().all(|&b| b == 0)))
     }
 
     /// Decode and check a payload that has already passed strict CBOR decoding.
@@ -251,4 +253,35 @@ fn pcrs(value: Value) -> Result<BTreeMap<u8, Vec<u8>>, PayloadError> {
         out.insert(index, bytes);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_pcrs(pcrs: &[(u8, u8)]) -> AttestationDocument {
+        AttestationDocument {
+            module_id: "m".into(),
+            digest: "SHA384".into(),
+            timestamp_ms: 1,
+            pcrs: pcrs.iter().map(|&(i, b)| (i, vec![b; 48])).collect(),
+            certificate: vec![1],
+            cabundle: vec![vec![1]],
+            public_key: None,
+            user_data: None,
+            nonce: None,
+        }
+    }
+
+    #[test]
+    fn debug_mode_is_zero_pcr0_to_2_and_fails_closed_when_they_are_missing() {
+        assert!(!with_pcrs(&[(0, 1), (1, 1), (2, 1)]).is_debug_mode());
+        assert!(with_pcrs(&[(0, 0), (1, 0), (2, 0), (3, 9)]).is_debug_mode());
+        assert!(!with_pcrs(&[(0, 0), (1, 1), (2, 0)]).is_debug_mode());
+        assert!(
+            with_pcrs(&[(8, 5)]).is_debug_mode(),
+            "no PCR0-2: nothing proves the image"
+        );
+        assert!(with_pcrs(&[(0, 0), (2, 0)]).is_debug_mode());
+    }
 }

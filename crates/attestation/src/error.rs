@@ -88,6 +88,13 @@ pub enum CoseError {
         /// What the protected header holds.
         found: String,
     },
+    /// The unprotected header carries something. Nitro documents leave it
+    /// empty, and anything in it is not covered by the signature.
+    #[error("unprotected header must be empty, found {entries} entr(y/ies)")]
+    UnprotectedHeader {
+        /// How many entries it has.
+        entries: usize,
+    },
     /// The payload is detached (nil); Nitro documents always carry it.
     #[error("COSE_Sign1 payload is detached (nil); expected the attestation document")]
     DetachedPayload,
@@ -383,6 +390,7 @@ impl VerifyError {
                 CoseError::Structure { .. } => "cose_structure",
                 CoseError::Algorithm { .. } => "cose_algorithm",
                 CoseError::DetachedPayload => "cose_detached_payload",
+                CoseError::UnprotectedHeader { .. } => "cose_unprotected_header",
                 CoseError::SignatureLength { .. } => "cose_signature_length",
             },
             VerifyError::Payload(e) => match e {

@@ -302,10 +302,19 @@ fn decode_envelope(cose: &[u8]) -> Result<Envelope, VerifyError> {
         other => other,
     };
     // The protected header is a byte string holding CBOR: decode it strictly too
-    // before coset interprets it.
+    // before coset interprets it. The unprotected header must be empty: what it
+    // holds is not signed, and would give one signed document many encodings.
     if let Value::Array(items) = &value {
         if let Some(Value::Bytes(protected)) = items.first() {
             decode_strict(protected, "protected header")?;
+        }
+        if let Some(Value::Map(unprotected)) = items.get(1) {
+            if !unprotected.is_empty() {
+                return Err(CoseError::UnprotectedHeader {
+                    entries: unprotected.len(),
+                }
+                .into());
+            }
         }
     }
     let sign1 = CoseSign1::from_cbor_value(value).map_err(|e| CoseError::Structure {
