@@ -104,7 +104,11 @@ impl StoreArgs {
                 .with_context(|| format!("root key file {}", path.display()));
         }
         match std::env::var("KLUIS_STORE_PASSPHRASE") {
-            Ok(p) if !p.is_empty() => Ok(RootSecret::from_passphrase(Zeroizing::new(p))?),
+            Ok(p) if !p.is_empty() => {
+                // Do not leave the passphrase in this process's environment.
+                std::env::remove_var("KLUIS_STORE_PASSPHRASE");
+                Ok(RootSecret::from_passphrase(Zeroizing::new(p))?)
+            }
             _ => Err(anyhow!(
                 "no root secret: pass --root-key-file FILE (or KLUIS_ROOT_KEY_FILE) or set KLUIS_STORE_PASSPHRASE"
             )),

@@ -700,6 +700,15 @@ impl AuditLog {
         self.lock().head
     }
 
+    /// The head, if every record up to it is on disk (fsync done); `None`
+    /// while an append is still waiting for its fsync. Only a durable head may
+    /// be anchored elsewhere: anchoring one that a crash could lose would make
+    /// an honest log look truncated.
+    pub fn durable_head(&self) -> Option<AuditHead> {
+        let st = self.lock();
+        (st.synced_seq >= st.head.seq).then_some(st.head)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing panics while the lock is held; should it ever, the state is
         // still consistent (each field is updated by one assignment).

@@ -170,11 +170,25 @@ impl Broker {
         })
     }
 
+    /// Withdraw challenges that were issued but never used (their
+    /// connection closed), freeing their room in the nonce store.
+    pub fn withdraw_challenges(&self, nonces: &[[u8; NONCE_LEN]]) {
+        if let Ok(mut store) = self.nonces.lock() {
+            for nonce in nonces {
+                store.withdraw(nonce);
+            }
+        }
+    }
+
     /// Anchor the audit log's current head in the store, so that truncating
     /// the log's tail is detected. The service calls this periodically and at
     /// exit rather than per request, to keep one fsync'd write per release.
     pub fn anchor_audit_head(&self) {
-        let head = self.audit.head();
+        // Only a head that is on disk; if an fsync is pending, the next call
+        // anchors it.
+        let Some(head) = self.audit.durable_head() else {
+            return;
+        };
         if let Err(e) = self.kms.set_audit_head(&head) {
             tracing::error!(error = %e, "could not anchor the audit head");
         }
@@ -194,9 +208,14 @@ impl Broker {
                     key_id: None,
                     key_version: None,
                     decision: Decision::Refused,
-                    reason: Some(format!("attestation_rejected: {rule}: {e}")),
-                    attestation_document: (document.len() <= kluis_attestation::MAX_DOCUMENT_LEN)
-                        .then(|| document.to_vec()),
+                    // Unverified bytes are not kept (anyone can send them):
+                    // their hash and length identify them.
+                    reason: Some(format!(
+                        "attestation_rejected: {rule}: {e} (document SHA-384 {}, {} bytes)",
+                        hex::encode(kluis_attestation::sha384(document)),
+                        document.len()
+                    )),
+                    attestation_document: None,
                 });
                 tracing::warn!(kind = rule, "attestation rejected: {e}");
                 return Response::Error {
@@ -254,6 +273,17 @@ impl Broker {
                 "the document carries no ephemeral public key",
             ));
         };
+        // Check the recipient key's shape before generating anything; the
+        // seal checks the point itself.
+        if public_key.len() != 97 || public_key.first() != Some(&0x04) {
+            return Err(Refused::denied(
+                "bad_public_key",
+                format!(
+                    "public_key must be a 97-byte uncompressed P-384 point, found {} bytes",
+                    public_key.len()
+                ),
+            ));
+        }
 
         // Decide every operation before releasing anything.
         let mut plan = Vec::with_capacity(request.operations().len());
@@ -271,6 +301,17 @@ impl Broker {
                 format!("response does not match request: {e:?}"),
             )
         })?;
+
+        // Seal before recording anything as allowed: a release that cannot be
+        // sealed is a refusal.
+        let sealed = seal_keys(
+            public_key,
+            attestation.document_sha384(),
+            &hash,
+            &released,
+            &self.identity,
+        )
+        .map_err(|e| Refused::denied("seal_failed", e.to_string()))?;
 
         for (step, key) in plan.iter().zip(&released) {
             self.record(NewRecord {
@@ -290,14 +331,6 @@ impl Broker {
             })?;
         }
 
-        let sealed = seal_keys(
-            public_key,
-            attestation.document_sha384(),
-            &hash,
-            &released,
-            &self.identity,
-        )
-        .map_err(|e| Refused::denied("seal_failed", e.to_string()))?;
         Ok(Response::KeyRelease(Box::new(sealed)))
     }
 

@@ -33,7 +33,10 @@ pub(crate) enum DataCommand {
     Decrypt {
         /// Envelope input (`-` for stdin).
         input: PathBuf,
-        /// Plaintext output (`-` for stdout).
+        /// Plaintext output (`-` for stdout). A file appears only once the
+        /// whole envelope authenticated; on stdout, plaintext streams out as it
+        /// authenticates segment by segment, so a consumer must check the exit
+        /// status before trusting that it saw everything.
         output: PathBuf,
     },
 }

@@ -8,7 +8,9 @@ use std::path::Path;
 /// when the input is longer than `limit`, without reading the rest.
 pub(crate) fn read_bounded(path: &Path, limit: usize) -> std::io::Result<Option<Vec<u8>>> {
     let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    let mut buf = Vec::new();
+    // Sized up front for small inputs (credentials), so the buffer is never
+    // reallocated and no stray copy of a secret is left behind on the heap.
+    let mut buf = Vec::with_capacity(limit.saturating_add(1).min(64 * 1024));
     if path.as_os_str() == "-" {
         std::io::stdin().lock().take(cap).read_to_end(&mut buf)?;
     } else {

@@ -292,9 +292,21 @@ impl CmkRecord {
     }
 }
 
-/// The material id of version `version` of `name`: unique and stable.
-fn material_id(name: &KeyName, version: u32) -> String {
-    format!("cmk:{}:v{}", name.as_str(), version)
+/// A fresh material id for version `version` of `name`. The random part
+/// makes ids unique even if an earlier attempt created material and then
+/// failed to save the record: that orphan never blocks a retry.
+fn material_id(name: &KeyName, version: u32) -> Result<String, KeyError> {
+    use aws_lc_rs::rand::SecureRandom;
+    let mut nonce = [0u8; 8];
+    aws_lc_rs::rand::SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| KeyError::InvalidArgument("system randomness unavailable".to_owned()))?;
+    Ok(format!(
+        "cmk:{}:v{}:{}",
+        name.as_str(),
+        version,
+        hex::encode(nonce)
+    ))
 }
 
 /// Create a new CMK record with version 1, its material created in `backend`.
@@ -310,7 +322,7 @@ pub fn create(
             "rotation period {rotation_days} days is longer than the maximum of 3650"
         )));
     }
-    let material_id = material_id(&name, 1);
+    let material_id = material_id(&name, 1)?;
     backend.create_material(guard, &material_id)?;
     Ok(CmkRecord {
         format: 1,
@@ -349,7 +361,7 @@ pub fn rotate(
         .unwrap_or(0)
         .checked_add(1)
         .ok_or_else(|| KeyError::InvalidArgument("version counter exhausted".to_owned()))?;
-    let material_id = material_id(&record.name, next);
+    let material_id = material_id(&record.name, next)?;
     backend.create_material(guard, &material_id)?;
     for v in &mut record.versions {
         if v.state == VersionState::Current {

@@ -117,6 +117,14 @@ impl NonceStore {
         }
     }
 
+    /// Withdraw an issued nonce that was never used (its connection closed).
+    /// A used nonce stays remembered until it would have expired.
+    pub fn withdraw(&mut self, nonce: &[u8; NONCE_LEN]) {
+        if let Some(Slot::Open { .. }) = self.slots.get(nonce) {
+            self.slots.remove(nonce);
+        }
+    }
+
     /// Nonces tracked (outstanding or recently used).
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -152,6 +160,18 @@ mod tests {
             store.consume(Some(&[1u8; 31]), 100),
             Err(NonceError::Missing)
         );
+    }
+
+    #[test]
+    fn withdrawn_nonces_are_gone_but_used_ones_stay_remembered() {
+        let mut store = NonceStore::new(1_000, 10);
+        store.issue([1; 32], 0).unwrap();
+        store.issue([2; 32], 0).unwrap();
+        store.consume(Some(&[2; 32]), 1).unwrap();
+        store.withdraw(&[1; 32]);
+        store.withdraw(&[2; 32]);
+        assert_eq!(store.consume(Some(&[1; 32]), 2), Err(NonceError::Unknown));
+        assert_eq!(store.consume(Some(&[2; 32]), 2), Err(NonceError::Reused));
     }
 
     #[test]

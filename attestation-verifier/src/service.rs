@@ -151,7 +151,34 @@ pub enum ConnectionEnd {
     Io(String),
 }
 
-/// Serve one connection: request, answer, until the peer closes.
+/// Most challenges one connection may hold open at once. Together with the
+/// connection limit this bounds what one peer can take of the nonce store, so
+/// a flood of challenges cannot lock other enclaves out.
+pub const MAX_OPEN_CHALLENGES_PER_CONNECTION: usize = 4;
+
+/// Write one response, bounded in time (a peer that stops reading cannot hold
+/// a connection slot) and abandoned on shutdown.
+async fn send<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    response: &Response,
+    config: &ServiceConfig,
+    closing: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ConnectionEnd> {
+    tokio::select! {
+        _ = closing.changed() => Err(ConnectionEnd::Closed),
+        written = tokio::time::timeout(
+            config.idle_timeout,
+            write_message(stream, response, config.max_frame_len),
+        ) => match written {
+            Err(_) => Err(ConnectionEnd::Idle),
+            Ok(Err(e)) => Err(ConnectionEnd::Io(e.to_string())),
+            Ok(Ok(())) => Ok(()),
+        },
+    }
+}
+
+/// Serve one connection: request, answer, until the peer closes. Challenges
+/// this connection left unused are withdrawn when it ends.
 pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     broker: Arc<Broker>,
@@ -159,6 +186,33 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     config: &ServiceConfig,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ConnectionEnd> {
+    let mut open_challenges: Vec<[u8; 32]> = Vec::new();
+    let result = connection_loop(
+        &mut stream,
+        &broker,
+        &in_flight,
+        config,
+        &mut closing,
+        &mut open_challenges,
+    )
+    .await;
+    if !open_challenges.is_empty() {
+        broker.withdraw_challenges(&open_challenges);
+    }
+    result
+}
+
+async fn connection_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    broker: &Arc<Broker>,
+    in_flight: &Arc<Semaphore>,
+    config: &ServiceConfig,
+    closing: &mut tokio::sync::watch::Receiver<bool>,
+    open_challenges: &mut Vec<[u8; 32]>,
+) -> Result<(), ConnectionEnd> {
+    let bad_request = Response::Error {
+        code: ErrorCode::BadRequest,
+    };
     loop {
         if *closing.borrow() {
             return Err(ConnectionEnd::Closed);
@@ -167,7 +221,7 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             _ = closing.changed() => return Err(ConnectionEnd::Closed),
             next = tokio::time::timeout(
                 config.idle_timeout,
-                read_message::<Request, _>(&mut stream, config.max_frame_len),
+                read_message::<Request, _>(stream, config.max_frame_len),
             ) => next,
         };
         let request = match next {
@@ -176,36 +230,36 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Err(WireError::Frame(e))) => {
                 // Framing is lost: answer once, then close.
                 tracing::debug!("bad frame: {e}");
-                let _ = write_message(
-                    &mut stream,
-                    &Response::Error {
-                        code: ErrorCode::BadRequest,
-                    },
-                    config.max_frame_len,
-                )
-                .await;
+                let _ = send(stream, &bad_request, config, closing).await;
                 return Err(ConnectionEnd::Io(e.to_string()));
             }
             Ok(Err(e)) => {
                 tracing::debug!("bad message: {e}");
-                write_message(
-                    &mut stream,
-                    &Response::Error {
-                        code: ErrorCode::BadRequest,
-                    },
-                    config.max_frame_len,
-                )
-                .await
-                .map_err(|e| ConnectionEnd::Io(e.to_string()))?;
+                send(stream, &bad_request, config, closing).await?;
                 continue;
             }
             Ok(Ok(request)) => request,
         };
+        match &request {
+            Request::Challenge if open_challenges.len() >= MAX_OPEN_CHALLENGES_PER_CONNECTION => {
+                let busy = Response::Error {
+                    code: ErrorCode::Unavailable,
+                };
+                send(stream, &busy, config, closing).await?;
+                continue;
+            }
+            // A release attempt uses up (or invalidates) one of this
+            // connection's challenges, whichever it names.
+            Request::KeyRelease { .. } => {
+                open_challenges.pop();
+            }
+            _ => {}
+        }
         let response = {
-            let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+            let Ok(permit) = Arc::clone(in_flight).acquire_owned().await else {
                 return Err(ConnectionEnd::Closed);
             };
-            let broker = Arc::clone(&broker);
+            let broker = Arc::clone(broker);
             let joined = tokio::task::spawn_blocking(move || {
                 let response = broker.handle(request, now_ms(), &random_nonce);
                 drop(permit);
@@ -216,8 +270,9 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 code: ErrorCode::Internal,
             })
         };
-        write_message(&mut stream, &response, config.max_frame_len)
-            .await
-            .map_err(|e| ConnectionEnd::Io(e.to_string()))?;
+        if let Response::Challenge { nonce, .. } = &response {
+            open_challenges.push(*nonce);
+        }
+        send(stream, &response, config, closing).await?;
     }
 }

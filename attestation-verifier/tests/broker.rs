@@ -577,6 +577,21 @@ fn service_over_loopback() {
         for _ in 0..3 {
             assert_eq!(release_over(&mut stream, &nsm, &pinned).await, 1);
         }
+        // One connection can hold only a few challenges open at once.
+        let mut greedy = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..=service::MAX_OPEN_CHALLENGES_PER_CONNECTION {
+            kluis_proto::write_message(&mut greedy, &Request::Challenge, max)
+                .await
+                .unwrap();
+            let answer: Response = kluis_proto::read_message(&mut greedy, max).await.unwrap();
+            answers.push(matches!(answer, Response::Challenge { .. }));
+        }
+        let mut expected = vec![true; service::MAX_OPEN_CHALLENGES_PER_CONNECTION];
+        expected.push(false);
+        assert_eq!(answers, expected);
+        drop(greedy);
+
         // Garbage on another connection gets an error answer, not a crash.
         let mut bad = tokio::net::TcpStream::connect(addr).await.unwrap();
         use tokio::io::AsyncWriteExt;
