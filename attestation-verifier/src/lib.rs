@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod auth;
 pub mod broker;
+pub mod cli;
 pub mod keys;
 pub mod kms;
 pub mod nonce;

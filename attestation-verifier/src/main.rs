@@ -1,110 +1,13 @@
 //! `attestation-verifier`: run by the data controller, on its own premises.
 //!
-//! Verifies Nitro attestation documents against the pinned AWS root (this
-//! issue's scope), and will hold the key hierarchy, policy and audit log.
+//! Verifies Nitro attestation documents against the pinned AWS root, holds the
+//! key hierarchy, policy and audit log, and serves key release. The command
+//! line lives in the library ([`attestation_verifier::cli`]).
 //!
 //! Exit codes: 0 accepted/done, 1 rejected/refused, 2 usage or I/O error.
 //! Never a panic.
 #![forbid(unsafe_code)]
 
-mod admin_cmd;
-mod data_cmd;
-mod input;
-mod report;
-mod serve_cmd;
-mod verify_cmd;
-
-use clap::{Parser, Subcommand};
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::ExitCode;
-
-/// Kluis attestation verifier.
-#[derive(Debug, Parser)]
-#[command(name = "attestation-verifier", version, about)]
-struct Cli {
-    #[command(flatten)]
-    store: admin_cmd::StoreArgs,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Verify an attestation document (COSE_Sign1) against the pinned root.
-    ///
-    /// Exit 0 and a JSON report on stdout when accepted; exit 1 and
-    /// {"error": {"kind", "message"}} when rejected; exit 2 on usage or I/O errors.
-    Verify(verify_cmd::VerifyArgs),
-    /// Print what a document says, and its whole certificate chain, without
-    /// judging it. For operators; never a basis for trust.
-    Inspect {
-        /// The document: a file of raw COSE bytes or their base64, or `-` for stdin.
-        doc: PathBuf,
-    },
-    /// Create a store: root secret, verifier identity, audit log, and the first
-    /// key-admin and app-admin credentials.
-    Init(admin_cmd::InitArgs),
-    /// Administrators.
-    #[command(subcommand)]
-    Admin(admin_cmd::AdminCommand),
-    /// Customer master keys (key administrators).
-    #[command(subcommand)]
-    Key(admin_cmd::KeyCommand),
-    /// Key policies (application administrators).
-    #[command(subcommand)]
-    Policy(admin_cmd::PolicyCommand),
-    /// Print the verifier's public identity key (to build into the enclave image).
-    Identity,
-    /// The audit log.
-    #[command(subcommand)]
-    Audit(admin_cmd::AuditCommand),
-    /// Run the key-release service.
-    Serve(serve_cmd::ServeArgs),
-    /// Encrypt or decrypt data on the controller side (streaming envelope).
-    #[command(subcommand)]
-    Data(data_cmd::DataCommand),
-}
-
-/// Logs go to stderr, filtered by RUST_LOG (default: warnings). They never
-/// carry key material or credentials.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
-/// The outcome of a command, mapped to the documented exit codes.
-pub(crate) enum Outcome {
-    Accepted,
-    Rejected,
-    Failed,
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging();
-    let store = &cli.store;
-    let outcome = match &cli.command {
-        Command::Verify(args) => verify_cmd::run(args),
-        Command::Inspect { doc } => verify_cmd::inspect(doc),
-        Command::Init(args) => admin_cmd::finish(admin_cmd::init(store, args)),
-        Command::Admin(c) => admin_cmd::finish(admin_cmd::admin(store, c)),
-        Command::Key(c) => admin_cmd::finish(admin_cmd::key(store, c)),
-        Command::Policy(c) => admin_cmd::finish(admin_cmd::policy(store, c)),
-        Command::Identity => admin_cmd::finish(admin_cmd::identity(store)),
-        Command::Audit(c) => admin_cmd::finish(admin_cmd::audit(store, c)),
-        Command::Serve(args) => admin_cmd::finish(serve_cmd::serve(store, args)),
-        Command::Data(c) => admin_cmd::finish(data_cmd::data(store, c)),
-    };
-    // Flush explicitly: a closed stdout must not turn into a panic.
-    let _ = std::io::stdout().flush();
-    match outcome {
-        Outcome::Accepted => ExitCode::SUCCESS,
-        Outcome::Rejected => ExitCode::from(1),
-        Outcome::Failed => ExitCode::from(2),
-    }
+fn main() -> std::process::ExitCode {
+    attestation_verifier::cli::run_from(std::env::args_os())
 }

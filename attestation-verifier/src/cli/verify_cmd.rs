@@ -1,8 +1,8 @@
 //! `verify` and `inspect`.
 
-use crate::input::{decode_document_bytes, read_bounded};
-use crate::report;
-use crate::Outcome;
+use crate::cli::input::{decode_document_bytes, read_bounded};
+use crate::cli::report;
+use crate::cli::Outcome;
 use clap::Args;
 use kluis_attestation::{
     describe_certificate, parse_unverified, TrustAnchor, UnixMillis, Verifier, VerifyError,

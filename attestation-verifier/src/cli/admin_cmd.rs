@@ -1,16 +1,16 @@
 //! The administrative commands: `init`, `admin`, `key`, `policy`, `identity`,
 //! `audit`, `serve`. Every mutation is authenticated, role-checked and audited.
 
-use crate::verify_cmd::{emit, now_ms};
-use crate::Outcome;
-use anyhow::{anyhow, Context};
-use attestation_verifier::audit::{Actor, AuditFilter, AuditLog, Decision, NewRecord};
-use attestation_verifier::auth::{self, Admin, Credential, Permission, Role};
-use attestation_verifier::keys::{
+use crate::audit::{Actor, AuditFilter, AuditLog, Decision, NewRecord};
+use crate::auth::{self, Admin, Credential, Permission, Role};
+use crate::cli::verify_cmd::{emit, now_ms};
+use crate::cli::Outcome;
+use crate::keys::{
     CmkRecord, KeyError, KeyName, KeyState, DEFAULT_DELETION_WAIT_DAYS, DEFAULT_ROTATION_DAYS,
 };
-use attestation_verifier::kms::{Kms, StoredPolicy};
-use attestation_verifier::policy::KeyPolicy;
+use crate::kms::{Kms, StoredPolicy};
+use crate::policy::KeyPolicy;
+use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
 use kluis_keystore::RootSecret;
 use kluis_proto::VerifierIdentity;
@@ -133,7 +133,7 @@ impl StoreArgs {
                 auth::AuthError::Missing.to_string(),
             ));
         };
-        let text = crate::input::read_bounded(path, 4096)
+        let text = crate::cli::input::read_bounded(path, 4096)
             .with_context(|| format!("reading credential {}", path.display()))?
             .ok_or_else(|| anyhow!("credential file {} is too large", path.display()))?;
         let text = Zeroizing::new(
@@ -467,11 +467,11 @@ fn key_json(record: &CmkRecord) -> Value {
     let (state, extra) = match record.state {
         KeyState::PendingDeletion { after_ms } => (
             "pending_deletion",
-            json!({ "destroy_after": crate::report::rfc3339_millis(after_ms) }),
+            json!({ "destroy_after": crate::cli::report::rfc3339_millis(after_ms) }),
         ),
         KeyState::Destroyed { at_ms } => (
             "destroyed",
-            json!({ "destroyed_at": crate::report::rfc3339_millis(at_ms) }),
+            json!({ "destroyed_at": crate::cli::report::rfc3339_millis(at_ms) }),
         ),
         KeyState::Enabled => ("enabled", Value::Null),
         KeyState::Disabled => ("disabled", Value::Null),
@@ -480,12 +480,12 @@ fn key_json(record: &CmkRecord) -> Value {
         "name": record.name.as_str(),
         "state": state,
         "state_detail": extra,
-        "created": crate::report::rfc3339_millis(record.created_ms),
+        "created": crate::cli::report::rfc3339_millis(record.created_ms),
         "rotation_days": record.rotation_days,
         "current_version": record.current().map(|v| v.version),
         "versions": record.versions.iter().map(|v| json!({
             "version": v.version,
-            "created": crate::report::rfc3339_millis(v.created_ms),
+            "created": crate::cli::report::rfc3339_millis(v.created_ms),
             "state": v.state,
         })).collect::<Vec<_>>(),
     })
@@ -652,7 +652,7 @@ pub(crate) fn policy(store: &StoreArgs, command: &PolicyCommand) -> Result<(), F
                     let policy: Value =
                         serde_json::from_str(&s.text).map_err(|e| anyhow!("stored policy: {e}"))?;
                     emit(
-                        &json!({ "name": name.as_str(), "policy": policy, "set_by": s.set_by, "set": crate::report::rfc3339_millis(s.set_ms) }),
+                        &json!({ "name": name.as_str(), "policy": policy, "set_by": s.set_by, "set": crate::cli::report::rfc3339_millis(s.set_ms) }),
                     );
                 }
             }
@@ -761,7 +761,7 @@ pub(crate) fn audit(store: &StoreArgs, command: &AuditCommand) -> Result<(), Fai
                         out,
                         "{:>6}  {}  {:<28} {:<8} {:<24} {}{}",
                         r.seq,
-                        crate::report::rfc3339_millis(r.time_ms)
+                        crate::cli::report::rfc3339_millis(r.time_ms)
                             .as_str()
                             .unwrap_or_default(),
                         r.operation,

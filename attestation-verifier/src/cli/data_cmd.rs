@@ -5,12 +5,12 @@
 //! into place only when the whole stream has been processed and authenticated:
 //! a failed or interrupted decryption never leaves a file that looks complete.
 
-use crate::admin_cmd::{Failure, Session, StoreArgs};
-use crate::verify_cmd::{emit, now_ms};
+use crate::audit::Decision;
+use crate::auth::Permission;
+use crate::cli::admin_cmd::{Failure, Session, StoreArgs};
+use crate::cli::verify_cmd::{emit, now_ms};
+use crate::keys::{KeyName, WrappedDataKey};
 use anyhow::{anyhow, Context};
-use attestation_verifier::audit::Decision;
-use attestation_verifier::auth::Permission;
-use attestation_verifier::keys::{KeyName, WrappedDataKey};
 use clap::Subcommand;
 use kluis_envelope::{EnvelopeHeader, EnvelopeReader, EnvelopeWriter, WrappedKey};
 use serde_json::json;

@@ -1,11 +1,11 @@
 //! `serve`: the key-release service.
 
-use crate::admin_cmd::{load_identity, Failure, Session, StoreArgs};
-use crate::verify_cmd::emit;
+use crate::auth::Permission;
+use crate::broker::{Broker, BrokerConfig};
+use crate::cli::admin_cmd::{load_identity, Failure, Session, StoreArgs};
+use crate::cli::verify_cmd::emit;
+use crate::service::{self, ServiceConfig};
 use anyhow::{anyhow, Context};
-use attestation_verifier::auth::Permission;
-use attestation_verifier::broker::{Broker, BrokerConfig};
-use attestation_verifier::service::{self, ServiceConfig};
 use clap::Args;
 use kluis_attestation::{TrustAnchor, Verifier};
 use serde_json::json;
@@ -62,7 +62,7 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
     let anchor = match &args.dangerous_nsm_root {
         None => TrustAnchor::aws_nitro_root_g1().map_err(|e| anyhow!("built-in root: {e}"))?,
         Some(path) => {
-            let pem = crate::input::read_bounded(path, 64 * 1024)
+            let pem = crate::cli::input::read_bounded(path, 64 * 1024)
                 .with_context(|| format!("reading {}", path.display()))?
                 .ok_or_else(|| anyhow!("{} is too large", path.display()))?;
             tracing::warn!(
@@ -80,7 +80,7 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
         "service.start",
         None,
         None,
-        attestation_verifier::audit::Decision::Allowed,
+        crate::audit::Decision::Allowed,
         Some(format!("listen {} root {}", args.listen, anchor.subject())),
     )?;
     let Session { kms, audit, .. } = session;
