@@ -606,10 +606,28 @@ pub(crate) enum PolicyCommand {
         /// The key name.
         name: String,
     },
+    /// Compute PCR0, PCR1, PCR2 (and PCR8 for a signed image) of an enclave
+    /// image file and print them as a `[[measurements]]` entry for a policy
+    /// file (TOML). A pure computation: needs no store or credential.
+    MeasureEif {
+        /// The enclave image file, as built by `nitro-cli build-enclave`.
+        eif: PathBuf,
+        /// The measurement set's name (default: the file name without its extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// Write the entry to FILE (which must not exist) instead of stdout,
+        /// and print a JSON summary.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 pub(crate) fn policy(store: &StoreArgs, command: &PolicyCommand) -> Result<(), Failure> {
     match command {
+        // First, and without a session: nothing here opens the store.
+        PolicyCommand::MeasureEif { eif, name, out } => {
+            measure_eif(eif, name.as_deref(), out.as_deref())?;
+        }
         PolicyCommand::Set { name, file } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManagePolicy, "policy.set")?;
@@ -657,6 +675,83 @@ pub(crate) fn policy(store: &StoreArgs, command: &PolicyCommand) -> Result<(), F
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `policy measure-eif`: the PCRs of an EIF as a policy entry.
+fn measure_eif(eif: &Path, name: Option<&str>, out: Option<&Path>) -> Result<(), Failure> {
+    let name = match name {
+        Some(name) => name.to_owned(),
+        None => eif
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                anyhow!(
+                    "cannot name the measurement set after {}: pass --name",
+                    eif.display()
+                )
+            })?,
+    };
+    let file =
+        std::fs::File::open(eif).with_context(|| format!("opening the EIF {}", eif.display()))?;
+    let measured = match kluis_eif::measure(file) {
+        Ok(measured) => measured,
+        Err(kluis_eif::EifError::Io(e)) => {
+            return Err(Failure::Usage(
+                anyhow!(e).context(format!("reading the EIF {}", eif.display())),
+            ))
+        }
+        Err(e) => {
+            return Err(Failure::Refused(
+                format!("eif_{}", e.kind()),
+                format!("{}: {e}", eif.display()),
+            ))
+        }
+    };
+    let fragment = measured
+        .policy_fragment(&name)
+        .map_err(|e| anyhow!("{e} (choose another with --name)"))?;
+    // What is printed must be what `policy set` accepts.
+    KeyPolicy::from_toml_str(&format!(
+        "operations = []\nmax_document_age_seconds = 300\n{fragment}"
+    ))
+    .map_err(|e| anyhow!("the computed entry is not a valid policy entry: {e}"))?;
+    match out {
+        Some(path) => {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
+            file.write_all(fragment.as_bytes())
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("writing {}", path.display()))?;
+            emit(&json!({
+                "eif": eif.display().to_string(),
+                "name": name,
+                "out": path.display().to_string(),
+                "signed": measured.is_signed(),
+                "pcr0": hex::encode(measured.pcr0),
+                "pcr1": hex::encode(measured.pcr1),
+                "pcr2": hex::encode(measured.pcr2),
+                "pcr8": measured.pcr8.map(hex::encode),
+            }));
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(fragment.as_bytes())
+                .and_then(|()| stdout.flush())
+                .context("writing to stdout")?;
+        }
+    }
+    if !measured.is_signed() {
+        eprintln!(
+            "note: {} is not signed, so the entry pins PCR0-2 but not PCR8 (the signer)",
+            eif.display()
+        );
     }
     Ok(())
 }
