@@ -13,7 +13,8 @@ use kluis_nsm::{Digest, MAX_INPUT_LEN, PCR_LEN};
 /// Environment variable naming the simulator's state directory.
 const STATE_DIR_ENV: &str = "KLUIS_NSM_SIM_DIR";
 
-const WARNING: &str = "WARNING: this is a SIMULATED Nitro Secure Module, not a real enclave. \
+pub(crate) const WARNING: &str =
+    "WARNING: this is a SIMULATED Nitro Secure Module, not a real enclave. \
 Its documents chain to a local simulated root, never to AWS's; do not trust them in production.";
 
 /// Subcommands of `enclave nsm-sim`.
@@ -47,7 +48,7 @@ pub(crate) struct StateArgs {
     /// State directory [default: $KLUIS_NSM_SIM_DIR, else $XDG_STATE_HOME/kluis/nsm-sim,
     /// else ~/.local/state/kluis/nsm-sim].
     #[arg(long, value_name = "DIR")]
-    state: Option<PathBuf>,
+    pub(crate) state: Option<PathBuf>,
 }
 
 /// Arguments of `enclave nsm-sim attest`.
@@ -96,7 +97,7 @@ pub(crate) fn run(command: NsmSimCommand) -> Result<()> {
 }
 
 /// The state directory: `--state`, else the environment's default.
-fn state_dir(args: &StateArgs) -> Result<PathBuf> {
+pub(crate) fn state_dir(args: &StateArgs) -> Result<PathBuf> {
     if let Some(dir) = &args.state {
         return Ok(dir.clone());
     }
@@ -127,7 +128,7 @@ fn default_state_dir(
 }
 
 /// Loads the root in `dir` or creates it, saying so on stderr when `announce`.
-fn load_or_create(dir: &Path, announce: bool) -> Result<(Arc<SimRoot>, RootOrigin)> {
+pub(crate) fn load_or_create(dir: &Path, announce: bool) -> Result<(Arc<SimRoot>, RootOrigin)> {
     let (root, origin) = SimRoot::load_or_create(dir, &SystemClock)?;
     if announce && origin == RootOrigin::Created {
         eprintln!(

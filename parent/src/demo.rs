@@ -1,34 +1,260 @@
-//! The local demonstration: every step of attestation the real deployment does,
-//! on the simulated NSM, with the verification core the verifier uses.
+//! `parent demo`: the whole system on one machine, on the simulated NSM.
+//!
+//! The controller's side (verifier store, keys, policy, encryption and
+//! decryption, the audit check) runs the verifier's real command line; the
+//! verifier service and the enclave run as child processes of this binary
+//! (its hidden `verifier` and `enclave` commands), exactly as the separate
+//! programs would; the parent's relay and job runner run here, recording
+//! every byte they carry so the demo can show that the parent saw only
+//! ciphertext. Child processes are stopped on success, on failure and on
+//! Ctrl-C.
 
-use anyhow::{bail, ensure, Context, Result};
-use aws_lc_rs::agreement::{PrivateKey, ECDH_P384};
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use kluis_attestation::{sha384, TrustAnchor, UnixMillis, Verifier, VerifyOptions};
-use kluis_nsm::sim::{SimConfig, SimRoot, SimulatedNsm, SystemClock};
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// What the demo enclave image "is"; the simulator measures it into PCR0/1/2.
-const DEMO_IMAGE: &[u8] = b"kluis demo enclave image";
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use kluis_parent::hook::{Channel, Recorder};
+use kluis_parent::job::{run_job, JobRun, RunError};
+use kluis_proto::job::{JobSpec, WorkloadSpec, WrappedSecret};
+use kluis_transport::{Address, Listener};
+use serde_json::Value;
 
-fn step(n: u32, who: &str, what: &str) {
-    println!("[{n}] {who:<9} {what}");
+const INPUT_KEY: &str = "ssi/benefits/prod";
+const OUTPUT_KEY: &str = "ssi/research/prod";
+const SECRET_KEY: &str = "ssi/pseudonym/prod";
+
+/// Child processes, stopped when dropped (and by the Ctrl-C handler).
+#[derive(Clone, Default)]
+struct Children(Arc<Mutex<Vec<(String, Child)>>>);
+
+impl Children {
+    fn add(&self, name: &str, child: Child) {
+        if let Ok(mut list) = self.0.lock() {
+            list.push((name.to_owned(), child));
+        }
+    }
+
+    fn stop_all(&self) {
+        let Ok(mut list) = self.0.lock() else { return };
+        for (_, child) in list.iter_mut() {
+            terminate(child);
+        }
+        list.clear();
+    }
+
+    fn stop(&self, name: &str) {
+        let Ok(mut list) = self.0.lock() else { return };
+        for (n, child) in list.iter_mut() {
+            if n == name {
+                terminate(child);
+            }
+        }
+        list.retain(|(n, _)| n != name);
+    }
+}
+
+/// SIGTERM (the programs shut down gracefully), then SIGKILL after 5 s.
+fn terminate(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    for _ in 0..50 {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+struct Demo {
+    exe: PathBuf,
+    dir: PathBuf,
+    store: PathBuf,
+    root_key: PathBuf,
+    creds: PathBuf,
+    children: Children,
+    step: u32,
 }
 
 fn detail(text: impl AsRef<str>) {
-    println!("              {}", text.as_ref());
+    println!("      {}", text.as_ref());
 }
 
-fn now_ms() -> Result<u64> {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .context("system clock is before 1970")?;
-    u64::try_from(d.as_millis()).context("system clock out of range")
+impl Demo {
+    fn step(&mut self, who: &str, what: &str) {
+        self.step = self.step.saturating_add(1);
+        println!("[{:>2}] {who:<10} {what}", self.step);
+    }
+
+    /// Run `attestation-verifier ARGS` as the controller would, as `role`;
+    /// returns its JSON output.
+    fn verifier(&self, role: Option<&str>, args: &[&str]) -> Result<Value> {
+        let lines = self.verifier_lines(role, args)?;
+        Ok(lines.into_iter().last().unwrap_or(Value::Null))
+    }
+
+    /// As [`Demo::verifier`], for commands that print JSON lines.
+    fn verifier_lines(&self, role: Option<&str>, args: &[&str]) -> Result<Vec<Value>> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("verifier")
+            .arg("--store")
+            .arg(&self.store)
+            .arg("--root-key-file")
+            .arg(&self.root_key);
+        if let Some(role) = role {
+            cmd.arg("--credential")
+                .arg(self.creds.join(format!("{role}.credential")));
+        }
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running the verifier's command line")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "`attestation-verifier {}` failed ({}): {} {}",
+                args.join(" "),
+                out.status,
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).context("verifier output"))
+            .collect()
+    }
+
+    /// Start `parent SUBCOMMAND ARGS` as a child and read its first stdout
+    /// line (a JSON announcement).
+    fn spawn(&self, name: &str, args: &[&str]) -> Result<Value> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+            .context("creating a log file")?;
+        let mut child = Command::new(&self.exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting the {name}"))?;
+        let stdout = child.stdout.take();
+        self.children.add(name, child);
+        let mut line = String::new();
+        let mut reader = BufReader::new(stdout.ok_or_else(|| anyhow!("no stdout"))?);
+        reader
+            .read_line(&mut line)
+            .with_context(|| format!("reading the {name}'s announcement"))?;
+        if line.trim().is_empty() {
+            bail!(
+                "the {name} exited at start; see {}",
+                self.dir.join(format!("{name}.log")).display()
+            );
+        }
+        // Keep draining its stdout so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        serde_json::from_str(line.trim()).with_context(|| format!("the {name}'s announcement"))
+    }
 }
 
-pub(crate) fn run(keep: Option<&Path>) -> Result<()> {
+/// A valid Belgian national register number for a birth date and serial.
+// Small bounded values (a date, a serial below 1000): no overflow.
+#[allow(clippy::arithmetic_side_effects)]
+fn national_number(year: u32, month: u32, day: u32, serial: u32) -> String {
+    let base = u64::from(year % 100) * 10_000_000
+        + u64::from(month) * 100_000
+        + u64::from(day) * 1000
+        + u64::from(serial % 1000);
+    let check = if year >= 2000 {
+        97 - (2_000_000_000 + base) % 97
+    } else {
+        97 - base % 97
+    };
+    format!("{base:09}{check:02}")
+}
+
+/// A synthetic benefits dataset: `nrn,municipality,benefit_cents`, with
+/// some people appearing more than once.
+// Bounded arithmetic on a xorshift generator's output, for test data only.
+#[allow(clippy::arithmetic_side_effects)]
+fn sample_dataset(records: u32) -> (String, Vec<String>) {
+    const TOWNS: [&str; 8] = [
+        "Antwerpen",
+        "Gent",
+        "Charleroi",
+        "Liège",
+        "Brussel",
+        "Brugge",
+        "Namur",
+        "Leuven",
+    ];
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let people: Vec<String> = (0..records.div_ceil(2).max(1))
+        .map(|i| {
+            let r = next();
+            let year = 1940 + u32::try_from(r % 80).unwrap_or(0);
+            let month = 1 + u32::try_from((r >> 8) % 12).unwrap_or(0);
+            let day = 1 + u32::try_from((r >> 16) % 28).unwrap_or(0);
+            national_number(year, month, day, i.wrapping_mul(7))
+        })
+        .collect();
+    let mut text = String::from("nrn,municipality,benefit_cents\n");
+    let mut used = BTreeSet::new();
+    for i in 0..records {
+        let r = next();
+        let person = people
+            .get(usize::try_from(r % u64::try_from(people.len()).unwrap_or(1)).unwrap_or(0))
+            .cloned()
+            .unwrap_or_default();
+        let town = TOWNS
+            .get(usize::try_from((r >> 20) % 8).unwrap_or(0))
+            .copied()
+            .unwrap_or("Gent");
+        let cents = 50_000 + (r >> 32) % 200_000;
+        text.push_str(&format!("{person},{town},{cents}\n"));
+        used.insert(person);
+        let _ = i;
+    }
+    (text, used.into_iter().collect())
+}
+
+fn policy(pcrs: &Value, operations: &[&str]) -> String {
+    let pcr = |i: &str| pcrs.get(i).and_then(Value::as_str).unwrap_or("").to_owned();
+    format!(
+        "operations = [{}]\nmax_document_age_seconds = 300\n\n[[measurements]]\nname = \"kluis-demo-enclave\"\npcr0 = \"{}\"\npcr1 = \"{}\"\npcr2 = \"{}\"\n",
+        operations
+            .iter()
+            .map(|o| format!("\"{o}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
+        pcr("0"),
+        pcr("1"),
+        pcr("2"),
+    )
+}
+
+pub(crate) fn run(keep: Option<&Path>, records: u32) -> Result<()> {
     let temp;
     let dir = match keep {
         Some(dir) => {
@@ -40,155 +266,494 @@ pub(crate) fn run(keep: Option<&Path>) -> Result<()> {
             temp.path().to_path_buf()
         }
     };
-    println!("Kluis local demo: attestation on the SIMULATED Nitro Secure Module");
-    println!("(a real deployment uses /dev/nsm inside a Nitro Enclave and the AWS root)\n");
-
-    // 1. The simulated NSM's root, persisted once, trusted only explicitly.
-    let (root, _) = SimRoot::load_or_create(&dir.join("nsm-sim"), &SystemClock)
-        .context("creating the simulated NSM root")?;
-    let root = Arc::new(root);
-    step(
-        1,
-        "verifier",
-        "pins the simulated NSM root (explicitly; the default is AWS Nitro root G1)",
-    );
-    detail(format!("root SHA-256 {}", root.fingerprint_hex()));
-    let verifier = Verifier::new(
-        TrustAnchor::dangerous_from_der(root.root_der()).context("loading the simulated root")?,
-    );
-
-    // 2. The verifier's challenge.
-    let rng = SystemRandom::new();
-    let mut nonce = [0u8; 32];
-    rng.fill(&mut nonce)
-        .map_err(|_| anyhow::anyhow!("no randomness"))?;
-    step(2, "verifier", "issues a single-use nonce");
-    detail(format!("nonce {}", hex::encode(nonce)));
-
-    // 3. The enclave: an ephemeral key, a request hash, a document from the NSM.
-    let nsm = SimulatedNsm::new(
-        SimConfig::default()
-            .with_root(root.clone())
-            .with_image(DEMO_IMAGE.to_vec(), None),
-    )
-    .context("starting the simulated NSM")?;
-    let ephemeral =
-        PrivateKey::generate(&ECDH_P384).map_err(|_| anyhow::anyhow!("key generation failed"))?;
-    let public_key = ephemeral
-        .compute_public_key()
-        .map_err(|_| anyhow::anyhow!("public key derivation failed"))?;
-    let request = b"generate-data-key agency-a/app-x/prod";
-    let request_hash = sha384(request);
-    let doc = kluis_nsm::attest(
-        &nsm,
-        Some(&request_hash),
-        Some(&nonce),
-        Some(public_key.as_ref()),
-    )
-    .context("asking the NSM for an attestation document")?;
-    step(
-        3,
-        "enclave",
-        "makes an ephemeral P-384 key and asks the NSM to attest it",
-    );
-    detail(format!(
-        "public_key = ephemeral key ({} bytes), nonce = challenge, user_data = SHA-384(request)",
-        public_key.as_ref().len()
-    ));
-    detail(format!(
-        "document: {} bytes of COSE_Sign1, ES384",
-        doc.len()
-    ));
-    let doc_path = dir.join("document.cbor");
-    std::fs::write(&doc_path, &doc).context("writing the document")?;
-    let root_path = dir.join("nsm-sim-root.pem");
-    std::fs::write(&root_path, root.root_pem()).context("writing the root")?;
-
-    // 4. The verifier checks everything.
-    let options = VerifyOptions::at(UnixMillis(now_ms()?))
-        .expect_nonce(nonce.to_vec())
-        .max_age(Duration::from_secs(300));
-    let verified = verifier
-        .verify(&doc, &options)
-        .context("the verifier rejected a genuine document")?;
-    let d = verified.document();
-    ensure!(
-        d.user_data.as_deref() == Some(request_hash.as_slice()),
-        "request hash not bound"
-    );
-    ensure!(
-        d.public_key.as_deref() == Some(public_key.as_ref()),
-        "ephemeral key not bound"
-    );
-    step(
-        4,
-        "verifier",
-        "ACCEPTS: signature, chain to the pinned root, payload rules, nonce, age",
-    );
-    detail(format!("module_id {}", d.module_id));
-    detail(format!(
-        "PCR0 {}",
-        d.pcr(0).map(hex::encode).unwrap_or_default()
-    ));
-    detail(format!(
-        "leaf {} (valid {}..{})",
-        verified.leaf().subject,
-        verified.leaf().not_before,
-        verified.leaf().not_after
-    ));
-    detail(format!(
-        "document SHA-384 {}",
-        hex::encode(verified.document_sha384())
-    ));
-
-    // 5. What it refuses.
-    step(
-        5,
-        "verifier",
-        "REFUSES what an attacker on the host could try:",
-    );
-    let expect_refusal =
-        |label: &str, result: Result<_, kluis_attestation::VerifyError>| -> Result<()> {
-            match result {
-                Ok(_) => bail!("{label}: accepted, must be refused"),
-                Err(e) => {
-                    detail(format!("{label:<38} -> {} ", e.kind()));
-                    Ok(())
-                }
+    let children = Children::default();
+    {
+        // Ctrl-C: stop the children, then leave.
+        let children = children.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            if rt.block_on(tokio::signal::ctrl_c()).is_ok() {
+                eprintln!("\ninterrupted: stopping the verifier and the enclave");
+                children.stop_all();
+                std::process::exit(130);
             }
-        };
-    let aws = Verifier::new(TrustAnchor::aws_nitro_root_g1().context("built-in AWS root")?);
-    expect_refusal(
-        "simulated document vs the AWS root",
-        aws.verify(&doc, &options),
-    )?;
-    expect_refusal(
-        "replay against a new challenge",
-        verifier.verify(&doc, &options.clone().expect_nonce(vec![0u8; 32])),
-    )?;
-    let mut tampered = doc.clone();
-    if let Some(byte) = tampered.iter_mut().rev().nth(200) {
-        *byte ^= 0x01;
+        });
     }
-    expect_refusal("one byte changed", verifier.verify(&tampered, &options))?;
-    let later = VerifyOptions::at(UnixMillis(now_ms()?.saturating_add(3_600_000)))
-        .expect_nonce(nonce.to_vec())
-        .max_age(Duration::from_secs(300));
-    expect_refusal(
-        "the same document an hour later",
-        verifier.verify(&doc, &later),
-    )?;
+    let mut demo = Demo {
+        exe: std::env::current_exe().context("finding this program")?,
+        store: dir.join("verifier-store"),
+        root_key: dir.join("root.key"),
+        creds: dir.join("credentials"),
+        dir: dir.clone(),
+        children: children.clone(),
+        step: 0,
+    };
+    let result = run_steps(&mut demo, records);
+    children.stop_all();
+    if let Err(e) = &result {
+        eprintln!("\ndemo FAILED: {e:#}");
+        if keep.is_none() {
+            eprintln!("(run with --keep DIR to keep the logs of the verifier and the enclave)");
+        }
+    }
+    result
+}
 
-    println!("\nSame check with the verifier's command line:");
+fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     println!(
-        "  attestation-verifier verify --root {} --nonce {} --max-age 300 {}",
-        root_path.display(),
-        hex::encode(nonce),
-        doc_path.display()
+        "Kluis local demo: confidential processing end to end on the SIMULATED Nitro Secure Module"
     );
-    if keep.is_none() {
-        println!("  (files removed at exit; pass --keep DIR to keep them)");
+    println!("(in production the enclave runs in a Nitro Enclave with /dev/nsm, and the verifier trusts only the AWS root)\n");
+    let dir = demo.dir.clone();
+    let path = |name: &str| dir.join(name);
+    let p = |p: &Path| p.display().to_string();
+
+    // Controller: store, keys.
+    demo.step(
+        "controller",
+        "creates the verifier's key store (root key file, identity key, two administrators)",
+    );
+    let init = demo.verifier(
+        None,
+        &[
+            "init",
+            "--generate-root-key",
+            "--credentials-out",
+            &p(&demo.creds.clone()),
+        ],
+    )?;
+    let verifier_key = init
+        .get("verifier_public_key")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("init did not print the verifier key"))?
+        .to_owned();
+    detail(format!(
+        "verifier identity key {}…",
+        verifier_key.get(..24).unwrap_or("")
+    ));
+    demo.step("controller", "key administrator creates three master keys");
+    for key in [INPUT_KEY, SECRET_KEY, OUTPUT_KEY] {
+        let created = demo.verifier(Some("key-admin"), &["key", "create", key])?;
+        detail(format!(
+            "{key} version {}",
+            created
+                .get("current_version")
+                .or_else(|| created.get("version"))
+                .cloned()
+                .unwrap_or(Value::from(1))
+        ));
     }
-    println!("\ndemo OK");
+
+    // The enclave, on the simulated NSM; the parent's relay first.
+    demo.step(
+        "parent",
+        "starts its relay for the enclave's key requests (recording every byte it carries)",
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let recorder = Arc::new(Recorder::new());
+    let relay_listener = runtime.block_on(Listener::bind(&Address::Tcp("127.0.0.1:0".into())))?;
+    let relay_address = relay_listener.local_address()?;
+    detail(format!("relay at {relay_address}"));
+
+    demo.step(
+        "enclave",
+        "starts on the SIMULATED NSM with the verifier key built in",
+    );
+    let sim_state = path("nsm-sim");
+    let enclave = demo.spawn(
+        "enclave",
+        &[
+            "enclave",
+            "run",
+            "--simulate-nsm",
+            "--sim-state",
+            &p(&sim_state),
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--verifier",
+            &relay_address.to_string(),
+            "--verifier-key",
+            &verifier_key,
+        ],
+    )?;
+    let enclave_address: Address = enclave
+        .get("listening")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("the enclave did not say where it listens"))?
+        .parse()?;
+    let pcrs = enclave.get("pcrs").cloned().unwrap_or(Value::Null);
+    detail(format!("listening at {enclave_address}"));
+    for i in ["0", "1", "2"] {
+        detail(format!(
+            "PCR{i} {}",
+            pcrs.get(i).and_then(Value::as_str).unwrap_or("?")
+        ));
+    }
+
+    // Policies: exactly this enclave's measurements.
+    demo.step(
+        "controller",
+        "application administrator sets policies admitting exactly these PCRs",
+    );
+    let root_pem = path("nsm-sim-root.pem");
+    let out = Command::new(&demo.exe)
+        .args([
+            "enclave",
+            "nsm-sim",
+            "export-root",
+            "--state",
+            &p(&sim_state),
+            "--out",
+            &p(&root_pem),
+        ])
+        .output()
+        .context("exporting the simulated root")?;
+    ensure!(out.status.success(), "exporting the simulated root failed");
+    for (key, ops) in [
+        (INPUT_KEY, &["decrypt"][..]),
+        (SECRET_KEY, &["decrypt"][..]),
+        (OUTPUT_KEY, &["generate"][..]),
+    ] {
+        let file = path(&format!("policy-{}.toml", key.replace('/', "_")));
+        std::fs::write(&file, policy(&pcrs, ops))?;
+        demo.verifier(Some("app-admin"), &["policy", "set", key, &p(&file)])?;
+        detail(format!(
+            "{key}: {} for PCR0/1/2 of the demo enclave",
+            ops.join(", ")
+        ));
+    }
+
+    demo.step(
+        "verifier",
+        "starts its key-release service (trusting the simulated NSM root, explicitly)",
+    );
+    let mut serve_args: Vec<String> = vec![
+        "verifier".into(),
+        "--store".into(),
+        p(&demo.store),
+        "--root-key-file".into(),
+        p(&demo.root_key),
+        "--credential".into(),
+        p(&demo.creds.join("app-admin.credential")),
+        "serve".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--dangerous-nsm-root".into(),
+        p(&root_pem),
+    ];
+    let served = demo.spawn(
+        "verifier",
+        &serve_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    serve_args.clear();
+    let verifier_address: Address = served
+        .get("listening")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("the verifier did not say where it listens"))?
+        .parse()?;
+    detail(format!("listening at {verifier_address}"));
+    let stop_relay = Arc::new(tokio::sync::Notify::new());
+    {
+        let stop = Arc::clone(&stop_relay);
+        let hook: Arc<dyn kluis_parent::hook::FrameHook> = recorder.clone();
+        let verifier_address = verifier_address.clone();
+        runtime.spawn(async move {
+            kluis_parent::relay::serve(relay_listener, verifier_address, hook, async move {
+                stop.notified().await
+            })
+            .await;
+        });
+    }
+
+    // Controller: data.
+    demo.step(
+        "controller",
+        &format!("encrypts a sample dataset of {records} benefit records"),
+    );
+    let (dataset, people) = sample_dataset(records);
+    let plain_in = path("benefits.csv");
+    std::fs::write(&plain_in, &dataset)?;
+    let enc_in = path("benefits.kenv");
+    demo.verifier(
+        Some("app-admin"),
+        &[
+            "data",
+            "encrypt",
+            "--key",
+            INPUT_KEY,
+            &p(&plain_in),
+            &p(&enc_in),
+        ],
+    )?;
+    detail(format!(
+        "{} bytes of plaintext -> {} bytes of envelope under {INPUT_KEY}",
+        dataset.len(),
+        std::fs::metadata(&enc_in)?.len()
+    ));
+    let secret_file = path("pseudonym.secret.wrapped");
+    demo.verifier(
+        Some("app-admin"),
+        &["data", "new-secret", "--key", SECRET_KEY, &p(&secret_file)],
+    )?;
+    detail(format!("a pseudonymisation secret, wrapped under {SECRET_KEY} (nobody outside an admitted enclave ever sees it)"));
+
+    // The job.
+    demo.step(
+        "parent",
+        "runs the pseudonymisation job: streams ciphertext in, takes ciphertext out",
+    );
+    let job = JobRun {
+        enclave: enclave_address.clone(),
+        spec: JobSpec {
+            job_id: "demo-pseudonymise".into(),
+            workload: WorkloadSpec::Pseudonymise {
+                column: 0,
+                delimiter: b',',
+                secret: 0,
+                header: true,
+                check_national_number: true,
+            },
+            output_key: OUTPUT_KEY.into(),
+            secrets: vec![WrappedSecret(std::fs::read(&secret_file)?)],
+        },
+        hook: recorder.clone(),
+        idle_timeout: Duration::from_secs(60),
+    };
+    let enc_out = path("pseudonymised.kenv");
+    let report = runtime.block_on(async {
+        let input = tokio::fs::File::open(&enc_in).await?;
+        run_job(&job, input, &enc_out, |_| {})
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    detail(format!(
+        "enclave: attested, keys released, {} records in, {} out; output under {}",
+        report.counts.records_in,
+        report.counts.records_out,
+        report
+            .output_key
+            .as_ref()
+            .map(|(k, v)| format!("{k} v{v}"))
+            .unwrap_or_default()
+    ));
+    detail(format!(
+        "{} bytes in, {} bytes out, {:.0} ms",
+        report.input_bytes,
+        report.output_bytes,
+        report.elapsed.as_secs_f64() * 1000.0
+    ));
+
+    // Controller: result.
+    demo.step("controller", "decrypts the result and checks it");
+    let plain_out = path("pseudonymised.csv");
+    demo.verifier(
+        Some("app-admin"),
+        &["data", "decrypt", &p(&enc_out), &p(&plain_out)],
+    )?;
+    let output = std::fs::read_to_string(&plain_out)?;
+    check_output(&dataset, &output)?;
+    let distinct: BTreeSet<&str> = output
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next())
+        .collect();
+    detail(format!(
+        "{} records; national register numbers replaced by keyed hashes ({} distinct people, {} distinct pseudonyms); other columns unchanged",
+        output.lines().count().saturating_sub(1),
+        dataset.lines().skip(1).filter_map(|l| l.split(',').next()).collect::<BTreeSet<_>>().len(),
+        distinct.len()
+    ));
+    if let Some(line) = output.lines().nth(1) {
+        detail(format!("e.g. {}…", line.get(..40).unwrap_or(line)));
+    }
+
+    // What the parent saw.
+    demo.step("parent", "what it saw: ciphertext only");
+    let job_bytes = recorder.bytes(Channel::Job);
+    let relay_bytes = recorder.bytes(Channel::Verifier);
+    let seen: Vec<u8> = job_bytes
+        .iter()
+        .chain(relay_bytes.iter())
+        .copied()
+        .collect();
+    let found = people
+        .iter()
+        .filter(|nrn| contains(&seen, nrn.as_bytes()))
+        .count();
+    ensure!(
+        found == 0,
+        "{found} national register numbers crossed the parent in the clear"
+    );
+    for line in dataset.lines().skip(1).take(50) {
+        ensure!(
+            !contains(&seen, line.as_bytes()),
+            "a plaintext record crossed the parent"
+        );
+    }
+    for line in output.lines().skip(1).take(50) {
+        let pseudonym = line.split(',').next().unwrap_or(line);
+        ensure!(
+            !contains(&seen, pseudonym.as_bytes()),
+            "a pseudonym crossed the parent in the clear"
+        );
+    }
+    detail(format!(
+        "{} frames: {} bytes of job traffic and {} bytes of key-release traffic",
+        recorder.frames(),
+        job_bytes.len(),
+        relay_bytes.len()
+    ));
+    detail(format!(
+        "none of the {} people's national register numbers, no input record and no output pseudonym appears in it",
+        people.len()
+    ));
+
+    // An enclave the policy does not admit.
+    demo.step(
+        "attacker",
+        "starts a modified enclave (other measurements) and asks for the same job",
+    );
+    let other_image = path("modified-enclave.img");
+    std::fs::write(&other_image, b"a modified enclave image")?;
+    let rogue = demo.spawn(
+        "rogue-enclave",
+        &[
+            "enclave",
+            "run",
+            "--simulate-nsm",
+            "--sim-state",
+            &p(&sim_state),
+            "--sim-image",
+            &p(&other_image),
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--verifier",
+            &relay_address.to_string(),
+            "--verifier-key",
+            &verifier_key,
+        ],
+    )?;
+    let rogue_address: Address = rogue
+        .get("listening")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("the rogue enclave did not say where it listens"))?
+        .parse()?;
+    let rogue_job = JobRun {
+        enclave: rogue_address,
+        ..job.clone()
+    };
+    let rogue_out = path("rogue.kenv");
+    let refused = runtime.block_on(async {
+        let input = tokio::fs::File::open(&enc_in).await?;
+        Ok::<_, anyhow::Error>(run_job(&rogue_job, input, &rogue_out, |_| {}).await)
+    })?;
+    match refused {
+        Err(RunError::Failed { kind, .. }) if kind == "key_release_refused" => {
+            detail("refused: the verifier released no key (the reason is in the audit log, not told to the enclave)");
+        }
+        Err(e) => bail!("the modified enclave failed otherwise than refused: {e}"),
+        Ok(_) => bail!("the modified enclave got keys"),
+    }
+    ensure!(!rogue_out.exists(), "an output appeared for a refused job");
+    demo.children.stop("rogue-enclave");
+
+    // Stop the service, verify the audit log.
+    stop_relay.notify_waiters();
+    demo.children.stop("verifier");
+    demo.children.stop("enclave");
+    demo.step(
+        "controller",
+        "verifies the audit log (hash chain and anchored head)",
+    );
+    let verified = demo.verifier(Some("app-admin"), &["audit", "verify"])?;
+    ensure!(
+        verified.get("status").and_then(Value::as_str) == Some("intact"),
+        "the audit log does not verify: {verified}"
+    );
+    let shown = demo.verifier_lines(Some("app-admin"), &["audit", "show", "--json"])?;
+    let mut ops: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &shown {
+        let op = r.get("operation").and_then(Value::as_str).unwrap_or("?");
+        let decision = r.get("decision").and_then(Value::as_str).unwrap_or("?");
+        let n = ops.entry(format!("{op} {decision}")).or_default();
+        *n = n.saturating_add(1);
+    }
+    let refusals: Vec<String> = shown
+        .iter()
+        .filter(|r| r.get("decision").and_then(Value::as_str) == Some("refused"))
+        .filter_map(|r| r.get("reason").and_then(Value::as_str).map(str::to_owned))
+        .collect();
+    detail(format!(
+        "intact: {} records, head {}",
+        verified
+            .get("records")
+            .map(Value::to_string)
+            .unwrap_or_default(),
+        verified.get("head").and_then(Value::as_str).unwrap_or("?")
+    ));
+    for (op, n) in &ops {
+        detail(format!("{n:>3} × {op}"));
+    }
+    ensure!(
+        !refusals.is_empty(),
+        "the modified enclave's refusal is not in the audit log"
+    );
+    for reason in refusals.iter().take(3) {
+        detail(format!("refusal recorded for the operator: {reason}"));
+    }
+    println!("\ndemo OK: data was readable only inside the attested enclave; the parent carried ciphertext only");
+    Ok(())
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The output is the input with column 0 replaced by a 64-hex pseudonym,
+/// one pseudonym per person.
+fn check_output(input: &str, output: &str) -> Result<()> {
+    let ins: Vec<&str> = input.lines().collect();
+    let outs: Vec<&str> = output.lines().collect();
+    ensure!(
+        ins.len() == outs.len(),
+        "{} records in, {} out",
+        ins.len(),
+        outs.len()
+    );
+    ensure!(ins.first() == outs.first(), "the header line changed");
+    let mut mapping: BTreeMap<&str, &str> = BTreeMap::new();
+    for (i, o) in ins.iter().zip(&outs).skip(1) {
+        let (nrn, rest_in) = i.split_once(',').ok_or_else(|| anyhow!("bad input line"))?;
+        let (pseudonym, rest_out) = o
+            .split_once(',')
+            .ok_or_else(|| anyhow!("bad output line"))?;
+        ensure!(
+            rest_in == rest_out,
+            "a column other than the pseudonymised one changed"
+        );
+        ensure!(
+            pseudonym.len() == 64 && pseudonym.bytes().all(|b| b.is_ascii_hexdigit()),
+            "a pseudonym is not 64 hex digits"
+        );
+        ensure!(!output.contains(nrn), "a national register number survived");
+        let previous = mapping.insert(nrn, pseudonym);
+        ensure!(
+            previous.is_none_or(|p| p == pseudonym),
+            "one person got two pseudonyms"
+        );
+    }
+    let distinct: BTreeSet<&&str> = mapping.values().collect();
+    ensure!(
+        distinct.len() == mapping.len(),
+        "two people got one pseudonym"
+    );
     Ok(())
 }

@@ -1,11 +1,10 @@
-//! `parent`: runs on the EC2 host, outside the enclave. It relays ciphertext
-//! between the enclave and the verifier and runs jobs; it never holds a key.
-//!
-//! Today it carries the local demonstration (`parent demo`): the attestation
-//! half of the key-release protocol, end to end, on the simulated NSM.
+//! `parent`: runs on the EC2 host, outside the enclave. It relays the
+//! enclave's verifier traffic and runs jobs; it never holds a key.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "demo")]
 mod demo;
+mod run_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -20,27 +19,79 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the local demonstration on the simulated NSM: an enclave attests with
-    /// an ephemeral key and the verifier's nonce; the verifier checks the document
-    /// against the (explicitly trusted) simulated root, then shows the attacks it
-    /// refuses. Exits 0 when every step behaved as it must.
+    /// Run a job: stream the encrypted input through the enclave and write
+    /// the encrypted output, relaying the enclave's key request to the verifier.
+    Run(run_cmd::RunArgs),
+    /// Relay enclave connections to the verifier (a long-running service).
+    Relay(run_cmd::RelayArgs),
+    /// The local demonstration, end to end on the simulated NSM: verifier,
+    /// keys and policy, enclave, an encrypted dataset pseudonymised through
+    /// the parent, decrypted and checked, audit verified. Exits 0 when every
+    /// step behaved as it must.
+    #[cfg(feature = "demo")]
     Demo {
-        /// Keep the demo's files (root certificate, document) in this directory
-        /// instead of a temporary one.
+        /// Keep the demo's files in this directory instead of a temporary one.
         #[arg(long, value_name = "DIR")]
         keep: Option<std::path::PathBuf>,
+        /// Records in the sample dataset.
+        #[arg(long, default_value_t = 1000)]
+        records: u32,
     },
+    /// The attestation verifier's command line (the demo runs it as a child).
+    #[cfg(feature = "demo")]
+    #[command(hide = true, disable_help_flag = true)]
+    Verifier {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// The enclave's command line (the demo runs it as a child).
+    #[cfg(feature = "demo")]
+    #[command(hide = true, disable_help_flag = true)]
+    Enclave {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { keep } => demo::run(keep.as_deref()),
+        Command::Run(args) => {
+            init_logging();
+            run_cmd::run(&args)
+        }
+        Command::Relay(args) => {
+            init_logging();
+            run_cmd::relay(&args)
+        }
+        #[cfg(feature = "demo")]
+        Command::Demo { keep, records } => demo::run(keep.as_deref(), records),
+        #[cfg(feature = "demo")]
+        Command::Verifier { args } => {
+            return attestation_verifier::cli::run_from(
+                std::iter::once(std::ffi::OsString::from("attestation-verifier")).chain(args),
+            )
+        }
+        #[cfg(feature = "demo")]
+        Command::Enclave { args } => {
+            return kluis_enclave::cli::run_from(
+                std::iter::once(std::ffi::OsString::from("enclave")).chain(args),
+            )
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("demo failed: {e:#}");
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
     }

@@ -29,6 +29,17 @@ pub(crate) enum DataCommand {
         /// Envelope output (`-` for stdout).
         output: PathBuf,
     },
+    /// Make a new secret for an enclave workload (for example the
+    /// pseudonymisation key) under master key --key, and write only its
+    /// wrapped form to OUT: the plaintext secret exists only inside attested
+    /// enclaves that the key's policy admits. Hand OUT to `parent run --secret`.
+    NewSecret {
+        /// The master key.
+        #[arg(long)]
+        key: String,
+        /// Where the wrapped secret goes (refused if it exists).
+        output: PathBuf,
+    },
     /// Decrypt envelope IN to OUT (the key comes from the envelope's header).
     Decrypt {
         /// Envelope input (`-` for stdin).
@@ -133,6 +144,30 @@ pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failu
                     &json!({ "key": name.as_str(), "version": wrapped.version, "plaintext_bytes": bytes, "output": output.display().to_string() }),
                 );
             }
+        }
+        DataCommand::NewSecret { key, output } => {
+            let name = KeyName::parse(key)?;
+            let session = Session::start(store, Permission::UseData, "data.new_secret")?;
+            let (secret, wrapped) = session.audited("data.new_secret", &name, |k| {
+                k.generate_data_key(&name, now_ms()).map(|(dk, w)| {
+                    let v = w.version;
+                    ((dk, w), Some(v))
+                })
+            })?;
+            // The plaintext is not needed here: drop (zeroize) it at once.
+            drop(secret);
+            let bytes = wrapped.to_bytes();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(output)
+                .with_context(|| format!("creating {}", output.display()))?;
+            file.write_all(&bytes)
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("writing {}", output.display()))?;
+            emit(
+                &json!({ "key": name.as_str(), "version": wrapped.version, "wrapped_secret": output.display().to_string() }),
+            );
         }
         DataCommand::Decrypt { input, output } => {
             let session = Session::start(store, Permission::UseData, "data.decrypt")?;

@@ -57,6 +57,7 @@ mod error;
 pub mod frame;
 mod hpke_p384;
 mod identity;
+pub mod job;
 pub mod keys;
 pub mod message;
 mod seal;

@@ -323,7 +323,7 @@ pub trait Message: Serialize + DeserializeOwned + private::Sealed {
     }
 }
 
-mod private {
+pub(crate) mod private {
     pub trait Sealed {}
     impl Sealed for super::Request {}
     impl Sealed for super::Response {}

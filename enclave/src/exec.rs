@@ -1,0 +1,246 @@
+//! `exec` workloads: a program shipped in the enclave image, with the job's
+//! plaintext on its stdin and its stdout sealed as the output.
+//!
+//! Only programs in the image's workload directory run: the parent names
+//! one by its file name (no path, no `..`), and the resolved file must be a
+//! regular file inside that directory. The program runs inside the enclave
+//! with an empty environment; its stderr is discarded (it could echo
+//! plaintext, and the only place to send it is the parent). It must read
+//! all its input and exit 0, or the job fails.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use kluis_envelope::EnvelopeReader;
+use zeroize::Zeroizing;
+
+use crate::job::{BatchSender, JobError, ToSealer};
+use crate::workload::Counts;
+
+const PIPE_CHUNK: usize = 256 * 1024;
+
+/// A checked `exec` request.
+#[derive(Debug, Clone)]
+pub struct ExecPlan {
+    program: PathBuf,
+    args: Vec<String>,
+    dir: PathBuf,
+}
+
+fn name_is_plain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Check that `program` names a regular file in `dir` and the arguments are
+/// printable text.
+pub fn check_request(
+    dir: Option<&Path>,
+    program: &str,
+    args: &[String],
+) -> Result<ExecPlan, JobError> {
+    let dir = dir.ok_or_else(|| {
+        JobError::new(
+            "exec_refused",
+            "this enclave has no workload directory: exec is off",
+        )
+    })?;
+    if !name_is_plain(program) {
+        return Err(JobError::new(
+            "exec_refused",
+            "a program is named by its plain file name (letters, digits, '.', '_', '-')",
+        ));
+    }
+    if args
+        .iter()
+        .any(|a| a.chars().any(char::is_control) || a.len() > 1024)
+    {
+        return Err(JobError::new(
+            "exec_refused",
+            "arguments must be short printable text",
+        ));
+    }
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| JobError::new("exec_refused", format!("workload directory: {e}")))?;
+    let path = dir.join(program).canonicalize().map_err(|_| {
+        JobError::new(
+            "exec_refused",
+            format!("no program {program:?} in the image"),
+        )
+    })?;
+    let is_file = std::fs::metadata(&path)
+        .map(|m| m.is_file())
+        .unwrap_or(false);
+    if !path.starts_with(&dir) || !is_file {
+        return Err(JobError::new(
+            "exec_refused",
+            format!("{program:?} is not a program of the image"),
+        ));
+    }
+    Ok(ExecPlan {
+        program: path,
+        args: args.to_vec(),
+        dir,
+    })
+}
+
+/// Kills the child unless it was waited for.
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn count(bytes: &[u8]) -> u64 {
+    u64::try_from(memchr::memchr_iter(b'\n', bytes).count()).unwrap_or(u64::MAX)
+}
+
+/// Run the program over the decrypted input; its output goes to the sealer.
+pub(crate) fn run<R: Read + Send>(
+    input: &mut EnvelopeReader<R>,
+    plan: &ExecPlan,
+    batches: &BatchSender,
+) -> Result<Counts, JobError> {
+    let mut child = ChildGuard(Some(
+        Command::new(&plan.program)
+            .args(&plan.args)
+            .env_clear()
+            .current_dir(&plan.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| JobError::new("exec", format!("starting the program: {e}")))?,
+    ));
+    let running = child
+        .0
+        .as_mut()
+        .ok_or_else(|| JobError::new("internal", "no child"))?;
+    let mut stdin = running
+        .stdin
+        .take()
+        .ok_or_else(|| JobError::new("internal", "no stdin"))?;
+    let mut stdout = running
+        .stdout
+        .take()
+        .ok_or_else(|| JobError::new("internal", "no stdout"))?;
+
+    let (fed, produced) = std::thread::scope(|scope| {
+        let feeder = scope.spawn(move || -> Result<u64, JobError> {
+            let mut buf = Zeroizing::new(vec![0u8; PIPE_CHUNK]);
+            let mut records = 0u64;
+            let mut last = b'\n';
+            loop {
+                let n = input
+                    .read(&mut buf)
+                    .map_err(|e| crate::job::read_error(&e))?;
+                let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else {
+                    break;
+                };
+                records = records.saturating_add(count(chunk));
+                last = chunk.last().copied().unwrap_or(last);
+                stdin
+                    .write_all(chunk)
+                    .map_err(|_| JobError::new("exec", "the program stopped reading its input"))?;
+            }
+            drop(stdin);
+            Ok(records.saturating_add(u64::from(last != b'\n')))
+        });
+        let mut records_out = 0u64;
+        let mut last = b'\n';
+        let produced = loop {
+            let mut buf = Zeroizing::new(vec![0u8; PIPE_CHUNK]);
+            match stdout.read(&mut buf) {
+                Ok(0) => break Ok(records_out.saturating_add(u64::from(last != b'\n'))),
+                Ok(n) => {
+                    buf.truncate(n);
+                    records_out = records_out.saturating_add(count(&buf));
+                    last = buf.last().copied().unwrap_or(last);
+                    if batches.send(ToSealer::Batch(buf)).is_err() {
+                        break Err(JobError::new("output_closed", "the sealer stopped"));
+                    }
+                }
+                Err(e) => {
+                    break Err(JobError::new(
+                        "exec",
+                        format!("reading the program's output: {e}"),
+                    ))
+                }
+            }
+        };
+        drop(stdout);
+        let fed = feeder
+            .join()
+            .unwrap_or_else(|_| Err(JobError::new("internal", "feeder failed")));
+        (fed, produced)
+    });
+    // The input's error (tampering, truncation) explains more than the
+    // program's reaction to it.
+    let records_in = fed?;
+    let records_out = produced?;
+    let mut running = child
+        .0
+        .take()
+        .ok_or_else(|| JobError::new("internal", "no child"))?;
+    let status = running
+        .wait()
+        .map_err(|e| JobError::new("exec", format!("waiting for the program: {e}")))?;
+    if !status.success() {
+        return Err(JobError::new(
+            "exec",
+            format!("the program failed ({status})"),
+        ));
+    }
+    Ok(Counts {
+        records_in,
+        records_out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn only_plain_names_inside_the_directory_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = dir.path().join("upper.sh");
+        std::fs::write(&prog, "#!/bin/sh\ntr a-z A-Z\n").unwrap();
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        assert!(check_request(Some(dir.path()), "upper.sh", &[]).is_ok());
+        for bad in ["", "../x", "/bin/sh", ".hidden", "a/b", "missing"] {
+            let err = check_request(Some(dir.path()), bad, &[]).unwrap_err();
+            assert_eq!(err.kind, "exec_refused", "{bad:?}");
+        }
+        // A symlink out of the directory is refused.
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        assert_eq!(
+            check_request(Some(dir.path()), "link", &[])
+                .unwrap_err()
+                .kind,
+            "exec_refused"
+        );
+        assert_eq!(
+            check_request(None, "upper.sh", &[]).unwrap_err().kind,
+            "exec_refused"
+        );
+        assert_eq!(
+            check_request(Some(dir.path()), "upper.sh", &["a\nb".into()])
+                .unwrap_err()
+                .kind,
+            "exec_refused"
+        );
+    }
+}

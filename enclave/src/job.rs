@@ -1,0 +1,543 @@
+//! One confidential job, from the enclave's side.
+//!
+//! ```text
+//! parent ─Start, Data…, End─▶ input pump ─ciphertext─▶ [header] ─▶ key release (via the parent's relay)
+//!                                                     │
+//!                        decrypt + workload (thread) ─plaintext batches─▶ seal (thread) ─Data…─▶ event writer ─▶ parent
+//! ```
+//!
+//! - The input pump and the event writer are async tasks; decryption with
+//!   the workload, and sealing, are two blocking threads joined by a bounded
+//!   channel, so the two AES-GCM passes run on two cores and every stage
+//!   waits for the slower one (back-pressure end to end: a parent that sends
+//!   faster than the enclave works blocks on its socket; one that reads
+//!   slower stalls the enclave, never grows its memory).
+//! - Memory per job is constant: a few chunks of ciphertext in channels,
+//!   one segment of plaintext in the reader and writer, one batch in the
+//!   workload.
+//! - Plaintext lives only in zeroizing buffers; the data keys are
+//!   [`DataKey`]s (zeroized on drop) and never leave this module.
+//! - The job is `Done` only when the input envelope authenticated to its
+//!   final segment, the parent said `End`, the workload finished and the
+//!   output's final segment was sent. Any error before that sends `Failed`
+//!   with a stable kind, and the output sent so far can never decrypt as
+//!   complete (it lacks its final segment).
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kluis_envelope::{
+    DataKey, DecryptError, EncryptError, EnvelopeHeader, EnvelopeReader, EnvelopeWriter, WrappedKey,
+};
+use kluis_proto::job::{
+    JobCounts, JobEvent, JobRequest, JobSpec, WorkloadSpec, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
+};
+use kluis_proto::{read_message, write_message, KeyOperation, ReleasedKey, WireError};
+use kluis_transport::BoxStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use zeroize::Zeroizing;
+
+use crate::workload::{self, add_counts, Counts, RecordFramer};
+use crate::{exec, release, EnclaveContext};
+
+/// Plaintext read from the input envelope at a time.
+const READ_CHUNK: usize = 256 * 1024;
+/// Ciphertext chunks in flight in each direction.
+const CHANNEL_DEPTH: usize = 8;
+/// Plaintext batches in flight between the workload and the sealer.
+const BATCH_DEPTH: usize = 4;
+
+/// From the workload to the sealer.
+pub(crate) enum ToSealer {
+    /// Plaintext to seal.
+    Batch(Zeroizing<Vec<u8>>),
+    /// The workload completed: seal the final segment. Without this the
+    /// output is never finished, so it can never decrypt as complete.
+    Finish,
+}
+
+pub(crate) type BatchSender = std::sync::mpsc::SyncSender<ToSealer>;
+/// How often progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Why a job failed: a stable kind and a message without secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct JobError {
+    /// Stable kind, sent to the parent.
+    pub kind: &'static str,
+    /// What happened.
+    pub message: String,
+}
+
+impl JobError {
+    pub(crate) fn new(kind: &'static str, message: impl Into<String>) -> Self {
+        JobError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+fn decrypt_error(e: &DecryptError) -> JobError {
+    let kind = match e {
+        DecryptError::WrongKey => "input_wrong_key",
+        DecryptError::Truncated { .. } => "input_truncated",
+        DecryptError::Header(_) => "input_header",
+        DecryptError::Io(_) => "input_io",
+        _ => "input_tampered",
+    };
+    JobError::new(kind, format!("input envelope: {e}"))
+}
+
+pub(crate) fn read_error(e: &std::io::Error) -> JobError {
+    match DecryptError::from_io(e) {
+        Some(d) => decrypt_error(d),
+        None => JobError::new("input_io", format!("reading the input: {e}")),
+    }
+}
+
+fn write_error(e: &std::io::Error) -> JobError {
+    match EncryptError::from_io(e) {
+        Some(EncryptError::Io(_)) | None => JobError::new(
+            "output_closed",
+            "the parent stopped taking output".to_owned(),
+        ),
+        Some(other) => JobError::new("output", format!("sealing the output: {other}")),
+    }
+}
+
+/// Reads ciphertext chunks from the input pump (blocking).
+struct ChannelReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(next) => {
+                    self.chunk = next;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let available = self.chunk.get(self.pos..).unwrap_or_default();
+        let n = available.len().min(buf.len());
+        if let (Some(dst), Some(src)) = (buf.get_mut(..n), available.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        self.pos = self.pos.saturating_add(n);
+        Ok(n)
+    }
+}
+
+/// Turns output ciphertext into `Data` events (blocking).
+struct ChannelWriter {
+    tx: mpsc::Sender<JobEvent>,
+    buf: Vec<u8>,
+    sent: u64,
+}
+
+impl ChannelWriter {
+    fn send_buffer(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_CHUNK_LEN));
+        self.sent = self
+            .sent
+            .saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
+        self.tx
+            .blocking_send(JobEvent::Data(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "output closed"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = MAX_CHUNK_LEN.saturating_sub(self.buf.len());
+        let n = room.min(data.len());
+        self.buf
+            .extend_from_slice(data.get(..n).unwrap_or_default());
+        if self.buf.len() >= MAX_CHUNK_LEN {
+            self.send_buffer()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send_buffer()
+    }
+}
+
+/// Serve one job on `stream` and return how it ended (also sent to the
+/// parent, when the connection still works).
+pub async fn serve_job(stream: BoxStream, ctx: Arc<EnclaveContext>) -> Result<JobCounts, JobError> {
+    let (reader, writer) = tokio::io::split(stream);
+    let (events_tx, events_rx) = mpsc::channel::<JobEvent>(CHANNEL_DEPTH);
+    let event_writer = tokio::spawn(write_events(writer, events_rx, ctx.idle_timeout));
+    let result = run(reader, &ctx, events_tx.clone()).await;
+    let last = match &result {
+        Ok(counts) => JobEvent::Done(*counts),
+        Err(e) => JobEvent::Failed {
+            kind: e.kind.to_owned(),
+            reason: e
+                .message
+                .chars()
+                .take(kluis_proto::job::MAX_TEXT_LEN / 4)
+                .collect(),
+        },
+    };
+    let _ = events_tx.send(last).await;
+    drop(events_tx);
+    match event_writer.await {
+        Ok(Ok(())) => result,
+        // The parent did not take the whole output: whatever `run` thought,
+        // the job did not complete.
+        Ok(Err(e)) => result.and(Err(JobError::new(
+            "output_closed",
+            format!("sending to the parent: {e}"),
+        ))),
+        Err(_) => result.and(Err(JobError::new("internal", "event writer failed"))),
+    }
+}
+
+async fn write_events<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut events: mpsc::Receiver<JobEvent>,
+    timeout: Duration,
+) -> Result<(), WireError> {
+    while let Some(event) = events.recv().await {
+        match tokio::time::timeout(
+            timeout,
+            write_message(&mut writer, &event, JOB_MAX_FRAME_LEN),
+        )
+        .await
+        {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(WireError::Frame(kluis_proto::FrameError::Io(
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "the parent stopped reading"),
+                )))
+            }
+        }
+    }
+    use tokio::io::AsyncWriteExt;
+    let _ = writer.shutdown().await;
+    Ok(())
+}
+
+/// Reads the rest of the input from the parent: `Data` until `End`.
+async fn pump_input<R: AsyncRead + Unpin>(
+    mut reader: R,
+    tx: mpsc::Sender<Vec<u8>>,
+    idle: Duration,
+) -> Result<u64, JobError> {
+    let mut total = 0u64;
+    loop {
+        let message = tokio::time::timeout(
+            idle,
+            read_message::<JobRequest, _>(&mut reader, JOB_MAX_FRAME_LEN),
+        )
+        .await
+        .map_err(|_| {
+            JobError::new(
+                "idle_timeout",
+                format!("no input from the parent for {}s", idle.as_secs()),
+            )
+        })?
+        .map_err(|e| match e {
+            WireError::Frame(kluis_proto::FrameError::Closed) => JobError::new(
+                "input_closed",
+                "the parent closed the connection before the end of the input",
+            ),
+            e => JobError::new("protocol", format!("from the parent: {e}")),
+        })?;
+        match message {
+            JobRequest::Data(bytes) => {
+                total = total.saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+                if tx.send(bytes).await.is_err() {
+                    // The decryptor stopped (it failed; it reports why).
+                    return Ok(total);
+                }
+            }
+            JobRequest::End => return Ok(total),
+            JobRequest::Start(_) => {
+                return Err(JobError::new("protocol", "a second Start in one job"))
+            }
+            _ => return Err(JobError::new("protocol", "an unknown request")),
+        }
+    }
+}
+
+/// The operations of the key request: the input's data key, the job's
+/// secrets, a fresh output data key (in this order).
+fn key_operations(header: &EnvelopeHeader, spec: &JobSpec) -> Vec<KeyOperation> {
+    let mut ops = Vec::with_capacity(spec.secrets.len().saturating_add(2));
+    ops.push(KeyOperation::DecryptDataKey {
+        wrapped: header.wrapped_key().wrapped_bytes().to_vec(),
+    });
+    for secret in &spec.secrets {
+        ops.push(KeyOperation::DecryptDataKey {
+            wrapped: secret.0.clone(),
+        });
+    }
+    ops.push(KeyOperation::GenerateDataKey {
+        key_id: spec.output_key.clone(),
+    });
+    ops
+}
+
+fn data_key(key: &ReleasedKey) -> Result<DataKey, JobError> {
+    DataKey::from_slice(key.plaintext.expose_secret())
+        .map_err(|_| JobError::new("key_release_invalid", "a released key of the wrong length"))
+}
+
+async fn run<R: AsyncRead + Unpin + Send + 'static>(
+    mut reader: R,
+    ctx: &Arc<EnclaveContext>,
+    events: mpsc::Sender<JobEvent>,
+) -> Result<JobCounts, JobError> {
+    let idle = ctx.idle_timeout;
+    let first = tokio::time::timeout(
+        idle,
+        read_message::<JobRequest, _>(&mut reader, JOB_MAX_FRAME_LEN),
+    )
+    .await
+    .map_err(|_| JobError::new("idle_timeout", "no job from the parent"))?
+    .map_err(|e| JobError::new("protocol", format!("from the parent: {e}")))?;
+    let JobRequest::Start(spec) = first else {
+        return Err(JobError::new(
+            "protocol",
+            "the first message of a job must be Start",
+        ));
+    };
+    tracing::info!(job = %spec.job_id, workload = spec.workload.name(), "job started");
+    if let WorkloadSpec::Exec { program, args } = &spec.workload {
+        exec::check_request(ctx.exec_dir.as_deref(), program, args)?;
+    }
+
+    let (input_tx, input_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
+    let pump = tokio::spawn(pump_input(reader, input_tx, idle));
+    let outcome = process(&spec, ctx, input_rx, events).await;
+    // A misbehaving parent explains most failures better than their symptom
+    // (a truncated envelope because it closed the connection, say).
+    let pumped = match tokio::time::timeout(Duration::from_secs(1), pump).await {
+        Ok(Ok(r)) => Some(r),
+        Ok(Err(_)) => Some(Err(JobError::new("internal", "input pump failed"))),
+        Err(_) => None,
+    };
+    match (outcome, pumped) {
+        (Ok(counts), Some(Ok(_))) => Ok(counts),
+        (Ok(_), None) => Err(JobError::new(
+            "protocol",
+            "the input envelope ended but the parent did not end the input",
+        )),
+        (_, Some(Err(pump_error))) => Err(pump_error),
+        (Err(e), _) => Err(e),
+    }
+}
+
+async fn process(
+    spec: &JobSpec,
+    ctx: &Arc<EnclaveContext>,
+    input_rx: mpsc::Receiver<Vec<u8>>,
+    events: mpsc::Sender<JobEvent>,
+) -> Result<JobCounts, JobError> {
+    // The header names the input's wrapped data key.
+    let (mut input, header) = tokio::task::spawn_blocking(move || {
+        let mut input = ChannelReader {
+            rx: input_rx,
+            chunk: Vec::new(),
+            pos: 0,
+        };
+        let header = EnvelopeHeader::read_from(&mut input);
+        (input, header)
+    })
+    .await
+    .map_err(|_| JobError::new("internal", "header reader failed"))?;
+    let header = header.map_err(|e| decrypt_error(&DecryptError::Header(e)))?;
+
+    let ops = key_operations(&header, spec);
+    let released = release::release_keys(ctx, ops).await?;
+    let (input_key, rest) = released
+        .split_first()
+        .ok_or_else(|| JobError::new("key_release_invalid", "no keys released"))?;
+    let (output_key, secrets) = rest
+        .split_last()
+        .ok_or_else(|| JobError::new("key_release_invalid", "no output key released"))?;
+    let input_key = data_key(input_key)?;
+    let output_data_key = data_key(output_key)?;
+    let wrapped_output = WrappedKey::new(
+        output_key.key_id.clone(),
+        output_key.version,
+        output_key.wrapped.clone(),
+    )
+    .map_err(|e| JobError::new("key_release_invalid", format!("output key: {e}")))?;
+    let secrets: Vec<kluis_proto::PlaintextKey> = secrets
+        .iter()
+        .filter_map(|k| kluis_proto::PlaintextKey::from_slice(k.plaintext.expose_secret()))
+        .collect();
+    drop(released);
+
+    let started = JobEvent::Started {
+        output_key_id: output_key_id(&wrapped_output),
+        output_key_version: wrapped_output.cmk_version(),
+    };
+    events
+        .send(started)
+        .await
+        .map_err(|_| JobError::new("output_closed", "the parent stopped taking output"))?;
+
+    let workload = workload::build(&spec.workload, &secrets)
+        .map_err(|e| JobError::new("workload", e.to_string()))?;
+    drop(secrets);
+    let exec_plan = match (&spec.workload, workload.is_none()) {
+        (WorkloadSpec::Exec { program, args }, true) => {
+            Some(exec::check_request(ctx.exec_dir.as_deref(), program, args)?)
+        }
+        _ => None,
+    };
+
+    let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<ToSealer>(BATCH_DEPTH);
+    let seal_events = events.clone();
+    let sealer = tokio::task::spawn_blocking(move || {
+        seal_stage(batch_rx, &output_data_key, wrapped_output, seal_events)
+    });
+    let progress_events = events;
+    let worker = tokio::task::spawn_blocking(move || -> Result<Counts, JobError> {
+        let mut reader = EnvelopeReader::with_header(&mut input, header, &input_key)
+            .map_err(|e| decrypt_error(&e))?;
+        drop(input_key);
+        let counts = match (workload, exec_plan) {
+            (Some(w), _) => work_stage(&mut reader, w, &batch_tx, &progress_events),
+            (None, Some(plan)) => exec::run(&mut reader, &plan, &batch_tx),
+            (None, None) => Err(JobError::new("internal", "no workload")),
+        }?;
+        batch_tx
+            .send(ToSealer::Finish)
+            .map_err(|_| JobError::new("output_closed", "the sealer stopped"))?;
+        Ok(counts)
+    });
+    let worked = worker
+        .await
+        .map_err(|_| JobError::new("internal", "workload thread failed"))?;
+    let sealed = sealer
+        .await
+        .map_err(|_| JobError::new("internal", "sealing thread failed"))?;
+    let counts = worked?;
+    let (bytes_in, bytes_out) = sealed?;
+    Ok(JobCounts {
+        records_in: counts.records_in,
+        records_out: counts.records_out,
+        bytes_in,
+        bytes_out,
+    })
+}
+
+fn output_key_id(wrapped: &WrappedKey) -> String {
+    wrapped.cmk_id().to_owned()
+}
+
+/// Decrypt, frame into records, run the workload, pass batches on.
+fn work_stage<R: Read>(
+    reader: &mut EnvelopeReader<R>,
+    mut workload: Box<dyn workload::Workload>,
+    batches: &BatchSender,
+    events: &mpsc::Sender<JobEvent>,
+) -> Result<Counts, JobError> {
+    let mut buf = Zeroizing::new(vec![0u8; READ_CHUNK]);
+    let mut framer = RecordFramer::default();
+    let mut totals = Counts::default();
+    let mut bytes_in = 0u64;
+    let mut last_progress = Instant::now();
+    let send = |batch: Zeroizing<Vec<u8>>| {
+        batches
+            .send(ToSealer::Batch(batch))
+            .map_err(|_| JobError::new("output_closed", "the sealer stopped"))
+    };
+    let workload_error = |e: workload::WorkloadError| JobError::new("workload", e.to_string());
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| read_error(&e))?;
+        if n == 0 {
+            break;
+        }
+        bytes_in = bytes_in.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+        let mut out = Zeroizing::new(Vec::with_capacity(n.saturating_add(n / 2)));
+        framer
+            .feed(buf.get(..n).unwrap_or_default(), |batch| {
+                add_counts(&mut totals, workload.process(batch, &mut out)?);
+                Ok(())
+            })
+            .map_err(workload_error)?;
+        if !out.is_empty() {
+            send(out)?;
+        }
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            let _ = events.try_send(JobEvent::Progress(JobCounts {
+                records_in: totals.records_in,
+                records_out: totals.records_out,
+                bytes_in,
+                bytes_out: 0,
+            }));
+        }
+    }
+    let mut out = Zeroizing::new(Vec::new());
+    framer
+        .finish(|batch| {
+            add_counts(&mut totals, workload.process(batch, &mut out)?);
+            Ok(())
+        })
+        .map_err(workload_error)?;
+    add_counts(
+        &mut totals,
+        workload.finish(&mut out).map_err(workload_error)?,
+    );
+    if !out.is_empty() {
+        send(out)?;
+    }
+    Ok(totals)
+}
+
+/// Seal plaintext batches into the output envelope; returns (plaintext
+/// bytes, envelope bytes).
+fn seal_stage(
+    batches: std::sync::mpsc::Receiver<ToSealer>,
+    key: &DataKey,
+    wrapped: WrappedKey,
+    events: mpsc::Sender<JobEvent>,
+) -> Result<(u64, u64), JobError> {
+    let sink = ChannelWriter {
+        tx: events,
+        buf: Vec::with_capacity(MAX_CHUNK_LEN),
+        sent: 0,
+    };
+    let mut writer = EnvelopeWriter::new(sink, key, wrapped)
+        .map_err(|e| JobError::new("output", format!("starting the output: {e}")))?;
+    let mut plaintext = 0u64;
+    loop {
+        match batches.recv() {
+            Ok(ToSealer::Batch(batch)) => {
+                writer.write_all(&batch).map_err(|e| write_error(&e))?;
+                plaintext =
+                    plaintext.saturating_add(u64::try_from(batch.len()).unwrap_or(u64::MAX));
+            }
+            Ok(ToSealer::Finish) => break,
+            // The workload failed: leave the output without its final
+            // segment (and send nothing more).
+            Err(_) => return Err(JobError::new("aborted", "the workload did not complete")),
+        }
+    }
+    let mut sink = writer
+        .finish()
+        .map_err(|e| JobError::new("output", format!("finishing the output: {e}")))?;
+    sink.flush().map_err(|e| write_error(&e))?;
+    Ok((plaintext, sink.sent))
+}

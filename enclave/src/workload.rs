@@ -1,0 +1,707 @@
+//! Workloads: what a job does to the plaintext, inside the enclave.
+//!
+//! In-process workloads implement [`Workload`]: they see batches of whole
+//! records (newline-terminated; the last record of a stream may lack its
+//! newline) and append their output to a zeroizing buffer. The job runner
+//! does the framing, so a workload never sees a record cut in two and never
+//! holds more than one batch. `exec` workloads run a program from the image
+//! instead (see [`crate::exec`]).
+//!
+//! Built-ins:
+//! - [`Identity`]: records out as they came in (the benchmark's workload).
+//! - [`Reencrypt`]: the bytes unchanged under a fresh data key: data-key
+//!   rotation without touching content.
+//! - [`Pseudonymise`]: one column replaced by HMAC-SHA256 under a secret the
+//!   verifier releases (hex, 64 characters): the same person gets the same
+//!   pseudonym within one secret, and nobody without the secret can link a
+//!   pseudonym to a national register number (a dictionary attack over the
+//!   ~10^11 numbers needs the key).
+//! - [`Aggregate`]: count (and sum a column) per value of a column.
+
+use std::collections::BTreeMap;
+
+use aws_lc_rs::hmac;
+use kluis_proto::job::WorkloadSpec;
+use zeroize::{Zeroize, Zeroizing};
+
+/// Longest record accepted (bytes, newline included).
+pub const MAX_RECORD_LEN: usize = 1024 * 1024;
+/// Most distinct groups an [`Aggregate`] keeps.
+pub const MAX_GROUPS: usize = 1_000_000;
+
+/// Records read and written by one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Records consumed.
+    pub records_in: u64,
+    /// Records produced.
+    pub records_out: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: Counts) {
+        self.records_in = self.records_in.saturating_add(other.records_in);
+        self.records_out = self.records_out.saturating_add(other.records_out);
+    }
+}
+
+/// Why a workload refused its input. Messages name positions and rules,
+/// never record contents.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkloadError {
+    /// A record has fewer columns than the workload needs.
+    #[error("record {record}: no column {column} (the record has {found} column(s))")]
+    MissingColumn {
+        /// Record number (1-based, header included).
+        record: u64,
+        /// The column asked for.
+        column: u32,
+        /// Columns present.
+        found: usize,
+    },
+    /// A value is not a valid national register number.
+    #[error("record {record}: column {column} is not a valid national register number ({why})")]
+    NotANationalNumber {
+        /// Record number (1-based).
+        record: u64,
+        /// The column.
+        column: u32,
+        /// Which rule failed (length, digits, check digits).
+        why: &'static str,
+    },
+    /// A value to sum is not an integer.
+    #[error("record {record}: column {column} is not an integer")]
+    NotAnInteger {
+        /// Record number (1-based).
+        record: u64,
+        /// The column.
+        column: u32,
+    },
+    /// A sum left the range of 128-bit integers.
+    #[error("the sum of column {column} overflowed")]
+    Overflow {
+        /// The column.
+        column: u32,
+    },
+    /// More groups than [`MAX_GROUPS`].
+    #[error("more than {limit} groups")]
+    TooManyGroups {
+        /// The limit.
+        limit: usize,
+    },
+    /// A record longer than [`MAX_RECORD_LEN`].
+    #[error("a record longer than {limit} bytes")]
+    RecordTooLong {
+        /// The limit.
+        limit: usize,
+    },
+    /// The job's parameters are unusable.
+    #[error("bad workload parameters: {0}")]
+    BadParameters(String),
+}
+
+/// An in-process workload.
+pub trait Workload: Send {
+    /// Process `batch`, whole records only, appending output to `out`.
+    fn process(&mut self, batch: &[u8], out: &mut Vec<u8>) -> Result<Counts, WorkloadError>;
+
+    /// The input is complete: append any final output.
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<Counts, WorkloadError> {
+        let _ = out;
+        Ok(Counts::default())
+    }
+}
+
+fn count_records(batch: &[u8]) -> u64 {
+    let newlines = memchr::memchr_iter(b'\n', batch).count();
+    let unterminated = !batch.is_empty() && batch.last() != Some(&b'\n');
+    u64::try_from(newlines)
+        .unwrap_or(u64::MAX)
+        .saturating_add(u64::from(unterminated))
+}
+
+/// Records out as they came in.
+#[derive(Debug, Default)]
+pub struct Identity;
+
+impl Workload for Identity {
+    fn process(&mut self, batch: &[u8], out: &mut Vec<u8>) -> Result<Counts, WorkloadError> {
+        out.extend_from_slice(batch);
+        let n = count_records(batch);
+        Ok(Counts {
+            records_in: n,
+            records_out: n,
+        })
+    }
+}
+
+/// The bytes unchanged (under the job's fresh output key): data-key rotation.
+#[derive(Debug, Default)]
+pub struct Reencrypt;
+
+impl Workload for Reencrypt {
+    fn process(&mut self, batch: &[u8], out: &mut Vec<u8>) -> Result<Counts, WorkloadError> {
+        Identity.process(batch, out)
+    }
+}
+
+/// Split `batch` into records: each with its newline, if it had one.
+fn records(batch: &[u8]) -> impl Iterator<Item = &[u8]> {
+    batch.split_inclusive(|b| *b == b'\n')
+}
+
+/// `record` without its line ending (`\n` or `\r\n`), and the ending.
+fn split_ending(record: &[u8]) -> (&[u8], &[u8]) {
+    let cut = if record.ends_with(b"\r\n") {
+        2
+    } else if record.ends_with(b"\n") {
+        1
+    } else {
+        0
+    };
+    record.split_at(record.len().saturating_sub(cut))
+}
+
+/// Replace column `column` by HMAC-SHA256(secret, value) in lowercase hex.
+pub struct Pseudonymise {
+    key: hmac::Key,
+    column: u32,
+    delimiter: u8,
+    skip_header: bool,
+    check_national_number: bool,
+    seen: u64,
+}
+
+impl std::fmt::Debug for Pseudonymise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pseudonymise")
+            .field("key", &"[redacted]")
+            .field("column", &self.column)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pseudonymise {
+    /// A pseudonymiser keyed by `secret` (AWS-LC cleanses the key schedule
+    /// when it is dropped).
+    pub fn new(
+        secret: &[u8],
+        column: u32,
+        delimiter: u8,
+        skip_header: bool,
+        check_national_number: bool,
+    ) -> Self {
+        Pseudonymise {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            column,
+            delimiter,
+            skip_header,
+            check_national_number,
+            seen: 0,
+        }
+    }
+}
+
+/// Check a Belgian national register number (rijksregisternummer /
+/// numéro de registre national): 11 digits after removing `.`, `-` and
+/// spaces; the last two are 97 minus the first nine taken as a number, mod
+/// 97 — with a `2` prefixed for people born in or after 2000.
+pub fn check_national_number(value: &[u8]) -> Result<(), &'static str> {
+    let mut digits = [0u8; 11];
+    let mut n = 0usize;
+    for &b in value {
+        match b {
+            b'.' | b'-' | b' ' => {}
+            b'0'..=b'9' => {
+                let slot = digits.get_mut(n).ok_or("more than 11 digits")?;
+                *slot = b.wrapping_sub(b'0');
+                n = n.saturating_add(1);
+            }
+            _ => return Err("a character other than digits, '.', '-' or ' '"),
+        }
+    }
+    if n != 11 {
+        return Err("fewer than 11 digits");
+    }
+    let mut base: u64 = 0;
+    for d in digits.iter().take(9) {
+        base = base.saturating_mul(10).saturating_add(u64::from(*d));
+    }
+    let check = digits.iter().skip(9).fold(0u64, |acc, d| {
+        acc.saturating_mul(10).saturating_add(u64::from(*d))
+    });
+    let expected_1900 = 97u64.saturating_sub(base % 97);
+    let expected_2000 = 97u64.saturating_sub((2_000_000_000u64.saturating_add(base)) % 97);
+    if check == expected_1900 || check == expected_2000 {
+        Ok(())
+    } else {
+        Err("wrong check digits")
+    }
+}
+
+impl Workload for Pseudonymise {
+    fn process(&mut self, batch: &[u8], out: &mut Vec<u8>) -> Result<Counts, WorkloadError> {
+        let mut counts = Counts::default();
+        let column = usize::try_from(self.column).unwrap_or(usize::MAX);
+        for record in records(batch) {
+            self.seen = self.seen.saturating_add(1);
+            counts.records_in = counts.records_in.saturating_add(1);
+            counts.records_out = counts.records_out.saturating_add(1);
+            if self.skip_header && self.seen == 1 {
+                out.extend_from_slice(record);
+                continue;
+            }
+            let (body, ending) = split_ending(record);
+            let fields = body.split(|b| *b == self.delimiter).count();
+            if column >= fields {
+                return Err(WorkloadError::MissingColumn {
+                    record: self.seen,
+                    column: self.column,
+                    found: fields,
+                });
+            }
+            for (i, field) in body.split(|b| *b == self.delimiter).enumerate() {
+                if i > 0 {
+                    out.push(self.delimiter);
+                }
+                if i == column {
+                    if self.check_national_number {
+                        check_national_number(field).map_err(|why| {
+                            WorkloadError::NotANationalNumber {
+                                record: self.seen,
+                                column: self.column,
+                                why,
+                            }
+                        })?;
+                    }
+                    let tag = hmac::sign(&self.key, field);
+                    let mut hexed = Zeroizing::new([0u8; 64]);
+                    hex::encode_to_slice(tag.as_ref(), hexed.as_mut_slice()).map_err(|_| {
+                        WorkloadError::BadParameters("pseudonym encoding".to_owned())
+                    })?;
+                    out.extend_from_slice(hexed.as_slice());
+                } else {
+                    out.extend_from_slice(field);
+                }
+            }
+            out.extend_from_slice(ending);
+        }
+        Ok(counts)
+    }
+}
+
+/// A group key: plaintext, so zeroized when dropped and never printed.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct GroupKey(Vec<u8>);
+
+impl Drop for GroupKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// Count records, and optionally sum an integer column, per value of a
+/// column. Output: `value<delim>count[<delim>sum]` lines sorted by value,
+/// after a header line naming the columns.
+pub struct Aggregate {
+    by: u32,
+    sum: Option<u32>,
+    delimiter: u8,
+    skip_header: bool,
+    seen: u64,
+    groups: BTreeMap<GroupKey, (u64, i128)>,
+}
+
+impl std::fmt::Debug for Aggregate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Aggregate")
+            .field("by", &self.by)
+            .field("sum", &self.sum)
+            .field("groups", &self.groups.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Aggregate {
+    /// An aggregation by column `by`, summing column `sum`.
+    pub fn new(by: u32, sum: Option<u32>, delimiter: u8, skip_header: bool) -> Self {
+        Aggregate {
+            by,
+            sum,
+            delimiter,
+            skip_header,
+            seen: 0,
+            groups: BTreeMap::new(),
+        }
+    }
+
+    fn field<'a>(&self, body: &'a [u8], column: u32) -> Result<&'a [u8], WorkloadError> {
+        let index = usize::try_from(column).unwrap_or(usize::MAX);
+        body.split(|b| *b == self.delimiter)
+            .nth(index)
+            .ok_or_else(|| WorkloadError::MissingColumn {
+                record: self.seen,
+                column,
+                found: body.split(|b| *b == self.delimiter).count(),
+            })
+    }
+}
+
+fn parse_integer(field: &[u8]) -> Option<i128> {
+    let text = std::str::from_utf8(field).ok()?.trim();
+    text.parse::<i128>().ok()
+}
+
+impl Workload for Aggregate {
+    fn process(&mut self, batch: &[u8], _out: &mut Vec<u8>) -> Result<Counts, WorkloadError> {
+        let mut counts = Counts::default();
+        for record in records(batch) {
+            self.seen = self.seen.saturating_add(1);
+            counts.records_in = counts.records_in.saturating_add(1);
+            if self.skip_header && self.seen == 1 {
+                continue;
+            }
+            let (body, _) = split_ending(record);
+            if body.is_empty() {
+                continue;
+            }
+            let key = self.field(body, self.by)?;
+            let add = match self.sum {
+                None => 0,
+                Some(column) => {
+                    parse_integer(self.field(body, column)?).ok_or(WorkloadError::NotAnInteger {
+                        record: self.seen,
+                        column,
+                    })?
+                }
+            };
+            let at_limit = self.groups.len() >= MAX_GROUPS;
+            let group = GroupKey(key.to_vec());
+            let entry = match self.groups.get_mut(&group) {
+                Some(entry) => entry,
+                None if at_limit => return Err(WorkloadError::TooManyGroups { limit: MAX_GROUPS }),
+                None => self.groups.entry(group).or_insert((0, 0)),
+            };
+            entry.0 = entry.0.saturating_add(1);
+            entry.1 = entry.1.checked_add(add).ok_or(WorkloadError::Overflow {
+                column: self.sum.unwrap_or(0),
+            })?;
+        }
+        Ok(counts)
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<Counts, WorkloadError> {
+        let d = char::from(self.delimiter);
+        let header = match self.sum {
+            Some(c) => format!("group{d}count{d}sum_of_column_{c}\n"),
+            None => format!("group{d}count\n"),
+        };
+        out.extend_from_slice(header.as_bytes());
+        let mut written = 1u64;
+        for (key, (count, sum)) in std::mem::take(&mut self.groups) {
+            out.extend_from_slice(&key.0);
+            let mut line = Zeroizing::new(match self.sum {
+                Some(_) => format!("{d}{count}{d}{sum}\n"),
+                None => format!("{d}{count}\n"),
+            });
+            out.extend_from_slice(line.as_bytes());
+            line.zeroize();
+            written = written.saturating_add(1);
+        }
+        Ok(Counts {
+            records_in: 0,
+            records_out: written,
+        })
+    }
+}
+
+/// Secrets a workload may use, in the job's order.
+pub type Secrets<'a> = &'a [kluis_proto::PlaintextKey];
+
+/// Build the in-process workload for `spec` (`exec` is not in-process: `None`).
+pub fn build(
+    spec: &WorkloadSpec,
+    secrets: Secrets<'_>,
+) -> Result<Option<Box<dyn Workload>>, WorkloadError> {
+    let check_delimiter = |d: u8| {
+        if d == b'\n' || d == b'\r' || !d.is_ascii() {
+            Err(WorkloadError::BadParameters(
+                "the delimiter must be one ASCII character other than CR or LF".to_owned(),
+            ))
+        } else {
+            Ok(d)
+        }
+    };
+    Ok(Some(match spec {
+        WorkloadSpec::Identity => Box::new(Identity),
+        WorkloadSpec::Reencrypt => Box::new(Reencrypt),
+        WorkloadSpec::Pseudonymise {
+            column,
+            delimiter,
+            secret,
+            header,
+            check_national_number,
+        } => {
+            let index = usize::try_from(*secret).unwrap_or(usize::MAX);
+            let key = secrets.get(index).ok_or_else(|| {
+                WorkloadError::BadParameters(format!(
+                    "secret {secret} named, {} given",
+                    secrets.len()
+                ))
+            })?;
+            Box::new(Pseudonymise::new(
+                key.expose_secret(),
+                *column,
+                check_delimiter(*delimiter)?,
+                *header,
+                *check_national_number,
+            ))
+        }
+        WorkloadSpec::Aggregate {
+            by,
+            sum,
+            delimiter,
+            header,
+        } => Box::new(Aggregate::new(
+            *by,
+            *sum,
+            check_delimiter(*delimiter)?,
+            *header,
+        )),
+        WorkloadSpec::Exec { .. } => return Ok(None),
+        _ => {
+            return Err(WorkloadError::BadParameters(
+                "a workload this enclave does not know".to_owned(),
+            ))
+        }
+    }))
+}
+
+/// Cuts a byte stream into batches of whole records.
+#[derive(Debug, Default)]
+pub struct RecordFramer {
+    carry: Zeroizing<Vec<u8>>,
+}
+
+impl RecordFramer {
+    /// Feed `chunk`; run `f` on the whole records available (carry
+    /// included). Keeps the unterminated tail for the next call.
+    pub fn feed<F>(&mut self, chunk: &[u8], mut f: F) -> Result<(), WorkloadError>
+    where
+        F: FnMut(&[u8]) -> Result<(), WorkloadError>,
+    {
+        let Some(last_newline) = memchr::memrchr(b'\n', chunk) else {
+            self.carry.extend_from_slice(chunk);
+            return self.check_carry();
+        };
+        let (whole, tail) = chunk.split_at(last_newline.saturating_add(1));
+        if self.carry.is_empty() {
+            f(whole)?;
+        } else {
+            self.carry.extend_from_slice(whole);
+            let joined = std::mem::take(&mut *self.carry);
+            let joined = Zeroizing::new(joined);
+            f(&joined)?;
+        }
+        self.carry.extend_from_slice(tail);
+        self.check_carry()
+    }
+
+    fn check_carry(&self) -> Result<(), WorkloadError> {
+        if self.carry.len() > MAX_RECORD_LEN {
+            return Err(WorkloadError::RecordTooLong {
+                limit: MAX_RECORD_LEN,
+            });
+        }
+        Ok(())
+    }
+
+    /// End of input: the unterminated last record, if any.
+    pub fn finish<F>(&mut self, mut f: F) -> Result<(), WorkloadError>
+    where
+        F: FnMut(&[u8]) -> Result<(), WorkloadError>,
+    {
+        if self.carry.is_empty() {
+            return Ok(());
+        }
+        let last = Zeroizing::new(std::mem::take(&mut *self.carry));
+        f(&last)
+    }
+}
+
+/// Running totals.
+pub(crate) fn add_counts(total: &mut Counts, more: Counts) {
+    total.add(more);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn run(w: &mut dyn Workload, input: &[u8], chunk: usize) -> (Vec<u8>, Counts) {
+        let mut framer = RecordFramer::default();
+        let mut out = Vec::new();
+        let mut total = Counts::default();
+        for piece in input.chunks(chunk.max(1)) {
+            framer
+                .feed(piece, |batch| {
+                    total.add(w.process(batch, &mut out)?);
+                    Ok(())
+                })
+                .unwrap();
+        }
+        framer
+            .finish(|batch| {
+                total.add(w.process(batch, &mut out)?);
+                Ok(())
+            })
+            .unwrap();
+        total.add(w.finish(&mut out).unwrap());
+        (out, total)
+    }
+
+    #[test]
+    fn identity_is_exact_for_any_chunking() {
+        let input = b"a,1\nbb,2\r\n\nlast-without-newline";
+        for chunk in [1, 2, 3, 7, 100] {
+            let (out, counts) = run(&mut Identity, input, chunk);
+            assert_eq!(out, input, "chunk {chunk}");
+            assert_eq!(counts.records_in, 4);
+            assert_eq!(counts.records_out, 4);
+        }
+    }
+
+    #[test]
+    fn national_numbers_check() {
+        // 85.07.30-033.28: 850730033 mod 97 = 69, 97 - 69 = 28.
+        assert_eq!(check_national_number(b"85.07.30-033.28"), Ok(()));
+        assert_eq!(check_national_number(b"85073003328"), Ok(()));
+        // Born in 2000 or later: check digits over 2 followed by the nine digits.
+        let base = 10_203_045u64; // 01.02.03-045 -> 010203045
+        let check = 97 - (2_000_000_000 + base) % 97;
+        let text = format!("{base:09}{check:02}");
+        assert_eq!(check_national_number(text.as_bytes()), Ok(()));
+        assert_eq!(
+            check_national_number(b"85073003329"),
+            Err("wrong check digits")
+        );
+        assert_eq!(
+            check_national_number(b"8507300332"),
+            Err("fewer than 11 digits")
+        );
+        assert!(check_national_number(b"8507300332x").is_err());
+        assert_eq!(
+            check_national_number(b"850730033281"),
+            Err("more than 11 digits")
+        );
+    }
+
+    #[test]
+    fn pseudonymise_replaces_only_its_column_and_is_deterministic() {
+        let input = b"nrn,town\n85073003328,Gent\n85073003328,Luik\n";
+        let mut w = Pseudonymise::new(&[9u8; 32], 0, b',', true, true);
+        let (out, counts) = run(&mut w, input, 5);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "nrn,town");
+        let p1 = lines[1].split(',').next().unwrap();
+        let p2 = lines[2].split(',').next().unwrap();
+        assert_eq!(p1.len(), 64);
+        assert_eq!(p1, p2, "same person, same pseudonym");
+        assert!(lines[1].ends_with(",Gent") && lines[2].ends_with(",Luik"));
+        assert!(!text.contains("85073003328"));
+        let expected = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &[9u8; 32]),
+            b"85073003328",
+        );
+        assert_eq!(p1, hex::encode(expected.as_ref()));
+        assert_eq!(counts.records_out, 3);
+
+        // Another secret: unrelated pseudonyms.
+        let mut other = Pseudonymise::new(&[8u8; 32], 0, b',', true, true);
+        let (out2, _) = run(&mut other, input, 64);
+        assert_ne!(String::from_utf8(out2).unwrap(), text);
+    }
+
+    #[test]
+    fn pseudonymise_refuses_bad_numbers_and_missing_columns() {
+        let mut w = Pseudonymise::new(&[1u8; 32], 0, b',', false, true);
+        let err = w.process(b"85073003329,x\n", &mut Vec::new()).unwrap_err();
+        assert!(matches!(
+            err,
+            WorkloadError::NotANationalNumber { record: 1, .. }
+        ));
+        let mut w = Pseudonymise::new(&[1u8; 32], 3, b',', false, false);
+        let err = w.process(b"a,b\n", &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            err,
+            WorkloadError::MissingColumn {
+                record: 1,
+                column: 3,
+                found: 2
+            }
+        );
+        // No record content in the message.
+        assert!(!err.to_string().contains("a,b"));
+    }
+
+    #[test]
+    fn aggregate_counts_and_sums_by_group() {
+        let input = b"town;amount\nGent;10\nLuik;5\nGent;-3\nAalst;7";
+        let mut w = Aggregate::new(0, Some(1), b';', true);
+        let (out, counts) = run(&mut w, input, 4);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "group;count;sum_of_column_1\nAalst;1;7\nGent;2;7\nLuik;1;5\n"
+        );
+        assert_eq!(counts.records_in, 5);
+        assert_eq!(counts.records_out, 4);
+        let mut w = Aggregate::new(0, Some(1), b';', false);
+        let err = w.process(b"Gent;ten\n", &mut Vec::new()).unwrap_err();
+        assert!(matches!(
+            err,
+            WorkloadError::NotAnInteger {
+                record: 1,
+                column: 1
+            }
+        ));
+    }
+
+    #[test]
+    fn framer_bounds_records() {
+        let mut framer = RecordFramer::default();
+        let big = vec![b'x'; MAX_RECORD_LEN + 1];
+        let err = framer.feed(&big, |_| Ok(())).unwrap_err();
+        assert_eq!(
+            err,
+            WorkloadError::RecordTooLong {
+                limit: MAX_RECORD_LEN
+            }
+        );
+    }
+
+    #[test]
+    fn build_checks_parameters() {
+        let spec = WorkloadSpec::Pseudonymise {
+            column: 0,
+            delimiter: b',',
+            secret: 1,
+            header: false,
+            check_national_number: false,
+        };
+        assert!(matches!(
+            build(&spec, &[]),
+            Err(WorkloadError::BadParameters(_))
+        ));
+        let spec = WorkloadSpec::Aggregate {
+            by: 0,
+            sum: None,
+            delimiter: b'\n',
+            header: false,
+        };
+        assert!(build(&spec, &[]).is_err());
+        assert!(build(&WorkloadSpec::Identity, &[]).unwrap().is_some());
+    }
+}

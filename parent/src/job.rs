@@ -1,0 +1,331 @@
+//! Running a job: stream the encrypted input into the enclave, take the
+//! encrypted output back, and present it only when the enclave says the job
+//! is done.
+//!
+//! The parent holds no key and sees ciphertext only. The output goes to a
+//! temporary file beside the destination and is renamed into place (after
+//! an fsync) only on `Done`; on any failure the temporary file is removed
+//! and an earlier file at the destination is left as it was. Even without
+//! this care an interrupted output could not pass for complete: it lacks the
+//! envelope's authenticated final segment.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kluis_proto::frame::encode_frame;
+use kluis_proto::job::{
+    JobCounts, JobEvent, JobRequest, JobSpec, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
+};
+use kluis_proto::Message;
+use kluis_transport::Address;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::hook::{read_raw_frame, Channel, Direction, FrameHook};
+
+/// Input bytes per `Data` frame.
+pub const INPUT_CHUNK: usize = 256 * 1024;
+
+/// Why a job did not produce an output.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The enclave could not be reached.
+    #[error("cannot reach the enclave at {address}: {source}")]
+    Connect {
+        /// Where.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The enclave failed the job and said why.
+    #[error("the enclave failed the job ({kind}): {reason}")]
+    Failed {
+        /// Stable kind.
+        kind: String,
+        /// Its message.
+        reason: String,
+    },
+    /// The enclave went away before saying the job was done.
+    #[error("the enclave closed the connection before the job was done")]
+    Incomplete,
+    /// Nothing arrived from the enclave for too long.
+    #[error("no word from the enclave for {0:?}")]
+    Timeout(Duration),
+    /// The enclave spoke out of turn.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Reading the input or writing the output failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl RunError {
+    /// The enclave's failure kind, if it sent one.
+    pub fn enclave_kind(&self) -> Option<&str> {
+        match self {
+            RunError::Failed { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+    let context = context.into();
+    move |source| RunError::Io { context, source }
+}
+
+/// What the caller is told while a job runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Input envelope bytes sent.
+    pub sent: u64,
+    /// Output envelope bytes received.
+    pub received: u64,
+    /// The enclave's last counts.
+    pub counts: JobCounts,
+    /// Since the start.
+    pub elapsed: Duration,
+}
+
+/// How a job ended well.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// The enclave's counts.
+    pub counts: JobCounts,
+    /// Input envelope bytes sent.
+    pub input_bytes: u64,
+    /// Output envelope bytes written.
+    pub output_bytes: u64,
+    /// The CMK (id, version) the output's data key is wrapped under.
+    pub output_key: Option<(String, u32)>,
+    /// Where the output is.
+    pub output: PathBuf,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+/// Options of one job.
+#[derive(Clone)]
+pub struct JobRun {
+    /// Where the enclave takes jobs.
+    pub enclave: Address,
+    /// The job.
+    pub spec: JobSpec,
+    /// What the parent does to the frames (tests); pass-through in production.
+    pub hook: Arc<dyn FrameHook>,
+    /// Fail when the enclave says nothing this long.
+    pub idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for JobRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobRun")
+            .field("enclave", &self.enclave)
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
+}
+
+fn frame_of<M: Message>(message: &M) -> Result<Vec<u8>, RunError> {
+    let bytes = message
+        .encode()
+        .map_err(|e| RunError::Protocol(e.to_string()))?;
+    encode_frame(&bytes, JOB_MAX_FRAME_LEN).map_err(|e| RunError::Protocol(e.to_string()))
+}
+
+async fn send_input<R: AsyncRead + Unpin>(
+    mut input: R,
+    mut to_enclave: tokio::io::WriteHalf<kluis_transport::BoxStream>,
+    spec: JobSpec,
+    hook: Arc<dyn FrameHook>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<tokio::io::WriteHalf<kluis_transport::BoxStream>, RunError> {
+    let write = |frame: Vec<u8>| hook.on_frame(Channel::Job, Direction::ToEnclave, frame);
+    for f in write(frame_of(&JobRequest::Start(spec))?) {
+        to_enclave
+            .write_all(&f)
+            .await
+            .map_err(io("sending the job"))?;
+    }
+    let mut buf = vec![0u8; INPUT_CHUNK.min(MAX_CHUNK_LEN)];
+    loop {
+        let n = input
+            .read(&mut buf)
+            .await
+            .map_err(io("reading the input"))?;
+        if n == 0 {
+            break;
+        }
+        let chunk = buf.get(..n).unwrap_or_default().to_vec();
+        for f in write(frame_of(&JobRequest::Data(chunk))?) {
+            to_enclave
+                .write_all(&f)
+                .await
+                .map_err(io("sending the input"))?;
+        }
+        sent.fetch_add(
+            u64::try_from(n).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    for f in write(frame_of(&JobRequest::End)?) {
+        to_enclave
+            .write_all(&f)
+            .await
+            .map_err(io("ending the input"))?;
+    }
+    to_enclave.flush().await.map_err(io("sending the input"))?;
+    Ok(to_enclave)
+}
+
+/// Run `job` on `input`; on success the output is at `output`.
+pub async fn run_job<R>(
+    job: &JobRun,
+    input: R,
+    output: &Path,
+    mut progress: impl FnMut(&Progress),
+) -> Result<JobReport, RunError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let started = Instant::now();
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let partial = tempfile::Builder::new()
+        .prefix(".kluis-partial-")
+        .tempfile_in(&dir)
+        .map_err(io(format!(
+            "creating a temporary file in {}",
+            dir.display()
+        )))?;
+    let (partial_file, partial_path) = partial.into_parts();
+    let mut out = tokio::fs::File::from_std(partial_file);
+
+    let stream = kluis_transport::connect(&job.enclave)
+        .await
+        .map_err(|source| RunError::Connect {
+            address: job.enclave.to_string(),
+            source,
+        })?;
+    let (mut from_enclave, to_enclave) = tokio::io::split(stream);
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sender = tokio::spawn(send_input(
+        input,
+        to_enclave,
+        job.spec.clone(),
+        Arc::clone(&job.hook),
+        Arc::clone(&sent),
+    ));
+
+    let mut state = Progress::default();
+    let mut output_key = None;
+    let result: Result<JobCounts, RunError> = async {
+        loop {
+            let frame = tokio::time::timeout(
+                job.idle_timeout,
+                read_raw_frame(&mut from_enclave, JOB_MAX_FRAME_LEN),
+            )
+            .await
+            .map_err(|_| RunError::Timeout(job.idle_timeout))?
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                    RunError::Incomplete
+                }
+                _ => RunError::Protocol(format!("from the enclave: {e}")),
+            })?
+            .ok_or(RunError::Incomplete)?;
+            for frame in job
+                .hook
+                .on_frame(Channel::Job, Direction::FromEnclave, frame)
+            {
+                let body = frame
+                    .get(kluis_proto::frame::LENGTH_PREFIX_LEN..)
+                    .unwrap_or_default();
+                let (version, message) = body
+                    .split_first()
+                    .ok_or_else(|| RunError::Protocol("an empty frame".into()))?;
+                kluis_proto::frame::check_version(*version)
+                    .map_err(|e| RunError::Protocol(e.to_string()))?;
+                let event =
+                    JobEvent::decode(message).map_err(|e| RunError::Protocol(e.to_string()))?;
+                match event {
+                    JobEvent::Started {
+                        output_key_id,
+                        output_key_version,
+                    } => {
+                        output_key = Some((output_key_id, output_key_version));
+                    }
+                    JobEvent::Data(bytes) => {
+                        out.write_all(&bytes)
+                            .await
+                            .map_err(io("writing the output"))?;
+                        state.received = state
+                            .received
+                            .saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+                    }
+                    JobEvent::Progress(counts) => state.counts = counts,
+                    JobEvent::Done(counts) => return Ok(counts),
+                    JobEvent::Failed { kind, reason } => {
+                        return Err(RunError::Failed { kind, reason })
+                    }
+                    _ => return Err(RunError::Protocol("an unknown event".into())),
+                }
+            }
+            state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+            state.elapsed = started.elapsed();
+            progress(&state);
+        }
+    }
+    .await;
+    let counts = match result {
+        Ok(counts) => counts,
+        Err(e) => {
+            sender.abort();
+            drop(out);
+            let _ = std::fs::remove_file(&partial_path);
+            // An input error explains a failure better than its echo.
+            return Err(e);
+        }
+    };
+    match sender.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            let _ = std::fs::remove_file(&partial_path);
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(&partial_path);
+            return Err(RunError::Protocol("the input sender failed".into()));
+        }
+    }
+    out.flush().await.map_err(io("writing the output"))?;
+    out.sync_all().await.map_err(io("syncing the output"))?;
+    drop(out);
+    partial_path.persist(output).map_err(|e| RunError::Io {
+        context: format!("moving the output into place at {}", output.display()),
+        source: e.error,
+    })?;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    state.counts = counts;
+    state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    state.elapsed = started.elapsed();
+    progress(&state);
+    Ok(JobReport {
+        counts,
+        input_bytes: state.sent,
+        output_bytes: state.received,
+        output_key,
+        output: output.to_path_buf(),
+        elapsed: started.elapsed(),
+    })
+}

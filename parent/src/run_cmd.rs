@@ -1,0 +1,218 @@
+//! `parent run` and `parent relay`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use clap::Args;
+use kluis_parent::hook::PassThrough;
+use kluis_parent::job::{run_job, JobRun, Progress};
+use kluis_proto::job::{JobSpec, WrappedSecret};
+use kluis_transport::{Address, Listener};
+
+/// Arguments of `parent run`.
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Where the enclave takes jobs (vsock:CID:PORT; tcp:/unix: in simulation).
+    #[arg(long, value_name = "ADDR")]
+    pub enclave: String,
+    /// The controller's verifier (host:port). With it, the relay for the
+    /// enclave's key request runs for the job's duration; without it, a
+    /// `parent relay` service must be running.
+    #[arg(long, value_name = "ADDR")]
+    pub verifier: Option<String>,
+    /// Where the relay listens for the enclave.
+    #[arg(long, value_name = "ADDR", default_value = "vsock:any:8001")]
+    pub relay_listen: String,
+    /// The encrypted input (an envelope from `attestation-verifier data encrypt`).
+    #[arg(long, value_name = "PATH")]
+    pub input: PathBuf,
+    /// Where the encrypted output goes (written only when the job completes).
+    #[arg(long, value_name = "PATH")]
+    pub output: PathBuf,
+    /// The workload: identity, reencrypt, pseudonymise:column=N[,header][,check=nrn],
+    /// aggregate:by=N[,sum=M], exec:PROGRAM[,arg=V]...
+    #[arg(long, value_name = "SPEC", default_value = "identity")]
+    pub job: String,
+    /// The master key the output is encrypted under.
+    #[arg(long, value_name = "NAME")]
+    pub output_key: String,
+    /// A wrapped secret for the workload (e.g. the pseudonymisation key from
+    /// `attestation-verifier data new-secret`); repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub secret: Vec<PathBuf>,
+    /// A name for the job in logs and the audit trail.
+    #[arg(long, value_name = "ID")]
+    pub job_id: Option<String>,
+    /// Fail when the enclave says nothing for this long.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub idle_timeout: u64,
+}
+
+/// Arguments of `parent relay`.
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    /// Where to listen for the enclave.
+    #[arg(long, value_name = "ADDR", default_value = "vsock:any:8001")]
+    pub listen: String,
+    /// The controller's verifier.
+    #[arg(long, value_name = "ADDR")]
+    pub verifier: String,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+fn read_secret(path: &PathBuf) -> anyhow::Result<WrappedSecret> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .take(4096)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.is_empty() || bytes.len() > kluis_proto::message::MAX_WRAPPED_KEY_LEN {
+        return Err(anyhow!("{} is not a wrapped secret", path.display()));
+    }
+    Ok(WrappedSecret(bytes))
+}
+
+/// A progress bar on a terminal, plain log lines otherwise.
+pub(crate) struct Reporter {
+    bar: Option<indicatif::ProgressBar>,
+    last_line: Instant,
+}
+
+impl Reporter {
+    pub(crate) fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Reporter {
+            bar,
+            last_line: Instant::now(),
+        }
+    }
+
+    fn line(p: &Progress) -> String {
+        let secs = p.elapsed.as_secs_f64().max(0.001);
+        #[allow(clippy::cast_precision_loss)]
+        let rate = p.sent as f64 / secs / 1e6;
+        format!(
+            "sent {} B, received {} B, records in {} out {}, {:.1} MB/s",
+            p.sent, p.received, p.counts.records_in, p.counts.records_out, rate
+        )
+    }
+
+    pub(crate) fn update(&mut self, p: &Progress) {
+        match &self.bar {
+            Some(bar) => bar.set_message(Self::line(p)),
+            None => {
+                if self.last_line.elapsed() >= Duration::from_secs(2) {
+                    self.last_line = Instant::now();
+                    eprintln!("progress: {}", Self::line(p));
+                }
+            }
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let workload = kluis_parent::spec::parse(&args.job)?;
+    let secrets = args
+        .secret
+        .iter()
+        .map(read_secret)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let enclave: Address = args.enclave.parse()?;
+    let job = JobRun {
+        enclave,
+        spec: JobSpec {
+            job_id: args
+                .job_id
+                .clone()
+                .unwrap_or_else(|| format!("job-{}", std::process::id())),
+            workload,
+            output_key: args.output_key.clone(),
+            secrets,
+        },
+        hook: Arc::new(PassThrough),
+        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+    };
+    let relay = match &args.verifier {
+        Some(v) => Some((args.relay_listen.parse::<Address>()?, v.parse::<Address>()?)),
+        None => None,
+    };
+    runtime()?.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        if let Some((listen, verifier)) = relay {
+            let listener = Listener::bind(&listen)
+                .await
+                .with_context(|| format!("relay: listening on {listen}"))?;
+            tokio::spawn(kluis_parent::relay::serve(
+                listener,
+                verifier,
+                Arc::new(PassThrough),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ));
+        }
+        let input = tokio::fs::File::open(&args.input)
+            .await
+            .with_context(|| format!("opening {}", args.input.display()))?;
+        let mut reporter = Reporter::new();
+        let result = tokio::select! {
+            r = run_job(&job, input, &args.output, |p| reporter.update(p)) => r,
+            _ = tokio::signal::ctrl_c() => {
+                reporter.finish();
+                let _ = stop_tx.send(());
+                return Err(anyhow!("interrupted: no output written"));
+            }
+        };
+        reporter.finish();
+        let _ = stop_tx.send(());
+        let report = result?;
+        let line = serde_json::json!({
+            "output": report.output.display().to_string(),
+            "records_in": report.counts.records_in,
+            "records_out": report.counts.records_out,
+            "input_bytes": report.input_bytes,
+            "output_bytes": report.output_bytes,
+            "output_key": report.output_key.as_ref().map(|(k, v)| format!("{k}#{v}")),
+            "seconds": report.elapsed.as_secs_f64(),
+        });
+        println!("{line}");
+        Ok(())
+    })
+}
+
+pub(crate) fn relay(args: &RelayArgs) -> anyhow::Result<()> {
+    let listen: Address = args.listen.parse()?;
+    let verifier: Address = args.verifier.parse()?;
+    runtime()?.block_on(async {
+        let listener = Listener::bind(&listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        eprintln!("relaying {} -> {verifier}", listener.local_address()?);
+        kluis_parent::relay::serve(listener, verifier, Arc::new(PassThrough), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+        Ok(())
+    })
+}
