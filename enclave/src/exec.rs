@@ -111,7 +111,7 @@ pub(crate) fn run<R: Read + Send>(
     input: &mut EnvelopeReader<R>,
     plan: &ExecPlan,
     batches: &BatchSender,
-) -> Result<Counts, JobError> {
+) -> Result<(Counts, u64), JobError> {
     let mut child = ChildGuard(Some(
         Command::new(&plan.program)
             .args(&plan.args)
@@ -137,9 +137,10 @@ pub(crate) fn run<R: Read + Send>(
         .ok_or_else(|| JobError::new("internal", "no stdout"))?;
 
     let (fed, produced) = std::thread::scope(|scope| {
-        let feeder = scope.spawn(move || -> Result<u64, JobError> {
+        let feeder = scope.spawn(move || -> Result<(u64, u64), JobError> {
             let mut buf = Zeroizing::new(vec![0u8; PIPE_CHUNK]);
             let mut records = 0u64;
+            let mut bytes = 0u64;
             let mut last = b'\n';
             loop {
                 let n = input
@@ -149,13 +150,14 @@ pub(crate) fn run<R: Read + Send>(
                     break;
                 };
                 records = records.saturating_add(count(chunk));
+                bytes = bytes.saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
                 last = chunk.last().copied().unwrap_or(last);
                 stdin
                     .write_all(chunk)
                     .map_err(|_| JobError::new("exec", "the program stopped reading its input"))?;
             }
             drop(stdin);
-            Ok(records.saturating_add(u64::from(last != b'\n')))
+            Ok((records.saturating_add(u64::from(last != b'\n')), bytes))
         });
         let mut records_out = 0u64;
         let mut last = b'\n';
@@ -187,7 +189,7 @@ pub(crate) fn run<R: Read + Send>(
     });
     // The input's error (tampering, truncation) explains more than the
     // program's reaction to it.
-    let records_in = fed?;
+    let (records_in, bytes_in) = fed?;
     let records_out = produced?;
     let mut running = child
         .0
@@ -202,10 +204,13 @@ pub(crate) fn run<R: Read + Send>(
             format!("the program failed ({status})"),
         ));
     }
-    Ok(Counts {
-        records_in,
-        records_out,
-    })
+    Ok((
+        Counts {
+            records_in,
+            records_out,
+        },
+        bytes_in,
+    ))
 }
 
 #[cfg(test)]

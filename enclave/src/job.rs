@@ -411,7 +411,7 @@ async fn process(
         seal_stage(batch_rx, &output_data_key, wrapped_output, seal_events)
     });
     let progress_events = events;
-    let worker = tokio::task::spawn_blocking(move || -> Result<Counts, JobError> {
+    let worker = tokio::task::spawn_blocking(move || -> Result<(Counts, u64), JobError> {
         let mut reader = EnvelopeReader::with_header(&mut input, header, &input_key)
             .map_err(|e| decrypt_error(&e))?;
         drop(input_key);
@@ -431,8 +431,8 @@ async fn process(
     let sealed = sealer
         .await
         .map_err(|_| JobError::new("internal", "sealing thread failed"))?;
-    let counts = worked?;
-    let (bytes_in, bytes_out) = sealed?;
+    let (counts, bytes_in) = worked?;
+    let (bytes_out, _envelope_bytes) = sealed?;
     Ok(JobCounts {
         records_in: counts.records_in,
         records_out: counts.records_out,
@@ -445,13 +445,14 @@ fn output_key_id(wrapped: &WrappedKey) -> String {
     wrapped.cmk_id().to_owned()
 }
 
-/// Decrypt, frame into records, run the workload, pass batches on.
+/// Decrypt, frame into records, run the workload, pass batches on; returns
+/// the counts and the plaintext bytes read.
 fn work_stage<R: Read>(
     reader: &mut EnvelopeReader<R>,
     mut workload: Box<dyn workload::Workload>,
     batches: &BatchSender,
     events: &mpsc::Sender<JobEvent>,
-) -> Result<Counts, JobError> {
+) -> Result<(Counts, u64), JobError> {
     let mut buf = Zeroizing::new(vec![0u8; READ_CHUNK]);
     let mut framer = RecordFramer::default();
     let mut totals = Counts::default();
@@ -503,7 +504,7 @@ fn work_stage<R: Read>(
     if !out.is_empty() {
         send(out)?;
     }
-    Ok(totals)
+    Ok((totals, bytes_in))
 }
 
 /// Seal plaintext batches into the output envelope; returns (plaintext

@@ -9,6 +9,7 @@
 )]
 
 pub mod forge;
+pub mod world;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,443 @@
+//! A whole Kluis deployment in one process, for end-to-end job tests and
+//! benchmarks: the controller's key store and broker serving on loopback
+//! TCP, an enclave service on the simulated NSM, and the parent's relay with
+//! a frame hook between them.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use attestation_verifier::audit::AuditLog;
+use attestation_verifier::broker::{Broker, BrokerConfig};
+use attestation_verifier::keys::{KeyName, WrappedDataKey};
+use attestation_verifier::kms::{Kms, StoredPolicy};
+use attestation_verifier::policy::KeyPolicy;
+use attestation_verifier::service::{self, ServiceConfig};
+use kluis_attestation::{TrustAnchor, Verifier};
+use kluis_enclave::EnclaveContext;
+use kluis_envelope::{DataKey, EnvelopeHeader, EnvelopeWriter, WrappedKey};
+use kluis_keystore::RootSecret;
+use kluis_nsm::sim::{SimConfig, SimRoot, SimulatedNsm};
+use kluis_parent::hook::{Channel, Direction, FrameHook, PassThrough};
+use kluis_parent::job::{run_job, JobReport, JobRun, RunError};
+use kluis_proto::job::{JobSpec, WorkloadSpec, WrappedSecret};
+use kluis_proto::VerifierIdentity;
+use kluis_transport::{Address, Listener};
+use std::io::Write;
+use tokio::sync::Notify;
+
+/// The input master key.
+pub const INPUT_KEY: &str = "agency/benefits/prod";
+/// The output master key.
+pub const OUTPUT_KEY: &str = "agency/research/prod";
+/// The workload-secret master key.
+pub const SECRET_KEY: &str = "agency/pseudonym/prod";
+/// What the admitted enclave image "is" (the simulator measures it).
+pub const GOOD_IMAGE: &[u8] = b"kluis test enclave image v1";
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// A running service that stops when told.
+pub struct Running {
+    stop: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+    /// Where it listens.
+    pub address: Address,
+}
+
+impl Running {
+    /// Stop it and wait until it has.
+    pub async fn stop(self) {
+        self.stop.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+    }
+
+    /// Abort it at once (a crash: connections drop mid-stream).
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// The controller's side: store, broker, keys.
+pub struct World {
+    /// Temporary files.
+    pub dir: tempfile::TempDir,
+    /// The broker (shared with the service).
+    pub broker: Arc<Broker>,
+    /// The simulated NSM root.
+    pub root: Arc<SimRoot>,
+    /// The verifier's public key, as built into the enclave image.
+    pub pinned: [u8; 97],
+    identity_pkcs8: Vec<u8>,
+}
+
+fn policy_text(image: &[u8], operations: &[&str]) -> String {
+    let pcrs = SimConfig::default()
+        .with_image(image.to_vec(), None)
+        .boot_pcr_values();
+    format!(
+        "operations = [{}]\nmax_document_age_seconds = 300\n[[measurements]]\nname = \"enclave\"\npcr0 = \"{}\"\npcr1 = \"{}\"\npcr2 = \"{}\"\n",
+        operations.iter().map(|o| format!("\"{o}\"")).collect::<Vec<_>>().join(", "),
+        hex::encode(pcrs[0]),
+        hex::encode(pcrs[1]),
+        hex::encode(pcrs[2]),
+    )
+}
+
+impl World {
+    /// A store with the three master keys, policies admitting [`GOOD_IMAGE`].
+    pub fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let kms = Kms::init(
+            &dir.path().join("store"),
+            RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32])),
+        )
+        .unwrap();
+        let now = now_ms();
+        for key in [INPUT_KEY, OUTPUT_KEY, SECRET_KEY] {
+            kms.create_key(&KeyName::parse(key).unwrap(), 365, now)
+                .unwrap();
+        }
+        let identity = VerifierIdentity::generate().unwrap();
+        let identity_pkcs8 = identity.to_pkcs8_der().unwrap().to_vec();
+        kms.set_identity_pkcs8(&identity_pkcs8).unwrap();
+        let pinned = identity.public_key_sec1();
+        let root = Arc::new(SimRoot::generate_at(now - 86_400_000).unwrap());
+        let verifier = Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());
+        let audit = AuditLog::open(dir.path().join("audit.log")).unwrap();
+        let broker = Arc::new(Broker::new(
+            kms,
+            verifier,
+            identity,
+            audit,
+            BrokerConfig::default(),
+        ));
+        let world = World {
+            dir,
+            broker,
+            root,
+            pinned,
+            identity_pkcs8,
+        };
+        for (key, ops) in [
+            (INPUT_KEY, &["decrypt"][..]),
+            (SECRET_KEY, &["decrypt"][..]),
+            (OUTPUT_KEY, &["generate"][..]),
+        ] {
+            world.set_policy(key, &policy_text(GOOD_IMAGE, ops));
+        }
+        world
+    }
+
+    /// The verifier identity's private scalar (48 bytes, from its PKCS#8
+    /// ECPrivateKey: version 1, then an OCTET STRING of 48 bytes), to prove
+    /// it never leaks.
+    pub fn identity_private_scalar(&self) -> Vec<u8> {
+        let marker = [0x02, 0x01, 0x01, 0x04, 0x30];
+        let at = memchr::memmem::find(&self.identity_pkcs8, &marker).expect("an EC private key");
+        self.identity_pkcs8[at + marker.len()..at + marker.len() + 48].to_vec()
+    }
+
+    /// Set `key`'s policy from TOML.
+    pub fn set_policy(&self, key: &str, text: &str) {
+        let policy = KeyPolicy::from_toml_str(text).unwrap();
+        self.broker
+            .kms()
+            .set_policy(
+                &KeyName::parse(key).unwrap(),
+                &StoredPolicy {
+                    format: "json".into(),
+                    text: serde_json::to_string(&policy).unwrap(),
+                    set_by: "test".into(),
+                    set_ms: now_ms(),
+                },
+            )
+            .unwrap();
+    }
+
+    /// A path in the temporary directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Start the key-release service on `address` (a fresh port if `None`).
+    pub async fn start_verifier(&self, address: Option<&Address>) -> Running {
+        Self::serve_broker(Arc::clone(&self.broker), address).await
+    }
+
+    /// Serve any broker (an impostor's, say).
+    pub async fn serve_broker(broker: Arc<Broker>, address: Option<&Address>) -> Running {
+        let bind = match address {
+            Some(Address::Tcp(a)) => a.clone(),
+            _ => "127.0.0.1:0".to_owned(),
+        };
+        // A restarted verifier may need its old port back at once.
+        let listener = {
+            let mut tries = 0;
+            loop {
+                match tokio::net::TcpListener::bind(&bind).await {
+                    Ok(l) => break l,
+                    Err(e) if tries < 50 => {
+                        tries += 1;
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("binding {bind}: {e}"),
+                }
+            }
+        };
+        let address = Address::Tcp(listener.local_addr().unwrap().to_string());
+        let stop = Arc::new(Notify::new());
+        let stopped = Arc::clone(&stop);
+        let config = ServiceConfig {
+            shutdown_grace: Duration::from_millis(500),
+            ..ServiceConfig::default()
+        };
+        let task = tokio::spawn(async move {
+            let _ = service::run(listener, broker, config, None, async move {
+                stopped.notified().await
+            })
+            .await;
+        });
+        Running {
+            stop,
+            task,
+            address,
+        }
+    }
+
+    /// Start an enclave measuring `image`, reaching the verifier at `relay`.
+    pub async fn start_enclave(&self, image: &[u8], relay: &Address) -> Running {
+        let nsm = SimulatedNsm::new(
+            SimConfig::default()
+                .with_root(Arc::clone(&self.root))
+                .with_image(image.to_vec(), None),
+        )
+        .unwrap();
+        let mut ctx = EnclaveContext::new(Arc::new(nsm), relay.clone(), self.pinned);
+        ctx.idle_timeout = Duration::from_secs(10);
+        ctx.key_release_timeout = Duration::from_secs(3);
+        start_enclave_with(ctx).await
+    }
+
+    /// Encrypt `plaintext` under a fresh data key of `key` with `segment_size`.
+    pub fn encrypt(&self, key: &str, plaintext: &[u8], segment_size: u32) -> Vec<u8> {
+        let name = KeyName::parse(key).unwrap();
+        let (dk, wrapped) = self
+            .broker
+            .kms()
+            .generate_data_key(&name, now_ms())
+            .unwrap();
+        let header = WrappedKey::new(key, wrapped.version, wrapped.to_bytes()).unwrap();
+        let mut w =
+            EnvelopeWriter::with_segment_size(Vec::new(), &dk, header, segment_size).unwrap();
+        w.write_all(plaintext).unwrap();
+        w.finish().unwrap()
+    }
+
+    /// A new wrapped workload secret under [`SECRET_KEY`], and its plaintext.
+    pub fn new_secret(&self) -> (WrappedSecret, DataKey) {
+        let (dk, wrapped) = self
+            .broker
+            .kms()
+            .generate_data_key(&KeyName::parse(SECRET_KEY).unwrap(), now_ms())
+            .unwrap();
+        (WrappedSecret(wrapped.to_bytes()), dk)
+    }
+
+    /// The data key an envelope names (as the controller unwraps it).
+    pub fn data_key_of(&self, envelope: &[u8]) -> Result<DataKey, String> {
+        let (header, _) = EnvelopeHeader::from_bytes(envelope).map_err(|e| e.to_string())?;
+        let wrapped = WrappedDataKey::from_bytes(header.wrapped_key().wrapped_bytes())
+            .map_err(|e| e.to_string())?;
+        self.broker
+            .kms()
+            .decrypt_data_key(&wrapped)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Decrypt an envelope on the controller's side.
+    pub fn decrypt(&self, envelope: &[u8]) -> Result<Vec<u8>, String> {
+        let key = self.data_key_of(envelope)?;
+        kluis_envelope::decrypt_to_vec(&key, envelope)
+            .map(|z| z.to_vec())
+            .map_err(|e| e.kind().to_owned())
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        World::new()
+    }
+}
+
+/// Start an enclave service with `ctx`.
+pub async fn start_enclave_with(ctx: EnclaveContext) -> Running {
+    let listener = Listener::bind(&Address::Tcp("127.0.0.1:0".into()))
+        .await
+        .unwrap();
+    let address = listener.local_address().unwrap();
+    let stop = Arc::new(Notify::new());
+    let stopped = Arc::clone(&stop);
+    let task = tokio::spawn(async move {
+        kluis_enclave::server::serve(listener, Arc::new(ctx), 4, async move {
+            stopped.notified().await
+        })
+        .await;
+    });
+    Running {
+        stop,
+        task,
+        address,
+    }
+}
+
+/// Start the parent's relay to `verifier` with `hook`.
+pub async fn start_relay(verifier: &Address, hook: Arc<dyn FrameHook>) -> Running {
+    let listener = Listener::bind(&Address::Tcp("127.0.0.1:0".into()))
+        .await
+        .unwrap();
+    let address = listener.local_address().unwrap();
+    let stop = Arc::new(Notify::new());
+    let stopped = Arc::clone(&stop);
+    let verifier = verifier.clone();
+    let task =
+        tokio::spawn(async move {
+            kluis_parent::relay::serve(listener, verifier, hook, async move {
+                stopped.notified().await
+            })
+            .await;
+        });
+    Running {
+        stop,
+        task,
+        address,
+    }
+}
+
+/// A job for `workload` under [`OUTPUT_KEY`].
+pub fn job(enclave: &Address, workload: WorkloadSpec, secrets: Vec<WrappedSecret>) -> JobRun {
+    JobRun {
+        enclave: enclave.clone(),
+        spec: JobSpec {
+            job_id: "test-job".into(),
+            workload,
+            output_key: OUTPUT_KEY.into(),
+            secrets,
+        },
+        hook: Arc::new(PassThrough),
+        idle_timeout: Duration::from_secs(20),
+    }
+}
+
+/// Run `job` on `input` (in memory) to `output`.
+pub async fn run(job: &JobRun, input: Vec<u8>, output: &Path) -> Result<JobReport, RunError> {
+    run_job(job, std::io::Cursor::new(input), output, |_| {}).await
+}
+
+/// What a hostile parent does to one frame.
+#[derive(Debug, Clone)]
+pub enum Tamper {
+    /// Flip the bits of byte `offset` (from the end if negative).
+    Flip(isize),
+    /// Drop it.
+    Drop,
+    /// Send it twice.
+    Duplicate,
+    /// Hold it back and send it after the next frame.
+    SwapWithNext,
+    /// Send these bytes instead.
+    Replace(Vec<u8>),
+}
+
+/// A parent that does `tamper` to frame number `index` on `channel` in
+/// `direction` (0-based, counted over the hook's life), and passes all else.
+pub struct Hostile {
+    channel: Channel,
+    direction: Direction,
+    index: usize,
+    tamper: Tamper,
+    seen: AtomicUsize,
+    held: Mutex<Option<Vec<u8>>>,
+}
+
+impl Hostile {
+    /// A hostile parent.
+    pub fn new(channel: Channel, direction: Direction, index: usize, tamper: Tamper) -> Self {
+        Hostile {
+            channel,
+            direction,
+            index,
+            tamper,
+            seen: AtomicUsize::new(0),
+            held: Mutex::new(None),
+        }
+    }
+
+    /// Whether it has acted.
+    pub fn acted(&self) -> bool {
+        self.seen.load(Ordering::SeqCst) > self.index
+    }
+}
+
+impl FrameHook for Hostile {
+    fn on_frame(&self, channel: Channel, direction: Direction, mut frame: Vec<u8>) -> Vec<Vec<u8>> {
+        if channel != self.channel || direction != self.direction {
+            return vec![frame];
+        }
+        let n = self.seen.fetch_add(1, Ordering::SeqCst);
+        if let Some(held) = self.held.lock().unwrap().take() {
+            return vec![frame, held];
+        }
+        if n != self.index {
+            return vec![frame];
+        }
+        match &self.tamper {
+            Tamper::Flip(offset) => {
+                let at = if *offset < 0 {
+                    frame.len() - offset.unsigned_abs()
+                } else {
+                    offset.unsigned_abs()
+                };
+                frame[at] ^= 0xFF;
+                vec![frame]
+            }
+            Tamper::Drop => vec![],
+            Tamper::Duplicate => vec![frame.clone(), frame],
+            Tamper::SwapWithNext => {
+                *self.held.lock().unwrap() = Some(frame);
+                vec![]
+            }
+            Tamper::Replace(bytes) => vec![bytes.clone()],
+        }
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && memchr::memmem::find(haystack, needle).is_some()
+}
+
+/// Newline-separated test records: `nrn,town,amount`.
+pub fn records(n: usize) -> Vec<u8> {
+    let towns = ["Gent", "Luik", "Aalst", "Namen"];
+    let mut out = Vec::new();
+    for i in 0..n {
+        let base = 850_101_000u64 + i as u64 % 1000 + (i as u64 / 1000) * 100_000;
+        let check = 97 - base % 97;
+        out.extend_from_slice(
+            format!("{base:09}{check:02},{},{}\n", towns[i % 4], i % 1000).as_bytes(),
+        );
+    }
+    out
+}

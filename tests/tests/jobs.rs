@@ -1,0 +1,768 @@
+//! Confidential jobs end to end through the parent, with the simulated NSM:
+//! results for many sizes, a recording parent that must see no plaintext and
+//! no key, a hostile parent (alter, drop, duplicate, reorder, replay,
+//! impostor verifier), faults (verifier down, restarted, enclave killed) and
+//! an enclave the policy does not admit.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use attestation_verifier::audit::{AuditFilter, Decision};
+use kluis_parent::hook::{Channel, Direction, FrameHook, Recorder};
+use kluis_parent::job::RunError;
+use kluis_proto::job::WorkloadSpec;
+use kluis_tests::world::*;
+
+/// The whole deployment: verifier, relay (with `hook`), enclave.
+struct Deployment {
+    world: World,
+    verifier: Running,
+    relay: Running,
+    enclave: Running,
+}
+
+async fn deploy(hook: Arc<dyn FrameHook>) -> Deployment {
+    let world = World::new();
+    let verifier = world.start_verifier(None).await;
+    let relay = start_relay(&verifier.address, hook).await;
+    let enclave = world.start_enclave(GOOD_IMAGE, &relay.address).await;
+    Deployment {
+        world,
+        verifier,
+        relay,
+        enclave,
+    }
+}
+
+fn pseudonymise() -> WorkloadSpec {
+    WorkloadSpec::Pseudonymise {
+        column: 0,
+        delimiter: b',',
+        secret: 0,
+        header: false,
+        check_national_number: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_jobs_are_exact_for_many_sizes() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    // 0 bytes, inside one segment, on and around segment boundaries, many
+    // segments, and more than one 256 KiB input chunk.
+    for (size, segment) in [
+        (0usize, 1024u32),
+        (1, 1024),
+        (1023, 1024),
+        (1024, 1024),
+        (1025, 1024),
+        (10 * 1024 + 7, 1024),
+        (600 * 1024 + 3, 1024),
+        (3 * 1024 * 1024 + 11, 65_536),
+    ] {
+        let plain: Vec<u8> = records(size / 20 + 1)
+            .into_iter()
+            .cycle()
+            .take(size)
+            .collect();
+        let input = d.world.encrypt(INPUT_KEY, &plain, segment);
+        let out = d.world.path(&format!("out-{size}.kenv"));
+        let report = run(
+            &job(&d.enclave.address, WorkloadSpec::Identity, vec![]),
+            input.clone(),
+            &out,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("size {size}: {e}"));
+        let envelope = std::fs::read(&out).unwrap();
+        assert_eq!(d.world.decrypt(&envelope).unwrap(), plain, "size {size}");
+        assert_eq!(report.counts.bytes_in, size as u64);
+        assert_eq!(report.counts.bytes_out, size as u64);
+        assert_eq!(report.input_bytes, input.len() as u64);
+        assert_eq!(report.output_bytes, envelope.len() as u64);
+        let expected_records = plain.iter().filter(|b| **b == b'\n').count() as u64
+            + u64::from(!plain.is_empty() && plain.last() != Some(&b'\n'));
+        assert_eq!(report.counts.records_in, expected_records, "size {size}");
+        // The output is under a fresh data key of the output master key.
+        assert_eq!(report.output_key.as_ref().unwrap().0, OUTPUT_KEY);
+        assert_ne!(
+            d.world.data_key_of(&envelope).unwrap().expose_secret(),
+            d.world.data_key_of(&input).unwrap().expose_secret()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pseudonymise_aggregate_and_reencrypt_give_the_right_results() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let plain = records(2000);
+    let input = d.world.encrypt(INPUT_KEY, &plain, 1024);
+
+    // Pseudonymise with a secret only the enclave sees.
+    let (secret, secret_key) = d.world.new_secret();
+    let out = d.world.path("pseudo.kenv");
+    run(
+        &job(&d.enclave.address, pseudonymise(), vec![secret]),
+        input.clone(),
+        &out,
+    )
+    .await
+    .unwrap();
+    let result = d.world.decrypt(&std::fs::read(&out).unwrap()).unwrap();
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret_key.expose_secret());
+    let expected: Vec<u8> = plain
+        .split_inclusive(|b| *b == b'\n')
+        .flat_map(|line| {
+            let text = std::str::from_utf8(line).unwrap();
+            let (nrn, rest) = text.split_once(',').unwrap();
+            let tag = aws_lc_rs::hmac::sign(&key, nrn.as_bytes());
+            format!("{},{rest}", hex::encode(tag.as_ref())).into_bytes()
+        })
+        .collect();
+    assert_eq!(result, expected);
+
+    // Aggregate: counts and sums per town.
+    let out = d.world.path("agg.kenv");
+    let spec = WorkloadSpec::Aggregate {
+        by: 1,
+        sum: Some(2),
+        delimiter: b',',
+        header: false,
+    };
+    run(&job(&d.enclave.address, spec, vec![]), input.clone(), &out)
+        .await
+        .unwrap();
+    let result =
+        String::from_utf8(d.world.decrypt(&std::fs::read(&out).unwrap()).unwrap()).unwrap();
+    let mut expected = std::collections::BTreeMap::<String, (u64, i64)>::new();
+    for line in std::str::from_utf8(&plain).unwrap().lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        let e = expected.entry(f[1].to_owned()).or_default();
+        e.0 += 1;
+        e.1 += f[2].parse::<i64>().unwrap();
+    }
+    let mut text = String::from("group,count,sum_of_column_2\n");
+    for (town, (n, sum)) in expected {
+        text.push_str(&format!("{town},{n},{sum}\n"));
+    }
+    assert_eq!(result, text);
+
+    // Re-encrypt (data-key rotation): same bytes, new data key.
+    let out = d.world.path("rotated.kenv");
+    run(
+        &job(&d.enclave.address, WorkloadSpec::Reencrypt, vec![]),
+        input.clone(),
+        &out,
+    )
+    .await
+    .unwrap();
+    let rotated = std::fs::read(&out).unwrap();
+    assert_eq!(d.world.decrypt(&rotated).unwrap(), plain);
+    assert_ne!(
+        d.world.data_key_of(&rotated).unwrap().expose_secret(),
+        d.world.data_key_of(&input).unwrap().expose_secret()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parent_sees_no_plaintext_and_no_key() {
+    let recorder = Arc::new(Recorder::new());
+    let d = deploy(recorder.clone()).await;
+    let plain = records(3000);
+    let input = d.world.encrypt(INPUT_KEY, &plain, 4096);
+    let (secret, secret_key) = d.world.new_secret();
+    let out = d.world.path("out.kenv");
+    let mut job = job(&d.enclave.address, pseudonymise(), vec![secret]);
+    job.hook = recorder.clone();
+    run(&job, input.clone(), &out).await.unwrap();
+    let output = std::fs::read(&out).unwrap();
+    let result = d.world.decrypt(&output).unwrap();
+
+    let seen: Vec<u8> = [
+        recorder.bytes(Channel::Job),
+        recorder.bytes(Channel::Verifier),
+    ]
+    .concat();
+    assert!(
+        recorder.bytes(Channel::Verifier).len() > 1000,
+        "the key release went through the relay"
+    );
+    assert!(
+        seen.len() > input.len() + output.len() - 1,
+        "everything was recorded"
+    );
+    // No plaintext record, in or out.
+    for line in plain.split_inclusive(|b| *b == b'\n') {
+        assert!(
+            !contains(&seen, &line[..line.len() - 1]),
+            "an input record crossed the parent"
+        );
+        assert!(
+            !contains(&seen, &line[..11]),
+            "a national register number crossed the parent"
+        );
+    }
+    for line in result
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .take(200)
+    {
+        assert!(
+            !contains(&seen, &line[..64]),
+            "a pseudonym crossed the parent"
+        );
+    }
+    // No data key, no secret, no verifier private key (any 16-byte window of it).
+    let input_key = d.world.data_key_of(&input).unwrap();
+    let output_key = d.world.data_key_of(&output).unwrap();
+    for key in [
+        input_key.expose_secret(),
+        output_key.expose_secret(),
+        secret_key.expose_secret(),
+    ] {
+        for window in key.windows(16) {
+            assert!(!contains(&seen, window), "key material crossed the parent");
+        }
+    }
+    let scalar = d.world.identity_private_scalar();
+    for window in scalar.windows(16) {
+        assert!(
+            !contains(&seen, window),
+            "the verifier's private key crossed the parent"
+        );
+    }
+}
+
+/// Run one pseudonymisation job through a hostile parent; it must fail,
+/// with the enclave saying why, and leave no output.
+async fn hostile_job(hostile: Arc<Hostile>, expected_kinds: &[&str]) -> String {
+    let d = deploy(hostile.clone()).await;
+    let input = d.world.encrypt(INPUT_KEY, &records(5000), 1024);
+    let (secret, _) = d.world.new_secret();
+    let out = d.world.path("out.kenv");
+    let mut job = job(&d.enclave.address, pseudonymise(), vec![secret]);
+    job.hook = hostile.clone();
+    let err = run(&job, input, &out)
+        .await
+        .expect_err("a hostile parent's job must fail");
+    assert!(hostile.acted(), "the hostile parent never acted");
+    assert!(!out.exists(), "an output was presented");
+    let kind = err
+        .enclave_kind()
+        .unwrap_or_else(|| panic!("the enclave did not say why: {err}"))
+        .to_owned();
+    assert!(
+        expected_kinds.contains(&kind.as_str()),
+        "kind {kind} ({err}), expected one of {expected_kinds:?}"
+    );
+    kind
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_parent_on_the_key_release_fails_the_job_closed() {
+    use Direction::*;
+    let v = Channel::Verifier;
+    // The sealed answer altered: the signature or the box fails.
+    hostile_job(
+        Arc::new(Hostile::new(v, ToEnclave, 1, Tamper::Flip(-10))),
+        &["key_release_invalid"],
+    )
+    .await;
+    hostile_job(
+        Arc::new(Hostile::new(v, ToEnclave, 1, Tamper::Flip(200))),
+        &["key_release_invalid"],
+    )
+    .await;
+    // The challenge altered: the document carries another nonce.
+    hostile_job(
+        Arc::new(Hostile::new(v, ToEnclave, 0, Tamper::Flip(-20))),
+        &["key_release_refused", "key_release_invalid"],
+    )
+    .await;
+    // The request altered on its way: the verifier refuses it.
+    hostile_job(
+        Arc::new(Hostile::new(v, FromEnclave, 1, Tamper::Flip(-30))),
+        &["key_release_refused"],
+    )
+    .await;
+    // Dropped: nothing comes back in time.
+    hostile_job(
+        Arc::new(Hostile::new(v, FromEnclave, 1, Tamper::Drop)),
+        &["verifier_unavailable"],
+    )
+    .await;
+    hostile_job(
+        Arc::new(Hostile::new(v, ToEnclave, 1, Tamper::Drop)),
+        &["verifier_unavailable"],
+    )
+    .await;
+    // Duplicated answer: the second challenge answer arrives where the keys should.
+    hostile_job(
+        Arc::new(Hostile::new(v, ToEnclave, 0, Tamper::Duplicate)),
+        &["key_release_invalid"],
+    )
+    .await;
+    // A forged length prefix.
+    hostile_job(
+        Arc::new(Hostile::new(v, ToEnclave, 1, Tamper::Flip(0))),
+        &["verifier_unavailable", "key_release_invalid"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_key_release_answer_is_refused() {
+    // Record a genuine answer from one job...
+    let recorder = Arc::new(Recorder::new());
+    let d = deploy(recorder.clone()).await;
+    let input = d.world.encrypt(INPUT_KEY, &records(100), 1024);
+    let out = d.world.path("first.kenv");
+    run(
+        &job(&d.enclave.address, WorkloadSpec::Identity, vec![]),
+        input.clone(),
+        &out,
+    )
+    .await
+    .unwrap();
+    let answers = recorder.frames_of(Channel::Verifier, Direction::ToEnclave);
+    assert_eq!(answers.len(), 2, "challenge and key release");
+    // ...and play it back in the next job (same enclave, same keys asked for).
+    let hostile = Arc::new(Hostile::new(
+        Channel::Verifier,
+        Direction::ToEnclave,
+        1,
+        Tamper::Replace(answers[1].clone()),
+    ));
+    let relay = start_relay(&d.verifier.address, hostile.clone()).await;
+    let enclave = d.world.start_enclave(GOOD_IMAGE, &relay.address).await;
+    let out2 = d.world.path("second.kenv");
+    let err = run(
+        &job(&enclave.address, WorkloadSpec::Identity, vec![]),
+        input,
+        &out2,
+    )
+    .await
+    .unwrap_err();
+    assert!(hostile.acted());
+    assert_eq!(err.enclave_kind(), Some("key_release_invalid"), "{err}");
+    assert!(!out2.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_answering_as_the_verifier_gets_no_key_accepted() {
+    // The parent runs its own broker that admits the enclave and releases keys
+    // of its own, signed with its own identity key.
+    let honest = World::new();
+    let impostor = World::new();
+    let impostor_service = World::serve_broker(Arc::clone(&impostor.broker), None).await;
+    let relay = start_relay(
+        &impostor_service.address,
+        Arc::new(kluis_parent::hook::PassThrough),
+    )
+    .await;
+    // The enclave pins the honest verifier's key, and shares the impostor's
+    // NSM root so that the impostor accepts its documents.
+    let nsm = kluis_nsm::sim::SimulatedNsm::new(
+        kluis_nsm::sim::SimConfig::default()
+            .with_root(Arc::clone(&impostor.root))
+            .with_image(GOOD_IMAGE.to_vec(), None),
+    )
+    .unwrap();
+    let ctx =
+        kluis_enclave::EnclaveContext::new(Arc::new(nsm), relay.address.clone(), honest.pinned);
+    let enclave = start_enclave_with(ctx).await;
+    // Input the impostor can open (its own key): it would love to see the output.
+    let input = impostor.encrypt(INPUT_KEY, &records(100), 1024);
+    let out = impostor.path("stolen.kenv");
+    let err = run(
+        &job(&enclave.address, WorkloadSpec::Identity, vec![]),
+        input,
+        &out,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.enclave_kind(), Some("key_release_invalid"), "{err}");
+    assert!(err.to_string().contains("signature"), "{err}");
+    assert!(!out.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
+    use Direction::*;
+    let j = Channel::Job;
+    // Input frames: 0 = Start, 1.. = Data (256 KiB each), last = End. The
+    // input is 5000 records (~130 KiB) in one Data frame, so use a bigger one.
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let plain = records(40_000); // ~1 MiB: several Data frames
+    let input = d.world.encrypt(INPUT_KEY, &plain, 1024);
+    for (tamper, index, kinds) in [
+        (Tamper::Flip(-100), 2, &["input_tampered"][..]),
+        (Tamper::Drop, 2, &["input_tampered", "input_truncated"][..]),
+        (Tamper::Duplicate, 2, &["input_tampered"][..]),
+        (
+            Tamper::SwapWithNext,
+            1,
+            &["input_header", "input_tampered"][..],
+        ),
+        (Tamper::SwapWithNext, 2, &["input_tampered"][..]),
+        (
+            Tamper::Drop,
+            1,
+            &[
+                "input_header",
+                "input_tampered",
+                "input_wrong_key",
+                "input_truncated",
+            ][..],
+        ),
+    ] {
+        let hostile = Arc::new(Hostile::new(j, ToEnclave, index, tamper.clone()));
+        let mut job = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
+        job.hook = hostile.clone();
+        let out = d.world.path("out.kenv");
+        let err = run(&job, input.clone(), &out)
+            .await
+            .expect_err("tampered input must fail");
+        assert!(hostile.acted(), "{tamper:?}");
+        let kind = err
+            .enclave_kind()
+            .unwrap_or_else(|| panic!("{tamper:?}: {err}"));
+        assert!(kinds.contains(&kind), "{tamper:?}: {kind} ({err})");
+        assert!(!out.exists(), "{tamper:?}: an output was presented");
+    }
+    // Dropping End: the enclave waits for it and never says Done.
+    let frames = input.len().div_ceil(256 * 1024);
+    let hostile = Arc::new(Hostile::new(j, ToEnclave, frames + 1, Tamper::Drop));
+    let mut job_no_end = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
+    job_no_end.hook = hostile.clone();
+    job_no_end.idle_timeout = Duration::from_secs(30);
+    let out = d.world.path("no-end.kenv");
+    let err = run(&job_no_end, input.clone(), &out).await.unwrap_err();
+    assert!(hostile.acted());
+    assert!(!out.exists());
+    assert_eq!(err.enclave_kind(), Some("idle_timeout"), "{err}");
+
+    // On the way out the parent can damage the output, but the controller's
+    // decryption catches it: a changed byte, a dropped final frame.
+    for (tamper, what) in [(Tamper::Flip(-40), "forged"), (Tamper::Drop, "truncated")] {
+        // Frames from the enclave: 0 = Started, 1 = the only Data (small job), 2 = Done.
+        let hostile = Arc::new(Hostile::new(j, FromEnclave, 1, tamper));
+        let mut job = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
+        job.hook = hostile.clone();
+        let small = d.world.encrypt(INPUT_KEY, &records(100), 1024);
+        let out = d.world.path("damaged.kenv");
+        // The parent cannot tell (it holds no key), so the job "succeeds"...
+        run(&job, small, &out).await.unwrap();
+        assert!(hostile.acted());
+        // ...and the controller refuses the result.
+        let envelope = std::fs::read(&out).unwrap();
+        let err = d.world.decrypt(&envelope).unwrap_err();
+        assert!(
+            ["forged", "truncated", "header"]
+                .iter()
+                .any(|k| err.contains(k)),
+            "{what}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enclave_the_policy_does_not_admit_gets_no_key() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let rogue = d
+        .world
+        .start_enclave(b"a modified enclave image", &d.relay.address)
+        .await;
+    let input = d.world.encrypt(INPUT_KEY, &records(10), 1024);
+    let out = d.world.path("rogue.kenv");
+    let err = run(
+        &job(&rogue.address, WorkloadSpec::Identity, vec![]),
+        input,
+        &out,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.enclave_kind(), Some("key_release_refused"), "{err}");
+    assert!(!out.exists());
+    // The operator sees which rule refused it.
+    let refused = d
+        .world
+        .broker
+        .audit()
+        .records(&AuditFilter {
+            decision: Some(Decision::Refused),
+            ..AuditFilter::default()
+        })
+        .unwrap();
+    let reasons: Vec<String> = refused.iter().filter_map(|r| r.reason.clone()).collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("pcr0") || r.contains("PCR0") || r.contains("measurement")),
+        "{reasons:?}"
+    );
+    // The enclave was told only "refused".
+    assert!(!err.to_string().to_lowercase().contains("pcr"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifier_down_at_start_then_up_the_job_runs_again() {
+    let world = World::new();
+    // A port with nothing behind it.
+    let verifier = world.start_verifier(None).await;
+    let address = verifier.address.clone();
+    verifier.stop().await;
+    let relay = start_relay(&address, Arc::new(kluis_parent::hook::PassThrough)).await;
+    let enclave = world.start_enclave(GOOD_IMAGE, &relay.address).await;
+    let plain = records(500);
+    let input = world.encrypt(INPUT_KEY, &plain, 1024);
+    let out = world.path("out.kenv");
+    let err = run(
+        &job(&enclave.address, WorkloadSpec::Identity, vec![]),
+        input.clone(),
+        &out,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.enclave_kind(), Some("verifier_unavailable"), "{err}");
+    assert!(!out.exists());
+    // The verifier comes up on its address; the same job runs.
+    let _verifier = world.start_verifier(Some(&address)).await;
+    run(
+        &job(&enclave.address, WorkloadSpec::Identity, vec![]),
+        input,
+        &out,
+    )
+    .await
+    .unwrap();
+    assert_eq!(world.decrypt(&std::fs::read(&out).unwrap()).unwrap(), plain);
+}
+
+/// Hands input out slowly, so that things can happen mid-job.
+struct SlowInput {
+    data: Vec<u8>,
+    pos: usize,
+    chunk: usize,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for SlowInput {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(20))));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        this.sleep = None;
+        let end = (this.pos + this.chunk)
+            .min(this.data.len())
+            .min(this.pos + buf.remaining());
+        buf.put_slice(&this.data[this.pos..end]);
+        this.pos = end;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+use std::future::Future;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifier_restarted_mid_job() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let plain = records(20_000);
+    let input = d.world.encrypt(INPUT_KEY, &plain, 1024);
+    let out = d.world.path("out.kenv");
+    let job = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
+    let slow = SlowInput {
+        data: input.clone(),
+        pos: 0,
+        chunk: 16 * 1024,
+        sleep: None,
+    };
+    // The keys are released at the start of the job; a restart of the
+    // verifier afterwards does not disturb it.
+    let running = tokio::spawn({
+        let job = job.clone();
+        let out = out.clone();
+        async move { kluis_parent::job::run_job(&job, slow, &out, |_| {}).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let address = d.verifier.address.clone();
+    d.verifier.stop().await;
+    let _restarted = d.world.start_verifier(Some(&address)).await;
+    running.await.unwrap().unwrap();
+    assert_eq!(
+        d.world.decrypt(&std::fs::read(&out).unwrap()).unwrap(),
+        plain
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifier_gone_between_challenge_and_release_then_the_job_runs_again() {
+    // Hold the key request back, stop the verifier meanwhile.
+    let hostile = Arc::new(Hostile::new(
+        Channel::Verifier,
+        Direction::FromEnclave,
+        1,
+        Tamper::Drop,
+    ));
+    let d = deploy(hostile.clone()).await;
+    let input = d.world.encrypt(INPUT_KEY, &records(200), 1024);
+    let out = d.world.path("out.kenv");
+    let job = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
+    let running = tokio::spawn({
+        let job = job.clone();
+        let input = input.clone();
+        let out = out.clone();
+        async move { run(&job, input, &out).await }
+    });
+    while !hostile.acted() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let address = d.verifier.address.clone();
+    d.verifier.stop().await;
+    let err = running.await.unwrap().unwrap_err();
+    assert_eq!(err.enclave_kind(), Some("verifier_unavailable"), "{err}");
+    assert!(!out.exists());
+    // Back up (its challenges are gone with it): the job runs again.
+    let _verifier = d.world.start_verifier(Some(&address)).await;
+    let relay = start_relay(&address, Arc::new(kluis_parent::hook::PassThrough)).await;
+    let enclave = d.world.start_enclave(GOOD_IMAGE, &relay.address).await;
+    run(
+        &kluis_tests::world::job(&enclave.address, WorkloadSpec::Identity, vec![]),
+        input,
+        &out,
+    )
+    .await
+    .unwrap();
+    assert!(out.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enclave_killed_mid_job_leaves_no_output_and_the_job_runs_again() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let plain = records(20_000);
+    let input = d.world.encrypt(INPUT_KEY, &plain, 1024);
+    let out = d.world.path("out.kenv");
+    std::fs::write(&out, b"an earlier result").unwrap();
+    let slow = SlowInput {
+        data: input.clone(),
+        pos: 0,
+        chunk: 16 * 1024,
+        sleep: None,
+    };
+    let job1 = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
+    let running = tokio::spawn({
+        let out = out.clone();
+        async move { kluis_parent::job::run_job(&job1, slow, &out, |_| {}).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.enclave.kill();
+    let err = running.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, RunError::Incomplete | RunError::Io { .. }),
+        "{err}"
+    );
+    // The earlier file is untouched, and no partial file is left beside it.
+    assert_eq!(std::fs::read(&out).unwrap(), b"an earlier result");
+    let leftovers = std::fs::read_dir(d.world.dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".kluis-partial")
+        })
+        .count();
+    assert_eq!(leftovers, 0);
+    // A new enclave, the same job.
+    let enclave = d.world.start_enclave(GOOD_IMAGE, &d.relay.address).await;
+    run(
+        &job(&enclave.address, WorkloadSpec::Identity, vec![]),
+        input,
+        &out,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        d.world.decrypt(&std::fs::read(&out).unwrap()).unwrap(),
+        plain
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_only_programs_of_the_image_on_plaintext_inside() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let workloads = d.world.path("workloads");
+    std::fs::create_dir(&workloads).unwrap();
+    let script = workloads.join("upper");
+    std::fs::write(&script, "#!/bin/sh\nexec tr a-z A-Z\n").unwrap();
+    let failing = workloads.join("fails");
+    std::fs::write(&failing, "#!/bin/sh\ncat >/dev/null; exit 3\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for p in [&script, &failing] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let nsm = kluis_nsm::sim::SimulatedNsm::new(
+        kluis_nsm::sim::SimConfig::default()
+            .with_root(Arc::clone(&d.world.root))
+            .with_image(GOOD_IMAGE.to_vec(), None),
+    )
+    .unwrap();
+    let mut ctx =
+        kluis_enclave::EnclaveContext::new(Arc::new(nsm), d.relay.address.clone(), d.world.pinned);
+    ctx.exec_dir = Some(workloads.clone());
+    let enclave = start_enclave_with(ctx).await;
+
+    let plain = records(30_000);
+    let input = d.world.encrypt(INPUT_KEY, &plain, 4096);
+    let exec = |program: &str| WorkloadSpec::Exec {
+        program: program.into(),
+        args: vec![],
+    };
+    let out = d.world.path("upper.kenv");
+    let report = run(
+        &job(&enclave.address, exec("upper"), vec![]),
+        input.clone(),
+        &out,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        d.world.decrypt(&std::fs::read(&out).unwrap()).unwrap(),
+        plain.to_ascii_uppercase()
+    );
+    assert_eq!(report.counts.records_in, 30_000);
+    assert_eq!(report.counts.records_out, 30_000);
+
+    // A program that fails, one outside the directory, and exec on an
+    // enclave without a workload directory: refused, no output.
+    for (enclave, program, kind) in [
+        (&enclave.address, "fails", "exec"),
+        (&enclave.address, "../../bin/sh", "exec_refused"),
+        (&d.enclave.address, "upper", "exec_refused"),
+    ] {
+        let out = d.world.path("refused.kenv");
+        let err = run(&job(enclave, exec(program), vec![]), input.clone(), &out)
+            .await
+            .unwrap_err();
+        assert_eq!(err.enclave_kind(), Some(kind), "{program}: {err}");
+        assert!(!out.exists());
+    }
+}
