@@ -31,7 +31,8 @@ use kluis_envelope::{
     DataKey, DecryptError, EncryptError, EnvelopeHeader, EnvelopeReader, EnvelopeWriter, WrappedKey,
 };
 use kluis_proto::job::{
-    JobCounts, JobEvent, JobRequest, JobSpec, WorkloadSpec, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
+    finish_data_frame, JobCounts, JobEvent, JobRequest, JobSpec, WorkloadSpec,
+    DATA_FRAME_HEADER_LEN, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
 };
 use kluis_proto::{read_message, write_message, KeyOperation, ReleasedKey, WireError};
 use kluis_transport::BoxStream;
@@ -109,6 +110,13 @@ fn write_error(e: &std::io::Error) -> JobError {
     }
 }
 
+/// What goes to the parent: an event, or an output `Data` frame already
+/// encoded in place ([`finish_data_frame`]).
+pub(crate) enum Outgoing {
+    Event(JobEvent),
+    Frame(Vec<u8>),
+}
+
 /// Reads ciphertext chunks from the input pump (blocking).
 struct ChannelReader {
     rx: mpsc::Receiver<Vec<u8>>,
@@ -137,35 +145,44 @@ impl Read for ChannelReader {
     }
 }
 
-/// Turns output ciphertext into `Data` events (blocking).
+/// Turns output ciphertext into `Data` frames (blocking), built in place.
 struct ChannelWriter {
-    tx: mpsc::Sender<JobEvent>,
+    tx: mpsc::Sender<Outgoing>,
     buf: Vec<u8>,
     sent: u64,
 }
 
 impl ChannelWriter {
+    fn fresh_buffer() -> Vec<u8> {
+        let mut buf = Vec::with_capacity(DATA_FRAME_HEADER_LEN.saturating_add(MAX_CHUNK_LEN));
+        buf.resize(DATA_FRAME_HEADER_LEN, 0);
+        buf
+    }
+
     fn send_buffer(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
+        let payload = self.buf.len().saturating_sub(DATA_FRAME_HEADER_LEN);
+        if payload == 0 {
             return Ok(());
         }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(MAX_CHUNK_LEN));
+        let chunk = std::mem::replace(&mut self.buf, Self::fresh_buffer());
         self.sent = self
             .sent
-            .saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
+            .saturating_add(u64::try_from(payload).unwrap_or(u64::MAX));
+        let frame = finish_data_frame(chunk).map_err(std::io::Error::other)?;
         self.tx
-            .blocking_send(JobEvent::Data(chunk))
+            .blocking_send(Outgoing::Frame(frame))
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "output closed"))
     }
 }
 
 impl Write for ChannelWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let room = MAX_CHUNK_LEN.saturating_sub(self.buf.len());
+        let full = DATA_FRAME_HEADER_LEN.saturating_add(MAX_CHUNK_LEN);
+        let room = full.saturating_sub(self.buf.len());
         let n = room.min(data.len());
         self.buf
             .extend_from_slice(data.get(..n).unwrap_or_default());
-        if self.buf.len() >= MAX_CHUNK_LEN {
+        if self.buf.len() >= full {
             self.send_buffer()?;
         }
         Ok(n)
@@ -180,7 +197,7 @@ impl Write for ChannelWriter {
 /// parent, when the connection still works).
 pub async fn serve_job(stream: BoxStream, ctx: Arc<EnclaveContext>) -> Result<JobCounts, JobError> {
     let (reader, writer) = tokio::io::split(stream);
-    let (events_tx, events_rx) = mpsc::channel::<JobEvent>(CHANNEL_DEPTH);
+    let (events_tx, events_rx) = mpsc::channel::<Outgoing>(CHANNEL_DEPTH);
     let event_writer = tokio::spawn(write_events(writer, events_rx, ctx.idle_timeout));
     let result = run(reader, &ctx, events_tx.clone()).await;
     let last = match &result {
@@ -194,7 +211,7 @@ pub async fn serve_job(stream: BoxStream, ctx: Arc<EnclaveContext>) -> Result<Jo
                 .collect(),
         },
     };
-    let _ = events_tx.send(last).await;
+    let _ = events_tx.send(Outgoing::Event(last)).await;
     drop(events_tx);
     match event_writer.await {
         Ok(Ok(())) => result,
@@ -210,16 +227,27 @@ pub async fn serve_job(stream: BoxStream, ctx: Arc<EnclaveContext>) -> Result<Jo
 
 async fn write_events<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut events: mpsc::Receiver<JobEvent>,
+    mut events: mpsc::Receiver<Outgoing>,
     timeout: Duration,
 ) -> Result<(), WireError> {
-    while let Some(event) = events.recv().await {
-        match tokio::time::timeout(
-            timeout,
-            write_message(&mut writer, &event, JOB_MAX_FRAME_LEN),
-        )
-        .await
-        {
+    use tokio::io::AsyncWriteExt;
+    while let Some(outgoing) = events.recv().await {
+        let write = async {
+            match outgoing {
+                Outgoing::Event(event) => {
+                    write_message(&mut writer, &event, JOB_MAX_FRAME_LEN).await
+                }
+                Outgoing::Frame(frame) => {
+                    writer
+                        .write_all(&frame)
+                        .await
+                        .map_err(kluis_proto::FrameError::Io)?;
+                    writer.flush().await.map_err(kluis_proto::FrameError::Io)?;
+                    Ok(())
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, write).await {
             Ok(result) => result?,
             Err(_) => {
                 return Err(WireError::Frame(kluis_proto::FrameError::Io(
@@ -228,7 +256,6 @@ async fn write_events<W: AsyncWrite + Unpin>(
             }
         }
     }
-    use tokio::io::AsyncWriteExt;
     let _ = writer.shutdown().await;
     Ok(())
 }
@@ -302,7 +329,7 @@ fn data_key(key: &ReleasedKey) -> Result<DataKey, JobError> {
 async fn run<R: AsyncRead + Unpin + Send + 'static>(
     mut reader: R,
     ctx: &Arc<EnclaveContext>,
-    events: mpsc::Sender<JobEvent>,
+    events: mpsc::Sender<Outgoing>,
 ) -> Result<JobCounts, JobError> {
     let idle = ctx.idle_timeout;
     let first = tokio::time::timeout(
@@ -348,7 +375,7 @@ async fn process(
     spec: &JobSpec,
     ctx: &Arc<EnclaveContext>,
     input_rx: mpsc::Receiver<Vec<u8>>,
-    events: mpsc::Sender<JobEvent>,
+    events: mpsc::Sender<Outgoing>,
 ) -> Result<JobCounts, JobError> {
     // The header names the input's wrapped data key.
     let (mut input, header) = tokio::task::spawn_blocking(move || {
@@ -391,7 +418,7 @@ async fn process(
         output_key_version: wrapped_output.cmk_version(),
     };
     events
-        .send(started)
+        .send(Outgoing::Event(started))
         .await
         .map_err(|_| JobError::new("output_closed", "the parent stopped taking output"))?;
 
@@ -406,9 +433,17 @@ async fn process(
     };
 
     let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<ToSealer>(BATCH_DEPTH);
+    let (recycle_tx, recycle_rx) =
+        std::sync::mpsc::sync_channel::<Zeroizing<Vec<u8>>>(BATCH_DEPTH.saturating_add(2));
     let seal_events = events.clone();
     let sealer = tokio::task::spawn_blocking(move || {
-        seal_stage(batch_rx, &output_data_key, wrapped_output, seal_events)
+        seal_stage(
+            batch_rx,
+            recycle_tx,
+            &output_data_key,
+            wrapped_output,
+            seal_events,
+        )
     });
     let progress_events = events;
     let worker = tokio::task::spawn_blocking(move || -> Result<(Counts, u64), JobError> {
@@ -416,7 +451,7 @@ async fn process(
             .map_err(|e| decrypt_error(&e))?;
         drop(input_key);
         let counts = match (workload, exec_plan) {
-            (Some(w), _) => work_stage(&mut reader, w, &batch_tx, &progress_events),
+            (Some(w), _) => work_stage(&mut reader, w, &batch_tx, &recycle_rx, &progress_events),
             (None, Some(plan)) => exec::run(&mut reader, &plan, &batch_tx),
             (None, None) => Err(JobError::new("internal", "no workload")),
         }?;
@@ -451,44 +486,79 @@ fn work_stage<R: Read>(
     reader: &mut EnvelopeReader<R>,
     mut workload: Box<dyn workload::Workload>,
     batches: &BatchSender,
-    events: &mpsc::Sender<JobEvent>,
+    recycled: &std::sync::mpsc::Receiver<Zeroizing<Vec<u8>>>,
+    events: &mpsc::Sender<Outgoing>,
 ) -> Result<(Counts, u64), JobError> {
-    let mut buf = Zeroizing::new(vec![0u8; READ_CHUNK]);
+    let passthrough = workload.is_passthrough();
     let mut framer = RecordFramer::default();
     let mut totals = Counts::default();
     let mut bytes_in = 0u64;
+    let mut last_byte = b'\n';
     let mut last_progress = Instant::now();
     let send = |batch: Zeroizing<Vec<u8>>| {
         batches
             .send(ToSealer::Batch(batch))
             .map_err(|_| JobError::new("output_closed", "the sealer stopped"))
     };
+    // Buffers come back from the sealer for reuse: plaintext is overwritten
+    // by the next chunk rather than freed, and every buffer is zeroized
+    // (whole capacity) when the job drops it.
+    let take_buffer = |len: usize| {
+        let mut b = recycled
+            .try_recv()
+            .unwrap_or_else(|_| Zeroizing::new(Vec::new()));
+        // Only newly exposed bytes are written; the rest is overwritten by
+        // the next read (and zeroized with the buffer).
+        b.resize(len, 0);
+        b
+    };
     let workload_error = |e: workload::WorkloadError| JobError::new("workload", e.to_string());
+    let mut scratch = Zeroizing::new(vec![0u8; READ_CHUNK]);
     loop {
-        let n = reader.read(&mut buf).map_err(|e| read_error(&e))?;
-        if n == 0 {
-            break;
-        }
-        bytes_in = bytes_in.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
-        let mut out = Zeroizing::new(Vec::with_capacity(n.saturating_add(n / 2)));
-        framer
-            .feed(buf.get(..n).unwrap_or_default(), |batch| {
-                add_counts(&mut totals, workload.process(batch, &mut out)?);
-                Ok(())
-            })
-            .map_err(workload_error)?;
-        if !out.is_empty() {
-            send(out)?;
+        if passthrough {
+            let mut buf = take_buffer(READ_CHUNK);
+            let n = read_full(reader, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            bytes_in = bytes_in.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+            let records = workload::count_newlines(&buf);
+            last_byte = buf.last().copied().unwrap_or(last_byte);
+            totals.records_in = totals.records_in.saturating_add(records);
+            totals.records_out = totals.records_out.saturating_add(records);
+            send(buf)?;
+        } else {
+            let n = reader.read(&mut scratch).map_err(|e| read_error(&e))?;
+            if n == 0 {
+                break;
+            }
+            bytes_in = bytes_in.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+            let mut out = take_buffer(0);
+            framer
+                .feed(scratch.get(..n).unwrap_or_default(), |batch| {
+                    add_counts(&mut totals, workload.process(batch, &mut out)?);
+                    Ok(())
+                })
+                .map_err(workload_error)?;
+            if !out.is_empty() {
+                send(out)?;
+            }
         }
         if last_progress.elapsed() >= PROGRESS_EVERY {
             last_progress = Instant::now();
-            let _ = events.try_send(JobEvent::Progress(JobCounts {
+            let _ = events.try_send(Outgoing::Event(JobEvent::Progress(JobCounts {
                 records_in: totals.records_in,
                 records_out: totals.records_out,
                 bytes_in,
                 bytes_out: 0,
-            }));
+            })));
         }
+    }
+    if passthrough && last_byte != b'\n' {
+        // The last record had no newline.
+        totals.records_in = totals.records_in.saturating_add(1);
+        totals.records_out = totals.records_out.saturating_add(1);
     }
     let mut out = Zeroizing::new(Vec::new());
     framer
@@ -507,17 +577,33 @@ fn work_stage<R: Read>(
     Ok((totals, bytes_in))
 }
 
+/// Fill `buf` from the envelope (fewer bytes only at its end).
+fn read_full<R: Read>(reader: &mut EnvelopeReader<R>, buf: &mut [u8]) -> Result<usize, JobError> {
+    let mut n = 0usize;
+    while n < buf.len() {
+        let got = reader
+            .read(buf.get_mut(n..).unwrap_or_default())
+            .map_err(|e| read_error(&e))?;
+        if got == 0 {
+            break;
+        }
+        n = n.saturating_add(got);
+    }
+    Ok(n)
+}
+
 /// Seal plaintext batches into the output envelope; returns (plaintext
 /// bytes, envelope bytes).
 fn seal_stage(
     batches: std::sync::mpsc::Receiver<ToSealer>,
+    recycle: std::sync::mpsc::SyncSender<Zeroizing<Vec<u8>>>,
     key: &DataKey,
     wrapped: WrappedKey,
-    events: mpsc::Sender<JobEvent>,
+    events: mpsc::Sender<Outgoing>,
 ) -> Result<(u64, u64), JobError> {
     let sink = ChannelWriter {
         tx: events,
-        buf: Vec::with_capacity(MAX_CHUNK_LEN),
+        buf: ChannelWriter::fresh_buffer(),
         sent: 0,
     };
     let mut writer = EnvelopeWriter::new(sink, key, wrapped)
@@ -529,6 +615,8 @@ fn seal_stage(
                 writer.write_all(&batch).map_err(|e| write_error(&e))?;
                 plaintext =
                     plaintext.saturating_add(u64::try_from(batch.len()).unwrap_or(u64::MAX));
+                // Back to the worker; dropped (zeroized) if the pool is full.
+                let _ = recycle.try_send(batch);
             }
             Ok(ToSealer::Finish) => break,
             // The workload failed: leave the output without its final

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use kluis_proto::frame::encode_frame;
 use kluis_proto::job::{
-    JobCounts, JobEvent, JobRequest, JobSpec, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
+    finish_data_frame, JobCounts, JobEvent, JobRequest, JobSpec, DATA_FRAME_HEADER_LEN,
+    JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
 };
 use kluis_proto::Message;
 use kluis_transport::Address;
@@ -24,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use crate::hook::{read_raw_frame, Channel, Direction, FrameHook};
 
 /// Input bytes per `Data` frame.
-pub const INPUT_CHUNK: usize = 256 * 1024;
+pub const INPUT_CHUNK: usize = 512 * 1024;
 
 /// Why a job did not produce an output.
 #[derive(Debug, thiserror::Error)]
@@ -153,17 +154,30 @@ async fn send_input<R: AsyncRead + Unpin>(
             .await
             .map_err(io("sending the job"))?;
     }
-    let mut buf = vec![0u8; INPUT_CHUNK.min(MAX_CHUNK_LEN)];
+    let chunk = INPUT_CHUNK.min(MAX_CHUNK_LEN);
     loop {
-        let n = input
-            .read(&mut buf)
-            .await
-            .map_err(io("reading the input"))?;
+        // Read a whole chunk straight into a frame buffer (big frames, one copy).
+        let mut buf = vec![0u8; DATA_FRAME_HEADER_LEN.saturating_add(chunk)];
+        let mut n = 0usize;
+        while n < chunk {
+            let got = input
+                .read(
+                    buf.get_mut(DATA_FRAME_HEADER_LEN.saturating_add(n)..)
+                        .unwrap_or_default(),
+                )
+                .await
+                .map_err(io("reading the input"))?;
+            if got == 0 {
+                break;
+            }
+            n = n.saturating_add(got);
+        }
         if n == 0 {
             break;
         }
-        let chunk = buf.get(..n).unwrap_or_default().to_vec();
-        for f in write(frame_of(&JobRequest::Data(chunk))?) {
+        buf.truncate(DATA_FRAME_HEADER_LEN.saturating_add(n));
+        let frame = finish_data_frame(buf).map_err(|e| RunError::Protocol(e.to_string()))?;
+        for f in write(frame) {
             to_enclave
                 .write_all(&f)
                 .await
@@ -207,7 +221,18 @@ where
             dir.display()
         )))?;
     let (partial_file, partial_path) = partial.into_parts();
-    let mut out = tokio::fs::File::from_std(partial_file);
+    // The output is written by a blocking thread, straight from the frames.
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut file = partial_file;
+        while let Some(frame) = out_rx.blocking_recv() {
+            if let Some(payload) = kluis_proto::job::data_payload(&frame) {
+                file.write_all(payload)?;
+            }
+        }
+        file.sync_all()
+    });
 
     let stream = kluis_transport::connect(&job.enclave)
         .await
@@ -246,6 +271,17 @@ where
                 .hook
                 .on_frame(Channel::Job, Direction::FromEnclave, frame)
             {
+                if let Some(payload) = kluis_proto::job::data_payload(&frame) {
+                    // The data path: hand the frame to the writer as it is.
+                    state.received = state
+                        .received
+                        .saturating_add(u64::try_from(payload.len()).unwrap_or(u64::MAX));
+                    out_tx.send(frame).await.map_err(|_| RunError::Io {
+                        context: "writing the output".into(),
+                        source: std::io::Error::other("the output writer stopped"),
+                    })?;
+                    continue;
+                }
                 let body = frame
                     .get(kluis_proto::frame::LENGTH_PREFIX_LEN..)
                     .unwrap_or_default();
@@ -264,12 +300,16 @@ where
                         output_key = Some((output_key_id, output_key_version));
                     }
                     JobEvent::Data(bytes) => {
-                        out.write_all(&bytes)
-                            .await
-                            .map_err(io("writing the output"))?;
+                        // Another valid encoding of a data frame: normalise it.
+                        let frame = kluis_proto::job::data_frame(&bytes)
+                            .map_err(|e| RunError::Protocol(e.to_string()))?;
                         state.received = state
                             .received
                             .saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+                        out_tx.send(frame).await.map_err(|_| RunError::Io {
+                            context: "writing the output".into(),
+                            source: std::io::Error::other("the output writer stopped"),
+                        })?;
                     }
                     JobEvent::Progress(counts) => state.counts = counts,
                     JobEvent::Done(counts) => return Ok(counts),
@@ -289,26 +329,27 @@ where
         Ok(counts) => counts,
         Err(e) => {
             sender.abort();
-            drop(out);
+            drop(out_tx);
+            let _ = writer.await;
             let _ = std::fs::remove_file(&partial_path);
             // An input error explains a failure better than its echo.
             return Err(e);
         }
     };
-    match sender.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            let _ = std::fs::remove_file(&partial_path);
-            return Err(e);
-        }
-        Err(_) => {
-            let _ = std::fs::remove_file(&partial_path);
-            return Err(RunError::Protocol("the input sender failed".into()));
-        }
+    drop(out_tx);
+    let written = match writer.await {
+        Ok(r) => r.map_err(io("writing the output")),
+        Err(_) => Err(RunError::Protocol("the output writer failed".into())),
+    };
+    let sent_all = match sender.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(RunError::Protocol("the input sender failed".into())),
+    };
+    if let Err(e) = sent_all.and(written) {
+        let _ = std::fs::remove_file(&partial_path);
+        return Err(e);
     }
-    out.flush().await.map_err(io("writing the output"))?;
-    out.sync_all().await.map_err(io("syncing the output"))?;
-    drop(out);
     partial_path.persist(output).map_err(|e| RunError::Io {
         context: format!("moving the output into place at {}", output.display()),
         source: e.error,

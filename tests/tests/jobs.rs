@@ -400,10 +400,9 @@ async fn a_parent_answering_as_the_verifier_gets_no_key_accepted() {
 async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
     use Direction::*;
     let j = Channel::Job;
-    // Input frames: 0 = Start, 1.. = Data (256 KiB each), last = End. The
-    // input is 5000 records (~130 KiB) in one Data frame, so use a bigger one.
+    // Input frames: 0 = Start, 1.. = Data (INPUT_CHUNK each), last = End.
     let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
-    let plain = records(40_000); // ~1 MiB: several Data frames
+    let plain = records(120_000); // ~3 MiB: several Data frames
     let input = d.world.encrypt(INPUT_KEY, &plain, 1024);
     for (tamper, index, kinds) in [
         (Tamper::Flip(-100), 2, &["input_tampered"][..]),
@@ -441,7 +440,7 @@ async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
         assert!(!out.exists(), "{tamper:?}: an output was presented");
     }
     // Dropping End: the enclave waits for it and never says Done.
-    let frames = input.len().div_ceil(256 * 1024);
+    let frames = input.len().div_ceil(kluis_parent::job::INPUT_CHUNK);
     let hostile = Arc::new(Hostile::new(j, ToEnclave, frames + 1, Tamper::Drop));
     let mut job_no_end = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
     job_no_end.hook = hostile.clone();

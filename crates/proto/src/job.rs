@@ -210,3 +210,193 @@ impl Message for JobRequest {
 impl Message for JobEvent {
     const CONTEXT: &'static str = "job event";
 }
+
+/// Bytes reserved in front of a payload by [`finish_data_frame`]: the frame
+/// prefix (4), the version (1), and the CBOR of `{"data": h'…'}` up to the
+/// payload (1 + 5 + 5).
+pub const DATA_FRAME_HEADER_LEN: usize = 16;
+
+/// The CBOR head of `{"data": <byte string of len>}`: map(1), text "data",
+/// byte string head (shortest form, as serde/ciborium write it).
+fn data_cbor_head(len: usize) -> Vec<u8> {
+    let mut head = vec![0xA1, 0x64, b'd', b'a', b't', b'a'];
+    match u32::try_from(len) {
+        Ok(n) if n < 24 => head.push(0x40 | u8::try_from(n).unwrap_or(0)),
+        Ok(n) if n <= 0xFF => head.extend_from_slice(&[0x58, u8::try_from(n).unwrap_or(0)]),
+        Ok(n) if n <= 0xFFFF => {
+            head.push(0x59);
+            head.extend_from_slice(&u16::try_from(n).unwrap_or(0).to_be_bytes());
+        }
+        Ok(n) => {
+            head.push(0x5A);
+            head.extend_from_slice(&n.to_be_bytes());
+        }
+        Err(_) => {
+            head.push(0x5B);
+            head.extend_from_slice(&u64::try_from(len).unwrap_or(u64::MAX).to_be_bytes());
+        }
+    }
+    head
+}
+
+/// The whole frame of [`JobRequest::Data`] or [`JobEvent::Data`] (they encode
+/// alike) for `payload`, written directly: byte for byte what serde and
+/// [`crate::frame::encode_frame`] produce, in one allocation and one copy.
+/// The data path of a job moves gigabytes, and the general encoder copies
+/// every payload twice through a byte-at-a-time writer.
+pub fn data_frame(payload: &[u8]) -> Result<Vec<u8>, crate::FrameError> {
+    if payload.len() > MAX_CHUNK_LEN {
+        return Err(crate::FrameError::TooLarge {
+            found: u64::try_from(payload.len()).unwrap_or(u64::MAX),
+            max: MAX_CHUNK_LEN,
+        });
+    }
+    let head = data_cbor_head(payload.len());
+    let len = payload.len().saturating_add(head.len()).saturating_add(1);
+    let prefix = u32::try_from(len)
+        .map_err(|_| crate::FrameError::TooLarge {
+            found: u64::try_from(len).unwrap_or(u64::MAX),
+            max: JOB_MAX_FRAME_LEN,
+        })?
+        .to_be_bytes();
+    let mut frame = Vec::with_capacity(len.saturating_add(4));
+    frame.extend_from_slice(&prefix);
+    frame.push(crate::PROTOCOL_VERSION);
+    frame.extend_from_slice(&head);
+    frame.extend_from_slice(payload);
+    Ok(frame)
+}
+
+/// Turn `buffer` — [`DATA_FRAME_HEADER_LEN`] reserved bytes, then the payload
+/// — into the frame of [`data_frame`]. A payload of 64 KiB or more (whose
+/// byte-string head is the 5-byte form) is framed in place, without a copy;
+/// a shorter one is copied.
+pub fn finish_data_frame(mut buffer: Vec<u8>) -> Result<Vec<u8>, crate::FrameError> {
+    let payload_len = buffer.len().saturating_sub(DATA_FRAME_HEADER_LEN);
+    if payload_len <= 0xFFFF || payload_len > MAX_CHUNK_LEN {
+        return data_frame(buffer.get(DATA_FRAME_HEADER_LEN..).unwrap_or_default());
+    }
+    let head = data_cbor_head(payload_len);
+    let len = payload_len.saturating_add(head.len()).saturating_add(1);
+    let prefix = u32::try_from(len)
+        .map_err(|_| crate::FrameError::TooLarge {
+            found: u64::try_from(len).unwrap_or(u64::MAX),
+            max: JOB_MAX_FRAME_LEN,
+        })?
+        .to_be_bytes();
+    let mut header = Vec::with_capacity(DATA_FRAME_HEADER_LEN);
+    header.extend_from_slice(&prefix);
+    header.push(crate::PROTOCOL_VERSION);
+    header.extend_from_slice(&head);
+    if let Some(slot) = buffer.get_mut(..DATA_FRAME_HEADER_LEN) {
+        if header.len() == DATA_FRAME_HEADER_LEN {
+            slot.copy_from_slice(&header);
+            return Ok(buffer);
+        }
+    }
+    data_frame(buffer.get(DATA_FRAME_HEADER_LEN..).unwrap_or_default())
+}
+
+/// The payload of a whole `Data` frame as [`data_frame`] writes it (frame
+/// prefix included), without copying; `None` for any other frame (decode
+/// those with the general decoder, which accepts every valid encoding).
+pub fn data_payload(frame: &[u8]) -> Option<&[u8]> {
+    let (prefix, rest) = frame.split_first_chunk::<4>()?;
+    if usize::try_from(u32::from_be_bytes(*prefix)).ok()? != rest.len() {
+        return None;
+    }
+    let (version, message) = rest.split_first()?;
+    if *version != crate::PROTOCOL_VERSION {
+        return None;
+    }
+    // The head's length depends on the payload's, which is what is left.
+    for head_len in [7usize, 8, 9, 11, 15] {
+        let Some(payload_len) = message.len().checked_sub(head_len) else {
+            continue;
+        };
+        let head = data_cbor_head(payload_len);
+        if head.len() == head_len && message.get(..head_len) == Some(head.as_slice()) {
+            return message.get(head_len..);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::cast_possible_truncation)]
+    use super::*;
+    use crate::frame::encode_frame;
+
+    #[test]
+    fn direct_data_frames_match_the_serde_encoding() {
+        for len in [
+            0usize,
+            1,
+            23,
+            24,
+            255,
+            256,
+            65_535,
+            65_536,
+            65_537,
+            MAX_CHUNK_LEN,
+        ] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let request = encode_frame(
+                &JobRequest::Data(payload.clone()).encode().unwrap(),
+                JOB_MAX_FRAME_LEN,
+            )
+            .unwrap();
+            let event = encode_frame(
+                &JobEvent::Data(payload.clone()).encode().unwrap(),
+                JOB_MAX_FRAME_LEN,
+            )
+            .unwrap();
+            assert_eq!(request, event, "len {len}");
+            assert_eq!(data_frame(&payload).unwrap(), request, "len {len}");
+            let mut buffer = vec![0u8; DATA_FRAME_HEADER_LEN];
+            buffer.extend_from_slice(&payload);
+            assert_eq!(finish_data_frame(buffer).unwrap(), request, "len {len}");
+            assert_eq!(
+                data_payload(&request),
+                Some(payload.as_slice()),
+                "len {len}"
+            );
+        }
+        assert!(data_frame(&vec![0u8; MAX_CHUNK_LEN + 1]).is_err());
+        // Other frames are not mistaken for data.
+        let end = encode_frame(&JobRequest::End.encode().unwrap(), JOB_MAX_FRAME_LEN).unwrap();
+        assert_eq!(data_payload(&end), None);
+        let mut wrong_len = data_frame(b"abc").unwrap();
+        wrong_len.push(0);
+        assert_eq!(data_payload(&wrong_len), None);
+    }
+
+    #[test]
+    fn job_messages_round_trip_and_refuse_oversized_fields() {
+        let spec = JobSpec {
+            job_id: "j".into(),
+            workload: WorkloadSpec::Exec {
+                program: "p".into(),
+                args: vec!["-x".into()],
+            },
+            output_key: "a/b/c".into(),
+            secrets: vec![WrappedSecret(vec![1, 2, 3])],
+        };
+        let start = JobRequest::Start(spec);
+        assert_eq!(JobRequest::decode(&start.encode().unwrap()).unwrap(), start);
+        let too_many = JobRequest::Start(JobSpec {
+            job_id: "j".into(),
+            workload: WorkloadSpec::Identity,
+            output_key: "a/b/c".into(),
+            secrets: vec![WrappedSecret(vec![1]); MAX_SECRETS + 1],
+        });
+        assert!(JobRequest::decode(&too_many.encode().unwrap()).is_err());
+        let long_reason = JobEvent::Failed {
+            kind: "x".into(),
+            reason: "r".repeat(MAX_TEXT_LEN + 1),
+        };
+        assert!(JobEvent::decode(&long_reason.encode().unwrap()).is_err());
+    }
+}
