@@ -345,20 +345,26 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
             "the first message of a job must be Start",
         ));
     };
-    tracing::info!(job = %spec.job_id, workload = spec.workload.name(), "job started");
+    // Debug formatting: the id comes from the parent and may hold anything.
+    tracing::info!(job = ?spec.job_id, workload = spec.workload.name(), "job started");
     if let WorkloadSpec::Exec { program, args } = &spec.workload {
         exec::check_request(ctx.exec_dir.as_deref(), program, args)?;
     }
 
     let (input_tx, input_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
-    let pump = tokio::spawn(pump_input(reader, input_tx, idle));
+    let mut pump = tokio::spawn(pump_input(reader, input_tx, idle));
     let outcome = process(&spec, ctx, input_rx, events).await;
     // A misbehaving parent explains most failures better than their symptom
     // (a truncated envelope because it closed the connection, say).
-    let pumped = match tokio::time::timeout(Duration::from_secs(1), pump).await {
+    let pumped = match tokio::time::timeout(Duration::from_secs(1), &mut pump).await {
         Ok(Ok(r)) => Some(r),
         Ok(Err(_)) => Some(Err(JobError::new("internal", "input pump failed"))),
-        Err(_) => None,
+        Err(_) => {
+            // Still reading (the parent keeps sending, or stalls): the job is
+            // over either way.
+            pump.abort();
+            None
+        }
     };
     match (outcome, pumped) {
         (Ok(counts), Some(Ok(_))) => Ok(counts),

@@ -23,7 +23,10 @@ fn the_demo_runs_end_to_end_and_cleans_up() {
         "refused: the verifier released no key",
         "demo OK",
     ] {
-        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
     }
     // The result it checked is there, and pseudonymised.
     let result = std::fs::read_to_string(keep.path().join("pseudonymised.csv")).unwrap();
