@@ -13,7 +13,8 @@
 //! memory (VmHWM) of each process.
 //!
 //! `cargo bench -p parent --bench e2e`; `KLUIS_BENCH_MB` sets the input size
-//! (default 512 MiB).
+//! (default 512 MiB), `KLUIS_BENCH_TRANSPORT=unix` puts the job connection on
+//! a Unix socket instead of loopback TCP.
 
 #![allow(
     clippy::unwrap_used,
@@ -218,6 +219,14 @@ fn main() {
     for k in ["bench/in/prod", "bench/out/prod"] {
         verifier(d, Some("key-admin"), &["key", "create", k]);
     }
+    // The job connection: TCP (default) or a Unix socket (KLUIS_BENCH_TRANSPORT=unix);
+    // in a Nitro deployment it is vsock.
+    let transport = std::env::var("KLUIS_BENCH_TRANSPORT").unwrap_or_else(|_| "tcp".into());
+    let listen = if transport == "unix" {
+        format!("unix:{}", d.join("enclave.sock").display())
+    } else {
+        "tcp:127.0.0.1:0".to_owned()
+    };
     let relay_port = free_port();
     let relay = format!("tcp:127.0.0.1:{relay_port}");
     let (mut enclave, announce) = spawn(
@@ -230,7 +239,7 @@ fn main() {
             "--sim-state",
             &p("sim"),
             "--listen",
-            "tcp:127.0.0.1:0",
+            &listen,
             "--verifier",
             &relay,
             "--verifier-key",
@@ -391,6 +400,7 @@ fn main() {
     println!("AEAD bound of a job on one core       {one_core_job:>8.0} MiB/s  (each byte opened once and sealed once)");
     println!("AEAD bound of a job on two cores      {:>8.0} MiB/s  (opening and sealing on separate cores)", seal.min(open));
     println!("one loopback TCP hop, no processing    {tcp:>8.0} MiB/s  (a job's bytes cross two hops, and are read from and written to files)");
+    println!("job connection: {transport}");
     println!("end to end (parent run, wall clock)   {e2e:>8.0} MiB/s  = {:.0}% of the one-core bound, {:.0}% of the two-core bound", 100.0 * e2e / one_core_job, 100.0 * e2e / seal.min(open));
     println!(
         "  {} MiB plaintext in {secs:.2} s, including process start, attestation and key release",
