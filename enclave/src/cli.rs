@@ -49,6 +49,21 @@ struct Config {
     verifier_public_key: Option<String>,
     exec_dir: Option<PathBuf>,
     max_jobs: Option<usize>,
+    exec_timeout_seconds: Option<u64>,
+    allowed_jobs: Option<Vec<AllowedJobConfig>>,
+}
+
+/// One `[[allowed_jobs]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowedJobConfig {
+    /// The workload in `parent run --job` syntax, parameters included.
+    workload: String,
+    output_key: String,
+    #[serde(default)]
+    secret_keys: Vec<String>,
+    #[serde(default)]
+    input_keys: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -176,8 +191,33 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         .map(|i| kluis_nsm::describe_pcr(&*nsm, i).map(|d| hex::encode(d.value)))
         .collect::<Result<Vec<_>, _>>()
         .context("reading PCR0-2")?;
+    let allowed_jobs = match config.allowed_jobs {
+        None => {
+            tracing::warn!(
+                "no allowed_jobs in the configuration: this enclave runs any job the parent asks for"
+            );
+            None
+        }
+        Some(list) => Some(
+            list.into_iter()
+                .map(|a| {
+                    Ok(crate::AllowedJob {
+                        workload: kluis_proto::job::parse_workload(&a.workload)
+                            .with_context(|| format!("allowed_jobs: {:?}", a.workload))?,
+                        output_key: a.output_key,
+                        secret_keys: a.secret_keys,
+                        input_keys: a.input_keys,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ),
+    };
     let mut ctx = EnclaveContext::new(nsm, verifier, key);
     ctx.exec_dir = args.exec_dir.clone().or(config.exec_dir);
+    ctx.allowed_jobs = allowed_jobs;
+    if let Some(secs) = config.exec_timeout_seconds {
+        ctx.exec_timeout = std::time::Duration::from_secs(secs.max(1));
+    }
     let max_jobs = args.max_jobs.or(config.max_jobs).unwrap_or(4);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

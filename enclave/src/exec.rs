@@ -6,11 +6,17 @@
 //! regular file inside that directory. The program runs inside the enclave
 //! with an empty environment; its stderr is discarded (it could echo
 //! plaintext, and the only place to send it is the parent). It must read
-//! all its input and exit 0, or the job fails.
+//! all its input and exit 0, or the job fails; how it failed (its exit
+//! status, whether it read everything) depends on the plaintext and is not
+//! told to the parent. It runs in its own process group, which is killed
+//! when the job fails, ends or passes its deadline, so neither the program
+//! nor anything it started outlives the job.
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use kluis_envelope::EnvelopeReader;
 use zeroize::Zeroizing;
@@ -90,16 +96,33 @@ pub fn check_request(
     })
 }
 
-/// Kills the child unless it was waited for.
+/// SIGKILL to the program's whole process group.
+fn kill_group(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Kills the program's process group unless it was waited for.
 struct ChildGuard(Option<Child>);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
+            kill_group(child.id());
             let _ = child.wait();
         }
     }
+}
+
+fn failed() -> JobError {
+    JobError::new(
+        "exec",
+        "the program failed (how depends on the data and is withheld)",
+    )
 }
 
 fn count(bytes: &[u8]) -> u64 {
@@ -111,12 +134,14 @@ pub(crate) fn run<R: Read + Send>(
     input: &mut EnvelopeReader<R>,
     plan: &ExecPlan,
     batches: &BatchSender,
+    deadline: Duration,
 ) -> Result<(Counts, u64), JobError> {
     let mut child = ChildGuard(Some(
         Command::new(&plan.program)
             .args(&plan.args)
             .env_clear()
             .current_dir(&plan.dir)
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -136,6 +161,20 @@ pub(crate) fn run<R: Read + Send>(
         .take()
         .ok_or_else(|| JobError::new("internal", "no stdout"))?;
 
+    // The deadline: a watchdog kills the group unless the job ends first.
+    let pid = running.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let timed_out = std::sync::Arc::clone(&timed_out);
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(deadline)
+            {
+                timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                kill_group(pid);
+            }
+        })
+    };
     let (fed, produced) = std::thread::scope(|scope| {
         let feeder = scope.spawn(move || -> Result<(u64, u64), JobError> {
             let mut buf = Zeroizing::new(vec![0u8; PIPE_CHUNK]);
@@ -152,9 +191,7 @@ pub(crate) fn run<R: Read + Send>(
                 records = records.saturating_add(count(chunk));
                 bytes = bytes.saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
                 last = chunk.last().copied().unwrap_or(last);
-                stdin
-                    .write_all(chunk)
-                    .map_err(|_| JobError::new("exec", "the program stopped reading its input"))?;
+                stdin.write_all(chunk).map_err(|_| failed())?;
             }
             drop(stdin);
             Ok((records.saturating_add(u64::from(last != b'\n')), bytes))
@@ -173,20 +210,27 @@ pub(crate) fn run<R: Read + Send>(
                         break Err(JobError::new("output_closed", "the sealer stopped"));
                     }
                 }
-                Err(e) => {
-                    break Err(JobError::new(
-                        "exec",
-                        format!("reading the program's output: {e}"),
-                    ))
-                }
+                Err(_) => break Err(failed()),
             }
         };
         drop(stdout);
+        if produced.is_err() {
+            // The feeder may be blocked on a program that no longer reads.
+            kill_group(pid);
+        }
         let fed = feeder
             .join()
             .unwrap_or_else(|_| Err(JobError::new("internal", "feeder failed")));
         (fed, produced)
     });
+    drop(done_tx);
+    let _ = watchdog.join();
+    if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(JobError::new(
+            "exec_timeout",
+            format!("the program ran longer than {}s", deadline.as_secs()),
+        ));
+    }
     // The input's error (tampering, truncation) explains more than the
     // program's reaction to it.
     let (records_in, bytes_in) = fed?;
@@ -195,14 +239,11 @@ pub(crate) fn run<R: Read + Send>(
         .0
         .take()
         .ok_or_else(|| JobError::new("internal", "no child"))?;
-    let status = running
-        .wait()
-        .map_err(|e| JobError::new("exec", format!("waiting for the program: {e}")))?;
+    let status = running.wait().map_err(|_| failed())?;
+    // Whatever it started goes with it.
+    kill_group(pid);
     if !status.success() {
-        return Err(JobError::new(
-            "exec",
-            format!("the program failed ({status})"),
-        ));
+        return Err(failed());
     }
     Ok((
         Counts {

@@ -117,9 +117,20 @@ pub(crate) enum Outgoing {
     Frame(Vec<u8>),
 }
 
-/// Reads ciphertext chunks from the input pump (blocking).
+/// From the input pump to the decryptor.
+pub(crate) enum Input {
+    /// The next ciphertext bytes.
+    Chunk(Vec<u8>),
+    /// The parent said `End`: the input is complete.
+    End,
+}
+
+/// Reads ciphertext chunks from the input pump (blocking). The input ends
+/// only with the parent's `End`; a pump that stops without it (the parent
+/// closed, stalled or misbehaved) is an error, so the decryptor never
+/// finishes, and the output never gets its final segment.
 struct ChannelReader {
-    rx: mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<Input>,
     chunk: Vec<u8>,
     pos: usize,
 }
@@ -128,11 +139,17 @@ impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.pos >= self.chunk.len() {
             match self.rx.blocking_recv() {
-                Some(next) => {
+                Some(Input::Chunk(next)) => {
                     self.chunk = next;
                     self.pos = 0;
                 }
-                None => return Ok(0),
+                Some(Input::End) => return Ok(0),
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the input stopped without the parent's End",
+                    ))
+                }
             }
         }
         let available = self.chunk.get(self.pos..).unwrap_or_default();
@@ -263,7 +280,7 @@ async fn write_events<W: AsyncWrite + Unpin>(
 /// Reads the rest of the input from the parent: `Data` until `End`.
 async fn pump_input<R: AsyncRead + Unpin>(
     mut reader: R,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Input>,
     idle: Duration,
 ) -> Result<u64, JobError> {
     let mut total = 0u64;
@@ -289,12 +306,15 @@ async fn pump_input<R: AsyncRead + Unpin>(
         match message {
             JobRequest::Data(bytes) => {
                 total = total.saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
-                if tx.send(bytes).await.is_err() {
+                if tx.send(Input::Chunk(bytes)).await.is_err() {
                     // The decryptor stopped (it failed; it reports why).
                     return Ok(total);
                 }
             }
-            JobRequest::End => return Ok(total),
+            JobRequest::End => {
+                let _ = tx.send(Input::End).await;
+                return Ok(total);
+            }
             JobRequest::Start(_) => {
                 return Err(JobError::new("protocol", "a second Start in one job"))
             }
@@ -347,11 +367,15 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
     };
     // Debug formatting: the id comes from the parent and may hold anything.
     tracing::info!(job = ?spec.job_id, workload = spec.workload.name(), "job started");
+    // Everything that can be checked before keys are asked for is.
+    ctx.check_allowed(&spec)?;
+    workload::check_spec(&spec.workload, spec.secrets.len())
+        .map_err(|e| JobError::new("bad_job", e.to_string()))?;
     if let WorkloadSpec::Exec { program, args } = &spec.workload {
         exec::check_request(ctx.exec_dir.as_deref(), program, args)?;
     }
 
-    let (input_tx, input_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH);
+    let (input_tx, input_rx) = mpsc::channel::<Input>(CHANNEL_DEPTH);
     let mut pump = tokio::spawn(pump_input(reader, input_tx, idle));
     let outcome = process(&spec, ctx, input_rx, events).await;
     // A misbehaving parent explains most failures better than their symptom
@@ -380,7 +404,7 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
 async fn process(
     spec: &JobSpec,
     ctx: &Arc<EnclaveContext>,
-    input_rx: mpsc::Receiver<Vec<u8>>,
+    input_rx: mpsc::Receiver<Input>,
     events: mpsc::Sender<Outgoing>,
 ) -> Result<JobCounts, JobError> {
     // The header names the input's wrapped data key.
@@ -397,6 +421,7 @@ async fn process(
     .map_err(|_| JobError::new("internal", "header reader failed"))?;
     let header = header.map_err(|e| decrypt_error(&DecryptError::Header(e)))?;
 
+    ctx.check_input_key(spec, header.cmk_id())?;
     let ops = key_operations(&header, spec);
     let released = release::release_keys(ctx, ops).await?;
     let (input_key, rest) = released
@@ -413,6 +438,7 @@ async fn process(
         output_key.wrapped.clone(),
     )
     .map_err(|e| JobError::new("key_release_invalid", format!("output key: {e}")))?;
+    ctx.check_secret_keys(spec, secrets.iter().map(|k| k.key_id.as_str()))?;
     let secrets: Vec<kluis_proto::PlaintextKey> = secrets
         .iter()
         .filter_map(|k| kluis_proto::PlaintextKey::from_slice(k.plaintext.expose_secret()))
@@ -429,7 +455,7 @@ async fn process(
         .map_err(|_| JobError::new("output_closed", "the parent stopped taking output"))?;
 
     let workload = workload::build(&spec.workload, &secrets)
-        .map_err(|e| JobError::new("workload", e.to_string()))?;
+        .map_err(|e| JobError::new("bad_job", e.to_string()))?;
     drop(secrets);
     let exec_plan = match (&spec.workload, workload.is_none()) {
         (WorkloadSpec::Exec { program, args }, true) => {
@@ -452,13 +478,14 @@ async fn process(
         )
     });
     let progress_events = events;
+    let exec_timeout = ctx.exec_timeout;
     let worker = tokio::task::spawn_blocking(move || -> Result<(Counts, u64), JobError> {
         let mut reader = EnvelopeReader::with_header(&mut input, header, &input_key)
             .map_err(|e| decrypt_error(&e))?;
         drop(input_key);
         let counts = match (workload, exec_plan) {
             (Some(w), _) => work_stage(&mut reader, w, &batch_tx, &recycle_rx, &progress_events),
-            (None, Some(plan)) => exec::run(&mut reader, &plan, &batch_tx),
+            (None, Some(plan)) => exec::run(&mut reader, &plan, &batch_tx, exec_timeout),
             (None, None) => Err(JobError::new("internal", "no workload")),
         }?;
         batch_tx
@@ -518,7 +545,15 @@ fn work_stage<R: Read>(
         b.resize(len, 0);
         b
     };
-    let workload_error = |e: workload::WorkloadError| JobError::new("workload", e.to_string());
+    // What went wrong depends on the plaintext (a column count, a record
+    // number, which check failed): the parent is told only that it failed.
+    let workload_error = |e: workload::WorkloadError| {
+        tracing::debug!(kind = e.kind(), "workload refused the input");
+        JobError::new(
+            "workload",
+            "the workload refused the input (the reason depends on the data and is withheld)",
+        )
+    };
     let mut scratch = Zeroizing::new(vec![0u8; READ_CHUNK]);
     loop {
         if passthrough {

@@ -24,6 +24,22 @@ pub mod release;
 pub mod server;
 pub mod workload;
 
+/// One job this image runs (its `allowed_jobs` configuration, measured with
+/// the image). A job matches when its workload and output key are exactly
+/// these, its secrets are data keys of exactly these master keys (in order),
+/// and its input is under one of `input_keys` (any, if empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedJob {
+    /// The workload, parameters included.
+    pub workload: kluis_proto::job::WorkloadSpec,
+    /// The master key the output must be under.
+    pub output_key: String,
+    /// The master keys of the job's secrets, in order.
+    pub secret_keys: Vec<String>,
+    /// The master keys the input may be under (empty: any the policy admits).
+    pub input_keys: Vec<String>,
+}
+
 /// What every job of one enclave shares.
 pub struct EnclaveContext {
     /// The NSM (device or simulator).
@@ -38,6 +54,14 @@ pub struct EnclaveContext {
     pub idle_timeout: Duration,
     /// The whole key exchange must finish within this.
     pub key_release_timeout: Duration,
+    /// The jobs this image runs; `None` runs any job the parent asks for (the
+    /// keys' policies still decide which keys it gets). Production images set
+    /// it: the parent chooses the job, and without this list it could ask an
+    /// admitted image for a workload the controller did not intend (say,
+    /// `identity` where `pseudonymise` was meant).
+    pub allowed_jobs: Option<Vec<AllowedJob>>,
+    /// An `exec` program running longer than this is killed and its job fails.
+    pub exec_timeout: Duration,
 }
 
 impl std::fmt::Debug for EnclaveContext {
@@ -67,6 +91,87 @@ impl EnclaveContext {
             exec_dir: None,
             idle_timeout: Duration::from_secs(60),
             key_release_timeout: Duration::from_secs(30),
+            allowed_jobs: None,
+            exec_timeout: Duration::from_secs(3600),
+        }
+    }
+
+    fn candidates<'a>(
+        &'a self,
+        spec: &'a kluis_proto::job::JobSpec,
+    ) -> Option<impl Iterator<Item = &'a AllowedJob> + 'a> {
+        let allowed = self.allowed_jobs.as_ref()?;
+        Some(allowed.iter().filter(move |a| {
+            a.workload == spec.workload
+                && a.output_key == spec.output_key
+                && a.secret_keys.len() == spec.secrets.len()
+        }))
+    }
+
+    /// Before anything else: the workload, output key and number of secrets
+    /// must match an allowed job.
+    pub fn check_allowed(&self, spec: &kluis_proto::job::JobSpec) -> Result<(), job::JobError> {
+        match self.candidates(spec).map(|mut c| c.next().is_some()) {
+            None | Some(true) => Ok(()),
+            Some(false) => Err(job::JobError::new(
+                "job_not_allowed",
+                format!(
+                    "this image does not run {} with output key {:?} and {} secret(s)",
+                    spec.workload.name(),
+                    spec.output_key,
+                    spec.secrets.len()
+                ),
+            )),
+        }
+    }
+
+    /// Before key release: the input's master key must be allowed.
+    pub fn check_input_key(
+        &self,
+        spec: &kluis_proto::job::JobSpec,
+        input_key: &str,
+    ) -> Result<(), job::JobError> {
+        match self.candidates(spec) {
+            None => Ok(()),
+            Some(mut c) => {
+                if c.any(|a| a.input_keys.is_empty() || a.input_keys.iter().any(|k| k == input_key))
+                {
+                    Ok(())
+                } else {
+                    Err(job::JobError::new(
+                        "job_not_allowed",
+                        format!("this image does not run that job on input under {input_key:?}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// After key release, before any use: the secrets must be data keys of
+    /// the allowed master keys (the wrapped form names its key, which only
+    /// the verifier can read; the released answer says it).
+    pub fn check_secret_keys<'k>(
+        &self,
+        spec: &kluis_proto::job::JobSpec,
+        released: impl Iterator<Item = &'k str> + Clone,
+    ) -> Result<(), job::JobError> {
+        match self.candidates(spec) {
+            None => Ok(()),
+            Some(mut c) => {
+                if c.any(|a| {
+                    a.secret_keys
+                        .iter()
+                        .map(String::as_str)
+                        .eq(released.clone())
+                }) {
+                    Ok(())
+                } else {
+                    Err(job::JobError::new(
+                        "job_not_allowed",
+                        "the job's secrets are not data keys of the master keys this image allows",
+                    ))
+                }
+            }
         }
     }
 }

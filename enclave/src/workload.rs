@@ -84,8 +84,9 @@ pub enum WorkloadError {
         /// The column.
         column: u32,
     },
-    /// More groups than [`MAX_GROUPS`].
-    #[error("more than {limit} groups")]
+    /// More groups than [`MAX_GROUPS`], or more than [`MAX_GROUP_BYTES`] of
+    /// group values.
+    #[error("more than {limit} groups, or more than 64 MiB of group values")]
     TooManyGroups {
         /// The limit.
         limit: usize,
@@ -96,9 +97,92 @@ pub enum WorkloadError {
         /// The limit.
         limit: usize,
     },
+    /// A field holds a quote: quoted CSV is not parsed, so the field
+    /// boundaries could be wrong (and a value could escape pseudonymisation).
+    #[error("record {record}: a quoted field")]
+    QuotedField {
+        /// Record number (1-based).
+        record: u64,
+    },
     /// The job's parameters are unusable.
     #[error("bad workload parameters: {0}")]
     BadParameters(String),
+}
+
+impl WorkloadError {
+    /// A stable name (for the enclave's debug log; the parent is told less).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WorkloadError::MissingColumn { .. } => "missing_column",
+            WorkloadError::NotANationalNumber { .. } => "not_a_national_number",
+            WorkloadError::NotAnInteger { .. } => "not_an_integer",
+            WorkloadError::Overflow { .. } => "overflow",
+            WorkloadError::TooManyGroups { .. } => "too_many_groups",
+            WorkloadError::RecordTooLong { .. } => "record_too_long",
+            WorkloadError::QuotedField { .. } => "quoted_field",
+            WorkloadError::BadParameters(_) => "bad_parameters",
+        }
+    }
+}
+
+/// Largest column number a job may name.
+pub const MAX_COLUMN: u32 = 4096;
+/// Most bytes of group values an [`Aggregate`] keeps.
+pub const MAX_GROUP_BYTES: usize = 64 * 1024 * 1024;
+
+/// Check a workload's parameters before any key is asked for.
+pub fn check_spec(spec: &WorkloadSpec, secrets: usize) -> Result<(), WorkloadError> {
+    let delimiter = |d: u8| {
+        if d == b'\n' || d == b'\r' || d == b'"' || !d.is_ascii() {
+            Err(WorkloadError::BadParameters(
+                "the delimiter must be one ASCII character other than CR, LF or '\"'".to_owned(),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let column = |c: u32| {
+        if c > MAX_COLUMN {
+            Err(WorkloadError::BadParameters(format!(
+                "column {c} is beyond {MAX_COLUMN}"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    match spec {
+        WorkloadSpec::Identity | WorkloadSpec::Reencrypt | WorkloadSpec::Exec { .. } => Ok(()),
+        WorkloadSpec::Pseudonymise {
+            column: c,
+            delimiter: d,
+            secret,
+            ..
+        } => {
+            column(*c)?;
+            delimiter(*d)?;
+            if usize::try_from(*secret).map_or(true, |s| s >= secrets) {
+                return Err(WorkloadError::BadParameters(format!(
+                    "secret {secret} named, {secrets} given"
+                )));
+            }
+            Ok(())
+        }
+        WorkloadSpec::Aggregate {
+            by,
+            sum,
+            delimiter: d,
+            ..
+        } => {
+            column(*by)?;
+            if let Some(s) = sum {
+                column(*s)?;
+            }
+            delimiter(*d)
+        }
+        _ => Err(WorkloadError::BadParameters(
+            "a workload this enclave does not know".to_owned(),
+        )),
+    }
 }
 
 /// An in-process workload.
@@ -281,6 +365,14 @@ impl Workload for Pseudonymise {
                 continue;
             }
             let (body, ending) = split_ending(record);
+            if body.is_empty() {
+                // A blank line stays blank.
+                out.extend_from_slice(record);
+                continue;
+            }
+            if body.contains(&b'"') {
+                return Err(WorkloadError::QuotedField { record: self.seen });
+            }
             let fields = body.split(|b| *b == self.delimiter).count();
             if column >= fields {
                 return Err(WorkloadError::MissingColumn {
@@ -294,7 +386,10 @@ impl Workload for Pseudonymise {
                     out.push(self.delimiter);
                 }
                 if i == column {
-                    if self.check_national_number {
+                    // With the check, the 11 digits are hashed, so
+                    // `85.07.30-033.28` and `85073003328` are one person.
+                    let mut digits = Zeroizing::new([0u8; 11]);
+                    let value: &[u8] = if self.check_national_number {
                         check_national_number(field).map_err(|why| {
                             WorkloadError::NotANationalNumber {
                                 record: self.seen,
@@ -302,8 +397,17 @@ impl Workload for Pseudonymise {
                                 why,
                             }
                         })?;
-                    }
-                    let tag = hmac::sign(&self.key, field);
+                        for (slot, d) in digits
+                            .iter_mut()
+                            .zip(field.iter().filter(|b| b.is_ascii_digit()))
+                        {
+                            *slot = *d;
+                        }
+                        digits.as_slice()
+                    } else {
+                        field.trim_ascii()
+                    };
+                    let tag = hmac::sign(&self.key, value);
                     let mut hexed = Zeroizing::new([0u8; 64]);
                     hex::encode_to_slice(tag.as_ref(), hexed.as_mut_slice()).map_err(|_| {
                         WorkloadError::BadParameters("pseudonym encoding".to_owned())
@@ -339,6 +443,7 @@ pub struct Aggregate {
     skip_header: bool,
     seen: u64,
     groups: BTreeMap<GroupKey, (u64, i128)>,
+    group_bytes: usize,
 }
 
 impl std::fmt::Debug for Aggregate {
@@ -361,6 +466,7 @@ impl Aggregate {
             skip_header,
             seen: 0,
             groups: BTreeMap::new(),
+            group_bytes: 0,
         }
     }
 
@@ -404,12 +510,16 @@ impl Workload for Aggregate {
                     })?
                 }
             };
-            let at_limit = self.groups.len() >= MAX_GROUPS;
+            let at_limit = self.groups.len() >= MAX_GROUPS
+                || self.group_bytes.saturating_add(key.len()) > MAX_GROUP_BYTES;
             let group = GroupKey(key.to_vec());
             let entry = match self.groups.get_mut(&group) {
                 Some(entry) => entry,
                 None if at_limit => return Err(WorkloadError::TooManyGroups { limit: MAX_GROUPS }),
-                None => self.groups.entry(group).or_insert((0, 0)),
+                None => {
+                    self.group_bytes = self.group_bytes.saturating_add(group.0.len());
+                    self.groups.entry(group).or_insert((0, 0))
+                }
             };
             entry.0 = entry.0.saturating_add(1);
             entry.1 = entry.1.checked_add(add).ok_or(WorkloadError::Overflow {
@@ -452,6 +562,7 @@ pub fn build(
     spec: &WorkloadSpec,
     secrets: Secrets<'_>,
 ) -> Result<Option<Box<dyn Workload>>, WorkloadError> {
+    check_spec(spec, secrets.len())?;
     let check_delimiter = |d: u8| {
         if d == b'\n' || d == b'\r' || !d.is_ascii() {
             Err(WorkloadError::BadParameters(
@@ -715,6 +826,48 @@ mod tests {
                 column: 1
             }
         ));
+    }
+
+    #[test]
+    fn pseudonymise_normalises_numbers_keeps_blank_lines_and_refuses_quotes() {
+        let mut w = Pseudonymise::new(&[9u8; 32], 0, b',', false, true);
+        let (out, _) = run(&mut w, b"85.07.30-033.28,a\n\n85073003328,b\r\n", 3);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.split('\n').collect();
+        assert_eq!(lines[1], "", "a blank line stays blank");
+        assert_eq!(lines[0][..64], lines[2][..64], "one person, one pseudonym");
+        assert!(lines[2].ends_with(",b\r"));
+        let mut w = Pseudonymise::new(&[9u8; 32], 1, b',', false, false);
+        let err = w
+            .process(b"\"Doe, John\",85073003328\n", &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(err, WorkloadError::QuotedField { record: 1 });
+        // Without the check, surrounding spaces do not change the pseudonym.
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        Pseudonymise::new(&[1u8; 32], 0, b',', false, false)
+            .process(b" x ,1\n", &mut a)
+            .unwrap();
+        Pseudonymise::new(&[1u8; 32], 0, b',', false, false)
+            .process(b"x,1\n", &mut b)
+            .unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn specs_are_checked_before_keys() {
+        let p = |column, delimiter, secret| WorkloadSpec::Pseudonymise {
+            column,
+            delimiter,
+            secret,
+            header: false,
+            check_national_number: false,
+        };
+        assert!(check_spec(&p(0, b',', 0), 1).is_ok());
+        assert!(check_spec(&p(0, b',', 1), 1).is_err());
+        assert!(check_spec(&p(MAX_COLUMN + 1, b',', 0), 1).is_err());
+        assert!(check_spec(&p(0, b'"', 0), 1).is_err());
+        assert!(check_spec(&WorkloadSpec::Identity, 0).is_ok());
     }
 
     #[test]

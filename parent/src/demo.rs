@@ -57,6 +57,15 @@ impl Children {
     }
 }
 
+impl Drop for Children {
+    fn drop(&mut self) {
+        // The last handle stops whatever is still running.
+        if Arc::strong_count(&self.0) == 1 {
+            self.stop_all();
+        }
+    }
+}
+
 /// SIGTERM (the programs shut down gracefully), then SIGKILL after 5 s.
 fn terminate(child: &mut Child) {
     if let Ok(pid) = i32::try_from(child.id()) {
@@ -268,8 +277,10 @@ pub(crate) fn run(keep: Option<&Path>, records: u32) -> Result<()> {
     };
     let children = Children::default();
     {
-        // Ctrl-C: stop the children, then leave.
+        // Ctrl-C: stop the children, remove the temporary directory (it holds
+        // a root key, credentials and plaintext), then leave.
         let children = children.clone();
+        let remove = keep.is_none().then(|| dir.clone());
         std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -280,6 +291,9 @@ pub(crate) fn run(keep: Option<&Path>, records: u32) -> Result<()> {
             if rt.block_on(tokio::signal::ctrl_c()).is_ok() {
                 eprintln!("\ninterrupted: stopping the verifier and the enclave");
                 children.stop_all();
+                if let Some(dir) = remove {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
                 std::process::exit(130);
             }
         });

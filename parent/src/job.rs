@@ -341,10 +341,12 @@ where
         Ok(r) => r.map_err(io("writing the output")),
         Err(_) => Err(RunError::Protocol("the output writer failed".into())),
     };
-    let sent_all = match sender.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(RunError::Protocol("the input sender failed".into())),
+    // The enclave said Done, so it read End: the sender is finished or about to be.
+    let sent_all = match tokio::time::timeout(job.idle_timeout, sender).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e),
+        Ok(Err(_)) => Err(RunError::Protocol("the input sender failed".into())),
+        Err(_) => Err(RunError::Timeout(job.idle_timeout)),
     };
     if let Err(e) = sent_all.and(written) {
         let _ = std::fs::remove_file(&partial_path);

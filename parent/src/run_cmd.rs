@@ -26,6 +26,8 @@ pub(crate) struct RunArgs {
     /// Where the relay listens for the enclave.
     #[arg(long, value_name = "ADDR", default_value = "vsock:any:8001")]
     pub relay_listen: String,
+    #[command(flatten)]
+    pub tls: VerifierTls,
     /// The encrypted input (an envelope from `attestation-verifier data encrypt`).
     #[arg(long, value_name = "PATH")]
     pub input: PathBuf,
@@ -60,6 +62,45 @@ pub(crate) struct RelayArgs {
     /// The controller's verifier.
     #[arg(long, value_name = "ADDR")]
     pub verifier: String,
+    #[command(flatten)]
+    pub tls: VerifierTls,
+}
+
+/// TLS to the verifier (when it runs `serve --tls-cert ...`).
+#[derive(Debug, Args)]
+pub(crate) struct VerifierTls {
+    /// Connect to the verifier with TLS, trusting the CA certificate(s) in
+    /// this PEM file.
+    #[arg(long, value_name = "PEM")]
+    pub verifier_ca: Option<PathBuf>,
+    /// The name the verifier's certificate must carry [default: the host of
+    /// --verifier].
+    #[arg(long, value_name = "NAME", requires = "verifier_ca")]
+    pub verifier_name: Option<String>,
+}
+
+impl VerifierTls {
+    fn target(&self, verifier: &str) -> anyhow::Result<kluis_parent::relay::VerifierTarget> {
+        let address: Address = verifier.parse()?;
+        let Some(ca) = &self.verifier_ca else {
+            return Ok(kluis_parent::relay::VerifierTarget::plain(address));
+        };
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        let name = match &self.verifier_name {
+            Some(n) => n.clone(),
+            None => verifier
+                .strip_prefix("tcp:")
+                .unwrap_or(verifier)
+                .rsplit_once(':')
+                .map(|(host, _)| {
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned()
+                })
+                .ok_or_else(|| anyhow!("no host in {verifier}"))?,
+        };
+        kluis_parent::relay::VerifierTarget::tls(address, &pem, &name).map_err(|e| anyhow!(e))
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -154,7 +195,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
     };
     let relay = match &args.verifier {
-        Some(v) => Some((args.relay_listen.parse::<Address>()?, v.parse::<Address>()?)),
+        Some(v) => Some((args.relay_listen.parse::<Address>()?, args.tls.target(v)?)),
         None => None,
     };
     runtime()?.block_on(async {
@@ -203,12 +244,16 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
 
 pub(crate) fn relay(args: &RelayArgs) -> anyhow::Result<()> {
     let listen: Address = args.listen.parse()?;
-    let verifier: Address = args.verifier.parse()?;
+    let verifier = args.tls.target(&args.verifier)?;
     runtime()?.block_on(async {
         let listener = Listener::bind(&listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;
-        eprintln!("relaying {} -> {verifier}", listener.local_address()?);
+        eprintln!(
+            "relaying {} -> {}",
+            listener.local_address()?,
+            verifier.address
+        );
         kluis_parent::relay::serve(listener, verifier, Arc::new(PassThrough), async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -714,8 +714,15 @@ async fn exec_runs_only_programs_of_the_image_on_plaintext_inside() {
     std::fs::write(&script, "#!/bin/sh\nexec tr a-z A-Z\n").unwrap();
     let failing = workloads.join("fails");
     std::fs::write(&failing, "#!/bin/sh\ncat >/dev/null; exit 3\n").unwrap();
+    // Reads everything, then hangs with a child holding its stdout open.
+    let hangs = workloads.join("hangs");
+    std::fs::write(
+        &hangs,
+        "#!/bin/sh\ncat >/dev/null\nsleep 300 &\nsleep 300\n",
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
-    for p in [&script, &failing] {
+    for p in [&script, &failing, &hangs] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let nsm = kluis_nsm::sim::SimulatedNsm::new(
@@ -727,6 +734,7 @@ async fn exec_runs_only_programs_of_the_image_on_plaintext_inside() {
     let mut ctx =
         kluis_enclave::EnclaveContext::new(Arc::new(nsm), d.relay.address.clone(), d.world.pinned);
     ctx.exec_dir = Some(workloads.clone());
+    ctx.exec_timeout = Duration::from_secs(2);
     let enclave = start_enclave_with(ctx).await;
 
     let plain = records(30_000);
@@ -754,14 +762,229 @@ async fn exec_runs_only_programs_of_the_image_on_plaintext_inside() {
     // enclave without a workload directory: refused, no output.
     for (enclave, program, kind) in [
         (&enclave.address, "fails", "exec"),
+        (&enclave.address, "hangs", "exec_timeout"),
         (&enclave.address, "../../bin/sh", "exec_refused"),
         (&d.enclave.address, "upper", "exec_refused"),
     ] {
         let out = d.world.path("refused.kenv");
+        let started = std::time::Instant::now();
         let err = run(&job(enclave, exec(program), vec![]), input.clone(), &out)
             .await
             .unwrap_err();
         assert_eq!(err.enclave_kind(), Some(kind), "{program}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{program}: the deadline did not hold"
+        );
         assert!(!out.exists());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_runs_only_its_allowed_jobs() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let allowed = kluis_enclave::AllowedJob {
+        workload: pseudonymise(),
+        output_key: OUTPUT_KEY.into(),
+        secret_keys: vec![SECRET_KEY.into()],
+        input_keys: vec![INPUT_KEY.into()],
+    };
+    let nsm = kluis_nsm::sim::SimulatedNsm::new(
+        kluis_nsm::sim::SimConfig::default()
+            .with_root(Arc::clone(&d.world.root))
+            .with_image(GOOD_IMAGE.to_vec(), None),
+    )
+    .unwrap();
+    let mut ctx =
+        kluis_enclave::EnclaveContext::new(Arc::new(nsm), d.relay.address.clone(), d.world.pinned);
+    ctx.allowed_jobs = Some(vec![allowed]);
+    let enclave = start_enclave_with(ctx).await;
+    let plain = records(200);
+    let input = d.world.encrypt(INPUT_KEY, &plain, 1024);
+    let (secret, _) = d.world.new_secret();
+    let releases = |w: &World| {
+        w.broker
+            .audit()
+            .records(&AuditFilter {
+                decision: Some(Decision::Allowed),
+                ..AuditFilter::default()
+            })
+            .unwrap()
+            .len()
+    };
+    let before = releases(&d.world);
+
+    // The parent asks the pseudonymising image for `identity`: refused before
+    // any key is asked for.
+    let out = d.world.path("identity.kenv");
+    let err = run(
+        &job(&enclave.address, WorkloadSpec::Identity, vec![]),
+        input.clone(),
+        &out,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.enclave_kind(), Some("job_not_allowed"), "{err}");
+    assert!(!out.exists());
+    // Another column: refused too.
+    let other_column = WorkloadSpec::Pseudonymise {
+        column: 1,
+        delimiter: b',',
+        secret: 0,
+        header: false,
+        check_national_number: false,
+    };
+    let err = run(
+        &job(&enclave.address, other_column, vec![secret.clone()]),
+        input.clone(),
+        &out,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.enclave_kind(), Some("job_not_allowed"), "{err}");
+    assert_eq!(releases(&d.world), before, "no key was asked for");
+
+    // The right job with a "secret" that is really a data key of the input's
+    // master key: the released answer names the key, and the job stops there.
+    let (header, _) = kluis_envelope::EnvelopeHeader::from_bytes(&input).unwrap();
+    let fake_secret =
+        kluis_proto::job::WrappedSecret(header.wrapped_key().wrapped_bytes().to_vec());
+    let err = run(
+        &job(&enclave.address, pseudonymise(), vec![fake_secret]),
+        input.clone(),
+        &out,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.enclave_kind(), Some("job_not_allowed"), "{err}");
+    assert!(!out.exists());
+
+    // The allowed job runs.
+    run(
+        &job(&enclave.address, pseudonymise(), vec![secret]),
+        input,
+        &out,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        d.world
+            .decrypt(&std::fs::read(&out).unwrap())
+            .unwrap()
+            .len(),
+        plain.len() + 200 * (64 - 11)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_failures_tell_the_parent_nothing_about_the_data() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let input = d.world.encrypt(INPUT_KEY, &records(50), 1024);
+    // Column 1000 does not exist: the record's column count must not leak.
+    let spec = WorkloadSpec::Aggregate {
+        by: 1000,
+        sum: None,
+        delimiter: b'1',
+        header: true,
+    };
+    let out = d.world.path("probe.kenv");
+    let err = run(&job(&d.enclave.address, spec, vec![]), input, &out)
+        .await
+        .unwrap_err();
+    assert_eq!(err.enclave_kind(), Some("workload"), "{err}");
+    let text = err.to_string();
+    assert!(!text.chars().any(|c| c.is_ascii_digit()), "{text}");
+    assert!(!out.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_reaches_a_tls_verifier() {
+    let world = World::new();
+    // A TLS certificate for the verifier service, from the controller's CA.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.clone().self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["verifier.test".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = kluis_transport::Address::Tcp(listener.local_addr().unwrap().to_string());
+    let broker = Arc::clone(&world.broker);
+    tokio::spawn(async move {
+        let _ = attestation_verifier::service::run(
+            listener,
+            broker,
+            attestation_verifier::service::ServiceConfig::default(),
+            Some(acceptor),
+            std::future::pending(),
+        )
+        .await;
+    });
+    let target = kluis_parent::relay::VerifierTarget::tls(
+        address.clone(),
+        ca.pem().as_bytes(),
+        "verifier.test",
+    )
+    .unwrap();
+    let relay_listener =
+        kluis_transport::Listener::bind(&kluis_transport::Address::Tcp("127.0.0.1:0".into()))
+            .await
+            .unwrap();
+    let relay_address = relay_listener.local_address().unwrap();
+    tokio::spawn(kluis_parent::relay::serve(
+        relay_listener,
+        target,
+        Arc::new(kluis_parent::hook::PassThrough),
+        std::future::pending(),
+    ));
+    let enclave = world.start_enclave(GOOD_IMAGE, &relay_address).await;
+    let plain = records(100);
+    let input = world.encrypt(INPUT_KEY, &plain, 1024);
+    let out = world.path("tls.kenv");
+    run(
+        &job(&enclave.address, WorkloadSpec::Identity, vec![]),
+        input.clone(),
+        &out,
+    )
+    .await
+    .unwrap();
+    assert_eq!(world.decrypt(&std::fs::read(&out).unwrap()).unwrap(), plain);
+
+    // Expecting another name: the relay refuses the verifier, the job fails.
+    let wrong =
+        kluis_parent::relay::VerifierTarget::tls(address, ca.pem().as_bytes(), "other.test")
+            .unwrap();
+    let relay_listener =
+        kluis_transport::Listener::bind(&kluis_transport::Address::Tcp("127.0.0.1:0".into()))
+            .await
+            .unwrap();
+    let relay_address = relay_listener.local_address().unwrap();
+    tokio::spawn(kluis_parent::relay::serve(
+        relay_listener,
+        wrong,
+        Arc::new(kluis_parent::hook::PassThrough),
+        std::future::pending(),
+    ));
+    let enclave = world.start_enclave(GOOD_IMAGE, &relay_address).await;
+    let out = world.path("tls-wrong.kenv");
+    let err = run(
+        &job(&enclave.address, WorkloadSpec::Identity, vec![]),
+        input,
+        &out,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.enclave_kind(), Some("verifier_unavailable"), "{err}");
 }

@@ -27,6 +27,8 @@
 //! complete, whatever the parent does with it. The parent presents an output
 //! file only after `Done`.
 
+pub use crate::job_spec::{parse_workload, SpecError};
+
 use crate::bounded::{self, ser_bytes};
 use crate::message::{Message, MAX_KEY_ID_LEN, MAX_WRAPPED_KEY_LEN};
 use serde::{Deserialize, Serialize};
@@ -116,7 +118,7 @@ pub struct JobCounts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    /// A name for logs and the audit trail.
+    /// A name for the enclave's log (the verifier never sees it).
     #[serde(deserialize_with = "bounded::string::<_, MAX_TEXT_LEN>")]
     pub job_id: String,
     /// The workload.
@@ -272,6 +274,9 @@ pub fn data_frame(payload: &[u8]) -> Result<Vec<u8>, crate::FrameError> {
 /// byte-string head is the 5-byte form) is framed in place, without a copy;
 /// a shorter one is copied.
 pub fn finish_data_frame(mut buffer: Vec<u8>) -> Result<Vec<u8>, crate::FrameError> {
+    if buffer.len() < DATA_FRAME_HEADER_LEN {
+        return Err(crate::FrameError::Empty);
+    }
     let payload_len = buffer.len().saturating_sub(DATA_FRAME_HEADER_LEN);
     if payload_len <= 0xFFFF || payload_len > MAX_CHUNK_LEN {
         return data_frame(buffer.get(DATA_FRAME_HEADER_LEN..).unwrap_or_default());
@@ -314,6 +319,10 @@ pub fn data_payload(frame: &[u8]) -> Option<&[u8]> {
         let Some(payload_len) = message.len().checked_sub(head_len) else {
             continue;
         };
+        if payload_len > MAX_CHUNK_LEN {
+            // The decoder refuses it; so does this reader.
+            continue;
+        }
         let head = data_cbor_head(payload_len);
         if head.len() == head_len && message.get(..head_len) == Some(head.as_slice()) {
             return message.get(head_len..);
@@ -369,6 +378,17 @@ mod tests {
             );
         }
         assert!(data_frame(&vec![0u8; MAX_CHUNK_LEN + 1]).is_err());
+        assert!(finish_data_frame(vec![0u8; DATA_FRAME_HEADER_LEN - 1]).is_err());
+        // A data frame longer than the decoder takes is not read either.
+        let mut big = vec![0u8; DATA_FRAME_HEADER_LEN];
+        big.extend_from_slice(&vec![0u8; MAX_CHUNK_LEN]);
+        let mut frame = finish_data_frame(big).unwrap();
+        frame.extend_from_slice(&[0u8; 8]);
+        let len = u32::try_from(frame.len() - 4).unwrap().to_be_bytes();
+        frame[..4].copy_from_slice(&len);
+        frame[11..15].copy_from_slice(&u32::try_from(MAX_CHUNK_LEN + 8).unwrap().to_be_bytes());
+        assert_eq!(data_payload(&frame), None);
+        assert!(JobEvent::decode(&frame[5..]).is_err());
         // Other frames are not mistaken for data.
         let end = encode_frame(&JobRequest::End.encode().unwrap(), JOB_MAX_FRAME_LEN).unwrap();
         assert_eq!(data_payload(&end), None);

@@ -58,6 +58,7 @@ pub mod frame;
 mod hpke_p384;
 mod identity;
 pub mod job;
+mod job_spec;
 pub mod keys;
 pub mod message;
 mod seal;
