@@ -295,3 +295,32 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn example(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The documented examples parse as the enclave reads them.
+    #[test]
+    fn the_deployment_examples_parse() {
+        let config: Config = toml::from_str(&example("enclave.toml.example")).unwrap();
+        assert_eq!(config.listen.as_deref(), Some("vsock:any:5000"));
+        assert_eq!(config.verifier.as_deref(), Some("vsock:3:8001"));
+        // The placeholder key is refused.
+        assert!(parse_key(config.verifier_public_key.as_deref().unwrap()).is_err());
+        let jobs: Config = toml::from_str(&example("allowed-jobs.toml.example")).unwrap();
+        let jobs = jobs.allowed_jobs.unwrap();
+        assert_eq!(jobs.len(), 2);
+        for job in &jobs {
+            kluis_proto::job::parse_workload(&job.workload).unwrap();
+        }
+        // Unknown fields are refused.
+        assert!(toml::from_str::<Config>("[[allowed_jobs]]\nworkload = \"identity\"\noutput_key = \"a/b/c\"\nextra = 1\n").is_err());
+    }
+}
