@@ -224,7 +224,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let listener = Listener::bind(&listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;
@@ -249,7 +249,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         };
         crate::server::serve(listener, Arc::new(ctx), max_jobs, shutdown).await;
         Ok(())
-    })
+    });
+    // Abandoned jobs' blocking threads must not hold the exit: their outputs
+    // lack a final segment whatever happens to them.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }
 
 fn init_logging() {
@@ -302,7 +306,9 @@ mod tests {
     use super::*;
 
     fn example(name: &str) -> String {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(name);
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
@@ -321,6 +327,9 @@ mod tests {
             kluis_proto::job::parse_workload(&job.workload).unwrap();
         }
         // Unknown fields are refused.
-        assert!(toml::from_str::<Config>("[[allowed_jobs]]\nworkload = \"identity\"\noutput_key = \"a/b/c\"\nextra = 1\n").is_err());
+        assert!(toml::from_str::<Config>(
+            "[[allowed_jobs]]\nworkload = \"identity\"\noutput_key = \"a/b/c\"\nextra = 1\n"
+        )
+        .is_err());
     }
 }
