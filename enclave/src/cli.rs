@@ -50,6 +50,7 @@ struct Config {
     exec_dir: Option<PathBuf>,
     max_jobs: Option<usize>,
     exec_timeout_seconds: Option<u64>,
+    job_timeout_seconds: Option<u64>,
     allowed_jobs: Option<Vec<AllowedJobConfig>>,
 }
 
@@ -215,6 +216,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut ctx = EnclaveContext::new(nsm, verifier, key);
     ctx.exec_dir = args.exec_dir.clone().or(config.exec_dir);
     ctx.allowed_jobs = allowed_jobs;
+    if let Some(secs) = config.job_timeout_seconds {
+        ctx.job_timeout = std::time::Duration::from_secs(secs.max(1));
+    }
     if let Some(secs) = config.exec_timeout_seconds {
         ctx.exec_timeout = std::time::Duration::from_secs(secs.max(1));
     }

@@ -216,7 +216,16 @@ pub async fn serve_job(stream: BoxStream, ctx: Arc<EnclaveContext>) -> Result<Jo
     let (reader, writer) = tokio::io::split(stream);
     let (events_tx, events_rx) = mpsc::channel::<Outgoing>(CHANNEL_DEPTH);
     let event_writer = tokio::spawn(write_events(writer, events_rx, ctx.idle_timeout));
-    let result = run(reader, &ctx, events_tx.clone()).await;
+    // A parent that trickles input keeps resetting the idle timeout; the
+    // job's deadline bounds how long it can hold a slot.
+    let result =
+        match tokio::time::timeout(ctx.job_timeout, run(reader, &ctx, events_tx.clone())).await {
+            Ok(r) => r,
+            Err(_) => Err(JobError::new(
+                "job_timeout",
+                format!("the job ran longer than {}s", ctx.job_timeout.as_secs()),
+            )),
+        };
     let last = match &result {
         Ok(counts) => JobEvent::Done(*counts),
         Err(e) => JobEvent::Failed {

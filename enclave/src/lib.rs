@@ -62,6 +62,8 @@ pub struct EnclaveContext {
     pub allowed_jobs: Option<Vec<AllowedJob>>,
     /// An `exec` program running longer than this is killed and its job fails.
     pub exec_timeout: Duration,
+    /// A job running longer than this fails (whatever it is waiting for).
+    pub job_timeout: Duration,
 }
 
 impl std::fmt::Debug for EnclaveContext {
@@ -93,6 +95,7 @@ impl EnclaveContext {
             key_release_timeout: Duration::from_secs(30),
             allowed_jobs: None,
             exec_timeout: Duration::from_secs(3600),
+            job_timeout: Duration::from_secs(24 * 3600),
         }
     }
 

@@ -379,23 +379,34 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
 
     demo.step(
         "enclave",
-        "starts on the SIMULATED NSM with the verifier key built in",
+        "starts on the SIMULATED NSM with the verifier key and its allowed jobs built in",
     );
     let sim_state = path("nsm-sim");
+    // The enclave's configuration: in a real image it is built in and
+    // measured with the binary (here the simulator measures the binary only).
+    let config = path("enclave.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"tcp:127.0.0.1:0\"\nverifier = \"{relay_address}\"\nverifier_public_key = \"{verifier_key}\"\n\n\
+             [[allowed_jobs]]\nworkload = \"pseudonymise:column=0,header,check=nrn\"\n\
+             output_key = \"{OUTPUT_KEY}\"\nsecret_keys = [\"{SECRET_KEY}\"]\ninput_keys = [\"{INPUT_KEY}\"]\n"
+        ),
+    )?;
+    detail(
+        "allowed jobs: pseudonymise:column=0,header,check=nrn, output under ".to_owned()
+            + OUTPUT_KEY,
+    );
     let enclave = demo.spawn(
         "enclave",
         &[
             "enclave",
             "run",
+            "--config",
+            &p(&config),
             "--simulate-nsm",
             "--sim-state",
             &p(&sim_state),
-            "--listen",
-            "tcp:127.0.0.1:0",
-            "--verifier",
-            &relay_address.to_string(),
-            "--verifier-key",
-            &verifier_key,
         ],
     )?;
     let enclave_address: Address = enclave
@@ -629,6 +640,33 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         "none of the {} people's national register numbers, no input record and no output pseudonym appears in it",
         people.len()
     ));
+
+    // The parent asks the admitted enclave for another job.
+    demo.step(
+        "attacker",
+        "asks the same enclave for `identity` (the raw records) instead of pseudonymisation",
+    );
+    let identity_job = JobRun {
+        spec: JobSpec {
+            workload: WorkloadSpec::Identity,
+            secrets: vec![],
+            ..job.spec.clone()
+        },
+        ..job.clone()
+    };
+    let raw_out = path("raw.kenv");
+    let refused = runtime.block_on(async {
+        let input = tokio::fs::File::open(&enc_in).await?;
+        Ok::<_, anyhow::Error>(run_job(&identity_job, input, &raw_out, |_| {}).await)
+    })?;
+    match refused {
+        Err(RunError::Failed { kind, .. }) if kind == "job_not_allowed" => {
+            detail("refused by the enclave itself, before it asked for any key (job_not_allowed)");
+        }
+        Err(e) => bail!("the identity job failed otherwise than refused: {e}"),
+        Ok(_) => bail!("the enclave ran a job its image does not allow"),
+    }
+    ensure!(!raw_out.exists(), "an output appeared for a refused job");
 
     // An enclave the policy does not admit.
     demo.step(

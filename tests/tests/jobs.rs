@@ -988,3 +988,39 @@ async fn the_relay_reaches_a_tls_verifier() {
     .unwrap_err();
     assert_eq!(err.enclave_kind(), Some("verifier_unavailable"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_parent_meets_the_job_deadline() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let nsm = kluis_nsm::sim::SimulatedNsm::new(
+        kluis_nsm::sim::SimConfig::default()
+            .with_root(Arc::clone(&d.world.root))
+            .with_image(GOOD_IMAGE.to_vec(), None),
+    )
+    .unwrap();
+    let mut ctx =
+        kluis_enclave::EnclaveContext::new(Arc::new(nsm), d.relay.address.clone(), d.world.pinned);
+    ctx.job_timeout = Duration::from_secs(2);
+    let enclave = start_enclave_with(ctx).await;
+    let input = d.world.encrypt(INPUT_KEY, &records(20_000), 1024);
+    // 1 KiB every 20 ms: each frame resets the idle timeout, never the deadline.
+    let slow = SlowInput {
+        data: input,
+        pos: 0,
+        chunk: 1024,
+        sleep: None,
+    };
+    let out = d.world.path("slow.kenv");
+    let started = std::time::Instant::now();
+    let err = kluis_parent::job::run_job(
+        &job(&enclave.address, WorkloadSpec::Identity, vec![]),
+        slow,
+        &out,
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.enclave_kind(), Some("job_timeout"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!out.exists());
+}
