@@ -125,10 +125,6 @@ fn failed() -> JobError {
     )
 }
 
-fn count(bytes: &[u8]) -> u64 {
-    u64::try_from(memchr::memchr_iter(b'\n', bytes).count()).unwrap_or(u64::MAX)
-}
-
 /// Run the program over the decrypted input; its output goes to the sealer.
 pub(crate) fn run<R: Read + Send>(
     input: &mut EnvelopeReader<R>,
@@ -188,7 +184,7 @@ pub(crate) fn run<R: Read + Send>(
                 let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else {
                     break;
                 };
-                records = records.saturating_add(count(chunk));
+                records = records.saturating_add(crate::workload::count_newlines(chunk));
                 bytes = bytes.saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
                 last = chunk.last().copied().unwrap_or(last);
                 stdin.write_all(chunk).map_err(|_| failed())?;
@@ -204,7 +200,7 @@ pub(crate) fn run<R: Read + Send>(
                 Ok(0) => break Ok(records_out.saturating_add(u64::from(last != b'\n'))),
                 Ok(n) => {
                     buf.truncate(n);
-                    records_out = records_out.saturating_add(count(&buf));
+                    records_out = records_out.saturating_add(crate::workload::count_newlines(&buf));
                     last = buf.last().copied().unwrap_or(last);
                     if batches.send(ToSealer::Batch(buf)).is_err() {
                         break Err(JobError::new("output_closed", "the sealer stopped"));

@@ -40,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
-use crate::workload::{self, add_counts, Counts, RecordFramer};
+use crate::workload::{self, Counts, RecordFramer};
 use crate::{exec, release, EnclaveContext};
 
 /// Plaintext read from the input envelope at a time.
@@ -380,13 +380,16 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
     ctx.check_allowed(&spec)?;
     workload::check_spec(&spec.workload, spec.secrets.len())
         .map_err(|e| JobError::new("bad_job", e.to_string()))?;
-    if let WorkloadSpec::Exec { program, args } = &spec.workload {
-        exec::check_request(ctx.exec_dir.as_deref(), program, args)?;
-    }
+    let exec_plan = match &spec.workload {
+        WorkloadSpec::Exec { program, args } => {
+            Some(exec::check_request(ctx.exec_dir.as_deref(), program, args)?)
+        }
+        _ => None,
+    };
 
     let (input_tx, input_rx) = mpsc::channel::<Input>(CHANNEL_DEPTH);
     let mut pump = tokio::spawn(pump_input(reader, input_tx, idle));
-    let outcome = process(&spec, ctx, input_rx, events).await;
+    let outcome = process(&spec, exec_plan, ctx, input_rx, events).await;
     // A misbehaving parent explains most failures better than their symptom
     // (a truncated envelope because it closed the connection, say).
     let pumped = match tokio::time::timeout(Duration::from_secs(1), &mut pump).await {
@@ -412,6 +415,7 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
 
 async fn process(
     spec: &JobSpec,
+    exec_plan: Option<exec::ExecPlan>,
     ctx: &Arc<EnclaveContext>,
     input_rx: mpsc::Receiver<Input>,
     events: mpsc::Sender<Outgoing>,
@@ -455,7 +459,7 @@ async fn process(
     drop(released);
 
     let started = JobEvent::Started {
-        output_key_id: output_key_id(&wrapped_output),
+        output_key_id: wrapped_output.cmk_id().to_owned(),
         output_key_version: wrapped_output.cmk_version(),
     };
     events
@@ -466,12 +470,6 @@ async fn process(
     let workload = workload::build(&spec.workload, &secrets)
         .map_err(|e| JobError::new("bad_job", e.to_string()))?;
     drop(secrets);
-    let exec_plan = match (&spec.workload, workload.is_none()) {
-        (WorkloadSpec::Exec { program, args }, true) => {
-            Some(exec::check_request(ctx.exec_dir.as_deref(), program, args)?)
-        }
-        _ => None,
-    };
 
     let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<ToSealer>(BATCH_DEPTH);
     let (recycle_tx, recycle_rx) =
@@ -516,10 +514,6 @@ async fn process(
         bytes_in,
         bytes_out,
     })
-}
-
-fn output_key_id(wrapped: &WrappedKey) -> String {
-    wrapped.cmk_id().to_owned()
 }
 
 /// Decrypt, frame into records, run the workload, pass batches on; returns
@@ -587,7 +581,7 @@ fn work_stage<R: Read>(
             let mut out = take_buffer(0);
             framer
                 .feed(scratch.get(..n).unwrap_or_default(), |batch| {
-                    add_counts(&mut totals, workload.process(batch, &mut out)?);
+                    totals.add(workload.process(batch, &mut out)?);
                     Ok(())
                 })
                 .map_err(workload_error)?;
@@ -613,14 +607,11 @@ fn work_stage<R: Read>(
     let mut out = Zeroizing::new(Vec::new());
     framer
         .finish(|batch| {
-            add_counts(&mut totals, workload.process(batch, &mut out)?);
+            totals.add(workload.process(batch, &mut out)?);
             Ok(())
         })
         .map_err(workload_error)?;
-    add_counts(
-        &mut totals,
-        workload.finish(&mut out).map_err(workload_error)?,
-    );
+    totals.add(workload.finish(&mut out).map_err(workload_error)?);
     if !out.is_empty() {
         send(out)?;
     }

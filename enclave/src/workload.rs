@@ -39,7 +39,8 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn add(&mut self, other: Counts) {
+    /// Add `other` to these counts.
+    pub fn add(&mut self, other: Counts) {
         self.records_in = self.records_in.saturating_add(other.records_in);
         self.records_out = self.records_out.saturating_add(other.records_out);
     }
@@ -675,11 +676,6 @@ impl RecordFramer {
         let last = Zeroizing::new(std::mem::take(&mut *self.carry));
         f(&last)
     }
-}
-
-/// Running totals.
-pub(crate) fn add_counts(total: &mut Counts, more: Counts) {
-    total.add(more);
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use kluis_keystore::RootSecret;
 use kluis_nsm::sim::{SimConfig, SimRoot, SimulatedNsm};
 use kluis_parent::hook::{Channel, Direction, FrameHook, PassThrough};
 use kluis_parent::job::{run_job, JobReport, JobRun, RunError};
+use kluis_parent::relay::VerifierTarget;
 use kluis_proto::job::{JobSpec, WorkloadSpec, WrappedSecret};
 use kluis_proto::VerifierIdentity;
 use kluis_transport::{Address, Listener};
@@ -216,8 +217,10 @@ impl World {
         }
     }
 
-    /// Start an enclave measuring `image`, reaching the verifier at `relay`.
-    pub async fn start_enclave(&self, image: &[u8], relay: &Address) -> Running {
+    /// The context of an enclave measuring `image` on this world's simulated
+    /// NSM, pinning this world's verifier and reaching it at `relay`, with
+    /// short timeouts (tests adjust it, then [`start_enclave_with`]).
+    pub fn enclave_context(&self, image: &[u8], relay: &Address) -> EnclaveContext {
         let nsm = SimulatedNsm::new(
             SimConfig::default()
                 .with_root(Arc::clone(&self.root))
@@ -227,7 +230,12 @@ impl World {
         let mut ctx = EnclaveContext::new(Arc::new(nsm), relay.clone(), self.pinned);
         ctx.idle_timeout = Duration::from_secs(10);
         ctx.key_release_timeout = Duration::from_secs(3);
-        start_enclave_with(ctx).await
+        ctx
+    }
+
+    /// Start an enclave measuring `image`, reaching the verifier at `relay`.
+    pub async fn start_enclave(&self, image: &[u8], relay: &Address) -> Running {
+        start_enclave_with(self.enclave_context(image, relay)).await
     }
 
     /// Encrypt `plaintext` under a fresh data key of `key` with `segment_size`.
@@ -304,6 +312,11 @@ pub async fn start_enclave_with(ctx: EnclaveContext) -> Running {
 
 /// Start the parent's relay to `verifier` with `hook`.
 pub async fn start_relay(verifier: &Address, hook: Arc<dyn FrameHook>) -> Running {
+    start_relay_to(VerifierTarget::plain(verifier.clone()), hook).await
+}
+
+/// Start the parent's relay to `verifier` (plain or TLS) with `hook`.
+pub async fn start_relay_to(verifier: VerifierTarget, hook: Arc<dyn FrameHook>) -> Running {
     let listener = Listener::bind(&Address::Tcp("127.0.0.1:0".into()))
         .await
         .unwrap();

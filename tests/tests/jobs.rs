@@ -725,14 +725,7 @@ async fn exec_runs_only_programs_of_the_image_on_plaintext_inside() {
     for p in [&script, &failing, &hangs] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let nsm = kluis_nsm::sim::SimulatedNsm::new(
-        kluis_nsm::sim::SimConfig::default()
-            .with_root(Arc::clone(&d.world.root))
-            .with_image(GOOD_IMAGE.to_vec(), None),
-    )
-    .unwrap();
-    let mut ctx =
-        kluis_enclave::EnclaveContext::new(Arc::new(nsm), d.relay.address.clone(), d.world.pinned);
+    let mut ctx = d.world.enclave_context(GOOD_IMAGE, &d.relay.address);
     ctx.exec_dir = Some(workloads.clone());
     ctx.exec_timeout = Duration::from_secs(2);
     let enclave = start_enclave_with(ctx).await;
@@ -789,14 +782,7 @@ async fn an_image_runs_only_its_allowed_jobs() {
         secret_keys: vec![SECRET_KEY.into()],
         input_keys: vec![INPUT_KEY.into()],
     };
-    let nsm = kluis_nsm::sim::SimulatedNsm::new(
-        kluis_nsm::sim::SimConfig::default()
-            .with_root(Arc::clone(&d.world.root))
-            .with_image(GOOD_IMAGE.to_vec(), None),
-    )
-    .unwrap();
-    let mut ctx =
-        kluis_enclave::EnclaveContext::new(Arc::new(nsm), d.relay.address.clone(), d.world.pinned);
+    let mut ctx = d.world.enclave_context(GOOD_IMAGE, &d.relay.address);
     ctx.allowed_jobs = Some(vec![allowed]);
     let enclave = start_enclave_with(ctx).await;
     let plain = records(200);
@@ -938,18 +924,8 @@ async fn the_relay_reaches_a_tls_verifier() {
         "verifier.test",
     )
     .unwrap();
-    let relay_listener =
-        kluis_transport::Listener::bind(&kluis_transport::Address::Tcp("127.0.0.1:0".into()))
-            .await
-            .unwrap();
-    let relay_address = relay_listener.local_address().unwrap();
-    tokio::spawn(kluis_parent::relay::serve(
-        relay_listener,
-        target,
-        Arc::new(kluis_parent::hook::PassThrough),
-        std::future::pending(),
-    ));
-    let enclave = world.start_enclave(GOOD_IMAGE, &relay_address).await;
+    let relay = start_relay_to(target, Arc::new(kluis_parent::hook::PassThrough)).await;
+    let enclave = world.start_enclave(GOOD_IMAGE, &relay.address).await;
     let plain = records(100);
     let input = world.encrypt(INPUT_KEY, &plain, 1024);
     let out = world.path("tls.kenv");
@@ -966,18 +942,8 @@ async fn the_relay_reaches_a_tls_verifier() {
     let wrong =
         kluis_parent::relay::VerifierTarget::tls(address, ca.pem().as_bytes(), "other.test")
             .unwrap();
-    let relay_listener =
-        kluis_transport::Listener::bind(&kluis_transport::Address::Tcp("127.0.0.1:0".into()))
-            .await
-            .unwrap();
-    let relay_address = relay_listener.local_address().unwrap();
-    tokio::spawn(kluis_parent::relay::serve(
-        relay_listener,
-        wrong,
-        Arc::new(kluis_parent::hook::PassThrough),
-        std::future::pending(),
-    ));
-    let enclave = world.start_enclave(GOOD_IMAGE, &relay_address).await;
+    let relay = start_relay_to(wrong, Arc::new(kluis_parent::hook::PassThrough)).await;
+    let enclave = world.start_enclave(GOOD_IMAGE, &relay.address).await;
     let out = world.path("tls-wrong.kenv");
     let err = run(
         &job(&enclave.address, WorkloadSpec::Identity, vec![]),
@@ -992,14 +958,7 @@ async fn the_relay_reaches_a_tls_verifier() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_parent_meets_the_job_deadline() {
     let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
-    let nsm = kluis_nsm::sim::SimulatedNsm::new(
-        kluis_nsm::sim::SimConfig::default()
-            .with_root(Arc::clone(&d.world.root))
-            .with_image(GOOD_IMAGE.to_vec(), None),
-    )
-    .unwrap();
-    let mut ctx =
-        kluis_enclave::EnclaveContext::new(Arc::new(nsm), d.relay.address.clone(), d.world.pinned);
+    let mut ctx = d.world.enclave_context(GOOD_IMAGE, &d.relay.address);
     ctx.job_timeout = Duration::from_secs(2);
     let enclave = start_enclave_with(ctx).await;
     let input = d.world.encrypt(INPUT_KEY, &records(20_000), 1024);
