@@ -51,7 +51,17 @@ struct Config {
     max_jobs: Option<usize>,
     exec_timeout_seconds: Option<u64>,
     job_timeout_seconds: Option<u64>,
+    start_timeout_seconds: Option<u64>,
+    /// Without `allowed_jobs`: `"data_independent"` (default) or `"any"`.
+    unlisted_jobs: Option<UnlistedJobsConfig>,
     allowed_jobs: Option<Vec<AllowedJobConfig>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum UnlistedJobsConfig {
+    DataIndependent,
+    Any,
 }
 
 /// One `[[allowed_jobs]]` entry.
@@ -219,6 +229,20 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     if let Some(secs) = config.job_timeout_seconds {
         ctx.job_timeout = std::time::Duration::from_secs(secs.max(1));
     }
+    if let Some(secs) = config.start_timeout_seconds {
+        ctx.start_timeout = std::time::Duration::from_secs(secs.max(1));
+    }
+    ctx.unlisted_jobs = match config.unlisted_jobs {
+        None | Some(UnlistedJobsConfig::DataIndependent) => crate::UnlistedJobs::DataIndependent,
+        Some(UnlistedJobsConfig::Any) => {
+            if ctx.allowed_jobs.is_none() {
+                tracing::warn!(
+                    "unlisted_jobs = \"any\": the parent chooses workloads whose failure depends on the data"
+                );
+            }
+            crate::UnlistedJobs::Any
+        }
+    };
     if let Some(secs) = config.exec_timeout_seconds {
         ctx.exec_timeout = std::time::Duration::from_secs(secs.max(1));
     }
@@ -251,7 +275,13 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
             }
         };
-        crate::server::serve(listener, Arc::new(ctx), max_jobs, shutdown).await;
+        crate::server::serve(
+            listener,
+            Arc::new(ctx),
+            crate::server::Limits::for_jobs(max_jobs),
+            shutdown,
+        )
+        .await;
         Ok(())
     });
     // Abandoned jobs' blocking threads must not hold the exit: their outputs

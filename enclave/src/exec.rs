@@ -21,7 +21,7 @@ use std::time::Duration;
 use kluis_envelope::EnvelopeReader;
 use zeroize::Zeroizing;
 
-use crate::job::{BatchSender, JobError, ToSealer};
+use crate::job::{BatchSender, Cancel, JobError, ProgressReporter, ToSealer};
 use crate::workload::Counts;
 
 const PIPE_CHUNK: usize = 256 * 1024;
@@ -125,12 +125,20 @@ fn failed() -> JobError {
     )
 }
 
+/// How often the watchdog looks at the job's cancellation.
+const WATCH_EVERY: Duration = Duration::from_millis(50);
+
 /// Run the program over the decrypted input; its output goes to the sealer.
+/// The program's process group is killed at its deadline and when the job
+/// is cancelled. If the program fails, the rest of the input is still read
+/// before the failure is reported (its timing says nothing about where).
 pub(crate) fn run<R: Read + Send>(
     input: &mut EnvelopeReader<R>,
     plan: &ExecPlan,
     batches: &BatchSender,
     deadline: Duration,
+    progress: &mut ProgressReporter<'_>,
+    cancel: &Cancel,
 ) -> Result<(Counts, u64), JobError> {
     let mut child = ChildGuard(Some(
         Command::new(&plan.program)
@@ -157,17 +165,32 @@ pub(crate) fn run<R: Read + Send>(
         .take()
         .ok_or_else(|| JobError::new("internal", "no stdout"))?;
 
-    // The deadline: a watchdog kills the group unless the job ends first.
+    // The deadline and the job's cancellation: a watchdog kills the group
+    // unless the program ends first.
     let pid = running.id();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watchdog = {
         let timed_out = std::sync::Arc::clone(&timed_out);
-        std::thread::spawn(move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(deadline)
-            {
+        let cancel = cancel.clone();
+        let until = std::time::Instant::now().checked_add(deadline);
+        std::thread::spawn(move || loop {
+            if cancel.is_cancelled() {
+                kill_group(pid);
+                return;
+            }
+            let left = until.map_or(WATCH_EVERY, |u| {
+                u.saturating_duration_since(std::time::Instant::now())
+            });
+            if left.is_zero() {
                 timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
                 kill_group(pid);
+                return;
+            }
+            match done_rx.recv_timeout(left.min(WATCH_EVERY)) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                // Done (or the sender dropped): the program was waited for.
+                _ => return,
             }
         })
     };
@@ -178,6 +201,9 @@ pub(crate) fn run<R: Read + Send>(
             let mut bytes = 0u64;
             let mut last = b'\n';
             loop {
+                if cancel.is_cancelled() {
+                    return Err(JobError::new("cancelled", "the job was stopped"));
+                }
                 let n = input
                     .read(&mut buf)
                     .map_err(|e| crate::job::read_error(&e))?;
@@ -187,7 +213,14 @@ pub(crate) fn run<R: Read + Send>(
                 records = records.saturating_add(crate::workload::count_newlines(chunk));
                 bytes = bytes.saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
                 last = chunk.last().copied().unwrap_or(last);
-                stdin.write_all(chunk).map_err(|_| failed())?;
+                progress.input_read(bytes);
+                if stdin.write_all(chunk).is_err() {
+                    // The program stopped reading (it failed, or was
+                    // killed): read the rest before saying so.
+                    drop(stdin);
+                    crate::job::drain(input, bytes, progress, cancel)?;
+                    return Err(failed());
+                }
             }
             drop(stdin);
             Ok((records.saturating_add(u64::from(last != b'\n')), bytes))

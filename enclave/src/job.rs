@@ -35,7 +35,6 @@ use kluis_proto::job::{
     DATA_FRAME_HEADER_LEN, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
 };
 use kluis_proto::{read_message, write_message, KeyOperation, ReleasedKey, WireError};
-use kluis_transport::BoxStream;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
@@ -60,8 +59,8 @@ pub(crate) enum ToSealer {
 }
 
 pub(crate) type BatchSender = std::sync::mpsc::SyncSender<ToSealer>;
-/// How often progress is reported.
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// How often progress is reported at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Why a job failed: a stable kind and a message without secrets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -210,23 +209,63 @@ impl Write for ChannelWriter {
     }
 }
 
-/// Serve one job on `stream` and return how it ended (also sent to the
-/// parent, when the connection still works).
-pub async fn serve_job(stream: BoxStream, ctx: Arc<EnclaveContext>) -> Result<JobCounts, JobError> {
-    let (reader, writer) = tokio::io::split(stream);
-    let (events_tx, events_rx) = mpsc::channel::<Outgoing>(CHANNEL_DEPTH);
-    let event_writer = tokio::spawn(write_events(writer, events_rx, ctx.idle_timeout));
-    // A parent that trickles input keeps resetting the idle timeout; the
-    // job's deadline bounds how long it can hold a slot.
-    let result =
-        match tokio::time::timeout(ctx.job_timeout, run(reader, &ctx, events_tx.clone())).await {
-            Ok(r) => r,
-            Err(_) => Err(JobError::new(
-                "job_timeout",
-                format!("the job ran longer than {}s", ctx.job_timeout.as_secs()),
-            )),
-        };
-    let last = match &result {
+/// Cancels every part of one job at once: the input pump, the event writer,
+/// the key exchange, the worker and sealer threads and an `exec` program's
+/// process group all watch it (async parts await it; blocking threads poll
+/// it between chunks, and their channels close under them).
+pub(crate) type Cancel = tokio_util::sync::CancellationToken;
+
+/// Counts a blocking thread of a job for as long as it lives.
+pub(crate) struct ThreadCount(Arc<crate::server::ServiceStats>);
+
+impl ThreadCount {
+    pub(crate) fn new(stats: &Arc<crate::server::ServiceStats>) -> Self {
+        stats.thread_started();
+        ThreadCount(Arc::clone(stats))
+    }
+}
+
+impl Drop for ThreadCount {
+    fn drop(&mut self) {
+        self.0.thread_ended();
+    }
+}
+
+fn cancelled() -> JobError {
+    JobError::new("cancelled", "the job was stopped")
+}
+
+/// Read the parent's `Start` within `timeout`. A connection that has not
+/// sent a complete `Start` by then is closed without ever taking a job slot.
+pub async fn read_start<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    timeout: Duration,
+) -> Result<JobSpec, JobError> {
+    let first = tokio::time::timeout(
+        timeout,
+        read_message::<JobRequest, _>(reader, JOB_MAX_FRAME_LEN),
+    )
+    .await
+    .map_err(|_| {
+        JobError::new(
+            "start_timeout",
+            format!("no complete Start within {}s", timeout.as_secs()),
+        )
+    })?
+    .map_err(|e| JobError::new("protocol", format!("from the parent: {e}")))?;
+    match first {
+        JobRequest::Start(spec) => Ok(spec),
+        _ => Err(JobError::new(
+            "protocol",
+            "the first message of a job must be Start",
+        )),
+    }
+}
+
+/// The last event of a job, written after every other part of the job has
+/// stopped (so nothing ever follows it).
+fn last_event(result: &Result<JobCounts, JobError>) -> JobEvent {
+    match result {
         Ok(counts) => JobEvent::Done(*counts),
         Err(e) => JobEvent::Failed {
             kind: e.kind.to_owned(),
@@ -236,28 +275,141 @@ pub async fn serve_job(stream: BoxStream, ctx: Arc<EnclaveContext>) -> Result<Jo
                 .take(kluis_proto::job::MAX_TEXT_LEN / 4)
                 .collect(),
         },
-    };
-    let _ = events_tx.send(Outgoing::Event(last)).await;
-    drop(events_tx);
-    match event_writer.await {
-        Ok(Ok(())) => result,
-        // The parent did not take the whole output: whatever `run` thought,
-        // the job did not complete.
-        Ok(Err(e)) => result.and(Err(JobError::new(
-            "output_closed",
-            format!("sending to the parent: {e}"),
-        ))),
-        Err(_) => result.and(Err(JobError::new("internal", "event writer failed"))),
     }
 }
 
+/// Write a job's final event (bounded: a parent that does not read gets
+/// nothing), then close the stream.
+pub(crate) async fn write_last<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    result: &Result<JobCounts, JobError>,
+    timeout: Duration,
+) {
+    use tokio::io::AsyncWriteExt;
+    let event = last_event(result);
+    let _ = tokio::time::timeout(timeout, async {
+        let _ = write_message(writer, &event, JOB_MAX_FRAME_LEN).await;
+        let _ = writer.shutdown().await;
+    })
+    .await;
+}
+
+/// Serve one job whose `Start` was read, until `deadline` at the latest, and
+/// return how it ended (also sent to the parent, when the connection still
+/// works).
+///
+/// The job is one owned task tree. On any failure, and at the deadline,
+/// every part of it is cancelled and joined before this returns: the input
+/// pump stops reading, the event writer stops writing (queued output is
+/// dropped), the worker and sealer threads end (their channels close and
+/// they poll the cancellation), an `exec` program's process group is
+/// killed. Only then is `Failed` written, so nothing follows it, and the
+/// output sent before it lacks its final segment. The caller's job slot is
+/// freed when this returns, that is, when nothing of the job is left.
+pub async fn serve_job<R, W>(
+    reader: R,
+    writer: W,
+    spec: JobSpec,
+    ctx: Arc<EnclaveContext>,
+    deadline: tokio::time::Instant,
+) -> Result<JobCounts, JobError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let cancel = Cancel::new();
+    let (events_tx, events_rx) = mpsc::channel::<Outgoing>(CHANNEL_DEPTH);
+    let event_writer = tokio::spawn(write_events(
+        writer,
+        events_rx,
+        ctx.idle_timeout,
+        cancel.clone(),
+    ));
+    let job = run(reader, spec, &ctx, events_tx, cancel.clone());
+    tokio::pin!(job);
+    // A parent that trickles input keeps resetting the idle timeout; the
+    // deadline (from accept) bounds how long it can hold a slot.
+    let result = tokio::select! {
+        r = &mut job => r,
+        () = tokio::time::sleep_until(deadline) => {
+            cancel.cancel();
+            // Every part watches the cancellation: this returns promptly,
+            // and only once every thread of the job has ended.
+            let _ = job.await;
+            Err(JobError::new(
+                "job_timeout",
+                format!("the job ran longer than {}s", ctx.job_timeout.as_secs()),
+            ))
+        }
+    };
+    if result.is_err() {
+        cancel.cancel();
+    }
+    let (writer, written) = match event_writer.await {
+        Ok((writer, written)) => (Some(writer), written),
+        Err(_) => (None, Err(WriterEnd::Broken)),
+    };
+    let whole = written_whole(&written);
+    let result = match written {
+        Ok(()) => result,
+        // The parent did not take the whole output: whatever `run` thought,
+        // the job did not complete.
+        Err(WriterEnd::Failed(e)) => result.and(Err(JobError::new(
+            "output_closed",
+            format!("sending to the parent: {e}"),
+        ))),
+        Err(WriterEnd::Broken) => result.and(Err(JobError::new(
+            "output_closed",
+            "the job stopped in the middle of a frame",
+        ))),
+    };
+    // A frame cut short (or a writer gone) leaves a stream that cannot
+    // carry another frame; closing it tells the parent enough.
+    if let (Some(mut writer), true) = (writer, whole) {
+        write_last(
+            &mut writer,
+            &result,
+            LAST_EVENT_TIMEOUT.min(ctx.idle_timeout),
+        )
+        .await;
+    }
+    result
+}
+
+/// How long the final event may take to write.
+const LAST_EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the event writer stopped early.
+enum WriterEnd {
+    /// Writing failed (the parent stopped reading or closed).
+    Failed(WireError),
+    /// Cancelled in the middle of a frame: the stream is unusable.
+    Broken,
+}
+
+fn written_whole(written: &Result<(), WriterEnd>) -> bool {
+    !matches!(written, Err(WriterEnd::Broken))
+}
+
+/// Forwards the job's output frames and events to the parent until the
+/// channel closes (every producer is done) or the job is cancelled (then
+/// whatever is queued is dropped). Returns the stream for the final event.
 async fn write_events<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut events: mpsc::Receiver<Outgoing>,
     timeout: Duration,
-) -> Result<(), WireError> {
+    cancel: Cancel,
+) -> (W, Result<(), WriterEnd>) {
     use tokio::io::AsyncWriteExt;
-    while let Some(outgoing) = events.recv().await {
+    loop {
+        let outgoing = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return (writer, Ok(())),
+            next = events.recv() => match next {
+                Some(o) => o,
+                None => return (writer, Ok(())),
+            },
+        };
         let write = async {
             match outgoing {
                 Outgoing::Event(event) => {
@@ -273,17 +425,38 @@ async fn write_events<W: AsyncWrite + Unpin>(
                 }
             }
         };
-        match tokio::time::timeout(timeout, write).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(WireError::Frame(kluis_proto::FrameError::Io(
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "the parent stopped reading"),
-                )))
+        let outcome = tokio::select! {
+            biased;
+            () = cancel.cancelled() => None,
+            r = tokio::time::timeout(timeout, write) => Some(r),
+        };
+        match outcome {
+            None => return (writer, Err(WriterEnd::Broken)),
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => return (writer, Err(WriterEnd::Failed(e))),
+            Some(Err(_)) => {
+                return (
+                    writer,
+                    Err(WriterEnd::Failed(WireError::Frame(
+                        kluis_proto::FrameError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the parent stopped reading",
+                        )),
+                    ))),
+                )
             }
         }
     }
-    let _ = writer.shutdown().await;
-    Ok(())
+}
+
+/// How the input pump ended without an error.
+enum PumpEnd {
+    /// The parent said `End`.
+    End,
+    /// The decryptor stopped taking input (it reports why).
+    Abandoned,
+    /// The job was cancelled.
+    Cancelled,
 }
 
 /// Reads the rest of the input from the parent: `Data` until `End`.
@@ -291,43 +464,50 @@ async fn pump_input<R: AsyncRead + Unpin>(
     mut reader: R,
     tx: mpsc::Sender<Input>,
     idle: Duration,
-) -> Result<u64, JobError> {
-    let mut total = 0u64;
+    cancel: Cancel,
+) -> Result<PumpEnd, JobError> {
     loop {
-        let message = tokio::time::timeout(
+        let read = tokio::time::timeout(
             idle,
             read_message::<JobRequest, _>(&mut reader, JOB_MAX_FRAME_LEN),
-        )
-        .await
-        .map_err(|_| {
-            JobError::new(
-                "idle_timeout",
-                format!("no input from the parent for {}s", idle.as_secs()),
-            )
-        })?
-        .map_err(|e| match e {
-            WireError::Frame(kluis_proto::FrameError::Closed) => JobError::new(
-                "input_closed",
-                "the parent closed the connection before the end of the input",
-            ),
-            e => JobError::new("protocol", format!("from the parent: {e}")),
-        })?;
-        match message {
-            JobRequest::Data(bytes) => {
-                total = total.saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
-                if tx.send(Input::Chunk(bytes)).await.is_err() {
-                    // The decryptor stopped (it failed; it reports why).
-                    return Ok(total);
-                }
-            }
-            JobRequest::End => {
-                let _ = tx.send(Input::End).await;
-                return Ok(total);
-            }
+        );
+        let message = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Ok(PumpEnd::Cancelled),
+            m = read => m,
+        };
+        let message = message
+            .map_err(|_| {
+                JobError::new(
+                    "idle_timeout",
+                    format!("no input from the parent for {}s", idle.as_secs()),
+                )
+            })?
+            .map_err(|e| match e {
+                WireError::Frame(kluis_proto::FrameError::Closed) => JobError::new(
+                    "input_closed",
+                    "the parent closed the connection before the end of the input",
+                ),
+                e => JobError::new("protocol", format!("from the parent: {e}")),
+            })?;
+        let (item, last) = match message {
+            JobRequest::Data(bytes) => (Input::Chunk(bytes), false),
+            JobRequest::End => (Input::End, true),
             JobRequest::Start(_) => {
                 return Err(JobError::new("protocol", "a second Start in one job"))
             }
             _ => return Err(JobError::new("protocol", "an unknown request")),
+        };
+        let sent = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Ok(PumpEnd::Cancelled),
+            s = tx.send(item) => s,
+        };
+        if sent.is_err() {
+            return Ok(PumpEnd::Abandoned);
+        }
+        if last {
+            return Ok(PumpEnd::End);
         }
     }
 }
@@ -356,24 +536,12 @@ fn data_key(key: &ReleasedKey) -> Result<DataKey, JobError> {
 }
 
 async fn run<R: AsyncRead + Unpin + Send + 'static>(
-    mut reader: R,
+    reader: R,
+    spec: JobSpec,
     ctx: &Arc<EnclaveContext>,
     events: mpsc::Sender<Outgoing>,
+    cancel: Cancel,
 ) -> Result<JobCounts, JobError> {
-    let idle = ctx.idle_timeout;
-    let first = tokio::time::timeout(
-        idle,
-        read_message::<JobRequest, _>(&mut reader, JOB_MAX_FRAME_LEN),
-    )
-    .await
-    .map_err(|_| JobError::new("idle_timeout", "no job from the parent"))?
-    .map_err(|e| JobError::new("protocol", format!("from the parent: {e}")))?;
-    let JobRequest::Start(spec) = first else {
-        return Err(JobError::new(
-            "protocol",
-            "the first message of a job must be Start",
-        ));
-    };
     // Debug formatting: the id comes from the parent and may hold anything.
     tracing::info!(job = ?spec.job_id, workload = spec.workload.name(), "job started");
     // Everything that can be checked before keys are asked for is.
@@ -388,28 +556,44 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
     };
 
     let (input_tx, input_rx) = mpsc::channel::<Input>(CHANNEL_DEPTH);
-    let mut pump = tokio::spawn(pump_input(reader, input_tx, idle));
-    let outcome = process(&spec, exec_plan, ctx, input_rx, events).await;
-    // A misbehaving parent explains most failures better than their symptom
-    // (a truncated envelope because it closed the connection, say).
-    let pumped = match tokio::time::timeout(Duration::from_secs(1), &mut pump).await {
-        Ok(Ok(r)) => Some(r),
-        Ok(Err(_)) => Some(Err(JobError::new("internal", "input pump failed"))),
-        Err(_) => {
-            // Still reading (the parent keeps sending, or stalls): the job is
-            // over either way.
-            pump.abort();
-            None
-        }
-    };
+    let pump = tokio::spawn(pump_input(
+        reader,
+        input_tx,
+        ctx.idle_timeout,
+        cancel.clone(),
+    ));
+    let outcome = process(&spec, exec_plan, ctx, input_rx, events, &cancel).await;
+    if outcome.is_err() {
+        // The pump stops too (if it has not already).
+        cancel.cancel();
+    }
+    // On success the decryptor saw the parent's `End`, so the pump has
+    // ended; otherwise it ends on the cancellation. Either way it is joined.
+    let pumped = pump
+        .await
+        .unwrap_or_else(|_| Err(JobError::new("internal", "input pump failed")));
     match (outcome, pumped) {
-        (Ok(counts), Some(Ok(_))) => Ok(counts),
-        (Ok(_), None) => Err(JobError::new(
+        (Ok(counts), Ok(PumpEnd::End)) => Ok(counts),
+        (Ok(_), Ok(_)) => Err(JobError::new(
             "protocol",
             "the input envelope ended but the parent did not end the input",
         )),
-        (_, Some(Err(pump_error))) => Err(pump_error),
-        (Err(e), _) => Err(e),
+        // A misbehaving parent explains most failures better than their
+        // symptom (a truncated envelope because it closed the connection).
+        (_, Err(pump_error)) => Err(pump_error),
+        (Err(e), Ok(_)) => Err(e),
+    }
+}
+
+/// Await `f` unless the job is cancelled first.
+async fn unless_cancelled<T>(
+    cancel: &Cancel,
+    f: impl std::future::Future<Output = Result<T, JobError>>,
+) -> Result<T, JobError> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => Err(cancelled()),
+        r = f => r,
     }
 }
 
@@ -419,9 +603,13 @@ async fn process(
     ctx: &Arc<EnclaveContext>,
     input_rx: mpsc::Receiver<Input>,
     events: mpsc::Sender<Outgoing>,
+    cancel: &Cancel,
 ) -> Result<JobCounts, JobError> {
-    // The header names the input's wrapped data key.
+    // The header names the input's wrapped data key. The reading thread
+    // ends when the input does, or when the pump stops (cancellation).
+    let stats = Arc::clone(&ctx.stats);
     let (mut input, header) = tokio::task::spawn_blocking(move || {
+        let _counted = ThreadCount::new(&stats);
         let mut input = ChannelReader {
             rx: input_rx,
             chunk: Vec::new(),
@@ -432,11 +620,14 @@ async fn process(
     })
     .await
     .map_err(|_| JobError::new("internal", "header reader failed"))?;
+    if cancel.is_cancelled() {
+        return Err(cancelled());
+    }
     let header = header.map_err(|e| decrypt_error(&DecryptError::Header(e)))?;
 
     ctx.check_input_key(spec, header.cmk_id())?;
     let ops = key_operations(&header, spec);
-    let released = release::release_keys(ctx, ops).await?;
+    let released = unless_cancelled(cancel, release::release_keys(ctx, ops)).await?;
     let (input_key, rest) = released
         .split_first()
         .ok_or_else(|| JobError::new("key_release_invalid", "no keys released"))?;
@@ -462,39 +653,71 @@ async fn process(
         output_key_id: wrapped_output.cmk_id().to_owned(),
         output_key_version: wrapped_output.cmk_version(),
     };
-    events
-        .send(Outgoing::Event(started))
-        .await
-        .map_err(|_| JobError::new("output_closed", "the parent stopped taking output"))?;
+    unless_cancelled(cancel, async {
+        events
+            .send(Outgoing::Event(started))
+            .await
+            .map_err(|_| JobError::new("output_closed", "the parent stopped taking output"))
+    })
+    .await?;
 
     let workload = workload::build(&spec.workload, &secrets)
         .map_err(|e| JobError::new("bad_job", e.to_string()))?;
     drop(secrets);
 
+    // The worker and the sealer end when the job is cancelled: the worker
+    // polls the cancellation between chunks and its input closes under it
+    // (the pump stops); the sealer's batches stop, and its output channel
+    // closes under it (the event writer stops).
     let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<ToSealer>(BATCH_DEPTH);
     let (recycle_tx, recycle_rx) =
         std::sync::mpsc::sync_channel::<Zeroizing<Vec<u8>>>(BATCH_DEPTH.saturating_add(2));
     let seal_events = events.clone();
+    let seal_cancel = cancel.clone();
+    let seal_stats = Arc::clone(&ctx.stats);
     let sealer = tokio::task::spawn_blocking(move || {
+        let _counted = ThreadCount::new(&seal_stats);
         seal_stage(
             batch_rx,
             recycle_tx,
             &output_data_key,
             wrapped_output,
             seal_events,
+            &seal_cancel,
         )
     });
     let progress_events = events;
     let exec_timeout = ctx.exec_timeout;
+    let work_cancel = cancel.clone();
+    let work_stats = Arc::clone(&ctx.stats);
     let worker = tokio::task::spawn_blocking(move || -> Result<(Counts, u64), JobError> {
+        let _counted = ThreadCount::new(&work_stats);
         let mut reader = EnvelopeReader::with_header(&mut input, header, &input_key)
             .map_err(|e| decrypt_error(&e))?;
         drop(input_key);
+        let mut progress = ProgressReporter::new(&progress_events);
         let counts = match (workload, exec_plan) {
-            (Some(w), _) => work_stage(&mut reader, w, &batch_tx, &recycle_rx, &progress_events),
-            (None, Some(plan)) => exec::run(&mut reader, &plan, &batch_tx, exec_timeout),
+            (Some(w), _) => work_stage(
+                &mut reader,
+                w,
+                &batch_tx,
+                &recycle_rx,
+                &mut progress,
+                &work_cancel,
+            ),
+            (None, Some(plan)) => exec::run(
+                &mut reader,
+                &plan,
+                &batch_tx,
+                exec_timeout,
+                &mut progress,
+                &work_cancel,
+            ),
             (None, None) => Err(JobError::new("internal", "no workload")),
         }?;
+        if work_cancel.is_cancelled() {
+            return Err(cancelled());
+        }
         batch_tx
             .send(ToSealer::Finish)
             .map_err(|_| JobError::new("output_closed", "the sealer stopped"))?;
@@ -502,11 +725,15 @@ async fn process(
     });
     let worked = worker
         .await
-        .map_err(|_| JobError::new("internal", "workload thread failed"))?;
+        .map_err(|_| JobError::new("internal", "workload thread failed"));
+    if !matches!(worked, Ok(Ok(_))) {
+        // The sealer may be blocked handing output to the event writer.
+        cancel.cancel();
+    }
     let sealed = sealer
         .await
         .map_err(|_| JobError::new("internal", "sealing thread failed"))?;
-    let (counts, bytes_in) = worked?;
+    let (counts, bytes_in) = worked??;
     let (bytes_out, _envelope_bytes) = sealed?;
     Ok(JobCounts {
         records_in: counts.records_in,
@@ -516,21 +743,92 @@ async fn process(
     })
 }
 
+/// How often progress is reported, and its granularity: the parent learns
+/// how much of the input the enclave has authenticated, rounded down to
+/// this many bytes, and never a record count before `Done` (record counts
+/// over time would tell it where records of a kind are).
+pub(crate) const PROGRESS_GRANULE: u64 = 1024 * 1024;
+
+/// Sends coarse `Progress` events from a blocking stage.
+pub(crate) struct ProgressReporter<'a> {
+    events: &'a mpsc::Sender<Outgoing>,
+    last: Instant,
+    reported: u64,
+}
+
+impl<'a> ProgressReporter<'a> {
+    fn new(events: &'a mpsc::Sender<Outgoing>) -> Self {
+        ProgressReporter {
+            events,
+            last: Instant::now(),
+            reported: 0,
+        }
+    }
+
+    /// `bytes_in` plaintext bytes have been read and authenticated so far.
+    /// The report depends only on how far the input has been read (which
+    /// the parent knows, having sent it) and on time: never on what the
+    /// workload made of it, and it goes on unchanged after a workload
+    /// failure until the input ends.
+    pub(crate) fn input_read(&mut self, bytes_in: u64) {
+        let coarse = bytes_in.saturating_sub(bytes_in.checked_rem(PROGRESS_GRANULE).unwrap_or(0));
+        if self.last.elapsed() < PROGRESS_EVERY || coarse == self.reported {
+            return;
+        }
+        self.last = Instant::now();
+        self.reported = coarse;
+        let _ = self
+            .events
+            .try_send(Outgoing::Event(JobEvent::Progress(JobCounts {
+                records_in: 0,
+                records_out: 0,
+                bytes_in: coarse,
+                bytes_out: 0,
+            })));
+    }
+}
+
+/// After a workload failure: read (and so authenticate) the rest of the
+/// input to its end, reporting progress as before, so that neither the
+/// time of the failure nor the progress tells the parent where in the
+/// input it happened. An input error found on the way wins (the parent
+/// caused it and may know it).
+pub(crate) fn drain<R: Read>(
+    reader: &mut R,
+    mut bytes_in: u64,
+    progress: &mut ProgressReporter<'_>,
+    cancel: &Cancel,
+) -> Result<u64, JobError> {
+    let mut scratch = Zeroizing::new(vec![0u8; READ_CHUNK]);
+    loop {
+        if cancel.is_cancelled() {
+            return Err(cancelled());
+        }
+        let n = reader.read(&mut scratch).map_err(|e| read_error(&e))?;
+        if n == 0 {
+            return Ok(bytes_in);
+        }
+        bytes_in = bytes_in.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+        progress.input_read(bytes_in);
+    }
+}
+
 /// Decrypt, frame into records, run the workload, pass batches on; returns
-/// the counts and the plaintext bytes read.
+/// the counts and the plaintext bytes read. A workload failure is reported
+/// only once the whole input has been read ([`drain`]).
 fn work_stage<R: Read>(
     reader: &mut EnvelopeReader<R>,
     mut workload: Box<dyn workload::Workload>,
     batches: &BatchSender,
     recycled: &std::sync::mpsc::Receiver<Zeroizing<Vec<u8>>>,
-    events: &mpsc::Sender<Outgoing>,
+    progress: &mut ProgressReporter<'_>,
+    cancel: &Cancel,
 ) -> Result<(Counts, u64), JobError> {
     let passthrough = workload.is_passthrough();
     let mut framer = RecordFramer::default();
     let mut totals = Counts::default();
     let mut bytes_in = 0u64;
     let mut last_byte = b'\n';
-    let mut last_progress = Instant::now();
     let send = |batch: Zeroizing<Vec<u8>>| {
         batches
             .send(ToSealer::Batch(batch))
@@ -549,7 +847,8 @@ fn work_stage<R: Read>(
         b
     };
     // What went wrong depends on the plaintext (a column count, a record
-    // number, which check failed): the parent is told only that it failed.
+    // number, which check failed): the parent is told only that it failed,
+    // and only after the whole input was read.
     let workload_error = |e: workload::WorkloadError| {
         tracing::debug!(kind = e.kind(), "workload refused the input");
         JobError::new(
@@ -559,6 +858,9 @@ fn work_stage<R: Read>(
     };
     let mut scratch = Zeroizing::new(vec![0u8; READ_CHUNK]);
     loop {
+        if cancel.is_cancelled() {
+            return Err(cancelled());
+        }
         if passthrough {
             let mut buf = take_buffer(READ_CHUNK);
             let n = read_full(reader, &mut buf)?;
@@ -579,25 +881,19 @@ fn work_stage<R: Read>(
             }
             bytes_in = bytes_in.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
             let mut out = take_buffer(0);
-            framer
-                .feed(scratch.get(..n).unwrap_or_default(), |batch| {
-                    totals.add(workload.process(batch, &mut out)?);
-                    Ok(())
-                })
-                .map_err(workload_error)?;
+            let fed = framer.feed(scratch.get(..n).unwrap_or_default(), |batch| {
+                totals.add(workload.process(batch, &mut out)?);
+                Ok(())
+            });
+            if let Err(e) = fed {
+                drain(reader, bytes_in, progress, cancel)?;
+                return Err(workload_error(e));
+            }
             if !out.is_empty() {
                 send(out)?;
             }
         }
-        if last_progress.elapsed() >= PROGRESS_EVERY {
-            last_progress = Instant::now();
-            let _ = events.try_send(Outgoing::Event(JobEvent::Progress(JobCounts {
-                records_in: totals.records_in,
-                records_out: totals.records_out,
-                bytes_in,
-                bytes_out: 0,
-            })));
-        }
+        progress.input_read(bytes_in);
     }
     if passthrough && last_byte != b'\n' {
         // The last record had no newline.
@@ -641,6 +937,7 @@ fn seal_stage(
     key: &DataKey,
     wrapped: WrappedKey,
     events: mpsc::Sender<Outgoing>,
+    cancel: &Cancel,
 ) -> Result<(u64, u64), JobError> {
     let sink = ChannelWriter {
         tx: events,
@@ -652,6 +949,7 @@ fn seal_stage(
     let mut plaintext = 0u64;
     loop {
         match batches.recv() {
+            Ok(ToSealer::Batch(_)) if cancel.is_cancelled() => return Err(cancelled()),
             Ok(ToSealer::Batch(batch)) => {
                 writer.write_all(&batch).map_err(|e| write_error(&e))?;
                 plaintext =
@@ -659,6 +957,8 @@ fn seal_stage(
                 // Back to the worker; dropped (zeroized) if the pool is full.
                 let _ = recycle.try_send(batch);
             }
+            // Never a final segment for a cancelled job.
+            Ok(ToSealer::Finish) if cancel.is_cancelled() => return Err(cancelled()),
             Ok(ToSealer::Finish) => break,
             // The workload failed: leave the output without its final
             // segment (and send nothing more).

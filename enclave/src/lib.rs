@@ -62,8 +62,35 @@ pub struct EnclaveContext {
     pub allowed_jobs: Option<Vec<AllowedJob>>,
     /// An `exec` program running longer than this is killed and its job fails.
     pub exec_timeout: Duration,
-    /// A job running longer than this fails (whatever it is waiting for).
+    /// A job running longer than this from accept fails (whatever it is
+    /// waiting for), and every part of it is stopped.
     pub job_timeout: Duration,
+    /// A connection that has not sent a complete `Start` within this is
+    /// closed (it never takes a job slot).
+    pub start_timeout: Duration,
+    /// Without `allowed_jobs`, which jobs the parent may choose.
+    pub unlisted_jobs: UnlistedJobs,
+    /// What the job service is doing (connections, jobs, threads).
+    pub stats: Arc<server::ServiceStats>,
+}
+
+/// Which jobs an image without `allowed_jobs` runs.
+///
+/// A workload that can fail on the data (`pseudonymise` on a bad national
+/// number, `aggregate` on a missing column or a non-number, any `exec`
+/// program) makes its failure bit an oracle when the parent chooses its
+/// parameters: by choosing a column, a delimiter or a grouping, a hostile
+/// parent can test predicates on the plaintext one job at a time. Such an
+/// image therefore runs only workloads whose outcome does not depend on the
+/// plaintext, unless its measured configuration says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnlistedJobs {
+    /// Only `identity` and `reencrypt` (the default).
+    #[default]
+    DataIndependent,
+    /// Any workload the parent asks for (tests, and images whose every
+    /// workload is harmless on any parameters).
+    Any,
 }
 
 impl std::fmt::Debug for EnclaveContext {
@@ -80,7 +107,9 @@ impl std::fmt::Debug for EnclaveContext {
 }
 
 impl EnclaveContext {
-    /// A context with default timeouts (idle 60 s, key release 30 s).
+    /// A context with default timeouts (idle 60 s, key release 30 s, start
+    /// 10 s, job a day), no allowed-jobs list and only data-independent
+    /// workloads.
     pub fn new(
         nsm: Arc<dyn kluis_nsm::Nsm>,
         verifier: kluis_transport::Address,
@@ -96,6 +125,9 @@ impl EnclaveContext {
             allowed_jobs: None,
             exec_timeout: Duration::from_secs(3600),
             job_timeout: Duration::from_secs(24 * 3600),
+            start_timeout: Duration::from_secs(10),
+            unlisted_jobs: UnlistedJobs::DataIndependent,
+            stats: Arc::new(server::ServiceStats::default()),
         }
     }
 
@@ -112,9 +144,23 @@ impl EnclaveContext {
     }
 
     /// Before anything else: the workload, output key and number of secrets
-    /// must match an allowed job.
+    /// must match an allowed job; without a list, the workload must be one
+    /// the image lets the parent choose ([`UnlistedJobs`]).
     pub fn check_allowed(&self, spec: &kluis_proto::job::JobSpec) -> Result<(), job::JobError> {
         match self.candidates(spec).map(|mut c| c.next().is_some()) {
+            None if self.unlisted_jobs == UnlistedJobs::DataIndependent
+                && workload::fails_on_data(&spec.workload) =>
+            {
+                Err(job::JobError::new(
+                    "job_not_allowed",
+                    format!(
+                        "this image lists no allowed jobs, and {} can fail on the data: \
+                         a parent-chosen {} would make its failure an oracle on the plaintext",
+                        spec.workload.name(),
+                        spec.workload.name()
+                    ),
+                ))
+            }
             None | Some(true) => Ok(()),
             Some(false) => Err(job::JobError::new(
                 "job_not_allowed",

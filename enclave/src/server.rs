@@ -1,54 +1,195 @@
 //! The enclave's job service: accept jobs from the parent, a bounded number
 //! at a time, until shut down.
+//!
+//! A connection goes through two bounded stages:
+//!
+//! 1. **Starting** (at most [`Limits::max_starting`] at once): it must send
+//!    a complete `Start` within [`crate::EnclaveContext::start_timeout`], or
+//!    it is closed. It holds no job slot while it does.
+//! 2. **Running** (at most [`Limits::max_jobs`] at once): it holds a job
+//!    slot from when it gets one (in arrival order) until every part of the
+//!    job has stopped ([`crate::job::serve_job`]).
+//!
+//! The job's deadline runs from accept and covers both stages. Connections
+//! beyond the bounds wait in the listener's backlog.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use kluis_transport::Listener;
+use kluis_transport::{BoxStream, Listener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::job::JobError;
 use crate::EnclaveContext;
 
-/// Serve jobs on `listener` until `shutdown` completes; at most `max_jobs`
-/// at once (further connections wait in the backlog). Running jobs are
-/// abandoned at shutdown: their outputs lack a final segment, so none can
-/// pass for complete.
+/// What the service is doing now, for operators and tests.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    connections: AtomicUsize,
+    jobs: AtomicUsize,
+    threads: AtomicUsize,
+}
+
+impl ServiceStats {
+    /// Connections accepted and not yet closed.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Jobs holding a slot (from the slot's grant until nothing of the job
+    /// is left).
+    pub fn jobs(&self) -> usize {
+        self.jobs.load(Ordering::SeqCst)
+    }
+
+    /// Blocking threads of jobs (readers, workers, sealers) still alive.
+    pub fn threads(&self) -> usize {
+        self.threads.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn thread_started(&self) {
+        self.threads.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn thread_ended(&self) {
+        self.threads.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts one of a gauge while alive.
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn up(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Gauge(counter)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The service's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most jobs at once.
+    pub max_jobs: usize,
+    /// Most connections at once that have not yet got a job slot.
+    pub max_starting: usize,
+}
+
+impl Limits {
+    /// `max_jobs` jobs, and twice as many connections starting (at least 8).
+    pub fn for_jobs(max_jobs: usize) -> Self {
+        let max_jobs = max_jobs.max(1);
+        Limits {
+            max_jobs,
+            max_starting: max_jobs.saturating_mul(2).max(8),
+        }
+    }
+}
+
+/// Serve jobs on `listener` until `shutdown` completes, within `limits`.
+/// Running jobs are abandoned at shutdown: their outputs lack a final
+/// segment, so none can pass for complete.
 pub async fn serve(
     listener: Listener,
     ctx: Arc<EnclaveContext>,
-    max_jobs: usize,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(max_jobs.max(1)));
+    let slots = Arc::new(Semaphore::new(limits.max_jobs.max(1)));
+    let starting = Arc::new(Semaphore::new(limits.max_starting.max(1)));
     let mut jobs = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = &mut shutdown => break,
+            p = Arc::clone(&starting).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let accepted = tokio::select! {
-            _ = &mut shutdown => break,
+            () = &mut shutdown => break,
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let ctx = Arc::clone(&ctx);
+        let slots = Arc::clone(&slots);
         jobs.spawn(async move {
-            match crate::job::serve_job(stream, ctx).await {
+            match serve_connection(stream, &ctx, slots, permit).await {
                 Ok(c) => tracing::info!(%peer, records_in = c.records_in, records_out = c.records_out, bytes_in = c.bytes_in, "job done"),
                 Err(e) => tracing::warn!(%peer, kind = e.kind, "job failed: {}", e.message),
             }
-            drop(permit);
         });
         while jobs.try_join_next().is_some() {}
     }
     jobs.abort_all();
+}
+
+/// The longest deadline a job can have (a year).
+pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(366 * 86_400);
+
+/// One connection: its `Start`, a job slot, the job.
+async fn serve_connection(
+    stream: BoxStream,
+    ctx: &Arc<EnclaveContext>,
+    slots: Arc<Semaphore>,
+    starting: tokio::sync::OwnedSemaphorePermit,
+) -> Result<kluis_proto::job::JobCounts, JobError> {
+    let _connection = Gauge::up(&ctx.stats.connections);
+    let accepted = tokio::time::Instant::now();
+    // (A deadline past what the clock can hold is no deadline: fail closed.)
+    let deadline = accepted
+        .checked_add(ctx.job_timeout.min(MAX_JOB_TIMEOUT))
+        .unwrap_or(accepted);
+    let timed_out = || {
+        Err(JobError::new(
+            "job_timeout",
+            format!("the job ran longer than {}s", ctx.job_timeout.as_secs()),
+        ))
+    };
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let start = ctx.start_timeout.min(ctx.job_timeout);
+    let spec = match crate::job::read_start(&mut reader, start).await {
+        Ok(spec) => spec,
+        Err(e) => {
+            // A stalled or garbled start gets no slot; a parent that spoke
+            // the protocol wrongly is told so.
+            if e.kind != "start_timeout" {
+                crate::job::write_last(&mut writer, &Err(e.clone()), Duration::from_secs(1)).await;
+            }
+            return Err(e);
+        }
+    };
+    // Wait for a slot (in arrival order) until the deadline.
+    let slot = tokio::select! {
+        s = slots.acquire_owned() => match s {
+            Ok(s) => s,
+            Err(_) => return Err(JobError::new("internal", "the job slots are closed")),
+        },
+        () = tokio::time::sleep_until(deadline) => {
+            let result = timed_out();
+            crate::job::write_last(&mut writer, &result, Duration::from_secs(1)).await;
+            return result;
+        }
+    };
+    drop(starting);
+    let job = Gauge::up(&ctx.stats.jobs);
+    let result = crate::job::serve_job(reader, writer, spec, Arc::clone(ctx), deadline).await;
+    // Every part of the job has stopped: the slot is free again.
+    drop(job);
+    drop(slot);
+    result
 }

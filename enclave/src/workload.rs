@@ -131,6 +131,18 @@ pub const MAX_COLUMN: u32 = 4096;
 /// Most bytes of group values an [`Aggregate`] keeps.
 pub const MAX_GROUP_BYTES: usize = 64 * 1024 * 1024;
 
+/// Whether the workload's success can depend on the plaintext (so that its
+/// failure bit tells something about the data). `identity` and `reencrypt`
+/// fail only on an input the parent damaged, which it knows anyway.
+pub fn fails_on_data(spec: &WorkloadSpec) -> bool {
+    match spec {
+        WorkloadSpec::Identity | WorkloadSpec::Reencrypt => false,
+        // Pseudonymise, aggregate, exec, and anything added later: assume
+        // the worst.
+        _ => true,
+    }
+}
+
 /// Check a workload's parameters before any key is asked for.
 pub fn check_spec(spec: &WorkloadSpec, secrets: usize) -> Result<(), WorkloadError> {
     let delimiter = |d: u8| {

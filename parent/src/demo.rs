@@ -680,6 +680,9 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         &[
             "enclave",
             "run",
+            // The same configuration (allowed jobs); other code.
+            "--config",
+            &p(&config),
             "--simulate-nsm",
             "--sim-state",
             &p(&sim_state),

@@ -147,9 +147,11 @@ impl Reporter {
         let secs = p.elapsed.as_secs_f64().max(0.001);
         #[allow(clippy::cast_precision_loss)]
         let rate = p.sent as f64 / secs / 1e6;
+        // Record counts come only with `Done` (the enclave reports no finer
+        // progress than how much input it has read).
         format!(
-            "sent {} B, received {} B, records in {} out {}, {:.1} MB/s",
-            p.sent, p.received, p.counts.records_in, p.counts.records_out, rate
+            "sent {} B, received {} B, enclave has read {} B, {:.1} MB/s",
+            p.sent, p.received, p.counts.bytes_in, rate
         )
     }
 

@@ -230,6 +230,10 @@ impl World {
         let mut ctx = EnclaveContext::new(Arc::new(nsm), relay.clone(), self.pinned);
         ctx.idle_timeout = Duration::from_secs(10);
         ctx.key_release_timeout = Duration::from_secs(3);
+        // The tests choose data-dependent workloads without an allowed-jobs
+        // list (the default refuses them; `an_image_runs_only_its_allowed_jobs`
+        // checks that).
+        ctx.unlisted_jobs = kluis_enclave::UnlistedJobs::Any;
         ctx
     }
 
@@ -289,8 +293,13 @@ impl Default for World {
     }
 }
 
-/// Start an enclave service with `ctx`.
+/// Start an enclave service with `ctx` (4 jobs at once).
 pub async fn start_enclave_with(ctx: EnclaveContext) -> Running {
+    start_enclave_limited(ctx, 4).await
+}
+
+/// Start an enclave service with `ctx`, at most `max_jobs` jobs at once.
+pub async fn start_enclave_limited(ctx: EnclaveContext, max_jobs: usize) -> Running {
     let listener = Listener::bind(&Address::Tcp("127.0.0.1:0".into()))
         .await
         .unwrap();
@@ -298,9 +307,12 @@ pub async fn start_enclave_with(ctx: EnclaveContext) -> Running {
     let stop = Arc::new(Notify::new());
     let stopped = Arc::clone(&stop);
     let task = tokio::spawn(async move {
-        kluis_enclave::server::serve(listener, Arc::new(ctx), 4, async move {
-            stopped.notified().await
-        })
+        kluis_enclave::server::serve(
+            listener,
+            Arc::new(ctx),
+            kluis_enclave::server::Limits::for_jobs(max_jobs),
+            async move { stopped.notified().await },
+        )
         .await;
     });
     Running {
@@ -433,6 +445,38 @@ impl FrameHook for Hostile {
             }
             Tamper::Replace(bytes) => vec![bytes.clone()],
         }
+    }
+}
+
+/// Passes every frame on, and signals when the enclave tells the parent
+/// `Started` (its keys were released and checked): an event to act on
+/// mid-job instead of a guessed sleep.
+#[derive(Default)]
+pub struct StartedSignal {
+    started: Notify,
+}
+
+impl StartedSignal {
+    /// Wait until the enclave has said `Started` (at most `limit`).
+    pub async fn wait(&self, limit: Duration) {
+        tokio::time::timeout(limit, self.started.notified())
+            .await
+            .expect("the enclave said Started in time");
+    }
+}
+
+impl FrameHook for StartedSignal {
+    fn on_frame(&self, channel: Channel, direction: Direction, frame: Vec<u8>) -> Vec<Vec<u8>> {
+        if channel == Channel::Job && direction == Direction::FromEnclave {
+            let body = frame.get(kluis_proto::frame::LENGTH_PREFIX_LEN + 1..);
+            if let Some(Ok(kluis_proto::job::JobEvent::Started { .. })) =
+                body.map(<kluis_proto::job::JobEvent as kluis_proto::Message>::decode)
+            {
+                // Stored if nobody waits yet.
+                self.started.notify_one();
+            }
+        }
+        vec![frame]
     }
 }
 

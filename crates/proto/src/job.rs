@@ -16,10 +16,11 @@
 //! decoding, and nothing it can send makes the enclave reveal a key or
 //! plaintext: the input is an authenticated envelope and the keys come only
 //! from the verifier, sealed and signed. What the enclave tells the parent
-//! is deliberately limited to ciphertext and counts: `Progress` and `Done`
-//! disclose how many records were read and written, which the operator
-//! needs for progress and which the envelope's length mostly discloses
-//! anyway. A `Failed` reason names what went wrong (an error kind and its
+//! is deliberately limited to ciphertext and counts: `Progress` says how
+//! much of the input the enclave has read (coarsely, which the parent knows
+//! having sent it), and only `Done` discloses how many records were read
+//! and written, which the operator needs and which the envelope's length
+//! mostly discloses anyway. A `Failed` reason names what went wrong (an error kind and its
 //! message); it never carries key bytes or record contents.
 //!
 //! The output is an envelope whose final segment is authenticated: an output
@@ -84,7 +85,9 @@ pub enum JobEvent {
         )]
         Vec<u8>,
     ),
-    /// Counts so far.
+    /// How far the enclave has read the input: `bytes_in` only, rounded
+    /// down to a coarse granule; the record counts are zero (they come
+    /// with `Done`).
     Progress(JobCounts),
     /// The output envelope is complete (its final segment was sent).
     Done(JobCounts),
