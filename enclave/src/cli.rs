@@ -360,6 +360,15 @@ mod tests {
         for job in &jobs {
             kluis_proto::job::parse_workload(&job.workload).unwrap();
         }
+        // The choice for images without a list, and nothing else.
+        let any: Config = toml::from_str("unlisted_jobs = \"any\"\n").unwrap();
+        assert!(matches!(any.unlisted_jobs, Some(UnlistedJobsConfig::Any)));
+        let safe: Config = toml::from_str("unlisted_jobs = \"data_independent\"\n").unwrap();
+        assert!(matches!(
+            safe.unlisted_jobs,
+            Some(UnlistedJobsConfig::DataIndependent)
+        ));
+        assert!(toml::from_str::<Config>("unlisted_jobs = \"all\"\n").is_err());
         // Unknown fields are refused.
         assert!(toml::from_str::<Config>(
             "[[allowed_jobs]]\nworkload = \"identity\"\noutput_key = \"a/b/c\"\nextra = 1\n"

@@ -22,6 +22,12 @@
 //!   output's final segment was sent. Any error before that sends `Failed`
 //!   with a stable kind, and the output sent so far can never decrypt as
 //!   complete (it lacks its final segment).
+//! - The job is one owned task tree under one cancellation token: on any
+//!   failure and at the deadline every part stops and is joined before
+//!   `Failed` is written (see [`serve_job`]); nothing follows it.
+//! - What the parent sees does not depend on where the data fails: a
+//!   workload failure is reported after the whole input ([`drain`]), and
+//!   progress is the input read so far, coarsely ([`ProgressReporter`]).
 
 use std::io::{Read, Write};
 use std::sync::Arc;
