@@ -26,8 +26,8 @@
 //!   failure and at the deadline every part stops and is joined before
 //!   `Failed` is written (see [`serve_job`]); nothing follows it.
 //! - What the parent sees does not depend on where the data fails: a
-//!   workload failure is reported after the whole input ([`drain`]), and
-//!   progress is the input read so far, coarsely ([`ProgressReporter`]).
+//!   workload failure is reported after the whole input (`drain`), and
+//!   progress is the input read so far, coarsely (`ProgressReporter`).
 
 use std::io::{Read, Write};
 use std::sync::Arc;
