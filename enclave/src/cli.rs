@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use kluis_transport::{Address, Listener};
 use serde::Deserialize;
 
+#[cfg(feature = "simulator")]
 use crate::nsm_sim;
 use crate::EnclaveContext;
 
@@ -35,6 +36,7 @@ enum Command {
     /// A SIMULATED Nitro Secure Module, for tests and local runs only.
     ///
     /// Its documents chain to a local simulated root, never to AWS's.
+    #[cfg(feature = "simulator")]
     #[command(name = "nsm-sim", subcommand)]
     NsmSim(nsm_sim::NsmSimCommand),
 }
@@ -139,15 +141,34 @@ fn parse_key(hex_text: &str) -> anyhow::Result<[u8; 97]> {
 }
 
 fn open_nsm(args: &RunArgs) -> anyhow::Result<Arc<dyn kluis_nsm::Nsm>> {
-    if !args.simulate_nsm {
-        #[cfg(feature = "device")]
-        {
-            let device = kluis_nsm::NsmDevice::open().context("opening /dev/nsm")?;
-            return Ok(Arc::new(device));
-        }
-        #[cfg(not(feature = "device"))]
-        bail!("built without /dev/nsm support; pass --simulate-nsm for a local run");
+    if args.simulate_nsm {
+        open_simulator(args)
+    } else {
+        open_device()
     }
+}
+
+#[cfg(feature = "device")]
+fn open_device() -> anyhow::Result<Arc<dyn kluis_nsm::Nsm>> {
+    let device = kluis_nsm::NsmDevice::open().context("opening /dev/nsm")?;
+    Ok(Arc::new(device))
+}
+
+#[cfg(not(feature = "device"))]
+fn open_device() -> anyhow::Result<Arc<dyn kluis_nsm::Nsm>> {
+    bail!("built without /dev/nsm support; pass --simulate-nsm for a local run")
+}
+
+#[cfg(not(feature = "simulator"))]
+fn open_simulator(_: &RunArgs) -> anyhow::Result<Arc<dyn kluis_nsm::Nsm>> {
+    bail!(
+        "this enclave was built without the simulated NSM (a production build): \
+         it runs only in a Nitro Enclave, on /dev/nsm"
+    )
+}
+
+#[cfg(feature = "simulator")]
+fn open_simulator(args: &RunArgs) -> anyhow::Result<Arc<dyn kluis_nsm::Nsm>> {
     eprintln!("{}", nsm_sim::WARNING);
     tracing::warn!("SIMULATED NSM: attestation documents chain to a local root, not AWS");
     let dir = nsm_sim::state_dir(&nsm_sim::StateArgs {
@@ -321,6 +342,7 @@ where
             init_logging();
             run(&args)
         }
+        #[cfg(feature = "simulator")]
         Command::NsmSim(command) => nsm_sim::run(command),
     };
     match result {

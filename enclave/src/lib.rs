@@ -19,6 +19,7 @@ use std::time::Duration;
 pub mod cli;
 pub mod exec;
 pub mod job;
+#[cfg(feature = "simulator")]
 mod nsm_sim;
 pub mod release;
 pub mod server;

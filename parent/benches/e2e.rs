@@ -2,8 +2,9 @@
 //! through the parent, on loopback, with the three programs as separate
 //! processes (this bench only sets them up and measures):
 //!
-//! - the verifier (`parent verifier serve`, the real command line),
-//! - the enclave on the simulated NSM (`parent enclave run`),
+//! - the verifier (`attestation-verifier serve`, its real command line, run
+//!   by this bench binary as a child of itself),
+//! - the enclave on the simulated NSM (`enclave run`, likewise),
 //! - the parent (`parent run`, relaying the key request and streaming the
 //!   job from and to files).
 //!
@@ -35,6 +36,35 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 const EXE: &str = env!("CARGO_BIN_EXE_parent");
+/// The first argument that makes this binary run one of the other programs.
+const CHILD: &str = "--kluis-child";
+
+/// This binary as the verifier (`verifier …`) or the enclave (`enclave …`):
+/// the programs' own command lines, in a process of their own.
+fn child() -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.arg(CHILD);
+    cmd
+}
+
+/// Run as a child program when asked to.
+fn run_child() -> Option<std::process::ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != CHILD {
+        return None;
+    }
+    let program = args.next()?;
+    let rest: Vec<_> = args.collect();
+    Some(match program.to_str() {
+        Some("verifier") => attestation_verifier::cli::run_from(
+            std::iter::once(std::ffi::OsString::from("attestation-verifier")).chain(rest),
+        ),
+        Some("enclave") => kluis_enclave::cli::run_from(
+            std::iter::once(std::ffi::OsString::from("enclave")).chain(rest),
+        ),
+        _ => std::process::ExitCode::from(2),
+    })
+}
 
 fn mib(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / secs / (1024.0 * 1024.0)
@@ -111,7 +141,7 @@ fn loopback_tcp() -> f64 {
 }
 
 fn verifier(dir: &Path, role: Option<&str>, args: &[&str]) -> String {
-    let mut cmd = Command::new(EXE);
+    let mut cmd = child();
     cmd.arg("verifier")
         .arg("--store")
         .arg(dir.join("store"))
@@ -132,7 +162,7 @@ fn verifier(dir: &Path, role: Option<&str>, args: &[&str]) -> String {
 
 fn spawn(dir: &Path, name: &str, args: &[&str]) -> (Child, serde_json::Value) {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let mut child = Command::new(EXE)
+    let mut child = child()
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
@@ -179,9 +209,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
+    if let Some(code) = run_child() {
+        return code;
+    }
     if std::env::args().any(|a| a == "--list") {
-        return;
+        return std::process::ExitCode::SUCCESS;
     }
     let size_mib: u64 = std::env::var("KLUIS_BENCH_MB")
         .ok()
@@ -263,7 +296,7 @@ fn main() {
             &["policy", "set", k, &file.display().to_string()],
         );
     }
-    Command::new(EXE)
+    child()
         .args([
             "enclave",
             "nsm-sim",
@@ -408,4 +441,5 @@ fn main() {
     );
     println!("CPU time: enclave {enclave_cpu:.2} s, parent at least {parent_cpu:.2} s (sampled), wall {secs:.2} s on {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
     println!("peak resident memory: parent {parent_peak:.1} MiB, enclave {enclave_peak:.1} MiB, verifier {verifier_peak:.1} MiB");
+    std::process::ExitCode::SUCCESS
 }

@@ -2,8 +2,6 @@
 //! enclave's verifier traffic and runs jobs; it never holds a key.
 #![forbid(unsafe_code)]
 
-#[cfg(feature = "demo")]
-mod demo;
 mod run_cmd;
 
 use clap::{Parser, Subcommand};
@@ -24,33 +22,6 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Relay enclave connections to the verifier (a long-running service).
     Relay(run_cmd::RelayArgs),
-    /// The local demonstration, end to end on the simulated NSM: verifier,
-    /// keys and policy, enclave, an encrypted dataset pseudonymised through
-    /// the parent, decrypted and checked, audit verified. Exits 0 when every
-    /// step behaved as it must.
-    #[cfg(feature = "demo")]
-    Demo {
-        /// Keep the demo's files in this directory instead of a temporary one.
-        #[arg(long, value_name = "DIR")]
-        keep: Option<std::path::PathBuf>,
-        /// Records in the sample dataset.
-        #[arg(long, default_value_t = 1000)]
-        records: u32,
-    },
-    /// The attestation verifier's command line (the demo runs it as a child).
-    #[cfg(feature = "demo")]
-    #[command(hide = true, disable_help_flag = true)]
-    Verifier {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<std::ffi::OsString>,
-    },
-    /// The enclave's command line (the demo runs it as a child).
-    #[cfg(feature = "demo")]
-    #[command(hide = true, disable_help_flag = true)]
-    Enclave {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<std::ffi::OsString>,
-    },
 }
 
 fn init_logging() {
@@ -72,20 +43,6 @@ fn main() -> ExitCode {
         Command::Relay(args) => {
             init_logging();
             run_cmd::relay(&args)
-        }
-        #[cfg(feature = "demo")]
-        Command::Demo { keep, records } => demo::run(keep.as_deref(), records),
-        #[cfg(feature = "demo")]
-        Command::Verifier { args } => {
-            return attestation_verifier::cli::run_from(
-                std::iter::once(std::ffi::OsString::from("attestation-verifier")).chain(args),
-            )
-        }
-        #[cfg(feature = "demo")]
-        Command::Enclave { args } => {
-            return kluis_enclave::cli::run_from(
-                std::iter::once(std::ffi::OsString::from("enclave")).chain(args),
-            )
         }
     };
     match result {

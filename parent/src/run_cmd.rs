@@ -34,9 +34,14 @@ pub(crate) struct RunArgs {
     /// Where the encrypted output goes (written only when the job completes).
     #[arg(long, value_name = "PATH")]
     pub output: PathBuf,
-    /// The workload: identity, reencrypt, pseudonymise:column=N[,header][,check=nrn],
-    /// aggregate:by=N[,sum=M], exec:PROGRAM[,arg=V]...
-    #[arg(long, value_name = "SPEC", default_value = "identity")]
+    /// The workload, in the `--job` syntax of the README.
+    #[arg(
+        long,
+        value_name = "SPEC",
+        default_value = "identity",
+        help = "The workload: identity, reencrypt, pseudonymise:column=N[,header][,check=nrn], \
+                aggregate:by=N[,sum=M], exec:PROGRAM[,arg=V]..."
+    )]
     pub job: String,
     /// The master key the output is encrypted under.
     #[arg(long, value_name = "NAME")]

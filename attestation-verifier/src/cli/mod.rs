@@ -1,5 +1,5 @@
 //! The `attestation-verifier` command line, as a library so that other
-//! programs (the local demonstration in `parent demo`) can run exactly the
+//! programs (the local demonstration, `kluis-demo`) can run exactly the
 //! commands an operator runs.
 //!
 //! Exit codes: 0 accepted/done, 1 rejected/refused, 2 usage or I/O error.

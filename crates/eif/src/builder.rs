@@ -15,8 +15,8 @@ use crate::format::{
 };
 use crate::signature;
 
-/// Builds a small EIF in memory. For tests and tooling; see the [module
-/// documentation](self).
+/// Builds a small EIF in memory. For tests and tooling; see the module
+/// documentation.
 ///
 /// ```
 /// let eif = kluis_eif::EifBuilder::new(b"kernel", b"console=ttyS0")

@@ -43,6 +43,7 @@ use zeroize::Zeroizing;
 
 #[cfg(feature = "device")]
 mod device;
+#[cfg(feature = "sim")]
 pub mod sim;
 
 #[cfg(feature = "device")]

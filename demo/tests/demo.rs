@@ -1,4 +1,4 @@
-//! The README's first command: `parent demo` runs the whole system (verifier,
+//! The README's first command: `kluis-demo` runs the whole system (verifier,
 //! enclave on the simulated NSM, parent) as separate processes and exits 0
 //! only when every step behaved as it must.
 
@@ -9,8 +9,8 @@ use std::process::Command;
 #[test]
 fn the_demo_runs_end_to_end_and_cleans_up() {
     let keep = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_parent"))
-        .args(["demo", "--records", "300", "--keep"])
+    let out = Command::new(env!("CARGO_BIN_EXE_kluis-demo"))
+        .args(["--records", "300", "--keep"])
         .arg(keep.path())
         .output()
         .unwrap();
@@ -35,7 +35,7 @@ fn the_demo_runs_end_to_end_and_cleans_up() {
     let first_nrn = input.lines().nth(1).unwrap().split(',').next().unwrap();
     assert!(!result.contains(first_nrn));
     // No process it started is left: its children's logs are closed and no
-    // `parent enclave run` or `parent verifier serve` of this demo survives.
+    // `kluis-demo enclave run` or `kluis-demo verifier serve` of this demo survives.
     let dir = keep.path().display().to_string();
     let survivors = std::fs::read_dir("/proc")
         .unwrap()

@@ -1,4 +1,4 @@
-//! `parent demo`: the whole system on one machine, on the simulated NSM.
+//! The demonstration: the whole system on one machine, on the simulated NSM.
 //!
 //! The controller's side (verifier store, keys, policy, encryption and
 //! decryption, the audit check) runs the verifier's real command line; the
@@ -145,7 +145,7 @@ impl Demo {
             .collect()
     }
 
-    /// Start `parent SUBCOMMAND ARGS` as a child and read its first stdout
+    /// Start `kluis-demo SUBCOMMAND ARGS` as a child and read its first stdout
     /// line (a JSON announcement).
     fn spawn(&self, name: &str, args: &[&str]) -> Result<Value> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))

@@ -1,0 +1,71 @@
+//! `kluis-demo`: the whole of Kluis on one machine, on the simulated NSM.
+//!
+//! This binary, and only this one, links all three programs: it runs the
+//! controller's verifier and the enclave as child processes of itself (its
+//! hidden `verifier` and `enclave` commands, the programs' real command
+//! lines), and the parent's relay and job runner in-process. The production
+//! programs are built separately: `parent` holds no verifier or enclave
+//! code, and the enclave image holds no simulator.
+#![forbid(unsafe_code)]
+
+mod demo;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// The Kluis local demonstration, end to end on the simulated NSM: verifier,
+/// keys and policy, enclave, an encrypted dataset pseudonymised through the
+/// parent, decrypted and checked, audit verified. Exits 0 when every step
+/// behaved as it must.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kluis-demo",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Keep the demo's files in this directory instead of a temporary one.
+    #[arg(long, value_name = "DIR")]
+    keep: Option<std::path::PathBuf>,
+    /// Records in the sample dataset.
+    #[arg(long, default_value_t = 1000)]
+    records: u32,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The attestation verifier's command line (the demo runs it as a child).
+    #[command(hide = true, disable_help_flag = true)]
+    Verifier {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// The enclave's command line (the demo runs it as a child).
+    #[command(hide = true, disable_help_flag = true)]
+    Enclave {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Verifier { args }) => attestation_verifier::cli::run_from(
+            std::iter::once(std::ffi::OsString::from("attestation-verifier")).chain(args),
+        ),
+        Some(Command::Enclave { args }) => kluis_enclave::cli::run_from(
+            std::iter::once(std::ffi::OsString::from("enclave")).chain(args),
+        ),
+        None => match demo::run(cli.keep.as_deref(), cli.records) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
