@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use kluis_parent::hook::{Channel, Recorder};
 use kluis_parent::job::{run_job, JobRun, RunError};
-use kluis_proto::job::{JobSpec, WorkloadSpec, WrappedSecret};
+use kluis_proto::job::{FailureKind, JobSpec, WorkloadSpec, WrappedSecret};
 use kluis_transport::{Address, Listener};
 use serde_json::Value;
 
@@ -660,7 +660,10 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         Ok::<_, anyhow::Error>(run_job(&identity_job, input, &raw_out, |_| {}).await)
     })?;
     match refused {
-        Err(RunError::Failed { kind, .. }) if kind == "job_not_allowed" => {
+        Err(RunError::Failed {
+            kind: FailureKind::JobNotAllowed,
+            ..
+        }) => {
             detail("refused by the enclave itself, before it asked for any key (job_not_allowed)");
         }
         Err(e) => bail!("the identity job failed otherwise than refused: {e}"),
@@ -711,7 +714,10 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         Ok::<_, anyhow::Error>(run_job(&rogue_job, input, &rogue_out, |_| {}).await)
     })?;
     match refused {
-        Err(RunError::Failed { kind, .. }) if kind == "key_release_refused" => {
+        Err(RunError::Failed {
+            kind: FailureKind::KeyReleaseRefused,
+            ..
+        }) => {
             detail("refused: the verifier released no key (the reason is in the audit log, not told to the enclave)");
         }
         Err(e) => bail!("the modified enclave failed otherwise than refused: {e}"),

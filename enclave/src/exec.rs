@@ -12,6 +12,7 @@
 //! when the job fails, ends or passes its deadline, so neither the program
 //! nor anything it started outlives the job.
 
+use kluis_proto::job::FailureKind;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -52,13 +53,13 @@ pub fn check_request(
 ) -> Result<ExecPlan, JobError> {
     let dir = dir.ok_or_else(|| {
         JobError::new(
-            "exec_refused",
+            FailureKind::ExecRefused,
             "this enclave has no workload directory: exec is off",
         )
     })?;
     if !name_is_plain(program) {
         return Err(JobError::new(
-            "exec_refused",
+            FailureKind::ExecRefused,
             "a program is named by its plain file name (letters, digits, '.', '_', '-')",
         ));
     }
@@ -67,16 +68,16 @@ pub fn check_request(
         .any(|a| a.chars().any(char::is_control) || a.len() > 1024)
     {
         return Err(JobError::new(
-            "exec_refused",
+            FailureKind::ExecRefused,
             "arguments must be short printable text",
         ));
     }
     let dir = dir
         .canonicalize()
-        .map_err(|e| JobError::new("exec_refused", format!("workload directory: {e}")))?;
+        .map_err(|e| JobError::new(FailureKind::ExecRefused, format!("workload directory: {e}")))?;
     let path = dir.join(program).canonicalize().map_err(|_| {
         JobError::new(
-            "exec_refused",
+            FailureKind::ExecRefused,
             format!("no program {program:?} in the image"),
         )
     })?;
@@ -85,7 +86,7 @@ pub fn check_request(
         .unwrap_or(false);
     if !path.starts_with(&dir) || !is_file {
         return Err(JobError::new(
-            "exec_refused",
+            FailureKind::ExecRefused,
             format!("{program:?} is not a program of the image"),
         ));
     }
@@ -120,7 +121,7 @@ impl Drop for ChildGuard {
 
 fn failed() -> JobError {
     JobError::new(
-        "exec",
+        FailureKind::Exec,
         "the program failed (how depends on the data and is withheld)",
     )
 }
@@ -150,20 +151,20 @@ pub(crate) fn run<R: Read + Send>(
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| JobError::new("exec", format!("starting the program: {e}")))?,
+            .map_err(|e| JobError::new(FailureKind::Exec, format!("starting the program: {e}")))?,
     ));
     let running = child
         .0
         .as_mut()
-        .ok_or_else(|| JobError::new("internal", "no child"))?;
+        .ok_or_else(|| JobError::new(FailureKind::Internal, "no child"))?;
     let mut stdin = running
         .stdin
         .take()
-        .ok_or_else(|| JobError::new("internal", "no stdin"))?;
+        .ok_or_else(|| JobError::new(FailureKind::Internal, "no stdin"))?;
     let mut stdout = running
         .stdout
         .take()
-        .ok_or_else(|| JobError::new("internal", "no stdout"))?;
+        .ok_or_else(|| JobError::new(FailureKind::Internal, "no stdout"))?;
 
     // The deadline and the job's cancellation: a watchdog kills the group
     // unless the program ends first.
@@ -202,7 +203,7 @@ pub(crate) fn run<R: Read + Send>(
             let mut last = b'\n';
             loop {
                 if cancel.is_cancelled() {
-                    return Err(JobError::new("cancelled", "the job was stopped"));
+                    return Err(JobError::new(FailureKind::Cancelled, "the job was stopped"));
                 }
                 let n = input
                     .read(&mut buf)
@@ -236,7 +237,10 @@ pub(crate) fn run<R: Read + Send>(
                     records_out = records_out.saturating_add(crate::workload::count_newlines(&buf));
                     last = buf.last().copied().unwrap_or(last);
                     if batches.send(ToSealer::Batch(buf)).is_err() {
-                        break Err(JobError::new("output_closed", "the sealer stopped"));
+                        break Err(JobError::new(
+                            FailureKind::OutputClosed,
+                            "the sealer stopped",
+                        ));
                     }
                 }
                 Err(_) => break Err(failed()),
@@ -249,14 +253,14 @@ pub(crate) fn run<R: Read + Send>(
         }
         let fed = feeder
             .join()
-            .unwrap_or_else(|_| Err(JobError::new("internal", "feeder failed")));
+            .unwrap_or_else(|_| Err(JobError::new(FailureKind::Internal, "feeder failed")));
         (fed, produced)
     });
     drop(done_tx);
     let _ = watchdog.join();
     if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(JobError::new(
-            "exec_timeout",
+            FailureKind::ExecTimeout,
             format!("the program ran longer than {}s", deadline.as_secs()),
         ));
     }
@@ -267,7 +271,7 @@ pub(crate) fn run<R: Read + Send>(
     let mut running = child
         .0
         .take()
-        .ok_or_else(|| JobError::new("internal", "no child"))?;
+        .ok_or_else(|| JobError::new(FailureKind::Internal, "no child"))?;
     let status = running.wait().map_err(|_| failed())?;
     // Whatever it started goes with it.
     kill_group(pid);
@@ -297,7 +301,7 @@ mod tests {
         assert!(check_request(Some(dir.path()), "upper.sh", &[]).is_ok());
         for bad in ["", "../x", "/bin/sh", ".hidden", "a/b", "missing"] {
             let err = check_request(Some(dir.path()), bad, &[]).unwrap_err();
-            assert_eq!(err.kind, "exec_refused", "{bad:?}");
+            assert_eq!(err.kind, FailureKind::ExecRefused, "{bad:?}");
         }
         // A symlink out of the directory is refused.
         std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
@@ -305,17 +309,17 @@ mod tests {
             check_request(Some(dir.path()), "link", &[])
                 .unwrap_err()
                 .kind,
-            "exec_refused"
+            FailureKind::ExecRefused
         );
         assert_eq!(
             check_request(None, "upper.sh", &[]).unwrap_err().kind,
-            "exec_refused"
+            FailureKind::ExecRefused
         );
         assert_eq!(
             check_request(Some(dir.path()), "upper.sh", &["a\nb".into()])
                 .unwrap_err()
                 .kind,
-            "exec_refused"
+            FailureKind::ExecRefused
         );
     }
 }

@@ -37,7 +37,7 @@ use kluis_envelope::{
     DataKey, DecryptError, EncryptError, EnvelopeHeader, EnvelopeReader, EnvelopeWriter, WrappedKey,
 };
 use kluis_proto::job::{
-    finish_data_frame, JobCounts, JobEvent, JobRequest, JobSpec, WorkloadSpec,
+    finish_data_frame, FailureKind, JobCounts, JobEvent, JobRequest, JobSpec, WorkloadSpec,
     DATA_FRAME_HEADER_LEN, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
 };
 use kluis_proto::{read_message, write_message, KeyOperation, ReleasedKey, WireError};
@@ -73,13 +73,13 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 #[error("{kind}: {message}")]
 pub struct JobError {
     /// Stable kind, sent to the parent.
-    pub kind: &'static str,
+    pub kind: FailureKind,
     /// What happened.
     pub message: String,
 }
 
 impl JobError {
-    pub(crate) fn new(kind: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: FailureKind, message: impl Into<String>) -> Self {
         JobError {
             kind,
             message: message.into(),
@@ -89,11 +89,11 @@ impl JobError {
 
 fn decrypt_error(e: &DecryptError) -> JobError {
     let kind = match e {
-        DecryptError::WrongKey => "input_wrong_key",
-        DecryptError::Truncated { .. } => "input_truncated",
-        DecryptError::Header(_) => "input_header",
-        DecryptError::Io(_) => "input_io",
-        _ => "input_tampered",
+        DecryptError::WrongKey => FailureKind::InputWrongKey,
+        DecryptError::Truncated { .. } => FailureKind::InputTruncated,
+        DecryptError::Header(_) => FailureKind::InputHeader,
+        DecryptError::Io(_) => FailureKind::InputIo,
+        _ => FailureKind::InputTampered,
     };
     JobError::new(kind, format!("input envelope: {e}"))
 }
@@ -101,17 +101,17 @@ fn decrypt_error(e: &DecryptError) -> JobError {
 pub(crate) fn read_error(e: &std::io::Error) -> JobError {
     match DecryptError::from_io(e) {
         Some(d) => decrypt_error(d),
-        None => JobError::new("input_io", format!("reading the input: {e}")),
+        None => JobError::new(FailureKind::InputIo, format!("reading the input: {e}")),
     }
 }
 
 fn write_error(e: &std::io::Error) -> JobError {
     match EncryptError::from_io(e) {
         Some(EncryptError::Io(_)) | None => JobError::new(
-            "output_closed",
+            FailureKind::OutputClosed,
             "the parent stopped taking output".to_owned(),
         ),
-        Some(other) => JobError::new("output", format!("sealing the output: {other}")),
+        Some(other) => JobError::new(FailureKind::Output, format!("sealing the output: {other}")),
     }
 }
 
@@ -238,7 +238,7 @@ impl Drop for ThreadCount {
 }
 
 fn cancelled() -> JobError {
-    JobError::new("cancelled", "the job was stopped")
+    JobError::new(FailureKind::Cancelled, "the job was stopped")
 }
 
 /// Read the parent's `Start` within `timeout`. A connection that has not
@@ -254,15 +254,15 @@ pub async fn read_start<R: AsyncRead + Unpin>(
     .await
     .map_err(|_| {
         JobError::new(
-            "start_timeout",
+            FailureKind::StartTimeout,
             format!("no complete Start within {}s", timeout.as_secs()),
         )
     })?
-    .map_err(|e| JobError::new("protocol", format!("from the parent: {e}")))?;
+    .map_err(|e| JobError::new(FailureKind::Protocol, format!("from the parent: {e}")))?;
     match first {
         JobRequest::Start(spec) => Ok(spec),
         _ => Err(JobError::new(
-            "protocol",
+            FailureKind::Protocol,
             "the first message of a job must be Start",
         )),
     }
@@ -274,7 +274,7 @@ fn last_event(result: &Result<JobCounts, JobError>) -> JobEvent {
     match result {
         Ok(counts) => JobEvent::Done(*counts),
         Err(e) => JobEvent::Failed {
-            kind: e.kind.to_owned(),
+            kind: e.kind,
             reason: e
                 .message
                 .chars()
@@ -343,7 +343,7 @@ where
             // and only once every thread of the job has ended.
             let _ = job.await;
             Err(JobError::new(
-                "job_timeout",
+                FailureKind::JobTimeout,
                 format!("the job ran longer than {}s", ctx.job_timeout.as_secs()),
             ))
         }
@@ -361,11 +361,11 @@ where
         // The parent did not take the whole output: whatever `run` thought,
         // the job did not complete.
         Err(WriterEnd::Failed(e)) => result.and(Err(JobError::new(
-            "output_closed",
+            FailureKind::OutputClosed,
             format!("sending to the parent: {e}"),
         ))),
         Err(WriterEnd::Broken) => result.and(Err(JobError::new(
-            "output_closed",
+            FailureKind::OutputClosed,
             "the job stopped in the middle of a frame",
         ))),
     };
@@ -485,24 +485,27 @@ async fn pump_input<R: AsyncRead + Unpin>(
         let message = message
             .map_err(|_| {
                 JobError::new(
-                    "idle_timeout",
+                    FailureKind::IdleTimeout,
                     format!("no input from the parent for {}s", idle.as_secs()),
                 )
             })?
             .map_err(|e| match e {
                 WireError::Frame(kluis_proto::FrameError::Closed) => JobError::new(
-                    "input_closed",
+                    FailureKind::InputClosed,
                     "the parent closed the connection before the end of the input",
                 ),
-                e => JobError::new("protocol", format!("from the parent: {e}")),
+                e => JobError::new(FailureKind::Protocol, format!("from the parent: {e}")),
             })?;
         let (item, last) = match message {
             JobRequest::Data(bytes) => (Input::Chunk(bytes), false),
             JobRequest::End => (Input::End, true),
             JobRequest::Start(_) => {
-                return Err(JobError::new("protocol", "a second Start in one job"))
+                return Err(JobError::new(
+                    FailureKind::Protocol,
+                    "a second Start in one job",
+                ))
             }
-            _ => return Err(JobError::new("protocol", "an unknown request")),
+            _ => return Err(JobError::new(FailureKind::Protocol, "an unknown request")),
         };
         let sent = tokio::select! {
             biased;
@@ -537,8 +540,12 @@ fn key_operations(header: &EnvelopeHeader, spec: &JobSpec) -> Vec<KeyOperation> 
 }
 
 fn data_key(key: &ReleasedKey) -> Result<DataKey, JobError> {
-    DataKey::from_slice(key.plaintext.expose_secret())
-        .map_err(|_| JobError::new("key_release_invalid", "a released key of the wrong length"))
+    DataKey::from_slice(key.plaintext.expose_secret()).map_err(|_| {
+        JobError::new(
+            FailureKind::KeyReleaseInvalid,
+            "a released key of the wrong length",
+        )
+    })
 }
 
 async fn run<R: AsyncRead + Unpin + Send + 'static>(
@@ -553,7 +560,7 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
     // Everything that can be checked before keys are asked for is.
     ctx.check_allowed(&spec)?;
     workload::check_spec(&spec.workload, spec.secrets.len())
-        .map_err(|e| JobError::new("bad_job", e.to_string()))?;
+        .map_err(|e| JobError::new(FailureKind::BadJob, e.to_string()))?;
     let exec_plan = match &spec.workload {
         WorkloadSpec::Exec { program, args } => {
             Some(exec::check_request(ctx.exec_dir.as_deref(), program, args)?)
@@ -577,11 +584,11 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
     // ended; otherwise it ends on the cancellation. Either way it is joined.
     let pumped = pump
         .await
-        .unwrap_or_else(|_| Err(JobError::new("internal", "input pump failed")));
+        .unwrap_or_else(|_| Err(JobError::new(FailureKind::Internal, "input pump failed")));
     match (outcome, pumped) {
         (Ok(counts), Ok(PumpEnd::End)) => Ok(counts),
         (Ok(_), Ok(_)) => Err(JobError::new(
-            "protocol",
+            FailureKind::Protocol,
             "the input envelope ended but the parent did not end the input",
         )),
         // A misbehaving parent explains most failures better than their
@@ -625,7 +632,7 @@ async fn process(
         (input, header)
     })
     .await
-    .map_err(|_| JobError::new("internal", "header reader failed"))?;
+    .map_err(|_| JobError::new(FailureKind::Internal, "header reader failed"))?;
     if cancel.is_cancelled() {
         return Err(cancelled());
     }
@@ -636,10 +643,10 @@ async fn process(
     let released = unless_cancelled(cancel, release::release_keys(ctx, ops)).await?;
     let (input_key, rest) = released
         .split_first()
-        .ok_or_else(|| JobError::new("key_release_invalid", "no keys released"))?;
+        .ok_or_else(|| JobError::new(FailureKind::KeyReleaseInvalid, "no keys released"))?;
     let (output_key, secrets) = rest
         .split_last()
-        .ok_or_else(|| JobError::new("key_release_invalid", "no output key released"))?;
+        .ok_or_else(|| JobError::new(FailureKind::KeyReleaseInvalid, "no output key released"))?;
     let input_key = data_key(input_key)?;
     let output_data_key = data_key(output_key)?;
     let wrapped_output = WrappedKey::new(
@@ -647,7 +654,7 @@ async fn process(
         output_key.version,
         output_key.wrapped.clone(),
     )
-    .map_err(|e| JobError::new("key_release_invalid", format!("output key: {e}")))?;
+    .map_err(|e| JobError::new(FailureKind::KeyReleaseInvalid, format!("output key: {e}")))?;
     ctx.check_secret_keys(spec, secrets.iter().map(|k| k.key_id.as_str()))?;
     let secrets: Vec<kluis_proto::PlaintextKey> = secrets
         .iter()
@@ -660,15 +667,17 @@ async fn process(
         output_key_version: wrapped_output.cmk_version(),
     };
     unless_cancelled(cancel, async {
-        events
-            .send(Outgoing::Event(started))
-            .await
-            .map_err(|_| JobError::new("output_closed", "the parent stopped taking output"))
+        events.send(Outgoing::Event(started)).await.map_err(|_| {
+            JobError::new(
+                FailureKind::OutputClosed,
+                "the parent stopped taking output",
+            )
+        })
     })
     .await?;
 
     let workload = workload::build(&spec.workload, &secrets)
-        .map_err(|e| JobError::new("bad_job", e.to_string()))?;
+        .map_err(|e| JobError::new(FailureKind::BadJob, e.to_string()))?;
     drop(secrets);
 
     // The worker and the sealer end when the job is cancelled: the worker
@@ -719,26 +728,26 @@ async fn process(
                 &mut progress,
                 &work_cancel,
             ),
-            (None, None) => Err(JobError::new("internal", "no workload")),
+            (None, None) => Err(JobError::new(FailureKind::Internal, "no workload")),
         }?;
         if work_cancel.is_cancelled() {
             return Err(cancelled());
         }
         batch_tx
             .send(ToSealer::Finish)
-            .map_err(|_| JobError::new("output_closed", "the sealer stopped"))?;
+            .map_err(|_| JobError::new(FailureKind::OutputClosed, "the sealer stopped"))?;
         Ok(counts)
     });
     let worked = worker
         .await
-        .map_err(|_| JobError::new("internal", "workload thread failed"));
+        .map_err(|_| JobError::new(FailureKind::Internal, "workload thread failed"));
     if !matches!(worked, Ok(Ok(_))) {
         // The sealer may be blocked handing output to the event writer.
         cancel.cancel();
     }
     let sealed = sealer
         .await
-        .map_err(|_| JobError::new("internal", "sealing thread failed"))?;
+        .map_err(|_| JobError::new(FailureKind::Internal, "sealing thread failed"))?;
     let (counts, bytes_in) = worked??;
     let (bytes_out, _envelope_bytes) = sealed?;
     Ok(JobCounts {
@@ -838,7 +847,7 @@ fn work_stage<R: Read>(
     let send = |batch: Zeroizing<Vec<u8>>| {
         batches
             .send(ToSealer::Batch(batch))
-            .map_err(|_| JobError::new("output_closed", "the sealer stopped"))
+            .map_err(|_| JobError::new(FailureKind::OutputClosed, "the sealer stopped"))
     };
     // Buffers come back from the sealer for reuse: plaintext is overwritten
     // by the next chunk rather than freed, and every buffer is zeroized
@@ -858,7 +867,7 @@ fn work_stage<R: Read>(
     let workload_error = |e: workload::WorkloadError| {
         tracing::debug!(kind = e.kind(), "workload refused the input");
         JobError::new(
-            "workload",
+            FailureKind::Workload,
             "the workload refused the input (the reason depends on the data and is withheld)",
         )
     };
@@ -951,7 +960,7 @@ fn seal_stage(
         sent: 0,
     };
     let mut writer = EnvelopeWriter::new(sink, key, wrapped)
-        .map_err(|e| JobError::new("output", format!("starting the output: {e}")))?;
+        .map_err(|e| JobError::new(FailureKind::Output, format!("starting the output: {e}")))?;
     let mut plaintext = 0u64;
     loop {
         match batches.recv() {
@@ -968,12 +977,17 @@ fn seal_stage(
             Ok(ToSealer::Finish) => break,
             // The workload failed: leave the output without its final
             // segment (and send nothing more).
-            Err(_) => return Err(JobError::new("aborted", "the workload did not complete")),
+            Err(_) => {
+                return Err(JobError::new(
+                    FailureKind::Cancelled,
+                    "the workload did not complete",
+                ))
+            }
         }
     }
     let mut sink = writer
         .finish()
-        .map_err(|e| JobError::new("output", format!("finishing the output: {e}")))?;
+        .map_err(|e| JobError::new(FailureKind::Output, format!("finishing the output: {e}")))?;
     sink.flush().map_err(|e| write_error(&e))?;
     Ok((plaintext, sink.sent))
 }

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+use kluis_proto::job::FailureKind;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,7 +154,7 @@ impl EnclaveContext {
                 && workload::fails_on_data(&spec.workload) =>
             {
                 Err(job::JobError::new(
-                    "job_not_allowed",
+                    FailureKind::JobNotAllowed,
                     format!(
                         "this image lists no allowed jobs, and {} can fail on the data: \
                          a parent-chosen {} would make its failure an oracle on the plaintext",
@@ -164,7 +165,7 @@ impl EnclaveContext {
             }
             None | Some(true) => Ok(()),
             Some(false) => Err(job::JobError::new(
-                "job_not_allowed",
+                FailureKind::JobNotAllowed,
                 format!(
                     "this image does not run {} with output key {:?} and {} secret(s)",
                     spec.workload.name(),
@@ -189,7 +190,7 @@ impl EnclaveContext {
                     Ok(())
                 } else {
                     Err(job::JobError::new(
-                        "job_not_allowed",
+                        FailureKind::JobNotAllowed,
                         format!("this image does not run that job on input under {input_key:?}"),
                     ))
                 }
@@ -217,7 +218,7 @@ impl EnclaveContext {
                     Ok(())
                 } else {
                     Err(job::JobError::new(
-                        "job_not_allowed",
+                        FailureKind::JobNotAllowed,
                         "the job's secrets are not data keys of the master keys this image allows",
                     ))
                 }

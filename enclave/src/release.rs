@@ -6,6 +6,7 @@
 //! after its signature verified against the verifier key built into the
 //! image. The parent relays all of it and can change none of it unnoticed.
 
+use kluis_proto::job::FailureKind;
 use std::sync::Arc;
 
 use kluis_proto::client::{request_challenge, request_keys};
@@ -22,22 +23,22 @@ pub const VERIFIER_MAX_FRAME_LEN: usize = 128 * 1024;
 fn client_error(e: ClientError) -> JobError {
     match e {
         ClientError::Refused(code) => JobError::new(
-            "key_release_refused",
+            FailureKind::KeyReleaseRefused,
             format!("the verifier refused the key request ({code})"),
         ),
         ClientError::Wire(WireError::Frame(f)) => JobError::new(
-            "verifier_unavailable",
+            FailureKind::VerifierUnavailable,
             format!("talking to the verifier through the parent: {f}"),
         ),
         ClientError::Wire(WireError::Message(m)) => JobError::new(
-            "key_release_invalid",
+            FailureKind::KeyReleaseInvalid,
             format!("a malformed verifier answer: {m}"),
         ),
         ClientError::Open(o) => JobError::new(
-            "key_release_invalid",
+            FailureKind::KeyReleaseInvalid,
             format!("the verifier's answer did not verify: {o}"),
         ),
-        other => JobError::new("key_release_invalid", other.to_string()),
+        other => JobError::new(FailureKind::KeyReleaseInvalid, other.to_string()),
     }
 }
 
@@ -46,12 +47,12 @@ pub async fn release_keys(
     ctx: &Arc<EnclaveContext>,
     ops: Vec<KeyOperation>,
 ) -> Result<Vec<ReleasedKey>, JobError> {
-    let request =
-        KeyRequest::new(ops).map_err(|e| JobError::new("bad_job", format!("key request: {e}")))?;
+    let request = KeyRequest::new(ops)
+        .map_err(|e| JobError::new(FailureKind::BadJob, format!("key request: {e}")))?;
     let exchange = async {
         let mut stream = kluis_transport::connect(&ctx.verifier).await.map_err(|e| {
             JobError::new(
-                "verifier_unavailable",
+                FailureKind::VerifierUnavailable,
                 format!("connecting to the verifier via {}: {e}", ctx.verifier),
             )
         })?;
@@ -59,7 +60,7 @@ pub async fn release_keys(
             .await
             .map_err(client_error)?;
         let ephemeral = EphemeralKeyPair::generate()
-            .map_err(|e| JobError::new("internal", format!("ephemeral key: {e}")))?;
+            .map_err(|e| JobError::new(FailureKind::Internal, format!("ephemeral key: {e}")))?;
         let hash = request_hash(&request);
         let public_key = ephemeral.public_key_sec1();
         let nsm = Arc::clone(&ctx.nsm);
@@ -72,8 +73,8 @@ pub async fn release_keys(
             )
         })
         .await
-        .map_err(|_| JobError::new("internal", "attestation task failed"))?
-        .map_err(|e| JobError::new("nsm", format!("attestation: {e}")))?;
+        .map_err(|_| JobError::new(FailureKind::Internal, "attestation task failed"))?
+        .map_err(|e| JobError::new(FailureKind::Nsm, format!("attestation: {e}")))?;
         request_keys(
             &mut stream,
             VERIFIER_MAX_FRAME_LEN,
@@ -89,7 +90,7 @@ pub async fn release_keys(
         .await
         .map_err(|_| {
             JobError::new(
-                "verifier_unavailable",
+                FailureKind::VerifierUnavailable,
                 format!(
                     "no answer from the verifier within {}s",
                     ctx.key_release_timeout.as_secs()

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 
 use crate::job::JobError;
 use crate::EnclaveContext;
+use kluis_proto::job::FailureKind;
 
 /// What the service is doing now, for operators and tests.
 #[derive(Debug, Default)]
@@ -130,7 +131,7 @@ pub async fn serve(
         jobs.spawn(async move {
             match serve_connection(stream, &ctx, slots, permit).await {
                 Ok(c) => tracing::info!(%peer, records_in = c.records_in, records_out = c.records_out, bytes_in = c.bytes_in, "job done"),
-                Err(e) => tracing::warn!(%peer, kind = e.kind, "job failed: {}", e.message),
+                Err(e) => tracing::warn!(%peer, kind = e.kind.as_str(), "job failed: {}", e.message),
             }
         });
         while jobs.try_join_next().is_some() {}
@@ -156,7 +157,7 @@ async fn serve_connection(
         .unwrap_or(accepted);
     let timed_out = || {
         Err(JobError::new(
-            "job_timeout",
+            FailureKind::JobTimeout,
             format!("the job ran longer than {}s", ctx.job_timeout.as_secs()),
         ))
     };
@@ -167,7 +168,7 @@ async fn serve_connection(
         Err(e) => {
             // A stalled or garbled start gets no slot; a parent that spoke
             // the protocol wrongly is told so.
-            if e.kind != "start_timeout" {
+            if e.kind != FailureKind::StartTimeout {
                 crate::job::write_last(&mut writer, &Err(e.clone()), Duration::from_secs(1)).await;
             }
             return Err(e);
@@ -177,7 +178,7 @@ async fn serve_connection(
     let slot = tokio::select! {
         s = slots.acquire_owned() => match s {
             Ok(s) => s,
-            Err(_) => return Err(JobError::new("internal", "the job slots are closed")),
+            Err(_) => return Err(JobError::new(FailureKind::Internal, "the job slots are closed")),
         },
         () = tokio::time::sleep_until(deadline) => {
             let result = timed_out();

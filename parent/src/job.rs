@@ -9,6 +9,7 @@
 //! this care an interrupted output could not pass for complete: it lacks the
 //! envelope's authenticated final segment.
 
+use kluis_proto::job::FailureKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,8 +43,8 @@ pub enum RunError {
     /// The enclave failed the job and said why.
     #[error("the enclave failed the job ({kind}): {reason}")]
     Failed {
-        /// Stable kind.
-        kind: String,
+        /// Why, as a stable kind.
+        kind: FailureKind,
         /// Its message.
         reason: String,
     },
@@ -68,9 +69,9 @@ pub enum RunError {
 
 impl RunError {
     /// The enclave's failure kind, if it sent one.
-    pub fn enclave_kind(&self) -> Option<&str> {
+    pub fn enclave_kind(&self) -> Option<FailureKind> {
         match self {
-            RunError::Failed { kind, .. } => Some(kind),
+            RunError::Failed { kind, .. } => Some(*kind),
             _ => None,
         }
     }

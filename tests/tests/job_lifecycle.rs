@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kluis_enclave::server::ServiceStats;
-use kluis_proto::job::{JobEvent, JobRequest, JobSpec, WorkloadSpec, JOB_MAX_FRAME_LEN};
+use kluis_proto::job::{
+    FailureKind, JobEvent, JobRequest, JobSpec, WorkloadSpec, JOB_MAX_FRAME_LEN,
+};
 use kluis_tests::world::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -108,9 +110,9 @@ fn output(events: &[JobEvent]) -> Vec<u8> {
         .collect()
 }
 
-fn failed_kind(event: &JobEvent) -> Option<&str> {
+fn failed_kind(event: &JobEvent) -> Option<FailureKind> {
     match event {
-        JobEvent::Failed { kind, .. } => Some(kind.as_str()),
+        JobEvent::Failed { kind, .. } => Some(*kind),
         _ => None,
     }
 }
@@ -168,7 +170,11 @@ async fn past_its_deadline_a_job_fails_sends_nothing_after_and_frees_its_slot() 
     let events = events.await.unwrap();
     // Failed, and it is the last thing the enclave sent.
     let last = events.last().expect("some events");
-    assert_eq!(failed_kind(last), Some("job_timeout"), "{events:?}");
+    assert_eq!(
+        failed_kind(last),
+        Some(FailureKind::JobTimeout),
+        "{events:?}"
+    );
     assert_eq!(
         events.iter().filter(|e| failed_kind(e).is_some()).count(),
         1
@@ -257,7 +263,7 @@ async fn header_tricklers_never_hold_more_than_max_jobs() {
     let mut kinds = Vec::new();
     for r in readers {
         let events = r.await.unwrap();
-        kinds.push(events.last().and_then(failed_kind).map(str::to_owned));
+        kinds.push(events.last().and_then(failed_kind));
     }
     let (jobs, threads, connections) = watch.await.unwrap();
     assert!(jobs <= MAX_JOBS, "{jobs} jobs at once");
@@ -267,7 +273,7 @@ async fn header_tricklers_never_hold_more_than_max_jobs() {
     // Every connection ended with the deadline (those that never got a
     // slot too: the deadline runs from accept).
     assert!(
-        kinds.iter().all(|k| k.as_deref() == Some("job_timeout")),
+        kinds.iter().all(|k| *k == Some(FailureKind::JobTimeout)),
         "{kinds:?}"
     );
     until(&s.stats, Duration::from_secs(1), |st| {
@@ -444,7 +450,7 @@ async fn a_workload_failure_is_told_only_after_the_whole_input_and_progress_has_
     reading.await.unwrap();
     assert_eq!(
         after.last().and_then(failed_kind),
-        Some("workload"),
+        Some(FailureKind::Workload),
         "{after:?}"
     );
 }
@@ -506,7 +512,7 @@ async fn without_an_allowed_jobs_list_data_dependent_workloads_are_refused() {
         .unwrap_err();
         assert_eq!(
             err.enclave_kind(),
-            Some("job_not_allowed"),
+            Some(FailureKind::JobNotAllowed),
             "{spec:?}: {err}"
         );
         assert!(!out.exists());

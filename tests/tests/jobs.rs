@@ -21,7 +21,7 @@ use std::time::Duration;
 use attestation_verifier::audit::{AuditFilter, Decision};
 use kluis_parent::hook::{Channel, Direction, FrameHook, Recorder};
 use kluis_parent::job::RunError;
-use kluis_proto::job::WorkloadSpec;
+use kluis_proto::job::{FailureKind, WorkloadSpec};
 use kluis_tests::world::*;
 
 /// The whole deployment: verifier, relay (with `hook`), enclave.
@@ -245,7 +245,7 @@ async fn the_parent_sees_no_plaintext_and_no_key() {
 
 /// Run one pseudonymisation job through a hostile parent; it must fail,
 /// with the enclave saying why, and leave no output.
-async fn hostile_job(hostile: Arc<Hostile>, expected_kinds: &[&str]) -> String {
+async fn hostile_job(hostile: Arc<Hostile>, expected_kinds: &[FailureKind]) -> FailureKind {
     let d = deploy(hostile.clone()).await;
     let input = d.world.encrypt(INPUT_KEY, &records(5000), 1024);
     let (secret, _) = d.world.new_secret();
@@ -259,10 +259,9 @@ async fn hostile_job(hostile: Arc<Hostile>, expected_kinds: &[&str]) -> String {
     assert!(!out.exists(), "an output was presented");
     let kind = err
         .enclave_kind()
-        .unwrap_or_else(|| panic!("the enclave did not say why: {err}"))
-        .to_owned();
+        .unwrap_or_else(|| panic!("the enclave did not say why: {err}"));
     assert!(
-        expected_kinds.contains(&kind.as_str()),
+        expected_kinds.contains(&kind),
         "kind {kind} ({err}), expected one of {expected_kinds:?}"
     );
     kind
@@ -275,47 +274,53 @@ async fn a_hostile_parent_on_the_key_release_fails_the_job_closed() {
     // The sealed answer altered: the signature or the box fails.
     hostile_job(
         Arc::new(Hostile::new(v, ToEnclave, 1, Tamper::Flip(-10))),
-        &["key_release_invalid"],
+        &[FailureKind::KeyReleaseInvalid],
     )
     .await;
     hostile_job(
         Arc::new(Hostile::new(v, ToEnclave, 1, Tamper::Flip(200))),
-        &["key_release_invalid"],
+        &[FailureKind::KeyReleaseInvalid],
     )
     .await;
     // The challenge altered: the document carries another nonce.
     hostile_job(
         Arc::new(Hostile::new(v, ToEnclave, 0, Tamper::Flip(-20))),
-        &["key_release_refused", "key_release_invalid"],
+        &[
+            FailureKind::KeyReleaseRefused,
+            FailureKind::KeyReleaseInvalid,
+        ],
     )
     .await;
     // The request altered on its way: the verifier refuses it.
     hostile_job(
         Arc::new(Hostile::new(v, FromEnclave, 1, Tamper::Flip(-30))),
-        &["key_release_refused"],
+        &[FailureKind::KeyReleaseRefused],
     )
     .await;
     // Dropped: nothing comes back in time.
     hostile_job(
         Arc::new(Hostile::new(v, FromEnclave, 1, Tamper::Drop)),
-        &["verifier_unavailable"],
+        &[FailureKind::VerifierUnavailable],
     )
     .await;
     hostile_job(
         Arc::new(Hostile::new(v, ToEnclave, 1, Tamper::Drop)),
-        &["verifier_unavailable"],
+        &[FailureKind::VerifierUnavailable],
     )
     .await;
     // Duplicated answer: the second challenge answer arrives where the keys should.
     hostile_job(
         Arc::new(Hostile::new(v, ToEnclave, 0, Tamper::Duplicate)),
-        &["key_release_invalid"],
+        &[FailureKind::KeyReleaseInvalid],
     )
     .await;
     // A forged length prefix.
     hostile_job(
         Arc::new(Hostile::new(v, ToEnclave, 1, Tamper::Flip(0))),
-        &["verifier_unavailable", "key_release_invalid"],
+        &[
+            FailureKind::VerifierUnavailable,
+            FailureKind::KeyReleaseInvalid,
+        ],
     )
     .await;
 }
@@ -354,7 +359,11 @@ async fn a_replayed_key_release_answer_is_refused() {
     .await
     .unwrap_err();
     assert!(hostile.acted());
-    assert_eq!(err.enclave_kind(), Some("key_release_invalid"), "{err}");
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::KeyReleaseInvalid),
+        "{err}"
+    );
     assert!(!out2.exists());
 }
 
@@ -391,7 +400,11 @@ async fn a_parent_answering_as_the_verifier_gets_no_key_accepted() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.enclave_kind(), Some("key_release_invalid"), "{err}");
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::KeyReleaseInvalid),
+        "{err}"
+    );
     assert!(err.to_string().contains("signature"), "{err}");
     assert!(!out.exists());
 }
@@ -405,23 +418,27 @@ async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
     let plain = records(120_000); // ~3 MiB: several Data frames
     let input = d.world.encrypt(INPUT_KEY, &plain, 1024);
     for (tamper, index, kinds) in [
-        (Tamper::Flip(-100), 2, &["input_tampered"][..]),
-        (Tamper::Drop, 2, &["input_tampered", "input_truncated"][..]),
-        (Tamper::Duplicate, 2, &["input_tampered"][..]),
+        (Tamper::Flip(-100), 2, &[FailureKind::InputTampered][..]),
+        (
+            Tamper::Drop,
+            2,
+            &[FailureKind::InputTampered, FailureKind::InputTruncated][..],
+        ),
+        (Tamper::Duplicate, 2, &[FailureKind::InputTampered][..]),
         (
             Tamper::SwapWithNext,
             1,
-            &["input_header", "input_tampered"][..],
+            &[FailureKind::InputHeader, FailureKind::InputTampered][..],
         ),
-        (Tamper::SwapWithNext, 2, &["input_tampered"][..]),
+        (Tamper::SwapWithNext, 2, &[FailureKind::InputTampered][..]),
         (
             Tamper::Drop,
             1,
             &[
-                "input_header",
-                "input_tampered",
-                "input_wrong_key",
-                "input_truncated",
+                FailureKind::InputHeader,
+                FailureKind::InputTampered,
+                FailureKind::InputWrongKey,
+                FailureKind::InputTruncated,
             ][..],
         ),
     ] {
@@ -449,7 +466,7 @@ async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
     let err = run(&job_no_end, input.clone(), &out).await.unwrap_err();
     assert!(hostile.acted());
     assert!(!out.exists());
-    assert_eq!(err.enclave_kind(), Some("idle_timeout"), "{err}");
+    assert_eq!(err.enclave_kind(), Some(FailureKind::IdleTimeout), "{err}");
 
     // On the way out the parent can damage the output, but the controller's
     // decryption catches it: a changed byte, a dropped final frame.
@@ -491,7 +508,11 @@ async fn an_enclave_the_policy_does_not_admit_gets_no_key() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.enclave_kind(), Some("key_release_refused"), "{err}");
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::KeyReleaseRefused),
+        "{err}"
+    );
     assert!(!out.exists());
     // The operator sees which rule refused it.
     let refused = d
@@ -533,7 +554,11 @@ async fn verifier_down_at_start_then_up_the_job_runs_again() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.enclave_kind(), Some("verifier_unavailable"), "{err}");
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::VerifierUnavailable),
+        "{err}"
+    );
     assert!(!out.exists());
     // The verifier comes up on its address; the same job runs.
     let _verifier = world.start_verifier(Some(&address)).await;
@@ -638,7 +663,11 @@ async fn verifier_gone_between_challenge_and_release_then_the_job_runs_again() {
     let address = d.verifier.address.clone();
     d.verifier.stop().await;
     let err = running.await.unwrap().unwrap_err();
-    assert_eq!(err.enclave_kind(), Some("verifier_unavailable"), "{err}");
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::VerifierUnavailable),
+        "{err}"
+    );
     assert!(!out.exists());
     // Back up (its challenges are gone with it): the job runs again.
     let _verifier = d.world.start_verifier(Some(&address)).await;
@@ -759,10 +788,10 @@ async fn exec_runs_only_programs_of_the_image_on_plaintext_inside() {
     // A program that fails, one outside the directory, and exec on an
     // enclave without a workload directory: refused, no output.
     for (enclave, program, kind) in [
-        (&enclave.address, "fails", "exec"),
-        (&enclave.address, "hangs", "exec_timeout"),
-        (&enclave.address, "../../bin/sh", "exec_refused"),
-        (&d.enclave.address, "upper", "exec_refused"),
+        (&enclave.address, "fails", FailureKind::Exec),
+        (&enclave.address, "hangs", FailureKind::ExecTimeout),
+        (&enclave.address, "../../bin/sh", FailureKind::ExecRefused),
+        (&d.enclave.address, "upper", FailureKind::ExecRefused),
     ] {
         let out = d.world.path("refused.kenv");
         // `hangs` would hold the job for 300 s: its kind shows the deadline
@@ -812,7 +841,11 @@ async fn an_image_runs_only_its_allowed_jobs() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.enclave_kind(), Some("job_not_allowed"), "{err}");
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::JobNotAllowed),
+        "{err}"
+    );
     assert!(!out.exists());
     // Another column: refused too.
     let other_column = WorkloadSpec::Pseudonymise {
@@ -829,7 +862,11 @@ async fn an_image_runs_only_its_allowed_jobs() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.enclave_kind(), Some("job_not_allowed"), "{err}");
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::JobNotAllowed),
+        "{err}"
+    );
     assert_eq!(releases(&d.world), before, "no key was asked for");
 
     // The right job with a "secret" that is really a data key of the input's
@@ -844,7 +881,11 @@ async fn an_image_runs_only_its_allowed_jobs() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.enclave_kind(), Some("job_not_allowed"), "{err}");
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::JobNotAllowed),
+        "{err}"
+    );
     assert!(!out.exists());
 
     // The allowed job runs.
@@ -879,7 +920,7 @@ async fn workload_failures_tell_the_parent_nothing_about_the_data() {
     let err = run(&job(&d.enclave.address, spec, vec![]), input, &out)
         .await
         .unwrap_err();
-    assert_eq!(err.enclave_kind(), Some("workload"), "{err}");
+    assert_eq!(err.enclave_kind(), Some(FailureKind::Workload), "{err}");
     let text = err.to_string();
     assert!(!text.chars().any(|c| c.is_ascii_digit()), "{text}");
     assert!(!out.exists());
@@ -954,7 +995,11 @@ async fn the_relay_reaches_a_tls_verifier() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.enclave_kind(), Some("verifier_unavailable"), "{err}");
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::VerifierUnavailable),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -982,6 +1027,6 @@ async fn a_trickling_parent_meets_the_job_deadline() {
     .unwrap_err();
     // The input takes about 8 s to trickle: the job ended at its deadline
     // (job_lifecycle.rs checks that nothing of it outlives that).
-    assert_eq!(err.enclave_kind(), Some("job_timeout"), "{err}");
+    assert_eq!(err.enclave_kind(), Some(FailureKind::JobTimeout), "{err}");
     assert!(!out.exists());
 }

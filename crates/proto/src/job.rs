@@ -94,13 +94,113 @@ pub enum JobEvent {
     /// The job failed; the output sent so far is not complete and must be
     /// discarded.
     Failed {
-        /// A stable kind (e.g. `key_release_refused`, `input_tampered`).
-        #[serde(deserialize_with = "bounded::string::<_, MAX_TEXT_LEN>")]
-        kind: String,
+        /// Why, as a stable kind.
+        kind: FailureKind,
         /// What happened, without secrets.
         #[serde(deserialize_with = "bounded::string::<_, MAX_TEXT_LEN>")]
         reason: String,
     },
+}
+
+/// Why a job failed, as the enclave tells the parent: a stable kind (its
+/// `snake_case` name on the wire and in logs). The detail that depends on
+/// the data never travels; the kinds name stages and causes the parent
+/// knows or caused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The image does not run this job (its allowed jobs, or a
+    /// data-dependent workload on an image without a list).
+    JobNotAllowed,
+    /// The job's specification is unusable.
+    BadJob,
+    /// The verifier refused the key request (the reason is in its audit).
+    KeyReleaseRefused,
+    /// The verifier's answer did not verify (impostor, replay, tampering).
+    KeyReleaseInvalid,
+    /// The verifier could not be reached through the parent.
+    VerifierUnavailable,
+    /// The NSM failed.
+    Nsm,
+    /// The input envelope was altered.
+    InputTampered,
+    /// The input envelope ended early.
+    InputTruncated,
+    /// The input is not under the released data key.
+    InputWrongKey,
+    /// The input envelope's header is malformed.
+    InputHeader,
+    /// Reading the input failed.
+    InputIo,
+    /// The parent closed the connection before the end of the input.
+    InputClosed,
+    /// The parent sent nothing for too long.
+    IdleTimeout,
+    /// The parent did not send a complete `Start` in time.
+    StartTimeout,
+    /// The job passed its deadline.
+    JobTimeout,
+    /// The parent broke the job protocol.
+    Protocol,
+    /// The workload refused the input (why depends on the data: withheld).
+    Workload,
+    /// The `exec` program failed (how depends on the data: withheld).
+    Exec,
+    /// The `exec` program passed its deadline.
+    ExecTimeout,
+    /// The `exec` program is not one of the image's.
+    ExecRefused,
+    /// Sealing the output failed.
+    Output,
+    /// The parent stopped taking output.
+    OutputClosed,
+    /// The job was stopped (another part of it failed first).
+    Cancelled,
+    /// Something inside the enclave failed.
+    Internal,
+    /// A kind this build does not know (from a newer enclave).
+    #[serde(other)]
+    Unknown,
+}
+
+impl FailureKind {
+    /// The stable name (as on the wire).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::JobNotAllowed => "job_not_allowed",
+            FailureKind::BadJob => "bad_job",
+            FailureKind::KeyReleaseRefused => "key_release_refused",
+            FailureKind::KeyReleaseInvalid => "key_release_invalid",
+            FailureKind::VerifierUnavailable => "verifier_unavailable",
+            FailureKind::Nsm => "nsm",
+            FailureKind::InputTampered => "input_tampered",
+            FailureKind::InputTruncated => "input_truncated",
+            FailureKind::InputWrongKey => "input_wrong_key",
+            FailureKind::InputHeader => "input_header",
+            FailureKind::InputIo => "input_io",
+            FailureKind::InputClosed => "input_closed",
+            FailureKind::IdleTimeout => "idle_timeout",
+            FailureKind::StartTimeout => "start_timeout",
+            FailureKind::JobTimeout => "job_timeout",
+            FailureKind::Protocol => "protocol",
+            FailureKind::Workload => "workload",
+            FailureKind::Exec => "exec",
+            FailureKind::ExecTimeout => "exec_timeout",
+            FailureKind::ExecRefused => "exec_refused",
+            FailureKind::Output => "output",
+            FailureKind::OutputClosed => "output_closed",
+            FailureKind::Cancelled => "cancelled",
+            FailureKind::Internal => "internal",
+            FailureKind::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Counts of a job (see the module notes on what they disclose).
@@ -421,9 +521,55 @@ mod tests {
         });
         assert!(JobRequest::decode(&too_many.encode().unwrap()).is_err());
         let long_reason = JobEvent::Failed {
-            kind: "x".into(),
+            kind: FailureKind::Workload,
             reason: "r".repeat(MAX_TEXT_LEN + 1),
         };
         assert!(JobEvent::decode(&long_reason.encode().unwrap()).is_err());
+    }
+
+    #[test]
+    fn failure_kinds_are_stable_names_on_the_wire() {
+        for kind in [
+            FailureKind::JobNotAllowed,
+            FailureKind::KeyReleaseRefused,
+            FailureKind::InputTampered,
+            FailureKind::JobTimeout,
+            FailureKind::Workload,
+            FailureKind::OutputClosed,
+        ] {
+            let event = JobEvent::Failed {
+                kind,
+                reason: String::new(),
+            };
+            let bytes = event.encode().unwrap();
+            // The kind travels as its snake_case name.
+            assert!(
+                bytes
+                    .windows(kind.as_str().len())
+                    .any(|w| w == kind.as_str().as_bytes()),
+                "{kind}"
+            );
+            assert_eq!(JobEvent::decode(&bytes).unwrap(), event);
+        }
+        // A kind from a newer enclave decodes as Unknown, not as an error.
+        let newer = JobEvent::Failed {
+            kind: FailureKind::Workload,
+            reason: String::new(),
+        }
+        .encode()
+        .unwrap();
+        let mut renamed = newer.clone();
+        let at = renamed
+            .windows(8)
+            .position(|w| w == b"workload")
+            .unwrap();
+        renamed[at + 4..at + 8].copy_from_slice(b"lost");
+        assert_eq!(
+            JobEvent::decode(&renamed).unwrap(),
+            JobEvent::Failed {
+                kind: FailureKind::Unknown,
+                reason: String::new()
+            }
+        );
     }
 }
