@@ -33,6 +33,11 @@ enum Command {
     /// Run the enclave service: take jobs from the parent, fetch keys from the
     /// verifier through the parent, process data only inside.
     Run(RunArgs),
+    /// Check a configuration file as `run` reads it, without starting
+    /// anything: exit 0 when `run` would accept it, 1 (with the reason) when
+    /// not. The image build runs it on the configuration it assembles.
+    #[command(name = "check-config")]
+    CheckConfig(CheckConfigArgs),
     /// A SIMULATED Nitro Secure Module, for tests and local runs only.
     ///
     /// Its documents chain to a local simulated root, never to AWS's.
@@ -116,6 +121,189 @@ struct RunArgs {
     sim_debug: bool,
 }
 
+#[derive(Debug, Args)]
+struct CheckConfigArgs {
+    /// The configuration file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// The image's root directory, when checking a tree that is not yet the
+    /// running image: `exec_dir` is looked up under it, and every program an
+    /// allowed `exec` job names must be there [default: /].
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+}
+
+/// Everything `run` takes from the configuration and the command line,
+/// checked: what `check-config` validates.
+#[derive(Debug)]
+struct Settings {
+    listen: Address,
+    verifier: Address,
+    verifier_key: [u8; 97],
+    exec_dir: Option<PathBuf>,
+    allowed_jobs: Option<Vec<crate::AllowedJob>>,
+    job_timeout: Option<std::time::Duration>,
+    exec_timeout: Option<std::time::Duration>,
+    start_timeout: Option<std::time::Duration>,
+    unlisted_jobs: crate::UnlistedJobs,
+    max_jobs: usize,
+}
+
+/// Most jobs at once when neither the configuration nor `--max-jobs` says.
+const DEFAULT_MAX_JOBS: usize = 4;
+
+fn check_key_id(what: &str, id: &str) -> anyhow::Result<()> {
+    let max = kluis_proto::message::MAX_KEY_ID_LEN;
+    if id.is_empty() || id.len() > max || id.chars().any(char::is_control) {
+        bail!("{what} {id:?} is not a key id (1 to {max} bytes of printable text)");
+    }
+    Ok(())
+}
+
+fn allowed_job(
+    index: usize,
+    a: AllowedJobConfig,
+    exec_dir: bool,
+) -> anyhow::Result<crate::AllowedJob> {
+    let context = || format!("allowed_jobs[{index}] ({:?})", a.workload);
+    let workload = kluis_proto::job::parse_workload(&a.workload).with_context(context)?;
+    crate::workload::check_spec(&workload, a.secret_keys.len()).with_context(context)?;
+    if matches!(workload, kluis_proto::job::WorkloadSpec::Exec { .. }) && !exec_dir {
+        return Err(anyhow!("an exec job is allowed but there is no exec_dir"))
+            .with_context(context);
+    }
+    check_key_id("output_key", &a.output_key).with_context(context)?;
+    for id in a.secret_keys.iter().chain(&a.input_keys) {
+        check_key_id("key", id).with_context(context)?;
+    }
+    Ok(crate::AllowedJob {
+        workload,
+        output_key: a.output_key,
+        secret_keys: a.secret_keys,
+        input_keys: a.input_keys,
+    })
+}
+
+/// Resolves and checks the configuration and command line together; no
+/// device, socket or file beyond what was already read is touched.
+fn settings(config: Config, args: &RunArgs) -> anyhow::Result<Settings> {
+    let listen: Address = args
+        .listen
+        .clone()
+        .or(config.listen)
+        .ok_or_else(|| anyhow!("no listen address: --listen or `listen` in the configuration"))?
+        .parse()
+        .context("listen")?;
+    let verifier: Address = args
+        .verifier
+        .clone()
+        .or(config.verifier)
+        .ok_or_else(|| {
+            anyhow!("no verifier address: --verifier or `verifier` in the configuration")
+        })?
+        .parse()
+        .context("verifier")?;
+    let verifier_key = parse_key(
+        &args
+            .verifier_key
+            .clone()
+            .or(config.verifier_public_key)
+            .ok_or_else(|| {
+                anyhow!(
+                    "no verifier key: --verifier-key or `verifier_public_key` in the configuration"
+                )
+            })?,
+    )?;
+    let exec_dir = args.exec_dir.clone().or(config.exec_dir);
+    let allowed_jobs = match config.allowed_jobs {
+        None => None,
+        Some(list) if list.is_empty() => {
+            bail!("allowed_jobs is empty: this enclave would refuse every job (leave it out to allow any)")
+        }
+        Some(list) => Some(
+            list.into_iter()
+                .enumerate()
+                .map(|(i, a)| allowed_job(i, a, exec_dir.is_some()))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ),
+    };
+    let max_jobs = args
+        .max_jobs
+        .or(config.max_jobs)
+        .unwrap_or(DEFAULT_MAX_JOBS);
+    if max_jobs == 0 {
+        bail!("max_jobs must be at least 1");
+    }
+    let seconds = |s: u64| std::time::Duration::from_secs(s.max(1));
+    let unlisted_jobs = match config.unlisted_jobs {
+        None | Some(UnlistedJobsConfig::DataIndependent) => crate::UnlistedJobs::DataIndependent,
+        Some(UnlistedJobsConfig::Any) => crate::UnlistedJobs::Any,
+    };
+    Ok(Settings {
+        listen,
+        verifier,
+        verifier_key,
+        exec_dir,
+        allowed_jobs,
+        job_timeout: config.job_timeout_seconds.map(seconds),
+        exec_timeout: config.exec_timeout_seconds.map(seconds),
+        start_timeout: config.start_timeout_seconds.map(seconds),
+        unlisted_jobs,
+        max_jobs,
+    })
+}
+
+/// `check-config`: what `run --config FILE` would accept, plus, under
+/// `root`, the workload directory and the programs of allowed exec jobs.
+fn check_config(args: &CheckConfigArgs) -> anyhow::Result<String> {
+    let config = read_config(&args.file)?;
+    let none = RunArgs {
+        config: None,
+        listen: None,
+        verifier: None,
+        verifier_key: None,
+        exec_dir: None,
+        max_jobs: None,
+        simulate_nsm: false,
+        sim_state: None,
+        sim_image: None,
+        sim_debug: false,
+    };
+    let settings = settings(config, &none)?;
+    let root = args.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let exec_dir = match &settings.exec_dir {
+        None => None,
+        Some(dir) => {
+            let inside = root.join(dir.strip_prefix("/").unwrap_or(dir));
+            if !inside.is_dir() {
+                bail!(
+                    "exec_dir {} is not a directory ({})",
+                    dir.display(),
+                    inside.display()
+                );
+            }
+            Some(inside)
+        }
+    };
+    let mut summary = format!(
+        "listen {}, verifier {}, max_jobs {}",
+        settings.listen, settings.verifier, settings.max_jobs
+    );
+    match &settings.allowed_jobs {
+        None => summary.push_str(", ANY job the parent asks for (no allowed_jobs)"),
+        Some(jobs) => {
+            for (i, job) in jobs.iter().enumerate() {
+                if let kluis_proto::job::WorkloadSpec::Exec { program, args } = &job.workload {
+                    crate::exec::check_request(exec_dir.as_deref(), program, args)
+                        .map_err(|e| anyhow!("allowed_jobs[{i}]: {}", e.message))?;
+                }
+            }
+            summary.push_str(&format!(", {} allowed job(s)", jobs.len()));
+        }
+    }
+    Ok(summary)
+}
+
 fn read_config(path: &Path) -> anyhow::Result<Config> {
     use std::io::Read;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -136,6 +324,10 @@ fn parse_key(hex_text: &str) -> anyhow::Result<[u8; 97]> {
         .map_err(|_| anyhow!("the verifier key must be 97 bytes (uncompressed SEC1 P-384)"))?;
     if key.first() != Some(&0x04) {
         bail!("the verifier key must be an uncompressed SEC1 point (starting 04)");
+    }
+    use aws_lc_rs::agreement::{ParsedPublicKey, UnparsedPublicKey, ECDH_P384};
+    if ParsedPublicKey::try_from(UnparsedPublicKey::new(&ECDH_P384, &key[..])).is_err() {
+        bail!("the verifier key is not a point on the P-384 curve");
     }
     Ok(key)
 }
@@ -193,81 +385,37 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         Some(path) => read_config(path)?,
         None => Config::default(),
     };
-    let listen: Address = args
-        .listen
-        .clone()
-        .or(config.listen)
-        .ok_or_else(|| anyhow!("no listen address: --listen or `listen` in the configuration"))?
-        .parse()?;
-    let verifier: Address = args
-        .verifier
-        .clone()
-        .or(config.verifier)
-        .ok_or_else(|| {
-            anyhow!("no verifier address: --verifier or `verifier` in the configuration")
-        })?
-        .parse()?;
-    let key = parse_key(
-        &args
-            .verifier_key
-            .clone()
-            .or(config.verifier_public_key)
-            .ok_or_else(|| {
-                anyhow!(
-                    "no verifier key: --verifier-key or `verifier_public_key` in the configuration"
-                )
-            })?,
-    )?;
+    let settings = settings(config, args)?;
+    match (&settings.allowed_jobs, settings.unlisted_jobs) {
+        (Some(_), _) => {}
+        (None, crate::UnlistedJobs::DataIndependent) => tracing::warn!(
+            "no allowed_jobs in the configuration: this enclave runs only identity and reencrypt"
+        ),
+        (None, crate::UnlistedJobs::Any) => tracing::warn!(
+            "no allowed_jobs and unlisted_jobs = \"any\": the parent chooses any job, \
+             and workloads whose failure depends on the data become oracles"
+        ),
+    }
+    let listen = settings.listen;
     let nsm = open_nsm(args)?;
     let pcrs = (0u16..3)
         .map(|i| kluis_nsm::describe_pcr(&*nsm, i).map(|d| hex::encode(d.value)))
         .collect::<Result<Vec<_>, _>>()
         .context("reading PCR0-2")?;
-    let allowed_jobs = match config.allowed_jobs {
-        None => {
-            tracing::warn!(
-                "no allowed_jobs in the configuration: this enclave runs any job the parent asks for"
-            );
-            None
-        }
-        Some(list) => Some(
-            list.into_iter()
-                .map(|a| {
-                    Ok(crate::AllowedJob {
-                        workload: kluis_proto::job::parse_workload(&a.workload)
-                            .with_context(|| format!("allowed_jobs: {:?}", a.workload))?,
-                        output_key: a.output_key,
-                        secret_keys: a.secret_keys,
-                        input_keys: a.input_keys,
-                    })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?,
-        ),
-    };
-    let mut ctx = EnclaveContext::new(nsm, verifier, key);
-    ctx.exec_dir = args.exec_dir.clone().or(config.exec_dir);
-    ctx.allowed_jobs = allowed_jobs;
-    if let Some(secs) = config.job_timeout_seconds {
-        ctx.job_timeout = std::time::Duration::from_secs(secs.max(1));
+    let mut ctx = EnclaveContext::new(nsm, settings.verifier, settings.verifier_key);
+    ctx.exec_dir = settings.exec_dir;
+    ctx.allowed_jobs = settings.allowed_jobs;
+    if let Some(timeout) = settings.job_timeout {
+        ctx.job_timeout = timeout;
     }
-    if let Some(secs) = config.start_timeout_seconds {
-        ctx.start_timeout = std::time::Duration::from_secs(secs.max(1));
+    if let Some(timeout) = settings.start_timeout {
+        ctx.start_timeout = timeout;
     }
-    ctx.unlisted_jobs = match config.unlisted_jobs {
-        None | Some(UnlistedJobsConfig::DataIndependent) => crate::UnlistedJobs::DataIndependent,
-        Some(UnlistedJobsConfig::Any) => {
-            if ctx.allowed_jobs.is_none() {
-                tracing::warn!(
-                    "unlisted_jobs = \"any\": the parent chooses workloads whose failure depends on the data"
-                );
-            }
-            crate::UnlistedJobs::Any
-        }
-    };
-    if let Some(secs) = config.exec_timeout_seconds {
-        ctx.exec_timeout = std::time::Duration::from_secs(secs.max(1));
+    ctx.unlisted_jobs = settings.unlisted_jobs;
+    if let Some(timeout) = settings.exec_timeout {
+        ctx.exec_timeout = timeout;
     }
-    let max_jobs = args.max_jobs.or(config.max_jobs).unwrap_or(4);
+    let max_jobs = settings.max_jobs;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -342,6 +490,19 @@ where
             init_logging();
             run(&args)
         }
+        Command::CheckConfig(args) => {
+            return match check_config(&args) {
+                Ok(summary) => {
+                    println!("{}: ok: {summary}", args.file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    let message = format!("{err:#}").replace('\n', " ");
+                    eprintln!("error: {}: {message}", args.file.display());
+                    ExitCode::from(1)
+                }
+            };
+        }
         #[cfg(feature = "simulator")]
         Command::NsmSim(command) => nsm_sim::run(command),
     };
@@ -396,5 +557,160 @@ mod tests {
             "[[allowed_jobs]]\nworkload = \"identity\"\noutput_key = \"a/b/c\"\nextra = 1\n"
         )
         .is_err());
+    }
+
+    /// A verifier key on the curve, in hex.
+    fn real_key() -> String {
+        hex::encode(
+            kluis_proto::VerifierIdentity::generate()
+                .unwrap()
+                .public_key_sec1(),
+        )
+    }
+
+    /// The shipped example with a real key, and the allowed-jobs example
+    /// appended: what Dockerfile.enclave assembles.
+    fn assembled() -> String {
+        format!(
+            "{}\n{}",
+            example("enclave.toml.example").replace(
+                "REPLACE-WITH-THE-OUTPUT-OF-attestation-verifier-identity",
+                &real_key()
+            ),
+            example("allowed-jobs.toml.example")
+        )
+    }
+
+    fn check(text: &str, root: Option<&Path>) -> anyhow::Result<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("enclave.toml");
+        std::fs::write(&file, text).unwrap();
+        check_config(&CheckConfigArgs {
+            file,
+            root: root.map(Path::to_path_buf),
+        })
+    }
+
+    #[test]
+    fn check_config_accepts_the_assembled_examples() {
+        let summary = check(&assembled(), None).unwrap();
+        assert!(summary.contains("listen vsock:any:5000"), "{summary}");
+        assert!(summary.contains("2 allowed job(s)"), "{summary}");
+        let open = assembled().replace("[[allowed_jobs]]", "# [[allowed_jobs]]");
+        let open = open
+            .lines()
+            .filter(|l| !l.starts_with("workload") && !l.contains("_key"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let summary = check(
+            &format!("{open}\nverifier_public_key = \"{}\"\n", real_key()),
+            None,
+        )
+        .unwrap();
+        assert!(summary.contains("ANY job"), "{summary}");
+    }
+
+    /// Each broken setting is refused, with a message that names it.
+    #[test]
+    fn check_config_refuses_each_broken_setting() {
+        let good = assembled();
+        let key_line = good
+            .lines()
+            .find(|l| l.starts_with("verifier_public_key"))
+            .unwrap()
+            .to_owned();
+        let off_curve = format!("verifier_public_key = \"04{}\"", "11".repeat(96));
+        let cases: Vec<(&str, String, &str)> = vec![
+            ("placeholder key", example("enclave.toml.example"), "not hex"),
+            ("key off the curve", good.replace(&key_line, &off_curve), "not a point on the P-384 curve"),
+            ("no listen", good.replace("listen = \"vsock:any:5000\"", ""), "no listen address"),
+            ("bad listen", good.replace("vsock:any:5000", "vsock:any:port"), "listen"),
+            ("bad verifier", good.replace("vsock:3:8001", "tcp:"), "verifier"),
+            ("no key", good.replace(&key_line, ""), "no verifier key"),
+            ("max_jobs 0", good.replace("max_jobs = 4", "max_jobs = 0"), "max_jobs must be at least 1"),
+            ("unknown field", format!("{good}\nmax_job = 4\n"), "unknown field"),
+            (
+                "allowed_jobs empty",
+                format!(
+                    "listen = \"vsock:any:5000\"\nverifier = \"vsock:3:8001\"\n{key_line}\nallowed_jobs = []\n"
+                ),
+                "allowed_jobs is empty",
+            ),
+            (
+                "unknown workload",
+                good.replace("workload = \"reencrypt\"", "workload = \"reencrypt2\""),
+                "allowed_jobs[1]",
+            ),
+            (
+                "pseudonymise without its secret key",
+                good.replace("secret_keys = [\"agency-a/pseudonym/prod\"]", "secret_keys = []"),
+                "secret 0 named, 0 given",
+            ),
+            (
+                "empty output key",
+                good.replace("output_key = \"agency-a/research/prod\"", "output_key = \"\""),
+                "output_key",
+            ),
+            (
+                "exec job without exec_dir",
+                format!("{good}\n[[allowed_jobs]]\nworkload = \"exec:tool\"\noutput_key = \"a/b/c\"\n"),
+                "no exec_dir",
+            ),
+        ];
+        for (name, text, expected) in cases {
+            let err = check(&text, None).expect_err(name);
+            let message = format!("{err:#}");
+            assert!(message.contains(expected), "{name}: {message}");
+        }
+    }
+
+    /// Under --root, exec_dir must exist in the tree and every allowed exec
+    /// program must be a file in it.
+    #[test]
+    fn check_config_finds_exec_programs_under_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}\nexec_dir = \"/opt/kluis/workloads\"\n[[allowed_jobs]]\nworkload = \"exec:tool\"\noutput_key = \"a/b/c\"\n",
+            assembled()
+        );
+        // The top-level key must come before the tables.
+        let text = format!(
+            "exec_dir = \"/opt/kluis/workloads\"\n{}",
+            text.replace("\nexec_dir = \"/opt/kluis/workloads\"\n", "\n")
+        );
+        let err = check(&text, Some(root.path())).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("exec_dir /opt/kluis/workloads is not a directory"),
+            "{err:#}"
+        );
+        let dir = root.path().join("opt/kluis/workloads");
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = check(&text, Some(root.path())).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no program \"tool\""),
+            "{err:#}"
+        );
+        std::fs::write(dir.join("tool"), b"\x7fELF").unwrap();
+        let summary = check(&text, Some(root.path())).unwrap();
+        assert!(summary.contains("3 allowed job(s)"), "{summary}");
+    }
+
+    #[test]
+    fn check_config_refuses_unreadable_and_oversized_files() {
+        let err = check_config(&CheckConfigArgs {
+            file: PathBuf::from("/nonexistent/enclave.toml"),
+            root: None,
+        })
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("opening /nonexistent/enclave.toml"),
+            "{err:#}"
+        );
+        let big = format!("# {}\n", "x".repeat(70 * 1024));
+        let err = check(&big, None).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("larger than 65536 bytes"),
+            "{err:#}"
+        );
     }
 }

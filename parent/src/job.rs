@@ -40,6 +40,22 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
+    /// Nothing accepted a connection at the enclave's address in the time
+    /// given ([`crate::connect::connect_patiently`]).
+    #[error(
+        "the enclave at {address} did not accept a connection within {waited:.0?} \
+         (last error: {source}); is it running (`nitro-cli describe-enclaves`), with this \
+         CID and the image's LISTEN_PORT? An enclave that fails at start-up shows why only \
+         when rerun with --debug-mode --attach-console"
+    )]
+    EnclaveNotListening {
+        /// Where.
+        address: String,
+        /// How long the parent tried.
+        waited: Duration,
+        /// The last attempt's error.
+        source: std::io::Error,
+    },
     /// The enclave failed the job and said why.
     #[error("the enclave failed the job ({kind}): {reason}")]
     Failed {
@@ -204,6 +220,27 @@ pub async fn run_job<R>(
     job: &JobRun,
     input: R,
     output: &Path,
+    progress: impl FnMut(&Progress),
+) -> Result<JobReport, RunError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let stream = kluis_transport::connect(&job.enclave)
+        .await
+        .map_err(|source| RunError::Connect {
+            address: job.enclave.to_string(),
+            source,
+        })?;
+    run_job_on(job, stream, input, output, progress).await
+}
+
+/// [`run_job`] over a connection already made to `job.enclave` (by
+/// [`crate::connect::connect_patiently`], say).
+pub async fn run_job_on<R>(
+    job: &JobRun,
+    stream: kluis_transport::BoxStream,
+    input: R,
+    output: &Path,
     mut progress: impl FnMut(&Progress),
 ) -> Result<JobReport, RunError>
 where
@@ -235,12 +272,6 @@ where
         file.sync_all()
     });
 
-    let stream = kluis_transport::connect(&job.enclave)
-        .await
-        .map_err(|source| RunError::Connect {
-            address: job.enclave.to_string(),
-            source,
-        })?;
     let (mut from_enclave, to_enclave) = tokio::io::split(stream);
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sender = tokio::spawn(send_input(

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use clap::Args;
+use kluis_parent::connect::connect_patiently;
 use kluis_parent::hook::PassThrough;
-use kluis_parent::job::{run_job, JobRun, Progress};
+use kluis_parent::job::{run_job_on, JobRun, Progress};
 use kluis_proto::job::{JobSpec, WrappedSecret};
 use kluis_transport::{Address, Listener};
 
@@ -56,6 +57,10 @@ pub(crate) struct RunArgs {
     /// Fail when the enclave says nothing for this long.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub idle_timeout: u64,
+    /// Keep trying to connect to the enclave this long: `nitro-cli
+    /// run-enclave` returns before the enclave program listens. 0: try once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub enclave_wait: u64,
 }
 
 /// Arguments of `parent relay`.
@@ -223,9 +228,27 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
         let input = tokio::fs::File::open(&args.input)
             .await
             .with_context(|| format!("opening {}", args.input.display()))?;
+        let patience = Duration::from_secs(args.enclave_wait);
+        let mut last_notice: Option<Duration> = None;
+        let stream = tokio::select! {
+            r = connect_patiently(&job.enclave, patience, |error, waited| {
+                // A line now and then, not one per attempt.
+                if last_notice.is_none_or(|at| waited >= at.saturating_add(Duration::from_secs(5))) {
+                    last_notice = Some(waited);
+                    eprintln!(
+                        "waiting for the enclave at {} to listen ({:.0?} of {patience:?}): {error}",
+                        job.enclave, waited
+                    );
+                }
+            }) => r?,
+            _ = tokio::signal::ctrl_c() => {
+                let _ = stop_tx.send(());
+                return Err(anyhow!("interrupted: no output written"));
+            }
+        };
         let mut reporter = Reporter::new();
         let result = tokio::select! {
-            r = run_job(&job, input, &args.output, |p| reporter.update(p)) => r,
+            r = run_job_on(&job, stream, input, &args.output, |p| reporter.update(p)) => r,
             _ = tokio::signal::ctrl_c() => {
                 reporter.finish();
                 let _ = stop_tx.send(());

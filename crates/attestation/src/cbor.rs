@@ -190,7 +190,10 @@ mod tests {
         ));
         let mut arr = vec![0x9b];
         arr.extend_from_slice(&(1u64 << 62).to_be_bytes());
-        assert!(decode_strict(&arr, "t").is_err());
+        assert!(matches!(
+            decode_strict(&arr, "t"),
+            Err(EncodingError::Malformed { .. })
+        ));
     }
 
     #[test]

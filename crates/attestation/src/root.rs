@@ -122,7 +122,13 @@ mod tests {
 
     #[test]
     fn garbage_pem_is_refused() {
-        assert!(TrustAnchor::dangerous_from_pem(b"not a pem").is_err());
-        assert!(TrustAnchor::dangerous_from_der(&[0x30, 0x03, 0x02, 0x01, 0x00]).is_err());
+        assert!(matches!(
+            TrustAnchor::dangerous_from_pem(b"not a pem"),
+            Err(RootError::Pem { .. })
+        ));
+        assert!(matches!(
+            TrustAnchor::dangerous_from_der(&[0x30, 0x03, 0x02, 0x01, 0x00]),
+            Err(RootError::Certificate(_))
+        ));
     }
 }

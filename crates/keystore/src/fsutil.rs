@@ -190,18 +190,31 @@ pub(crate) fn read_bounded_identified(
     if !meta.is_file() {
         return Err(ReadError::NotRegular);
     }
-    if meta.len() > limit {
-        return Err(ReadError::TooLarge(meta.len()));
+    let contents = read_limited(file, meta.len(), limit)?;
+    Ok((contents, (meta.dev(), meta.ino())))
+}
+
+/// Reads `reader`, whose length is said to be `claimed_len`: refused before
+/// any byte is read or allocated when that is over `limit`, and refused after
+/// at most `limit + 1` bytes when it delivers more than claimed.
+fn read_limited<R: io::Read>(
+    reader: R,
+    claimed_len: u64,
+    limit: u64,
+) -> Result<Vec<u8>, ReadError> {
+    if claimed_len > limit {
+        return Err(ReadError::TooLarge(claimed_len));
     }
-    let capacity = usize::try_from(meta.len()).map_err(|_| ReadError::TooLarge(meta.len()))?;
+    let capacity = usize::try_from(claimed_len).map_err(|_| ReadError::TooLarge(claimed_len))?;
     let mut contents = Vec::with_capacity(capacity);
-    file.take(limit.saturating_add(1))
+    reader
+        .take(limit.saturating_add(1))
         .read_to_end(&mut contents)?;
     let read = u64::try_from(contents.len()).unwrap_or(u64::MAX);
     if read > limit {
         return Err(ReadError::TooLarge(read));
     }
-    Ok((contents, (meta.dev(), meta.ino())))
+    Ok(contents)
 }
 
 /// The identity of the file now at `path` (not following a symbolic link),
@@ -303,6 +316,43 @@ mod tests {
 
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// An endless reader that counts the bytes taken from it.
+    struct Counting<'a>(&'a std::cell::Cell<u64>);
+
+    impl io::Read for Counting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            buf.fill(0x5a);
+            self.0.set(
+                self.0
+                    .get()
+                    .saturating_add(u64::try_from(buf.len()).unwrap()),
+            );
+            Ok(buf.len())
+        }
+    }
+
+    #[test]
+    fn an_oversized_claim_is_refused_without_reading_a_byte() {
+        let taken = std::cell::Cell::new(0);
+        let err = read_limited(Counting(&taken), 64 << 30, 1024).unwrap_err();
+        assert!(
+            matches!(err, ReadError::TooLarge(n) if n == 64 << 30),
+            "{err:?}"
+        );
+        assert_eq!(taken.get(), 0, "bytes read before refusing");
+    }
+
+    #[test]
+    fn a_source_longer_than_claimed_is_read_one_byte_past_the_limit_only() {
+        let taken = std::cell::Cell::new(0);
+        let err = read_limited(Counting(&taken), 10, 1024).unwrap_err();
+        assert!(matches!(err, ReadError::TooLarge(1025)), "{err:?}");
+        // `take` may ask the reader for less than a whole buffer, never more.
+        assert_eq!(taken.get(), 1025);
+        let within = read_limited(&b"exactly the claim"[..], 17, 1024).unwrap();
+        assert_eq!(within, b"exactly the claim");
+    }
 
     #[test]
     fn atomic_write_creates_0600_and_leaves_no_temp() {

@@ -418,6 +418,31 @@ mod tests {
             .unwrap();
     }
 
+    /// The floor as numbers, not as the constant compared with itself:
+    /// 64 MiB (65 536 KiB) and 3 passes, the figures the docs give.
+    #[test]
+    fn production_floor_is_64_mib_and_3_passes() {
+        assert_eq!(
+            Argon2Params::DEFAULT,
+            Argon2Params {
+                m_cost_kib: 65_536,
+                t_cost: 3,
+                p_cost: 1
+            }
+        );
+        let at = |m_cost_kib, t_cost| Argon2Params {
+            m_cost_kib,
+            t_cost,
+            p_cost: 1,
+        };
+        assert!(at(65_536, 3).meets_floor());
+        assert!(at(1 << 20, 4).meets_floor());
+        assert!(!at(65_535, 3).meets_floor());
+        assert!(!at(65_536, 2).meets_floor());
+        assert!(at(65_535, 3).check_range(&Argon2Params::DEFAULT).is_err());
+        assert!(at(65_536, 2).check_range(&Argon2Params::DEFAULT).is_err());
+    }
+
     #[test]
     fn weak_params_refused_for_production_secrets() {
         let secret = RootSecret::from_passphrase(Zeroizing::new("pw".to_owned())).unwrap();

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::env;
+use std::io::Write as _;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -89,7 +90,8 @@ fn spawn_child(role: &str, dir: &Path, key: &Path, run: u64) -> ChildGuard {
         .env(DIR_ENV, dir)
         .env(KEY_ENV, key)
         .env(RUN_ENV, run.to_string())
-        .stdin(Stdio::null())
+        // Piped so that a test can tell a child when to go on (`holder`).
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -380,7 +382,9 @@ fn holder() {
     let store = open_from_env();
     let guard = store.lock().unwrap();
     println!("LOCKED");
-    thread::sleep(Duration::from_millis(400));
+    // Hold the lock until the test says so (a line on stdin).
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
     store
         .put(&guard, KIND, "held", b"written under the lock")
         .unwrap();
@@ -388,6 +392,9 @@ fn holder() {
     println!("RELEASED");
 }
 
+/// The holder writes "held" only after the test has a waiter inside (or
+/// about to enter) `lock()` and tells the holder to go on; a waiter whose
+/// `lock()` returned without waiting would read before that write.
 #[test]
 fn a_lock_held_by_another_process_blocks_and_try_lock_reports_it() {
     let (_tmp, dir, key) = setup();
@@ -400,19 +407,25 @@ fn a_lock_held_by_another_process_blocks_and_try_lock_reports_it() {
         matches!(err, kluis_keystore::StoreError::Locked { .. }),
         "{err}"
     );
-    let waiting = Instant::now();
-    let guard = store.lock().unwrap();
-    let waited = waiting.elapsed();
-    assert!(
-        waited >= Duration::from_millis(200),
-        "did not wait: {waited:?}"
-    );
+    let (trying_tx, trying_rx) = mpsc::channel();
+    let waiter = thread::spawn(move || {
+        trying_tx.send(()).unwrap();
+        let guard = store.lock().unwrap();
+        let held = store.get(KIND, "held").unwrap();
+        drop(guard);
+        held
+    });
+    trying_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let mut stdin = child.0.stdin.take().unwrap();
+    writeln!(stdin, "go on").unwrap();
+    drop(stdin);
+    let held = waiter.join().unwrap();
     // Everything the holder wrote under the lock is there.
     assert_eq!(
-        store.get(KIND, "held").unwrap().unwrap().as_slice(),
+        held.expect("lock() returned before the holder released it")
+            .as_slice(),
         b"written under the lock"
     );
-    drop(guard);
     assert!(child.0.wait().unwrap().success());
     reader.join().unwrap();
 }

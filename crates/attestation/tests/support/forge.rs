@@ -13,10 +13,11 @@ use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, IsCa, Issuer,
     KeyPair, KeyUsagePurpose, SignatureAlgorithm,
 };
+use std::sync::Arc;
 use time::OffsetDateTime;
 
 /// How one certificate of the chain is made.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct CertSpec {
     /// Common name.
     pub cn: String,
@@ -93,10 +94,27 @@ impl ChainSpec {
 
     /// Make the certificates.
     pub fn forge(&self) -> Forged {
+        self.forge_reusing(None)
+    }
+
+    /// Make the certificates, reusing from `shared` (bytes and keys) every
+    /// certificate whose spec and whose issuers' specs are unchanged: a chain
+    /// that differs from a good one only below some point, as a bad document
+    /// next to good ones from the same CAs would (what a verifier's link
+    /// cache sees).
+    pub fn forge_reusing(&self, shared: Option<&Forged>) -> Forged {
         let mut ders: Vec<Vec<u8>> = Vec::new();
-        let mut keys: Vec<KeyPair> = Vec::new();
+        let mut keys: Vec<Arc<KeyPair>> = Vec::new();
         let mut params_list: Vec<CertificateParams> = Vec::new();
+        let mut reusing = true;
         for (i, spec) in self.certs.iter().enumerate() {
+            reusing = reusing && shared.is_some_and(|f| f.specs.get(i) == Some(spec));
+            if let (true, Some(f)) = (reusing, shared) {
+                ders.push(f.ders[i].clone());
+                keys.push(f.keys[i].clone());
+                params_list.push(f.params[i].clone());
+                continue;
+            }
             let key = KeyPair::generate_for(spec.key_alg).unwrap();
             let mut params = CertificateParams::default();
             let mut dn = DistinguishedName::new();
@@ -141,21 +159,27 @@ impl ChainSpec {
                 params.signed_by(&key, &issuer).unwrap()
             };
             ders.push(cert.der().to_vec());
-            keys.push(key);
+            keys.push(Arc::new(key));
             params_list.push(params);
         }
-        let leaf_key = keys.pop().unwrap();
-        let leaf_der = ders.pop().unwrap();
+        let leaf_pkcs8 = keys.last().unwrap().serialize_der();
+        let mut cabundle = ders.clone();
+        let leaf_der = cabundle.pop().unwrap();
         Forged {
             root_der: ders[0].clone(),
-            cabundle: ders,
+            cabundle,
             leaf_der,
-            leaf_pkcs8: leaf_key.serialize_der(),
+            leaf_pkcs8,
+            specs: self.certs.clone(),
+            ders,
+            keys,
+            params: params_list,
         }
     }
 }
 
 /// A forged chain and its leaf key.
+#[derive(Clone)]
 pub struct Forged {
     /// The root to trust.
     pub root_der: Vec<u8>,
@@ -165,6 +189,11 @@ pub struct Forged {
     pub leaf_der: Vec<u8>,
     /// The leaf's private key (test key).
     pub leaf_pkcs8: Vec<u8>,
+    /// What made each certificate, root first (for `forge_reusing`).
+    specs: Vec<CertSpec>,
+    ders: Vec<Vec<u8>>,
+    keys: Vec<Arc<KeyPair>>,
+    params: Vec<CertificateParams>,
 }
 
 fn text(s: &str) -> Value {

@@ -13,9 +13,12 @@
 
 use ciborium::value::Value;
 use kluis_attestation::{TrustAnchor, UnixMillis, Verifier, VerifyError, VerifyOptions};
-use kluis_tests::forge::{encode, ChainSpec, Forged};
+mod support;
+
 use rcgen::{BasicConstraints, IsCa, KeyUsagePurpose};
+use std::sync::OnceLock;
 use std::time::Duration;
+use support::forge::{encode, ChainSpec, Forged};
 
 const NOW_S: i64 = 1_750_000_000;
 const NOW_MS: u64 = 1_750_000_000_000;
@@ -57,6 +60,55 @@ fn run(cases: Vec<Case>) {
     );
 }
 
+/// The chain cases again, on one verifier (trusting the good root) that has
+/// already accepted good documents, so the CA links those share with a case
+/// are in its link cache: the service's situation. Each rejection must be the
+/// same, and a good document must still verify after each. Returns how many
+/// cases ran (those under the good root; the others cannot chain to it).
+fn run_warm(cases: &[Case]) -> usize {
+    let good = good();
+    let verifier = Verifier::new(TrustAnchor::dangerous_from_der(&good.root_der).unwrap());
+    let good_docs: Vec<Vec<u8>> = [Some(&b"warm-1"[..]), None]
+        .into_iter()
+        .map(|nonce| good.sign(&encode(&Value::Map(good.payload(NOW_MS, nonce)))))
+        .collect();
+    let accept_good = |when: &str| {
+        for doc in &good_docs {
+            if let Err(e) = verifier.verify(doc, &at_now()) {
+                panic!("good document refused {when}: {e}");
+            }
+        }
+    };
+    accept_good("before the cases");
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for case in cases.iter().filter(|c| c.root == good.root_der) {
+        ran += 1;
+        let got = verifier.verify(&case.doc, &case.options).map(|_| ());
+        let ok = match (&got, case.expect) {
+            (Ok(()), Ok(())) => true,
+            (Err(e), Err(kind)) => e.kind() == kind,
+            _ => false,
+        };
+        if !ok {
+            failures.push(format!(
+                "{} (warm): expected {:?}, got {:?}",
+                case.name,
+                case.expect,
+                got.as_ref().map_err(|e| e.kind())
+            ));
+        }
+        accept_good(&format!("after {}", case.name));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    ran
+}
+
 fn at_now() -> VerifyOptions {
     VerifyOptions::at(UnixMillis(NOW_MS))
 }
@@ -65,9 +117,16 @@ fn text(s: &str) -> Value {
     Value::Text(s.to_owned())
 }
 
+/// The good chain every case starts from; a chain case reuses its
+/// certificates above the one it changes.
+fn good() -> &'static Forged {
+    static GOOD: OnceLock<Forged> = OnceLock::new();
+    GOOD.get_or_init(|| ChainSpec::aws_like(NOW_S).forge())
+}
+
 /// A correct forged document, the chain, and its payload entries.
 fn base() -> (Forged, Vec<(Value, Value)>) {
-    let forged = ChainSpec::aws_like(NOW_S).forge();
+    let forged = good().clone();
     let payload = forged.payload(NOW_MS, Some(b"nonce-1"));
     (forged, payload)
 }
@@ -103,7 +162,7 @@ fn remove(payload: &mut Vec<(Value, Value)>, key: &str) {
 fn chain_case(name: &'static str, expect: &'static str, edit: impl FnOnce(&mut ChainSpec)) -> Case {
     let mut spec = ChainSpec::aws_like(NOW_S);
     edit(&mut spec);
-    let forged = spec.forge();
+    let forged = spec.forge_reusing(Some(good()));
     let doc = forged.sign(&encode(&Value::Map(forged.payload(NOW_MS, None))));
     Case {
         name,
@@ -378,19 +437,17 @@ fn payload_rules() {
             set(p, "user_data", text("hello"));
         }),
     ];
-    for field in [
-        "module_id",
-        "digest",
-        "timestamp",
-        "pcrs",
-        "certificate",
-        "cabundle",
+    for (name, field) in [
+        ("missing module_id", "module_id"),
+        ("missing digest", "digest"),
+        ("missing timestamp", "timestamp"),
+        ("missing pcrs", "pcrs"),
+        ("missing certificate", "certificate"),
+        ("missing cabundle", "cabundle"),
     ] {
-        cases.push(payload_case(
-            "missing required field",
-            Err("payload_missing_field"),
-            |p| remove(p, field),
-        ));
+        cases.push(payload_case(name, Err("payload_missing_field"), |p| {
+            remove(p, field)
+        }));
     }
 
     // Payload that is an array, not a map.
@@ -547,6 +604,23 @@ fn chain_rules() {
             s.certs[0].not_after = NOW_S - 1
         }),
     ]);
+    // Under a different root: "root not pinned" (its anchor is another root)
+    // and the two cases that change the root itself.
+    let cold_only = ["root not pinned", "root path length 1", "expired root"];
+    let ran = run_warm(&cases);
+    assert_eq!(
+        ran,
+        cases.len() - cold_only.len(),
+        "cases on the warm verifier"
+    );
+    for case in &cases {
+        assert_eq!(
+            case.root != good().root_der,
+            cold_only.contains(&case.name),
+            "{}",
+            case.name
+        );
+    }
     run(cases);
 }
 
