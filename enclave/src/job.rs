@@ -40,7 +40,7 @@ use kluis_proto::job::{
     finish_data_frame, FailureKind, JobCounts, JobEvent, JobRequest, JobSpec, WorkloadSpec,
     DATA_FRAME_HEADER_LEN, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
 };
-use kluis_proto::{read_message, write_message, KeyOperation, ReleasedKey, WireError};
+use kluis_proto::{KeyOperation, ReleasedKey, WireError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
@@ -124,7 +124,9 @@ pub(crate) enum Outgoing {
 
 /// From the input pump to the decryptor.
 pub(crate) enum Input {
-    /// The next ciphertext bytes.
+    /// A whole data frame from the parent: its payload (after
+    /// [`DATA_FRAME_HEADER_LEN`] bytes of header) is the next ciphertext.
+    /// The frame travels as it was read: no copy to strip the header.
     Chunk(Vec<u8>),
     /// The parent said `End`: the input is complete.
     End,
@@ -146,7 +148,7 @@ impl Read for ChannelReader {
             match self.rx.blocking_recv() {
                 Some(Input::Chunk(next)) => {
                     self.chunk = next;
-                    self.pos = 0;
+                    self.pos = DATA_FRAME_HEADER_LEN;
                 }
                 Some(Input::End) => return Ok(0),
                 None => {
@@ -249,7 +251,7 @@ pub async fn read_start<R: AsyncRead + Unpin>(
 ) -> Result<JobSpec, JobError> {
     let first = tokio::time::timeout(
         timeout,
-        read_message::<JobRequest, _>(reader, JOB_MAX_FRAME_LEN),
+        kluis_proto::job::read_job_message::<JobRequest, _>(reader),
     )
     .await
     .map_err(|_| {
@@ -294,7 +296,7 @@ pub(crate) async fn write_last<W: AsyncWrite + Unpin>(
     use tokio::io::AsyncWriteExt;
     let event = last_event(result);
     let _ = tokio::time::timeout(timeout, async {
-        let _ = write_message(writer, &event, JOB_MAX_FRAME_LEN).await;
+        let _ = kluis_proto::job::write_job_message(writer, &event).await;
         let _ = writer.shutdown().await;
     })
     .await;
@@ -419,7 +421,7 @@ async fn write_events<W: AsyncWrite + Unpin>(
         let write = async {
             match outgoing {
                 Outgoing::Event(event) => {
-                    write_message(&mut writer, &event, JOB_MAX_FRAME_LEN).await
+                    kluis_proto::job::write_job_message(&mut writer, &event).await
                 }
                 Outgoing::Frame(frame) => {
                     writer
@@ -475,7 +477,7 @@ async fn pump_input<R: AsyncRead + Unpin>(
     loop {
         let read = tokio::time::timeout(
             idle,
-            read_message::<JobRequest, _>(&mut reader, JOB_MAX_FRAME_LEN),
+            kluis_proto::read_raw_frame(&mut reader, JOB_MAX_FRAME_LEN),
         );
         let message = tokio::select! {
             biased;
@@ -490,14 +492,35 @@ async fn pump_input<R: AsyncRead + Unpin>(
                 )
             })?
             .map_err(|e| match e {
-                WireError::Frame(kluis_proto::FrameError::Closed) => JobError::new(
+                kluis_proto::FrameError::Closed => JobError::new(
                     FailureKind::InputClosed,
                     "the parent closed the connection before the end of the input",
                 ),
                 e => JobError::new(FailureKind::Protocol, format!("from the parent: {e}")),
             })?;
+        // Data frames go on whole (the decryptor skips their header); only
+        // message frames are decoded.
+        if kluis_proto::job::data_payload(&message).is_some() {
+            let sent = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Ok(PumpEnd::Cancelled),
+                s = tx.send(Input::Chunk(message)) => s,
+            };
+            if sent.is_err() {
+                return Ok(PumpEnd::Abandoned);
+            }
+            continue;
+        }
+        let message = kluis_proto::job::decode_job_frame::<JobRequest>(&message)
+            .map_err(|e| JobError::new(FailureKind::Protocol, format!("from the parent: {e}")))?;
         let (item, last) = match message {
-            JobRequest::Data(bytes) => (Input::Chunk(bytes), false),
+            JobRequest::Data(_) => {
+                // data_payload refused it (a payload over the chunk limit).
+                return Err(JobError::new(
+                    FailureKind::Protocol,
+                    "a data frame over the chunk limit",
+                ));
+            }
             JobRequest::End => (Input::End, true),
             JobRequest::Start(_) => {
                 return Err(JobError::new(

@@ -114,35 +114,19 @@ impl FrameHook for Recorder {
     }
 }
 
-/// Read one whole frame (prefix included), or `None` at a clean end of stream.
+/// Read one whole frame (header included, checked by the protocol's one
+/// frame codec), or `None` at a clean end of stream.
 pub(crate) async fn read_raw_frame<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
     max_frame_len: usize,
 ) -> std::io::Result<Option<Vec<u8>>> {
-    use tokio::io::AsyncReadExt;
-    let mut prefix = [0u8; kluis_proto::frame::LENGTH_PREFIX_LEN];
-    let mut got = 0usize;
-    while got < prefix.len() {
-        let n = reader
-            .read(prefix.get_mut(got..).unwrap_or_default())
-            .await?;
-        if n == 0 {
-            return if got == 0 {
-                Ok(None)
-            } else {
-                Err(std::io::ErrorKind::UnexpectedEof.into())
-            };
+    match kluis_proto::read_raw_frame(reader, max_frame_len).await {
+        Ok(frame) => Ok(Some(frame)),
+        Err(kluis_proto::FrameError::Closed) => Ok(None),
+        Err(kluis_proto::FrameError::Io(e)) => Err(e),
+        Err(kluis_proto::FrameError::Truncated { .. }) => {
+            Err(std::io::ErrorKind::UnexpectedEof.into())
         }
-        got = got.saturating_add(n);
+        Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
     }
-    let len = kluis_proto::frame::parse_length_prefix(prefix, max_frame_len)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let mut frame = vec![0u8; len.saturating_add(prefix.len())];
-    if let Some(head) = frame.get_mut(..prefix.len()) {
-        head.copy_from_slice(&prefix);
-    }
-    reader
-        .read_exact(frame.get_mut(prefix.len()..).unwrap_or_default())
-        .await?;
-    Ok(Some(frame))
 }

@@ -468,9 +468,8 @@ impl StartedSignal {
 impl FrameHook for StartedSignal {
     fn on_frame(&self, channel: Channel, direction: Direction, frame: Vec<u8>) -> Vec<Vec<u8>> {
         if channel == Channel::Job && direction == Direction::FromEnclave {
-            let body = frame.get(kluis_proto::frame::LENGTH_PREFIX_LEN + 1..);
-            if let Some(Ok(kluis_proto::job::JobEvent::Started { .. })) =
-                body.map(<kluis_proto::job::JobEvent as kluis_proto::Message>::decode)
+            if let Ok(kluis_proto::job::JobEvent::Started { .. }) =
+                kluis_proto::job::decode_job_frame::<kluis_proto::job::JobEvent>(&frame)
             {
                 // Stored if nobody waits yet.
                 self.started.notify_one();

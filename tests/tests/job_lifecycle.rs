@@ -21,9 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kluis_enclave::server::ServiceStats;
-use kluis_proto::job::{
-    FailureKind, JobEvent, JobRequest, JobSpec, WorkloadSpec, JOB_MAX_FRAME_LEN,
-};
+use kluis_proto::job::{FailureKind, JobEvent, JobRequest, JobSpec, WorkloadSpec};
 use kluis_tests::world::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -62,9 +60,7 @@ fn tcp_address(address: &kluis_transport::Address) -> String {
 }
 
 fn frame(request: &JobRequest) -> Vec<u8> {
-    let mut out = Vec::new();
-    kluis_proto::write_message_sync(&mut out, request, JOB_MAX_FRAME_LEN).unwrap();
-    out
+    kluis_proto::job::encode_job_frame(request).unwrap()
 }
 
 fn start(workload: WorkloadSpec, secrets: Vec<kluis_proto::job::WrappedSecret>) -> Vec<u8> {
@@ -85,9 +81,7 @@ fn data(bytes: &[u8]) -> Vec<u8> {
 async fn read_events(mut reader: tokio::net::tcp::OwnedReadHalf, limit: Duration) -> Vec<JobEvent> {
     let mut events = Vec::new();
     let read_all = async {
-        while let Ok(e) =
-            kluis_proto::read_message::<JobEvent, _>(&mut reader, JOB_MAX_FRAME_LEN).await
-        {
+        while let Ok(e) = kluis_proto::job::read_job_message::<JobEvent, _>(&mut reader).await {
             events.push(e);
         }
     };
@@ -400,9 +394,7 @@ async fn a_workload_failure_is_told_only_after_the_whole_input_and_progress_has_
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<JobEvent>();
     let reading = tokio::spawn(async move {
         let mut reader = reader;
-        while let Ok(e) =
-            kluis_proto::read_message::<JobEvent, _>(&mut reader, JOB_MAX_FRAME_LEN).await
-        {
+        while let Ok(e) = kluis_proto::job::read_job_message::<JobEvent, _>(&mut reader).await {
             if seen_tx.send(e).is_err() {
                 break;
             }

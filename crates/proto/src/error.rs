@@ -27,7 +27,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 pub enum FramePart {
     /// The 4-byte big-endian length prefix.
     LengthPrefix,
-    /// The version byte and message that the prefix announced.
+    /// The version and kind bytes and the body the prefix announced.
     Body,
 }
 
@@ -66,16 +66,35 @@ pub enum FrameError {
         /// The endpoint's limit.
         max: usize,
     },
-    /// A length prefix of zero: not even the version byte.
-    #[error("frame length is 0; expected at least 1 byte (the protocol version)")]
-    Empty,
-    /// The version byte is not one this implementation speaks.
-    #[error("unsupported protocol version {found}; expected {expected}")]
+    /// A length prefix below 2: not even the version and kind bytes.
+    #[error("frame length is {found}; expected at least 2 bytes (protocol version and kind)")]
+    Empty {
+        /// The announced length.
+        found: usize,
+    },
+    /// The version byte is not one this implementation speaks (a peer of
+    /// another release: upgrade both sides together).
+    #[error("unsupported protocol version {found}; this side speaks version {expected} (upgrade the enclave, the parent and the verifier together)")]
     BadVersion {
         /// The version supported.
         expected: u8,
         /// The version found.
         found: u8,
+    },
+    /// The kind byte names no frame kind.
+    #[error("unknown frame kind {found}")]
+    BadKind {
+        /// The kind found.
+        found: u8,
+    },
+    /// A frame of a kind this stream does not carry here (raw data on the
+    /// key-release link, say).
+    #[error("a {found} frame where a {expected} frame was expected")]
+    UnexpectedKind {
+        /// The kind expected.
+        expected: crate::frame::FrameKind,
+        /// The kind found.
+        found: crate::frame::FrameKind,
     },
     /// The underlying stream failed.
     #[error("I/O error on the frame stream: {0}")]

@@ -31,6 +31,7 @@
 pub use crate::job_spec::{parse_workload, SpecError};
 
 use crate::bounded::{self, ser_bytes};
+use crate::frame::FrameKind;
 use crate::message::{Message, MAX_KEY_ID_LEN, MAX_WRAPPED_KEY_LEN};
 use serde::{Deserialize, Serialize};
 
@@ -52,14 +53,10 @@ pub const MAX_ARGS: usize = 32;
 pub enum JobRequest {
     /// Start a job. Exactly once, first.
     Start(JobSpec),
-    /// The next bytes of the input envelope.
-    Data(
-        #[serde(
-            serialize_with = "ser_bytes",
-            deserialize_with = "bounded::bytes::<_, MAX_CHUNK_LEN>"
-        )]
-        Vec<u8>,
-    ),
+    /// The next bytes of the input envelope. On the wire a raw data frame
+    /// ([`crate::frame::FrameKind::Data`]), never CBOR.
+    #[serde(skip)]
+    Data(Vec<u8>),
     /// The input is complete.
     End,
 }
@@ -77,14 +74,10 @@ pub enum JobEvent {
         /// Its version.
         output_key_version: u32,
     },
-    /// The next bytes of the output envelope.
-    Data(
-        #[serde(
-            serialize_with = "ser_bytes",
-            deserialize_with = "bounded::bytes::<_, MAX_CHUNK_LEN>"
-        )]
-        Vec<u8>,
-    ),
+    /// The next bytes of the output envelope. On the wire a raw data frame
+    /// ([`crate::frame::FrameKind::Data`]), never CBOR.
+    #[serde(skip)]
+    Data(Vec<u8>),
     /// How far the enclave has read the input: `bytes_in` only, rounded
     /// down to a coarse granule; the record counts are zero (they come
     /// with `Done`).
@@ -317,121 +310,136 @@ impl Message for JobEvent {
 }
 
 /// Bytes reserved in front of a payload by [`finish_data_frame`]: the frame
-/// prefix (4), the version (1), and the CBOR of `{"data": h'…'}` up to the
-/// payload (1 + 5 + 5).
-pub const DATA_FRAME_HEADER_LEN: usize = 16;
+/// header.
+pub const DATA_FRAME_HEADER_LEN: usize = crate::frame::FRAME_HEADER_LEN;
 
-/// The CBOR head of `{"data": <byte string of len>}`: map(1), text "data",
-/// byte string head (shortest form, as serde/ciborium write it).
-fn data_cbor_head(len: usize) -> Vec<u8> {
-    let mut head = vec![0xA1, 0x64, b'd', b'a', b't', b'a'];
-    match u32::try_from(len) {
-        Ok(n) if n < 24 => head.push(0x40 | u8::try_from(n).unwrap_or(0)),
-        Ok(n) if n <= 0xFF => head.extend_from_slice(&[0x58, u8::try_from(n).unwrap_or(0)]),
-        Ok(n) if n <= 0xFFFF => {
-            head.push(0x59);
-            head.extend_from_slice(&u16::try_from(n).unwrap_or(0).to_be_bytes());
-        }
-        Ok(n) => {
-            head.push(0x5A);
-            head.extend_from_slice(&n.to_be_bytes());
-        }
-        Err(_) => {
-            head.push(0x5B);
-            head.extend_from_slice(&u64::try_from(len).unwrap_or(u64::MAX).to_be_bytes());
-        }
+fn chunk_too_large(len: usize) -> crate::FrameError {
+    crate::FrameError::TooLarge {
+        found: u64::try_from(len).unwrap_or(u64::MAX),
+        max: MAX_CHUNK_LEN,
     }
-    head
 }
 
-/// The whole frame of [`JobRequest::Data`] or [`JobEvent::Data`] (they encode
-/// alike) for `payload`, written directly: byte for byte what serde and
-/// [`crate::frame::encode_frame`] produce, in one allocation and one copy.
-/// The data path of a job moves gigabytes, and the general encoder copies
-/// every payload twice through a byte-at-a-time writer.
+/// The whole data frame for `payload` (at most [`MAX_CHUNK_LEN`]).
 pub fn data_frame(payload: &[u8]) -> Result<Vec<u8>, crate::FrameError> {
     if payload.len() > MAX_CHUNK_LEN {
-        return Err(crate::FrameError::TooLarge {
-            found: u64::try_from(payload.len()).unwrap_or(u64::MAX),
-            max: MAX_CHUNK_LEN,
-        });
+        return Err(chunk_too_large(payload.len()));
     }
-    let head = data_cbor_head(payload.len());
-    let len = payload.len().saturating_add(head.len()).saturating_add(1);
-    let prefix = u32::try_from(len)
-        .map_err(|_| crate::FrameError::TooLarge {
-            found: u64::try_from(len).unwrap_or(u64::MAX),
-            max: JOB_MAX_FRAME_LEN,
-        })?
-        .to_be_bytes();
-    let mut frame = Vec::with_capacity(len.saturating_add(4));
-    frame.extend_from_slice(&prefix);
-    frame.push(crate::PROTOCOL_VERSION);
-    frame.extend_from_slice(&head);
-    frame.extend_from_slice(payload);
-    Ok(frame)
+    crate::frame::encode_frame(FrameKind::Data, payload, JOB_MAX_FRAME_LEN)
 }
 
-/// Turn `buffer` — [`DATA_FRAME_HEADER_LEN`] reserved bytes, then the payload
-/// — into the frame of [`data_frame`]. A payload of 64 KiB or more (whose
-/// byte-string head is the 5-byte form) is framed in place, without a copy;
-/// a shorter one is copied.
-pub fn finish_data_frame(mut buffer: Vec<u8>) -> Result<Vec<u8>, crate::FrameError> {
-    if buffer.len() < DATA_FRAME_HEADER_LEN {
-        return Err(crate::FrameError::Empty);
+/// Turn `buffer` — [`DATA_FRAME_HEADER_LEN`] reserved bytes, then the
+/// payload — into a data frame, in place: the data path of a job moves
+/// gigabytes, and its payloads are never copied to be framed.
+pub fn finish_data_frame(buffer: Vec<u8>) -> Result<Vec<u8>, crate::FrameError> {
+    let payload = buffer.len().saturating_sub(DATA_FRAME_HEADER_LEN);
+    if payload > MAX_CHUNK_LEN {
+        return Err(chunk_too_large(payload));
     }
-    let payload_len = buffer.len().saturating_sub(DATA_FRAME_HEADER_LEN);
-    if payload_len <= 0xFFFF || payload_len > MAX_CHUNK_LEN {
-        return data_frame(buffer.get(DATA_FRAME_HEADER_LEN..).unwrap_or_default());
-    }
-    let head = data_cbor_head(payload_len);
-    let len = payload_len.saturating_add(head.len()).saturating_add(1);
-    let prefix = u32::try_from(len)
-        .map_err(|_| crate::FrameError::TooLarge {
-            found: u64::try_from(len).unwrap_or(u64::MAX),
-            max: JOB_MAX_FRAME_LEN,
-        })?
-        .to_be_bytes();
-    let mut header = Vec::with_capacity(DATA_FRAME_HEADER_LEN);
-    header.extend_from_slice(&prefix);
-    header.push(crate::PROTOCOL_VERSION);
-    header.extend_from_slice(&head);
-    if let Some(slot) = buffer.get_mut(..DATA_FRAME_HEADER_LEN) {
-        if header.len() == DATA_FRAME_HEADER_LEN {
-            slot.copy_from_slice(&header);
-            return Ok(buffer);
-        }
-    }
-    data_frame(buffer.get(DATA_FRAME_HEADER_LEN..).unwrap_or_default())
+    crate::frame::finish_frame_in_place(FrameKind::Data, buffer, JOB_MAX_FRAME_LEN)
 }
 
-/// The payload of a whole `Data` frame as [`data_frame`] writes it (frame
-/// prefix included), without copying; `None` for any other frame (decode
-/// those with the general decoder, which accepts every valid encoding).
+/// The payload of a whole data frame (header included), without copying;
+/// `None` for any other frame, or a payload over [`MAX_CHUNK_LEN`].
 pub fn data_payload(frame: &[u8]) -> Option<&[u8]> {
-    let (prefix, rest) = frame.split_first_chunk::<4>()?;
-    if usize::try_from(u32::from_be_bytes(*prefix)).ok()? != rest.len() {
-        return None;
+    match crate::frame::split_frame(frame, JOB_MAX_FRAME_LEN)? {
+        (FrameKind::Data, payload) if payload.len() <= MAX_CHUNK_LEN => Some(payload),
+        _ => None,
     }
-    let (version, message) = rest.split_first()?;
-    if *version != crate::PROTOCOL_VERSION {
-        return None;
-    }
-    // The head's length depends on the payload's, which is what is left.
-    for head_len in [7usize, 8, 9, 11, 15] {
-        let Some(payload_len) = message.len().checked_sub(head_len) else {
-            continue;
-        };
-        if payload_len > MAX_CHUNK_LEN {
-            // The decoder refuses it; so does this reader.
-            continue;
+}
+
+/// One side of the job protocol: requests travel parent → enclave, events
+/// enclave → parent. `Data` is a raw data frame; everything else a message.
+pub trait JobMessage: Message + Sized {
+    /// The `Data` variant's payload, if this is one.
+    fn data(&self) -> Option<&[u8]>;
+    /// The `Data` variant for `payload`.
+    fn from_data(payload: Vec<u8>) -> Self;
+}
+
+impl JobMessage for JobRequest {
+    fn data(&self) -> Option<&[u8]> {
+        match self {
+            JobRequest::Data(d) => Some(d),
+            _ => None,
         }
-        let head = data_cbor_head(payload_len);
-        if head.len() == head_len && message.get(..head_len) == Some(head.as_slice()) {
-            return message.get(head_len..);
+    }
+    fn from_data(payload: Vec<u8>) -> Self {
+        JobRequest::Data(payload)
+    }
+}
+
+impl JobMessage for JobEvent {
+    fn data(&self) -> Option<&[u8]> {
+        match self {
+            JobEvent::Data(d) => Some(d),
+            _ => None,
         }
     }
-    None
+    fn from_data(payload: Vec<u8>) -> Self {
+        JobEvent::Data(payload)
+    }
+}
+
+/// The whole frame of a job message.
+pub fn encode_job_frame<M: JobMessage>(message: &M) -> Result<Vec<u8>, crate::WireError> {
+    match message.data() {
+        Some(payload) => Ok(data_frame(payload)?),
+        None => Ok(crate::frame::encode_frame(
+            FrameKind::Message,
+            &message.encode()?,
+            JOB_MAX_FRAME_LEN,
+        )?),
+    }
+}
+
+/// Decode a whole frame (as [`crate::frame::read_raw_frame`] returns it)
+/// of the job protocol.
+pub fn decode_job_frame<M: JobMessage>(frame: &[u8]) -> Result<M, crate::WireError> {
+    let (kind, body) = match crate::frame::check_head(frame, JOB_MAX_FRAME_LEN)? {
+        Some(head) if head.frame_len() == frame.len() => (
+            head.kind,
+            frame
+                .get(crate::frame::FRAME_HEADER_LEN..)
+                .unwrap_or_default(),
+        ),
+        _ => {
+            return Err(crate::FrameError::Truncated {
+                part: crate::error::FramePart::Body,
+                expected: frame.len(),
+                found: frame.len(),
+            }
+            .into())
+        }
+    };
+    match kind {
+        FrameKind::Data if body.len() <= MAX_CHUNK_LEN => Ok(M::from_data(body.to_vec())),
+        FrameKind::Data => Err(chunk_too_large(body.len()).into()),
+        FrameKind::Message => Ok(M::decode(body)?),
+    }
+}
+
+/// Read one job message.
+pub async fn read_job_message<M: JobMessage, R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<M, crate::WireError> {
+    let frame = crate::frame::read_raw_frame(reader, JOB_MAX_FRAME_LEN).await?;
+    decode_job_frame(&frame)
+}
+
+/// Write one job message, then flush.
+pub async fn write_job_message<M: JobMessage, W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &M,
+) -> Result<(), crate::WireError> {
+    use tokio::io::AsyncWriteExt;
+    let frame = encode_job_frame(message)?;
+    writer
+        .write_all(&frame)
+        .await
+        .map_err(crate::FrameError::Io)?;
+    writer.flush().await.map_err(crate::FrameError::Io)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -442,62 +450,44 @@ mod tests {
         clippy::cast_possible_truncation
     )]
     use super::*;
-    use crate::frame::encode_frame;
 
     #[test]
-    fn direct_data_frames_match_the_serde_encoding() {
-        for len in [
-            0usize,
-            1,
-            23,
-            24,
-            255,
-            256,
-            65_535,
-            65_536,
-            65_537,
-            MAX_CHUNK_LEN,
-        ] {
+    fn data_travels_in_raw_frames_and_everything_else_in_messages() {
+        for len in [0usize, 1, 23, 24, 255, 65_536, MAX_CHUNK_LEN] {
             let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            let request = encode_frame(
-                &JobRequest::Data(payload.clone()).encode().unwrap(),
-                JOB_MAX_FRAME_LEN,
-            )
-            .unwrap();
-            let event = encode_frame(
-                &JobEvent::Data(payload.clone()).encode().unwrap(),
-                JOB_MAX_FRAME_LEN,
-            )
-            .unwrap();
+            let request = encode_job_frame(&JobRequest::Data(payload.clone())).unwrap();
+            let event = encode_job_frame(&JobEvent::Data(payload.clone())).unwrap();
             assert_eq!(request, event, "len {len}");
+            assert_eq!(request.len(), len + DATA_FRAME_HEADER_LEN);
+            assert_eq!(&request[DATA_FRAME_HEADER_LEN..], payload.as_slice());
             assert_eq!(data_frame(&payload).unwrap(), request, "len {len}");
             let mut buffer = vec![0u8; DATA_FRAME_HEADER_LEN];
             buffer.extend_from_slice(&payload);
             assert_eq!(finish_data_frame(buffer).unwrap(), request, "len {len}");
+            assert_eq!(data_payload(&request), Some(payload.as_slice()));
             assert_eq!(
-                data_payload(&request),
-                Some(payload.as_slice()),
-                "len {len}"
+                decode_job_frame::<JobRequest>(&request).unwrap(),
+                JobRequest::Data(payload.clone())
             );
         }
         assert!(data_frame(&vec![0u8; MAX_CHUNK_LEN + 1]).is_err());
-        assert!(finish_data_frame(vec![0u8; DATA_FRAME_HEADER_LEN - 1]).is_err());
-        // A data frame longer than the decoder takes is not read either.
         let mut big = vec![0u8; DATA_FRAME_HEADER_LEN];
-        big.extend_from_slice(&vec![0u8; MAX_CHUNK_LEN]);
-        let mut frame = finish_data_frame(big).unwrap();
-        frame.extend_from_slice(&[0u8; 8]);
-        let len = u32::try_from(frame.len() - 4).unwrap().to_be_bytes();
-        frame[..4].copy_from_slice(&len);
-        frame[11..15].copy_from_slice(&u32::try_from(MAX_CHUNK_LEN + 8).unwrap().to_be_bytes());
-        assert_eq!(data_payload(&frame), None);
-        assert!(JobEvent::decode(&frame[5..]).is_err());
-        // Other frames are not mistaken for data.
-        let end = encode_frame(&JobRequest::End.encode().unwrap(), JOB_MAX_FRAME_LEN).unwrap();
+        big.extend_from_slice(&vec![0u8; MAX_CHUNK_LEN + 1]);
+        assert!(finish_data_frame(big).is_err());
+        // Data never goes through CBOR.
+        assert!(JobRequest::Data(vec![1]).encode().is_err());
+        assert!(JobEvent::Data(vec![1]).encode().is_err());
+        // Other messages are message frames, and not mistaken for data.
+        let end = encode_job_frame(&JobRequest::End).unwrap();
         assert_eq!(data_payload(&end), None);
+        assert_eq!(
+            decode_job_frame::<JobRequest>(&end).unwrap(),
+            JobRequest::End
+        );
         let mut wrong_len = data_frame(b"abc").unwrap();
         wrong_len.push(0);
         assert_eq!(data_payload(&wrong_len), None);
+        assert!(decode_job_frame::<JobRequest>(&wrong_len).is_err());
     }
 
     #[test]
@@ -559,10 +549,7 @@ mod tests {
         .encode()
         .unwrap();
         let mut renamed = newer.clone();
-        let at = renamed
-            .windows(8)
-            .position(|w| w == b"workload")
-            .unwrap();
+        let at = renamed.windows(8).position(|w| w == b"workload").unwrap();
         renamed[at + 4..at + 8].copy_from_slice(b"lost");
         assert_eq!(
             JobEvent::decode(&renamed).unwrap(),
