@@ -107,6 +107,10 @@ pub enum KeyError {
         /// What failed.
         detail: String,
     },
+    /// The audit record of a change could not be written (or the audit
+    /// anchor could not move along its chain), so the change was not made.
+    #[error("audit: {0}")]
+    Audit(String),
 }
 
 /// A validated CMK name, `tenant/application/environment`.

@@ -323,10 +323,14 @@ fn audit_tampering_is_detected_by_the_command() {
     let original = std::fs::read(&log).unwrap();
     assert_eq!(env.run(Some(&key_admin), &["audit", "verify"]).0, 0);
 
-    // Change one byte inside record 3's operation name.
+    // Change one byte inside the first key.create record's operation name.
     let text = String::from_utf8(original.clone()).unwrap();
-    let third = text.lines().nth(2).unwrap();
-    let changed = text.replacen(third, &third.replacen("key.create", "key.crEate", 1), 1);
+    let (index, line) = text
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.contains("\"key.create\""))
+        .unwrap();
+    let changed = text.replacen(line, &line.replacen("key.create", "key.crEate", 1), 1);
     std::fs::write(&log, changed).unwrap();
     let (code, out, _) = env.run(Some(&key_admin), &["audit", "verify"]);
     assert_eq!(
@@ -334,7 +338,10 @@ fn audit_tampering_is_detected_by_the_command() {
         (1, Some("audit_broken"))
     );
     assert!(
-        out["error"]["message"].as_str().unwrap().contains("seq 3"),
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("seq {}", index + 1)),
         "{out}"
     );
 
@@ -347,4 +354,149 @@ fn audit_tampering_is_detected_by_the_command() {
         (1, Some("audit_broken")),
         "{out}"
     );
+}
+
+/// Records removed from the log's end while nothing runs stay detected: no
+/// command (not even a failed login) appends past the gap, `serve` refuses
+/// to start, and only a key administrator's audited `audit recover` starts
+/// a new log.
+#[test]
+fn a_truncated_audit_tail_never_heals_until_an_audited_recovery() {
+    let env = Env::new();
+    let key_admin = env.cred("key-admin");
+    let app_admin = env.cred("app-admin");
+    for i in 0..3 {
+        assert_eq!(
+            env.run(Some(&key_admin), &["key", "create", &format!("t/a/e{i}")])
+                .0,
+            0
+        );
+    }
+    let log = env.dir.path().join("store").join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = lines[..lines.len() - 2].join("\n") + "\n";
+    std::fs::write(&log, &cut).unwrap();
+
+    let bogus = env.dir.path().join("bogus.credential");
+    std::fs::write(&bogus, "kluis-admin:nobody:00").unwrap();
+    let broken = |(code, out, err): (i32, serde_json::Value, String)| {
+        assert_eq!(
+            (code, out["error"]["kind"].as_str()),
+            (1, Some("audit_broken")),
+            "{out} {err}"
+        );
+        out["error"]["message"].as_str().unwrap().to_owned()
+    };
+    // Failed logins, reads, changes and the service: all refused, and
+    // nothing is appended.
+    broken(env.run(Some(&bogus), &["key", "list"]));
+    broken(env.run(Some(&key_admin), &["key", "create", "t/a/x"]));
+    broken(env.run(Some(&app_admin), &["serve", "--listen", "127.0.0.1:0"]));
+    let message = broken(env.run(Some(&key_admin), &["audit", "verify"]));
+    assert!(message.contains("removed"), "{message}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), cut);
+
+    // Recovery is a key administrator's, and says why.
+    let (code, out, _) = env.run(Some(&app_admin), &["audit", "recover", "--reason", "x"]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("forbidden"))
+    );
+    let (code, out, err) = env.run(
+        Some(&key_admin),
+        &["audit", "recover", "--reason", "ticket 7: tail lost"],
+    );
+    assert_eq!(code, 0, "{out} {err}");
+    let damaged: Vec<_> = std::fs::read_dir(env.dir.path().join("store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("audit.log.damaged-"))
+        .collect();
+    assert_eq!(damaged.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(env.dir.path().join("store").join(&damaged[0])).unwrap(),
+        cut
+    );
+    let (code, out, _) = env.run(Some(&key_admin), &["audit", "verify"]);
+    assert_eq!((code, out["status"].as_str()), (0, Some("intact")), "{out}");
+    let (_, _, _) = env.run(Some(&key_admin), &["key", "list"]);
+    let records = std::fs::read_to_string(&log).unwrap();
+    let first: serde_json::Value = serde_json::from_str(records.lines().next().unwrap()).unwrap();
+    assert_eq!(first["operation"], "audit.recover");
+    assert!(first["reason"].as_str().unwrap().contains("ticket 7"));
+    let (code, out, _) = env.run(Some(&key_admin), &["audit", "recover", "--reason", "again"]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("audit_intact"))
+    );
+}
+
+/// Every administrative change has its audit record before it, even when a
+/// command is killed at any moment: each key version beyond the first has
+/// an allowed `key.rotate` record naming it.
+#[test]
+fn killed_rotations_never_leave_an_unaudited_version() {
+    let env = Env::new();
+    let key_admin = env.cred("key-admin");
+    assert_eq!(env.run(Some(&key_admin), &["key", "create", KEY]).0, 0);
+    for i in 0..12u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_attestation-verifier"))
+            .env("KLUIS_STORE", env.dir.path().join("store"))
+            .env("KLUIS_ROOT_KEY_FILE", env.dir.path().join("root.key"))
+            .env("KLUIS_CREDENTIAL_FILE", &key_admin)
+            .args(["key", "rotate", KEY])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill at staggered points of the command's run.
+        std::thread::sleep(std::time::Duration::from_millis(2 + i * 3));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // The next command resolves an interrupted change first.
+    let (code, out, err) = env.run(Some(&key_admin), &["key", "show", KEY]);
+    assert_eq!(code, 0, "{err}");
+    let versions: Vec<u64> = out["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    let (code, _, _) = env.run(Some(&key_admin), &["audit", "verify"]);
+    assert_eq!(code, 0);
+    let log = std::fs::read_to_string(env.dir.path().join("store").join("audit.log")).unwrap();
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for v in versions.iter().filter(|v| **v > 1) {
+        assert!(
+            records.iter().any(|r| r["operation"] == "key.rotate"
+                && r["decision"] == "allowed"
+                && r["key_version"] == *v),
+            "version {v} has no key.rotate record"
+        );
+    }
+    // Every allowed rotation either made its version or was voided.
+    for r in records
+        .iter()
+        .filter(|r| r["operation"] == "key.rotate" && r["decision"] == "allowed")
+    {
+        let v = r["key_version"].as_u64().unwrap();
+        let voided = records.iter().any(|x| {
+            x["operation"] == "key.rotate"
+                && x["decision"] == "refused"
+                && x["key_version"] == v
+                && x["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("did not take effect")
+        });
+        assert!(
+            versions.contains(&v) || voided,
+            "record of version {v} is neither in force nor void"
+        );
+    }
 }

@@ -1,7 +1,7 @@
 //! The administrative commands: `init`, `admin`, `key`, `policy`, `identity`,
 //! `audit`, `serve`. Every mutation is authenticated, role-checked and audited.
 
-use crate::audit::{Actor, AuditFilter, AuditLog, Decision, NewRecord};
+use crate::audit::{Actor, AuditAnchor, AuditError, AuditFilter, AuditLog, Decision, NewRecord};
 use crate::auth::{self, Admin, Credential, Permission, Role};
 use crate::cli::verify_cmd::{emit, now_ms};
 use crate::cli::Outcome;
@@ -17,6 +17,7 @@ use kluis_proto::VerifierIdentity;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// Where the store is and how to open it.
@@ -54,7 +55,9 @@ impl From<anyhow::Error> for Failure {
 impl From<KeyError> for Failure {
     fn from(e: KeyError) -> Self {
         match &e {
-            KeyError::Store(_) | KeyError::CorruptRecord { .. } => Failure::Usage(anyhow!(e)),
+            KeyError::Store(_) | KeyError::CorruptRecord { .. } | KeyError::Audit(_) => {
+                Failure::Usage(anyhow!(e))
+            }
             _ => Failure::Refused(key_error_kind(&e).to_owned(), e.to_string()),
         }
     }
@@ -121,9 +124,16 @@ impl StoreArgs {
             .with_context(|| format!("opening the store {}", dir.display()))
     }
 
-    pub(crate) fn audit_log(&self) -> anyhow::Result<AuditLog> {
-        let path = self.dir()?.join("audit.log");
-        AuditLog::open(&path).with_context(|| format!("opening the audit log {}", path.display()))
+    fn audit_path(&self) -> anyhow::Result<PathBuf> {
+        Ok(self.dir()?.join("audit.log"))
+    }
+
+    /// The audit log, which must continue from `anchor` (the head anchored
+    /// in the store): a damaged log is refused (`audit_broken`, exit 1)
+    /// until an operator runs `audit recover`.
+    pub(crate) fn audit_log(&self, anchor: Option<&AuditAnchor>) -> Result<AuditLog, Failure> {
+        let path = self.audit_path()?;
+        AuditLog::open_anchored(&path, anchor).map_err(|e| audit_failure(&path, e))
     }
 
     fn credential(&self) -> Result<Credential, Failure> {
@@ -143,11 +153,58 @@ impl StoreArgs {
     }
 }
 
+/// An audit log that cannot be opened: damaged (exit 1, `audit_broken`)
+/// or unreadable (exit 2).
+fn audit_failure(path: &Path, e: AuditError) -> Failure {
+    match e {
+        AuditError::Io { .. } => Failure::Usage(
+            anyhow!(e).context(format!("opening the audit log {}", path.display())),
+        ),
+        e => Failure::Refused(
+            "audit_broken".into(),
+            format!(
+                "{e}{}; nothing is done until an administrator runs `attestation-verifier audit recover --reason TEXT`",
+                e.broken_seq()
+                    .map(|s| format!(" (first broken record: seq {s})"))
+                    .unwrap_or_default()
+            ),
+        ),
+    }
+}
+
 /// An opened store, audit log and authenticated administrator.
 pub(crate) struct Session {
     pub kms: Kms,
-    pub audit: AuditLog,
+    pub audit: Arc<AuditLog>,
     pub admin: Admin,
+}
+
+/// Open the store and its audit log (which must continue from the anchored
+/// head), bind them (changes are audited first), record a torn last line
+/// that was removed, and resolve a change a crash interrupted.
+pub(crate) fn open_audited(args: &StoreArgs) -> Result<(Kms, Arc<AuditLog>), Failure> {
+    let mut kms = args.open()?;
+    let anchor = kms.audit_anchor()?;
+    let audit = Arc::new(args.audit_log(anchor.as_ref())?);
+    kms.bind_audit(Arc::clone(&audit), Actor::System);
+    let removed = audit.recovered_tail_bytes();
+    if removed > 0 {
+        kms.append_audit(NewRecord {
+            time_ms: now_ms(),
+            actor: Actor::System,
+            operation: "audit.tail_recovered".to_owned(),
+            key_id: None,
+            key_version: None,
+            decision: Decision::Allowed,
+            reason: Some(format!(
+                "removed an unfinished last line of {removed} bytes (an append interrupted by a crash) after seq {}",
+                audit.head().seq
+            )),
+            attestation_document: None,
+        })?;
+    }
+    kms.resolve_interrupted()?;
+    Ok((kms, audit))
 }
 
 impl Session {
@@ -157,8 +214,7 @@ impl Session {
         permission: Permission,
         action: &str,
     ) -> Result<Session, Failure> {
-        let kms = args.open()?;
-        let audit = args.audit_log()?;
+        let (mut kms, audit) = open_audited(args)?;
         let credential = args.credential()?;
         let claimed = credential
             .claimed_name()
@@ -168,14 +224,12 @@ impl Session {
         let admin = match auth::authenticate(&credential, record.as_ref()) {
             Ok(admin) => admin,
             Err(e) => {
-                let session_audit = audit_refusal(
-                    &audit,
+                audit_refusal(
                     &kms,
                     Actor::System,
                     action,
                     format!("authentication failed for {claimed:?}"),
-                );
-                session_audit?;
+                )?;
                 return Err(Failure::Refused(
                     "credential_rejected".into(),
                     e.to_string(),
@@ -183,9 +237,10 @@ impl Session {
             }
         };
         if let Err(e) = admin.require(permission, action) {
-            audit_refusal(&audit, &kms, admin_actor(&admin), action, e.to_string())?;
+            audit_refusal(&kms, admin_actor(&admin), action, e.to_string())?;
             return Err(Failure::Refused("forbidden".into(), e.to_string()));
         }
+        kms.set_audit_actor(admin_actor(&admin));
         Ok(Session { kms, audit, admin })
     }
 
@@ -198,24 +253,23 @@ impl Session {
         decision: Decision,
         reason: Option<String>,
     ) -> Result<(), Failure> {
-        append_anchored(
-            &self.audit,
-            &self.kms,
-            NewRecord {
-                time_ms: now_ms(),
-                actor: admin_actor(&self.admin),
-                operation: operation.to_owned(),
-                key_id: key.map(ToString::to_string),
-                key_version: version,
-                decision,
-                reason,
-                attestation_document: None,
-            },
-        )
+        self.kms.append_audit(NewRecord {
+            time_ms: now_ms(),
+            actor: admin_actor(&self.admin),
+            operation: operation.to_owned(),
+            key_id: key.map(ToString::to_string),
+            key_version: version,
+            decision,
+            reason,
+            attestation_document: None,
+        })?;
+        Ok(())
     }
 
-    /// Run `f`; audit its outcome (allowed with its version, or refused with the error).
-    pub(crate) fn audited<T>(
+    /// Run `f`, a use of a key that changes nothing (the data commands),
+    /// and audit its outcome before the key is used: allowed with the
+    /// version `f` reports, or refused with the error.
+    pub(crate) fn used<T>(
         &self,
         operation: &str,
         key: &KeyName,
@@ -238,6 +292,32 @@ impl Session {
             }
         }
     }
+
+    /// Run the change `f`, which the bound store audits before it takes
+    /// effect; audit a refusal (a change that did not happen) after.
+    pub(crate) fn audited<T>(
+        &self,
+        operation: &str,
+        key: &KeyName,
+        f: impl FnOnce(&Kms) -> Result<T, KeyError>,
+    ) -> Result<T, Failure> {
+        match f(&self.kms) {
+            Ok(value) => Ok(value),
+            Err(KeyError::Audit(e)) => Err(Failure::Usage(anyhow!(
+                "{operation} was not done: its audit record could not be written: {e}"
+            ))),
+            Err(e) => {
+                self.record(
+                    operation,
+                    Some(key),
+                    None,
+                    Decision::Refused,
+                    Some(format!("{}: {e}", key_error_kind(&e))),
+                )?;
+                Err(e.into())
+            }
+        }
+    }
 }
 
 fn admin_actor(admin: &Admin) -> Actor {
@@ -247,43 +327,17 @@ fn admin_actor(admin: &Admin) -> Actor {
     }
 }
 
-fn audit_refusal(
-    audit: &AuditLog,
-    kms: &Kms,
-    actor: Actor,
-    action: &str,
-    reason: String,
-) -> Result<(), Failure> {
-    append_anchored(
-        audit,
-        kms,
-        NewRecord {
-            time_ms: now_ms(),
-            actor,
-            operation: action.to_owned(),
-            key_id: None,
-            key_version: None,
-            decision: Decision::Refused,
-            reason: Some(reason),
-            attestation_document: None,
-        },
-    )
-}
-
-/// Append under the store lock (so processes do not interleave) and anchor
-/// the new head in the store.
-pub(crate) fn append_anchored(
-    audit: &AuditLog,
-    kms: &Kms,
-    record: NewRecord,
-) -> Result<(), Failure> {
-    let head = {
-        let _guard = kms.lock()?;
-        audit
-            .append(record)
-            .map_err(|e| anyhow!("audit log: {e}"))?
-    };
-    kms.set_audit_head(&head)?;
+fn audit_refusal(kms: &Kms, actor: Actor, action: &str, reason: String) -> Result<(), Failure> {
+    kms.append_audit(NewRecord {
+        time_ms: now_ms(),
+        actor,
+        operation: action.to_owned(),
+        key_id: None,
+        key_version: None,
+        decision: Decision::Refused,
+        reason: Some(reason),
+        attestation_document: None,
+    })?;
     Ok(())
 }
 
@@ -295,10 +349,42 @@ fn write_secret_file(path: &Path, contents: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
-    file.write_all(contents.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()?;
+    let written = file
+        .write_all(contents.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        // No half-written credential is left behind.
+        let _ = std::fs::remove_file(path);
+        return Err(anyhow!(e).context(format!("writing {}", path.display())));
+    }
     Ok(())
+}
+
+/// Add an administrator and write their credential to `path`: the audit
+/// record first, then the credential file, then the stored verifier; if the
+/// file cannot be written, no administrator is added (and the name stays
+/// free).
+fn add_admin_with_credential(
+    kms: &Kms,
+    record: &auth::AdminRecord,
+    reason: &str,
+    path: &Path,
+    credential: &str,
+) -> Result<(), Failure> {
+    let mut write_error = None;
+    let added = kms.add_admin_then(record, reason, || {
+        write_secret_file(path, credential).map_err(|e| {
+            let message = format!("{e:#}");
+            write_error = Some(e);
+            KeyError::InvalidArgument(message)
+        })
+    });
+    match (added, write_error) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(Failure::Usage(e)),
+        (Err(e), None) => Err(e.into()),
+    }
 }
 
 // ---------------------------------------------------------------- init
@@ -323,37 +409,42 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
     };
     std::fs::create_dir_all(&args.credentials_out)
         .with_context(|| format!("creating {}", args.credentials_out.display()))?;
-    let kms =
+    let roles = [Role::KeyAdmin, Role::AppAdmin];
+    let credential_path = |role: Role| {
+        args.credentials_out
+            .join(format!("{}.credential", role.as_str()))
+    };
+    // Check every output before changing anything.
+    for role in roles {
+        let path = credential_path(role);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            return Err(Failure::Usage(anyhow!(
+                "{} exists; init writes new credentials and replaces nothing",
+                path.display()
+            )));
+        }
+    }
+    let mut kms =
         Kms::init(dir, secret).with_context(|| format!("creating the store {}", dir.display()))?;
+    let audit = Arc::new(store.audit_log(None)?);
+    kms.bind_audit(Arc::clone(&audit), Actor::System);
     let identity = VerifierIdentity::generate().map_err(|e| anyhow!("identity key: {e}"))?;
     let pkcs8 = identity
         .to_pkcs8_der()
         .map_err(|e| anyhow!("identity key: {e}"))?;
     kms.set_identity_pkcs8(&pkcs8)?;
-    let audit = store.audit_log()?;
     let now = now_ms();
     let mut created = Vec::new();
-    for role in [Role::KeyAdmin, Role::AppAdmin] {
+    for role in roles {
         let (record, credential) =
             auth::new_admin(role.as_str(), role, now).map_err(|e| anyhow!("{e}"))?;
-        let path = args
-            .credentials_out
-            .join(format!("{}.credential", role.as_str()));
-        write_secret_file(&path, credential.expose())?;
-        kms.add_admin(&record)?;
-        append_anchored(
-            &audit,
+        let path = credential_path(role);
+        add_admin_with_credential(
             &kms,
-            NewRecord {
-                time_ms: now,
-                actor: Actor::System,
-                operation: "admin.create".to_owned(),
-                key_id: None,
-                key_version: None,
-                decision: Decision::Allowed,
-                reason: Some(format!("initial {} {}", role.as_str(), record.name)),
-                attestation_document: None,
-            },
+            &record,
+            &format!("initial {} {}", role.as_str(), record.name),
+            &path,
+            credential.expose(),
         )?;
         created.push(json!({ "name": record.name, "role": role.as_str(), "credential_file": path.display().to_string() }));
     }
@@ -390,14 +481,19 @@ pub(crate) fn admin(store: &StoreArgs, command: &AdminCommand) -> Result<(), Fai
     let session = Session::start(store, Permission::AddAdmin(role), "admin.create")?;
     let (record, credential) = auth::new_admin(name, role, now_ms())
         .map_err(|e| Failure::Refused("invalid_name".into(), e.to_string()))?;
-    session.kms.add_admin(&record)?;
-    write_secret_file(out, credential.expose())?;
-    session.record(
-        "admin.create",
-        None,
-        None,
-        Decision::Allowed,
-        Some(format!("{} {}", role.as_str(), record.name)),
+    // Check the output before changing anything.
+    if std::fs::symlink_metadata(out).is_ok() {
+        return Err(Failure::Usage(anyhow!(
+            "{} exists; the credential is written to a new file only",
+            out.display()
+        )));
+    }
+    add_admin_with_credential(
+        &session.kms,
+        &record,
+        &format!("{} {}", role.as_str(), record.name),
+        out,
+        credential.expose(),
     )?;
     emit(
         &json!({ "name": record.name, "role": role.as_str(), "credential_file": out.display().to_string() }),
@@ -515,7 +611,6 @@ pub(crate) fn key(store: &StoreArgs, command: &KeyCommand) -> Result<(), Failure
             let session = Session::start(store, Permission::ManageKeys, "key.create")?;
             let record = session.audited("key.create", &name, |k| {
                 k.create_key(&name, *rotation_days, now)
-                    .map(|r| (r, Some(1)))
             })?;
             emit(&key_json(&record));
         }
@@ -524,23 +619,14 @@ pub(crate) fn key(store: &StoreArgs, command: &KeyCommand) -> Result<(), Failure
         } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.rotate")?;
-            let version = session.audited("key.rotate", &name, |k| {
-                k.rotate_key(&name, now).map(|v| (v, Some(v)))
-            })?;
+            let version = session.audited("key.rotate", &name, |k| k.rotate_key(&name, now))?;
             emit(&json!({ "name": name.as_str(), "current_version": version }));
         }
         KeyCommand::Rotate { name: None, .. } => {
             let session = Session::start(store, Permission::ManageKeys, "key.rotate")?;
+            // Each rotation is audited (reason: rotation period elapsed)
+            // before it takes effect.
             let rotated = session.kms.rotate_due(now)?;
-            for (name, version) in &rotated {
-                session.record(
-                    "key.rotate",
-                    Some(name),
-                    Some(*version),
-                    Decision::Allowed,
-                    Some("rotation period elapsed".to_owned()),
-                )?;
-            }
             emit(&json!(rotated
                 .iter()
                 .map(|(n, v)| json!({ "name": n.as_str(), "current_version": v }))
@@ -549,41 +635,34 @@ pub(crate) fn key(store: &StoreArgs, command: &KeyCommand) -> Result<(), Failure
         KeyCommand::Disable { name } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.disable")?;
-            let record = session.audited("key.disable", &name, |k| {
-                k.disable_key(&name).map(|r| (r, None))
-            })?;
+            let record = session.audited("key.disable", &name, |k| k.disable_key(&name))?;
             emit(&key_json(&record));
         }
         KeyCommand::Enable { name } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.enable")?;
-            let record = session.audited("key.enable", &name, |k| {
-                k.enable_key(&name).map(|r| (r, None))
-            })?;
+            let record = session.audited("key.enable", &name, |k| k.enable_key(&name))?;
             emit(&key_json(&record));
         }
         KeyCommand::ScheduleDeletion { name, days } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.schedule_deletion")?;
             session.audited("key.schedule_deletion", &name, |k| {
-                k.schedule_deletion(&name, *days, now).map(|a| (a, None))
+                k.schedule_deletion(&name, *days, now)
             })?;
             emit(&key_json(&session.kms.key(&name)?));
         }
         KeyCommand::CancelDeletion { name } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.cancel_deletion")?;
-            let record = session.audited("key.cancel_deletion", &name, |k| {
-                k.cancel_deletion(&name).map(|r| (r, None))
-            })?;
+            let record =
+                session.audited("key.cancel_deletion", &name, |k| k.cancel_deletion(&name))?;
             emit(&key_json(&record));
         }
         KeyCommand::Destroy { name } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.destroy")?;
-            let record = session.audited("key.destroy", &name, |k| {
-                k.destroy_key(&name, now).map(|r| (r, None))
-            })?;
+            let record = session.audited("key.destroy", &name, |k| k.destroy_key(&name, now))?;
             emit(&key_json(&record));
         }
     }
@@ -654,9 +733,7 @@ pub(crate) fn policy(store: &StoreArgs, command: &PolicyCommand) -> Result<(), F
                 set_by: session.admin.name.clone(),
                 set_ms: now_ms(),
             };
-            session.audited("policy.set", &name, |k| {
-                k.set_policy(&name, &stored).map(|()| ((), None))
-            })?;
+            session.audited("policy.set", &name, |k| k.set_policy(&name, &stored))?;
             emit(&json!({ "name": name.as_str(), "policy": policy }));
         }
         PolicyCommand::Show { name } => {
@@ -792,13 +869,129 @@ pub(crate) enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// After damage that `audit verify` reports (records removed or
+    /// changed): move the damaged log aside (kept, as
+    /// audit.log.damaged-<time>) and start a new one whose first record,
+    /// `audit.recover`, names the damage, the old file's SHA-384 and the
+    /// anchored head, and your reason. Key administrators only. Until then
+    /// every command and `serve` refuse to run.
+    Recover {
+        /// Why (recorded), e.g. a ticket reference.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// Most bytes of an operator's recovery reason.
+const MAX_RECOVER_REASON: usize = 1024;
+
+fn recover(store: &StoreArgs, reason: &str) -> Result<(), Failure> {
+    if reason.trim().is_empty() || reason.len() > MAX_RECOVER_REASON {
+        return Err(Failure::Usage(anyhow!(
+            "--reason must say why, in 1 to {MAX_RECOVER_REASON} bytes"
+        )));
+    }
+    let kms = store.open()?;
+    let credential = store.credential()?;
+    let claimed = credential
+        .claimed_name()
+        .unwrap_or("<malformed>")
+        .to_owned();
+    let record = kms.admin(&claimed)?;
+    // The damaged log cannot take a record yet: the refusal is reported
+    // here only.
+    let admin = auth::authenticate(&credential, record.as_ref())
+        .map_err(|e| Failure::Refused("credential_rejected".into(), e.to_string()))?;
+    admin
+        .require(Permission::ManageKeys, "audit.recover")
+        .map_err(|e| Failure::Refused("forbidden".into(), e.to_string()))?;
+    let path = store.audit_path()?;
+    let guard = kms.lock()?;
+    let anchor = kms.audit_anchor()?;
+    let damage = match crate::audit::verify_file(&path, anchor.map(|a| a.head()).as_ref()) {
+        Ok(report) => {
+            return Err(Failure::Refused(
+                "audit_intact".into(),
+                format!(
+                "the audit log is intact ({} records, anchored head reached): nothing to recover",
+                report.records
+            ),
+            ))
+        }
+        Err(AuditError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            "the audit log is missing".to_owned()
+        }
+        Err(e) => e.to_string(),
+    };
+    let moved = if std::fs::symlink_metadata(&path).is_ok() {
+        let (size, digest) = file_sha384(&path)?;
+        let name = format!("audit.log.damaged-{}", now_ms());
+        let target = path.with_file_name(&name);
+        std::fs::rename(&path, &target)
+            .with_context(|| format!("moving {} to {}", path.display(), target.display()))?;
+        format!("the damaged log was moved to {name} ({size} bytes, SHA-384 {digest})")
+    } else {
+        "there was no log file".to_owned()
+    };
+    let log = AuditLog::open(&path).map_err(|e| audit_failure(&path, e))?;
+    let anchored = anchor.map_or_else(|| "none".to_owned(), |a| a.to_string());
+    let new = log
+        .append_anchor(NewRecord {
+            time_ms: now_ms(),
+            actor: admin_actor(&admin),
+            operation: "audit.recover".to_owned(),
+            key_id: None,
+            key_version: None,
+            decision: Decision::Allowed,
+            reason: Some(format!(
+                "{damage}; {moved}; the anchored head was {anchored}; reason: {reason}"
+            )),
+            attestation_document: None,
+        })
+        .map_err(|e| anyhow!("writing the recovery record: {e}"))?;
+    kms.reset_audit_anchor(&guard, &new)?;
+    drop(guard);
+    emit(&json!({
+        "status": "recovered",
+        "damage": damage,
+        "moved": moved,
+        "previous_anchor": anchored,
+        "head": new.to_string(),
+    }));
+    Ok(())
+}
+
+/// Size and SHA-384 (hex) of a file, read in bounded chunks.
+fn file_sha384(path: &Path) -> anyhow::Result<(u64, String)> {
+    use sha2::{Digest, Sha384};
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Sha384::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else {
+            break;
+        };
+        hasher.update(chunk);
+        size = size.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+    Ok((size, hex::encode(hasher.finalize())))
 }
 
 pub(crate) fn audit(store: &StoreArgs, command: &AuditCommand) -> Result<(), Failure> {
+    if let AuditCommand::Recover { reason } = command {
+        return recover(store, reason);
+    }
     let session = Session::start(store, Permission::Read, "audit.read")?;
     match command {
+        AuditCommand::Recover { .. } => {}
         AuditCommand::Verify => {
-            let head = session.kms.audit_head()?;
+            let head = session.kms.audit_anchor()?.map(|a| a.head());
             match session.audit.verify(head.as_ref()) {
                 Ok(report) => emit(
                     &json!({ "status": "intact", "records": report.records, "head": report.head.to_string() }),

@@ -117,7 +117,7 @@ pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failu
         DataCommand::Encrypt { key, input, output } => {
             let name = KeyName::parse(key)?;
             let session = Session::start(store, Permission::UseData, "data.encrypt")?;
-            let (dk, wrapped) = session.audited("data.encrypt", &name, |k| {
+            let (dk, wrapped) = session.used("data.encrypt", &name, |k| {
                 k.generate_data_key(&name, now_ms()).map(|(dk, w)| {
                     let v = w.version;
                     ((dk, w), Some(v))
@@ -148,7 +148,7 @@ pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failu
         DataCommand::NewSecret { key, output } => {
             let name = KeyName::parse(key)?;
             let session = Session::start(store, Permission::UseData, "data.new_secret")?;
-            let (secret, wrapped) = session.audited("data.new_secret", &name, |k| {
+            let (secret, wrapped) = session.used("data.new_secret", &name, |k| {
                 k.generate_data_key(&name, now_ms()).map(|(dk, w)| {
                     let v = w.version;
                     ((dk, w), Some(v))
@@ -182,7 +182,7 @@ pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failu
                 ));
             }
             let name = wrapped.key.clone();
-            let dk = session.audited("data.decrypt", &name, |k| {
+            let dk = session.used("data.decrypt", &name, |k| {
                 k.decrypt_data_key(&wrapped)
                     .map(|dk| (dk, Some(wrapped.version)))
             })?;

@@ -83,7 +83,9 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
         crate::audit::Decision::Allowed,
         Some(format!("listen {} root {}", args.listen, anchor.subject())),
     )?;
-    let Session { kms, audit, .. } = session;
+    let Session { mut kms, audit, .. } = session;
+    // Changes the service makes itself (rotation on use) are the system's.
+    kms.set_audit_actor(crate::audit::Actor::System);
     let broker = Arc::new(Broker::new(
         kms,
         Verifier::new(anchor),
@@ -109,14 +111,20 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
             .with_context(|| format!("binding {}", args.listen))?;
         let local = listener.local_addr()?;
         emit(&json!({ "listening": local.to_string(), "tls": tls.is_some() }));
-        // Anchor the audit head in the store once a second and at exit.
+        // Once a second and at exit: anchor the audit head in the store
+        // (the broker stops if the log no longer continues from it), and
+        // write the summary of unauthenticated refusals when one is due.
         let anchor_broker = Arc::clone(&broker);
         let anchoring = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 let b = Arc::clone(&anchor_broker);
-                let _ = tokio::task::spawn_blocking(move || b.anchor_audit_head()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    b.flush_noise(crate::cli::verify_cmd::now_ms(), false);
+                    b.anchor_audit_head();
+                })
+                .await;
             }
         });
         let shutdown = async {
@@ -132,7 +140,14 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
         Ok(())
     });
     result?;
+    broker.flush_noise(crate::cli::verify_cmd::now_ms(), true);
     broker.anchor_audit_head();
+    if let Some(reason) = broker.halted() {
+        return Err(Failure::Refused(
+            "audit_broken".into(),
+            format!("key releases were stopped: {reason}"),
+        ));
+    }
     eprintln!("stopped");
     Ok(())
 }
