@@ -35,6 +35,10 @@ pub(crate) struct ServeArgs {
     /// Most requests processed at once.
     #[arg(long, default_value_t = 32)]
     max_in_flight: usize,
+    /// Most connections from one address at once (every enclave behind one
+    /// parent relay shares its address).
+    #[arg(long, default_value_t = 16)]
+    max_connections_per_peer: usize,
     /// Upper bound on attestation document age, whatever a policy allows.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     max_document_age: u64,
@@ -99,6 +103,7 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
     let config = ServiceConfig {
         max_connections: args.max_connections.max(1),
         max_in_flight: args.max_in_flight.max(1),
+        max_connections_per_peer: args.max_connections_per_peer.max(1),
         ..ServiceConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
