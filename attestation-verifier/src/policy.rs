@@ -399,7 +399,21 @@ impl KeyPolicy {
             Some("json") => false,
             _ => return Err(PolicyError::UnknownFormat { path: shown }),
         };
+        // A FIFO or device would block or never end: regular files only
+        // (checked before opening, and of the file opened).
+        let regular = |meta: std::fs::Metadata| {
+            if meta.is_file() {
+                Ok(())
+            } else {
+                Err(PolicyError::Io {
+                    path: shown.clone(),
+                    reason: "not a regular file".to_owned(),
+                })
+            }
+        };
+        regular(std::fs::metadata(path).map_err(io)?)?;
         let file = std::fs::File::open(path).map_err(io)?;
+        regular(file.metadata().map_err(io)?)?;
         let mut text = String::new();
         let cap = u64::try_from(MAX_POLICY_LEN).unwrap_or(u64::MAX);
         file.take(cap.saturating_add(1))

@@ -26,10 +26,31 @@ pub(crate) struct StoreArgs {
     /// The store directory.
     #[arg(long, env = "KLUIS_STORE", value_name = "DIR", global = true)]
     pub store: Option<PathBuf>,
-    /// The root key file (32 random bytes, mode 0600). Alternatively set
-    /// KLUIS_STORE_PASSPHRASE to use a passphrase (Argon2id).
+    /// The root key file (32 random bytes, mode 0600). Alternatively a
+    /// passphrase (Argon2id): --passphrase-file, --passphrase-fd, or
+    /// KLUIS_STORE_PASSPHRASE (short commands only: it stays readable in
+    /// /proc/PID/environ for the life of the process).
     #[arg(long, env = "KLUIS_ROOT_KEY_FILE", value_name = "FILE", global = true)]
     pub root_key_file: Option<PathBuf>,
+    /// Read the store passphrase from FILE (a regular file, mode 0600 or
+    /// 0400; one line).
+    #[arg(
+        long,
+        env = "KLUIS_STORE_PASSPHRASE_FILE",
+        value_name = "FILE",
+        global = true,
+        conflicts_with = "root_key_file"
+    )]
+    pub passphrase_file: Option<PathBuf>,
+    /// Read the store passphrase from file descriptor N (until end of file),
+    /// e.g. `--passphrase-fd 3 3< <(secret-tool lookup kluis store)`.
+    #[arg(
+        long,
+        value_name = "N",
+        global = true,
+        conflicts_with_all = ["root_key_file", "passphrase_file"]
+    )]
+    pub passphrase_fd: Option<u32>,
     /// The administrator credential file.
     #[arg(
         long,
@@ -78,6 +99,12 @@ fn key_error_kind(e: &KeyError) -> &'static str {
     }
 }
 
+/// The one exit-code rule of every command: 0 done; 1 refused — by a
+/// decision (credential, root secret, role, key state, policy) or because
+/// what was checked is not intact (a tampered audit log, a bad envelope);
+/// 2 usage (bad arguments, an output that exists) or I/O (a file missing or
+/// unreadable, a full disk). Failures print `{"error": {"kind", "message"}}`
+/// on stdout; the kind of an exit 2 is `usage` or `io`.
 pub(crate) fn finish(result: Result<(), Failure>) -> Outcome {
     match result {
         Ok(()) => Outcome::Accepted,
@@ -87,7 +114,12 @@ pub(crate) fn finish(result: Result<(), Failure>) -> Outcome {
             Outcome::Rejected
         }
         Err(Failure::Usage(e)) => {
-            emit(&json!({ "error": { "kind": "usage", "message": format!("{e:#}") } }));
+            let kind = if e.chain().any(|c| c.is::<std::io::Error>()) {
+                "io"
+            } else {
+                "usage"
+            };
+            emit(&json!({ "error": { "kind": kind, "message": format!("{e:#}") } }));
             eprintln!("error: {e:#}");
             Outcome::Failed
         }
@@ -106,6 +138,25 @@ impl StoreArgs {
             return RootSecret::from_key_file(path)
                 .with_context(|| format!("root key file {}", path.display()));
         }
+        if let Some(path) = &self.passphrase_file {
+            let (file, mode) = crate::cli::input::open_regular(path)
+                .with_context(|| format!("passphrase file {}", path.display()))?;
+            if mode & 0o077 != 0 {
+                return Err(anyhow!(
+                    "passphrase file {} has mode {mode:04o}: group and others must have no access (chmod 600)",
+                    path.display()
+                ));
+            }
+            return passphrase_from(file)
+                .with_context(|| format!("passphrase file {}", path.display()));
+        }
+        if let Some(fd) = self.passphrase_fd {
+            let path = format!("/dev/fd/{fd}");
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("passphrase file descriptor {fd}"))?;
+            return passphrase_from(file)
+                .with_context(|| format!("passphrase file descriptor {fd}"));
+        }
         match std::env::var("KLUIS_STORE_PASSPHRASE") {
             Ok(p) if !p.is_empty() => {
                 // Do not leave the passphrase in this process's environment.
@@ -118,10 +169,21 @@ impl StoreArgs {
         }
     }
 
-    pub(crate) fn open(&self) -> anyhow::Result<Kms> {
+    /// Open the store; a wrong root secret is a refusal (exit 1).
+    pub(crate) fn open(&self) -> Result<Kms, Failure> {
         let dir = self.dir()?;
-        Kms::open(dir, self.secret()?)
-            .with_context(|| format!("opening the store {}", dir.display()))
+        match Kms::open(dir, self.secret()?) {
+            Ok(kms) => Ok(kms),
+            Err(KeyError::Store(kluis_keystore::StoreError::WrongRootSecret)) => {
+                Err(Failure::Refused(
+                    "root_secret_rejected".into(),
+                    format!("the root secret does not open the store {}", dir.display()),
+                ))
+            }
+            Err(e) => Err(Failure::Usage(
+                anyhow!(e).context(format!("opening the store {}", dir.display())),
+            )),
+        }
     }
 
     fn audit_path(&self) -> anyhow::Result<PathBuf> {
@@ -143,9 +205,23 @@ impl StoreArgs {
                 auth::AuthError::Missing.to_string(),
             ));
         };
-        let text = crate::cli::input::read_bounded(path, 4096)
-            .with_context(|| format!("reading credential {}", path.display()))?
-            .ok_or_else(|| anyhow!("credential file {} is too large", path.display()))?;
+        let (file, mode) = crate::cli::input::open_regular(path)
+            .with_context(|| format!("reading credential {}", path.display()))?;
+        if mode & 0o077 != 0 {
+            return Err(Failure::Usage(anyhow!(
+                "credential file {} has mode {mode:04o}: group and others must have no access (chmod 600)",
+                path.display()
+            )));
+        }
+        let mut text = Vec::with_capacity(4097);
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, 4097), &mut text)
+            .with_context(|| format!("reading credential {}", path.display()))?;
+        if text.len() > 4096 {
+            return Err(Failure::Usage(anyhow!(
+                "credential file {} is too large",
+                path.display()
+            )));
+        }
         let text = Zeroizing::new(
             String::from_utf8(text).map_err(|_| anyhow!("credential file is not text"))?,
         );
@@ -170,6 +246,26 @@ fn audit_failure(path: &Path, e: AuditError) -> Failure {
             ),
         ),
     }
+}
+
+/// A passphrase read from `source`: at most 4 KiB, UTF-8, one line (a final
+/// newline is not part of it).
+fn passphrase_from(source: impl std::io::Read) -> anyhow::Result<RootSecret> {
+    use std::io::Read;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(4097));
+    source
+        .take(4097)
+        .read_to_end(&mut bytes)
+        .context("reading the passphrase")?;
+    if bytes.len() > 4096 {
+        return Err(anyhow!("the passphrase is longer than 4096 bytes"));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| anyhow!("the passphrase is not UTF-8"))?;
+    let line = text.strip_suffix('\n').unwrap_or(text);
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    Ok(RootSecret::from_passphrase(Zeroizing::new(
+        line.to_owned(),
+    ))?)
 }
 
 /// An opened store, audit log and authenticated administrator.
@@ -400,21 +496,50 @@ pub(crate) struct InitArgs {
     generate_root_key: bool,
 }
 
+/// What a failed `init` made, removed again on drop unless disarmed.
+#[derive(Default)]
+struct InitCleanup {
+    files: Vec<PathBuf>,
+    store: Option<PathBuf>,
+    done: bool,
+}
+
+impl Drop for InitCleanup {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
+        }
+        if let Some(store) = &self.store {
+            let _ = std::fs::remove_dir_all(store);
+        }
+    }
+}
+
+/// Creates `path`'s missing parent directories (mode 0700 for new ones).
+fn create_parents(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
     let dir = store.dir()?;
-    let secret = match (&store.root_key_file, args.generate_root_key) {
-        (Some(path), true) if !path.exists() => RootSecret::generate_key_file(path)
-            .with_context(|| format!("generating the root key file {}", path.display()))?,
-        _ => store.secret()?,
-    };
-    std::fs::create_dir_all(&args.credentials_out)
-        .with_context(|| format!("creating {}", args.credentials_out.display()))?;
+    let mut cleanup = InitCleanup::default();
     let roles = [Role::KeyAdmin, Role::AppAdmin];
     let credential_path = |role: Role| {
         args.credentials_out
             .join(format!("{}.credential", role.as_str()))
     };
-    // Check every output before changing anything.
+    // Check every output before making anything.
     for role in roles {
         let path = credential_path(role);
         if std::fs::symlink_metadata(&path).is_ok() {
@@ -424,6 +549,22 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
             )));
         }
     }
+    if std::fs::symlink_metadata(dir).is_err() {
+        create_parents(dir)?;
+        cleanup.store = Some(dir.to_path_buf());
+    }
+    let secret = match (&store.root_key_file, args.generate_root_key) {
+        (Some(path), true) if !path.exists() => {
+            create_parents(path)?;
+            let secret = RootSecret::generate_key_file(path)
+                .with_context(|| format!("generating the root key file {}", path.display()))?;
+            cleanup.files.push(path.clone());
+            secret
+        }
+        _ => store.secret()?,
+    };
+    std::fs::create_dir_all(&args.credentials_out)
+        .with_context(|| format!("creating {}", args.credentials_out.display()))?;
     let mut kms =
         Kms::init(dir, secret).with_context(|| format!("creating the store {}", dir.display()))?;
     let audit = Arc::new(store.audit_log(None)?);
@@ -446,6 +587,7 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
             &path,
             credential.expose(),
         )?;
+        cleanup.files.push(path.clone());
         created.push(json!({ "name": record.name, "role": role.as_str(), "credential_file": path.display().to_string() }));
     }
     emit(&json!({
@@ -453,6 +595,7 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
         "verifier_public_key": hex::encode(identity.public_key_sec1()),
         "administrators": created,
     }));
+    cleanup.done = true;
     eprintln!("store created; build the verifier public key above into the enclave image");
     Ok(())
 }
@@ -712,6 +855,13 @@ pub(crate) fn policy(store: &StoreArgs, command: &PolicyCommand) -> Result<(), F
             let session = Session::start(store, Permission::ManagePolicy, "policy.set")?;
             let policy = match KeyPolicy::from_file(file) {
                 Ok(p) => p,
+                // Reading the file failed: I/O (exit 2), not a refusal.
+                Err(e @ crate::policy::PolicyError::Io { .. }) => {
+                    return Err(Failure::Usage(
+                        anyhow!(std::io::Error::other(e.to_string()))
+                            .context("reading the policy file"),
+                    ));
+                }
                 Err(e) => {
                     session.record(
                         "policy.set",

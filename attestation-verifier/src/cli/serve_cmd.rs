@@ -60,6 +60,30 @@ fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<service::TlsAcc
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Listen on `addr` with a deep accept queue (4096, capped by the kernel's
+/// somaxconn): with the default of 1024, a flood of connection attempts
+/// from one address (each closed at once by the per-address limit) can fill
+/// the queue so that other clients' SYNs are dropped and retried a second
+/// later.
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(4096)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address to bind")
+    }))
+}
+
 pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> {
     let session = Session::start(store, Permission::Serve, "service.start")?;
     let identity = load_identity(&session.kms)?;
@@ -111,7 +135,7 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
         .build()
         .context("starting the runtime")?;
     let result: anyhow::Result<()> = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
+        let listener = bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let local = listener.local_addr()?;
