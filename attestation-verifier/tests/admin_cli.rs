@@ -949,3 +949,25 @@ fn passphrase_from_a_file() {
     std::fs::set_permissions(&pass, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     assert_eq!(run_bounded(&with_cred, &["key", "list"]).0, 2);
 }
+
+/// An unfinished last line (an append interrupted by a crash) is removed by
+/// the next command, and the removal is itself recorded.
+#[test]
+fn a_torn_last_line_is_removed_and_recorded() {
+    let env = Env::new();
+    let key_admin = env.cred("key-admin");
+    let log = env.dir.path().join("store").join("audit.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let before = bytes.len();
+    bytes.extend_from_slice(b"{\"seq\":");
+    std::fs::write(&log, &bytes).unwrap();
+    let (code, _, err) = env.run(Some(&key_admin), &["key", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text[before..].starts_with("{\"seq\":}"));
+    let recorded: serde_json::Value =
+        serde_json::from_str(text[before..].lines().next().unwrap()).unwrap();
+    assert_eq!(recorded["operation"], "audit.tail_recovered");
+    assert!(recorded["reason"].as_str().unwrap().contains("7 bytes"));
+    assert_eq!(env.run(Some(&key_admin), &["audit", "verify"]).0, 0);
+}
