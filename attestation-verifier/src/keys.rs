@@ -81,7 +81,11 @@ pub enum KeyError {
         version: u32,
     },
     /// The deletion waiting period is not over.
-    #[error("master key {name} may be destroyed only after {after_ms} (Unix ms); now is {now_ms}")]
+    #[error(
+        "master key {name} may be destroyed only after {}; now is {}",
+        crate::audit::rfc3339_millis(*after_ms),
+        crate::audit::rfc3339_millis(*now_ms)
+    )]
     WaitingPeriod {
         /// The key.
         name: String,

@@ -599,9 +599,11 @@ impl KeyPolicy {
             Some(age_ms) if age_ms > max_ms => Err(Refusal::new(
                 RefusalRule::DocumentTooOld,
                 format!(
-                    "the document is {age_ms} ms old (timestamp {timestamp_ms}, now {}); \
+                    "the document is {age_ms} ms old (timestamp {}, now {}); \
                      the policy allows at most {} s",
-                    now.0, self.max_document_age_seconds
+                    crate::audit::rfc3339_millis(timestamp_ms),
+                    crate::audit::rfc3339_millis(now.0),
+                    self.max_document_age_seconds
                 ),
             )),
             Some(_) => Ok(()),
@@ -612,9 +614,10 @@ impl KeyPolicy {
                         RefusalRule::DocumentTooOld,
                         format!(
                             "the document is dated {ahead_ms} ms after the verification time \
-                             (timestamp {timestamp_ms}, now {}); at most {MAX_CLOCK_SKEW_MS} ms \
+                             (timestamp {}, now {}); at most {MAX_CLOCK_SKEW_MS} ms \
                              of clock skew is allowed",
-                            now.0
+                            crate::audit::rfc3339_millis(timestamp_ms),
+                            crate::audit::rfc3339_millis(now.0)
                         ),
                     ))
                 } else {

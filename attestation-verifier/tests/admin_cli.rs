@@ -321,6 +321,19 @@ fn data_envelope_round_trip_tamper_and_shredding() {
         (code, out["error"]["kind"].as_str()),
         (1, Some("waiting_period"))
     );
+    // Times in messages are RFC 3339, as in `key show`.
+    let message = out["error"]["message"].as_str().unwrap();
+    let destroy_after = {
+        let (_, shown, _) = env.run(Some(&key_admin), &["key", "show", KEY]);
+        shown["state_detail"]["destroy_after"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(
+        message.contains(&destroy_after),
+        "{message} / {destroy_after}"
+    );
     let (code, out, _) = env.run(
         Some(&app_admin),
         &["data", "decrypt", &env.path("env"), &env.path("no")],
