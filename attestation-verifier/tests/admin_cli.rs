@@ -905,6 +905,24 @@ fn outputs_are_checked_before_anything_changes() {
         !envs_store.exists() && !envs_root.exists(),
         "a failed init leaves nothing"
     );
+    // A failure after the root key was generated (the credentials folder
+    // cannot be made) removes the root key and the store it made.
+    std::fs::write(fresh.path().join("not-a-dir"), b"x").unwrap();
+    let not_a_dir = fresh.path().join("not-a-dir").display().to_string();
+    let (code, _) = run_bounded(
+        &envs,
+        &[
+            "init",
+            "--generate-root-key",
+            "--credentials-out",
+            &not_a_dir,
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        !envs_store.exists() && !envs_root.exists(),
+        "a failed init leaves nothing"
+    );
     std::fs::remove_file(fresh.path().join("creds/app-admin.credential")).unwrap();
     let (code, out) = run_bounded(
         &envs,
