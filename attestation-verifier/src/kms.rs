@@ -417,12 +417,12 @@ impl Kms {
             if !always && planned == original {
                 return Ok((out, original));
             }
-            let change = Change {
+            let what = Change {
                 operation,
                 key: Some(name),
                 reason,
             };
-            self.journal(&guard, KIND_CMK, name.as_str(), change, version(&out))?;
+            self.journal(&guard, KIND_CMK, name.as_str(), what, version(&out))?;
         }
         let mut record = original;
         let result = change(self.backend.as_ref(), &guard, &mut record).and_then(|out| {
