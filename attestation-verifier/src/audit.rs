@@ -6,9 +6,13 @@
 //! the chain at the first record touched; [`AuditLog::verify`] (or
 //! [`verify_file`] offline) recomputes every hash and reports that record.
 //! Removing records from the *end* leaves a valid shorter chain: it is
-//! detected against an [`AuditHead`] kept elsewhere (the key store keeps the
-//! head returned by each [`AuditLog::append`], authenticated) and passed to
-//! `verify` as `expected_head`.
+//! detected against an [`AuditAnchor`] kept elsewhere (the key store keeps
+//! it, authenticated: the head and the file length up to it) and passed to
+//! `verify` as `expected_head`. Appending to such a log would build a new,
+//! valid chain past the gap, so the commands and the service open the log
+//! with [`AuditLog::open_anchored`], which refuses a log that does not hold
+//! the anchored record where it was anchored; and the store moves its anchor
+//! only along the chain it already anchors ([`AuditLog::check_anchor`]).
 //!
 //! # File format
 //!
@@ -97,14 +101,19 @@
 //! another handle appended meanwhile does it read those new records, checking
 //! that they chain onto its head, before chaining onto theirs. The fsync
 //! happens after the lock is released. A file that shrank under an open
-//! handle is refused ([`AuditError::FileShrank`]). A write or sync failure
-//! makes the handle refuse further appends until the log is reopened.
+//! handle is refused ([`AuditError::FileShrank`]), and so is a path that no
+//! longer names the open file (deleted or replaced: checked by device and
+//! inode before each write and after each fsync, [`AuditError::Replaced`]).
+//! A write or sync failure, or a damaged or replaced file, makes the handle
+//! refuse further appends until the log is reopened. A symbolic link is
+//! never followed ([`AuditError::Symlink`]).
 //!
 //! A crash while a line is being written can leave an unfinished last line.
 //! Its append never returned, so the next `open` or append (under the lock)
 //! removes it — at most [`MAX_LINE_LEN`] bytes, and only if it looks like the
 //! start of a record or is zeros — and counts the bytes removed
-//! ([`AuditLog::recovered_tail_bytes`]); the caller should audit that.
+//! ([`AuditLog::recovered_tail_bytes`]); the commands record that as an
+//! `audit.tail_recovered` record.
 //! [`verify_file`] reports such a line instead.
 
 use serde::{Deserialize, Serialize};
@@ -161,6 +170,59 @@ impl fmt::Display for AuditHead {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "seq {} (hash {})", self.seq, hex::encode(self.hash))
     }
+}
+
+/// A head anchored outside the log (in the key store): the head, and the
+/// length of the file up to the end of its line, so that a later reader can
+/// check in one read that the file still holds that record where it was.
+/// `len` is absent in anchors written by older versions; they are checked
+/// by reading the chain from the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AuditAnchor {
+    /// Sequence number of the anchored record (0 for an empty log).
+    pub seq: u64,
+    /// Its hash (48 zero bytes for an empty log).
+    #[serde(with = "hex48")]
+    pub hash: [u8; HASH_LEN],
+    /// Bytes of the file up to and including the record's newline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub len: Option<u64>,
+}
+
+impl AuditAnchor {
+    /// The empty log.
+    pub const GENESIS: AuditAnchor = AuditAnchor {
+        seq: 0,
+        hash: [0; HASH_LEN],
+        len: Some(0),
+    };
+
+    /// The anchored head.
+    pub fn head(&self) -> AuditHead {
+        AuditHead {
+            seq: self.seq,
+            hash: self.hash,
+        }
+    }
+}
+
+impl fmt::Display for AuditAnchor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.head().fmt(f)
+    }
+}
+
+/// Unix milliseconds as RFC 3339 UTC (the number itself when out of range),
+/// for messages and records.
+pub fn rfc3339_millis(ms: u64) -> String {
+    let nanos = i128::from(ms).saturating_mul(1_000_000);
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} (Unix ms)"))
 }
 
 /// The outcome a record reports.
@@ -586,9 +648,34 @@ pub enum AuditError {
         /// The last record in the file.
         on_disk: AuditHead,
     },
-    /// A write or sync failed earlier; the log must be reopened.
+    /// A write or sync failed earlier, or the file was found damaged or
+    /// replaced; the log must be reopened.
     #[error("the audit log refuses appends after an earlier failure ({0}); reopen it")]
     Failed(String),
+    /// The record anchored in the store is not where it was anchored: the
+    /// log was truncated and written again, or rewritten.
+    #[error("the anchored record {expected} is not the line ending at byte {at} of the audit log: records were removed or rewritten since it was anchored")]
+    AnchorNotFound {
+        /// The anchored head.
+        expected: AuditHead,
+        /// Where its line ended.
+        at: u64,
+    },
+    /// The path no longer names the file this handle has open (deleted,
+    /// renamed or replaced while open): records would go where nobody reads.
+    #[error("audit log {path} was {what} while open; refusing to append to a file that is no longer the log")]
+    Replaced {
+        /// The file.
+        path: String,
+        /// `deleted` or `replaced by another file`.
+        what: &'static str,
+    },
+    /// The path is a symbolic link (not followed).
+    #[error("audit log {path} is a symbolic link; give the real path")]
+    Symlink {
+        /// The file.
+        path: String,
+    },
 }
 
 impl AuditError {
@@ -613,6 +700,10 @@ impl AuditError {
 pub struct AuditLog {
     path: PathBuf,
     file: File,
+    /// Device and inode of `file`: each append checks that `path` still
+    /// names it.
+    dev: u64,
+    ino: u64,
     state: Mutex<State>,
     synced: Condvar,
 }
@@ -625,6 +716,8 @@ struct State {
     len: u64,
     /// The last sequence number known to be on disk.
     synced_seq: u64,
+    /// The file length up to the end of record `synced_seq`.
+    synced_len: u64,
     /// A thread is syncing now.
     syncing: bool,
     /// Why the log refuses appends, after a failure.
@@ -642,6 +735,21 @@ impl AuditLog {
     /// head. It does not verify the whole chain; call [`AuditLog::verify`]
     /// with the head kept elsewhere for that.
     pub fn open(path: impl AsRef<Path>) -> Result<AuditLog, AuditError> {
+        Self::open_anchored(path, None)
+    }
+
+    /// Like [`AuditLog::open`], and with `anchor` (the head anchored in the
+    /// key store) refuses a log that does not continue from it: the record
+    /// must still be where it was anchored, and every record after it must
+    /// chain onto it ([`AuditError::TruncatedTail`],
+    /// [`AuditError::AnchorNotFound`], [`AuditError::Broken`]). Checked
+    /// under the file lock before anything is removed, so that no process
+    /// appends to a log whose anchored records are gone (appending would
+    /// otherwise build a new, valid chain past the gap).
+    pub fn open_anchored(
+        path: impl AsRef<Path>,
+        anchor: Option<&AuditAnchor>,
+    ) -> Result<AuditLog, AuditError> {
         let path = path.as_ref();
         let (file, created) = open_or_create(path)?;
         let meta = file.metadata().map_err(|e| AuditError::io(path, e))?;
@@ -660,6 +768,9 @@ impl AuditLog {
             TailError::Io(e) => AuditError::io(path, e),
             TailError::Broken => locate_break(&file, file_len, path),
         })?;
+        if let Some(anchor) = anchor {
+            check_continues(&file, path, anchor, head, len, true)?;
+        }
         let recovered_tail_bytes = file_len.saturating_sub(len);
         if recovered_tail_bytes > 0 {
             file.set_len(len).map_err(|e| AuditError::io(path, e))?;
@@ -668,11 +779,14 @@ impl AuditLog {
         drop(lock);
         Ok(AuditLog {
             path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
             file,
             state: Mutex::new(State {
                 head,
                 len,
                 synced_seq: head.seq,
+                synced_len: len,
                 syncing: false,
                 failed: None,
                 recovered_tail_bytes,
@@ -709,6 +823,48 @@ impl AuditLog {
         (st.synced_seq >= st.head.seq).then_some(st.head)
     }
 
+    /// [`AuditLog::durable_head`] with the file length up to it, to be
+    /// anchored in the store.
+    pub fn durable_anchor(&self) -> Option<AuditAnchor> {
+        let st = self.lock();
+        (st.synced_seq >= st.head.seq).then_some(AuditAnchor {
+            seq: st.head.seq,
+            hash: st.head.hash,
+            len: Some(st.synced_len),
+        })
+    }
+
+    /// Checks that the chain this handle knows holds `anchor` (the head
+    /// anchored in the store), where it was anchored: an anchor may only
+    /// move from there forward along this chain. Reads what other handles
+    /// appended first (see [`AuditLog::append`]); reads one line.
+    pub fn check_anchor(&self, anchor: &AuditAnchor) -> Result<(), AuditError> {
+        let mut st = self.lock();
+        if let Some(reason) = &st.failed {
+            return Err(AuditError::Failed(reason.clone()));
+        }
+        let _file_lock =
+            FileLock::acquire(&self.file).map_err(|e| AuditError::io(&self.path, e))?;
+        self.refresh(&mut st)?;
+        check_continues(&self.file, &self.path, anchor, st.head, st.len, false)
+    }
+
+    /// Whether `path` still names the file this handle has open.
+    fn check_same_file(&self) -> Result<(), AuditError> {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => Ok(()),
+            Ok(_) => Err(AuditError::Replaced {
+                path: self.path.display().to_string(),
+                what: "replaced by another file",
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(AuditError::Replaced {
+                path: self.path.display().to_string(),
+                what: "deleted",
+            }),
+            Err(e) => Err(AuditError::io(&self.path, e)),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing panics while the lock is held; should it ever, the state is
         // still consistent (each field is updated by one assignment).
@@ -716,7 +872,18 @@ impl AuditLog {
     }
 
     /// Appends a record and returns its head once it is on disk.
+    ///
+    /// Refuses (and keeps refusing, until reopened) when the path no longer
+    /// names the open file (checked before the write and again after the
+    /// fsync that covers it), when the file shrank, or when what other
+    /// handles appended does not chain onto this handle's head.
     pub fn append(&self, new: NewRecord) -> Result<AuditHead, AuditError> {
+        self.append_anchor(new).map(|a| a.head())
+    }
+
+    /// [`AuditLog::append`], returning the new record as an anchor (with
+    /// the file length up to its line).
+    pub fn append_anchor(&self, new: NewRecord) -> Result<AuditAnchor, AuditError> {
         validate_new(&new)?;
         let mut st = self.lock();
         if let Some(reason) = &st.failed {
@@ -724,6 +891,10 @@ impl AuditLog {
         }
         // Other handles append under the same lock; pick up what they wrote.
         let file_lock = FileLock::acquire(&self.file).map_err(|e| AuditError::io(&self.path, e))?;
+        if let Err(e) = self.check_same_file() {
+            st.failed = Some(e.to_string());
+            return Err(e);
+        }
         self.refresh(&mut st)?;
         let seq = st
             .head
@@ -759,7 +930,11 @@ impl AuditLog {
             .len
             .saturating_add(u64::try_from(line.len()).unwrap_or(u64::MAX));
         st.head = record.head();
-        let mine = record.head();
+        let mine = AuditAnchor {
+            seq: record.seq,
+            hash: record.hash,
+            len: Some(st.len),
+        };
         // Group commit: one thread syncs everything written so far while the
         // others wait; whoever finds nobody syncing becomes the syncer.
         loop {
@@ -775,16 +950,26 @@ impl AuditLog {
             }
             st.syncing = true;
             let target = st.head.seq;
+            let target_len = st.len;
             drop(st);
-            let result = self.file.sync_data();
+            let result = match self.file.sync_data() {
+                Err(e) => Err(AuditError::io(&self.path, e)),
+                // What was synced must still be the log at its path.
+                Ok(()) => self.check_same_file(),
+            };
             st = self.lock();
             st.syncing = false;
             match result {
-                Ok(()) => st.synced_seq = st.synced_seq.max(target),
+                Ok(()) => {
+                    if target > st.synced_seq {
+                        st.synced_seq = target;
+                        st.synced_len = target_len;
+                    }
+                }
                 Err(e) => {
-                    st.failed = Some(format!("fsync failed: {e}"));
+                    st.failed = Some(format!("{e}"));
                     self.synced.notify_all();
-                    return Err(AuditError::io(&self.path, e));
+                    return Err(e);
                 }
             }
             self.synced.notify_all();
@@ -831,6 +1016,17 @@ impl AuditLog {
     /// head to the last of them; remove an unfinished line a crashed writer
     /// left.
     fn refresh(&self, st: &mut State) -> Result<(), AuditError> {
+        let result = self.refresh_inner(st);
+        if let Err(e) = &result {
+            if !matches!(e, AuditError::Io { .. }) {
+                // A damaged file: no further appends through this handle.
+                st.failed = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    fn refresh_inner(&self, st: &mut State) -> Result<(), AuditError> {
         let len = self
             .file
             .metadata()
@@ -1162,17 +1358,146 @@ fn validate_new(new: &NewRecord) -> Result<(), AuditError> {
     Ok(())
 }
 
+/// Opens the log file, refusing a symbolic link (checked before the open,
+/// and after it by device and inode, so a link swapped in meanwhile is
+/// refused too) and anything but a regular file.
 fn open_or_create(path: &Path) -> Result<(File, bool), AuditError> {
+    let symlink = || AuditError::Symlink {
+        path: path.display().to_string(),
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => return Err(symlink()),
+        Ok(m) if !m.is_file() => {
+            return Err(AuditError::InsecureFile {
+                path: path.display().to_string(),
+                mode: m.mode(),
+            })
+        }
+        _ => {}
+    }
     let mut options = OpenOptions::new();
     options.read(true).append(true).mode(0o600);
-    match options.clone().create_new(true).open(path) {
-        Ok(file) => Ok((file, true)),
+    let (file, created) = match options.clone().create_new(true).open(path) {
+        Ok(file) => (file, true),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => options
             .open(path)
             .map(|f| (f, false))
-            .map_err(|e| AuditError::io(path, e)),
-        Err(e) => Err(AuditError::io(path, e)),
+            .map_err(|e| AuditError::io(path, e))?,
+        Err(e) => return Err(AuditError::io(path, e)),
+    };
+    let opened = file.metadata().map_err(|e| AuditError::io(path, e))?;
+    let at_path = std::fs::symlink_metadata(path).map_err(|e| AuditError::io(path, e))?;
+    if at_path.file_type().is_symlink()
+        || at_path.dev() != opened.dev()
+        || at_path.ino() != opened.ino()
+    {
+        return Err(symlink());
     }
+    Ok((file, created))
+}
+
+/// Checks that the chain in `file[..len]`, whose last record is `head`,
+/// holds `anchor`'s record at the place it was anchored, and (with
+/// `verify_rest`) that every record after it chains onto it up to `head`.
+fn check_continues(
+    file: &File,
+    path: &Path,
+    anchor: &AuditAnchor,
+    head: AuditHead,
+    len: u64,
+    verify_rest: bool,
+) -> Result<(), AuditError> {
+    if anchor.seq == 0 {
+        if anchor.hash != AuditHead::GENESIS.hash {
+            return Err(AuditError::HeadMismatch {
+                expected: anchor.head(),
+                found: AuditHead::GENESIS,
+            });
+        }
+        return Ok(());
+    }
+    if head.seq < anchor.seq {
+        return Err(AuditError::TruncatedTail {
+            expected: anchor.head(),
+            last: head,
+        });
+    }
+    let Some(at) = anchor.len else {
+        // An anchor without its position: find the record by reading the
+        // chain from the start.
+        let report = verify_chain(
+            BufReader::with_capacity(
+                TAIL_CHUNK,
+                PositionalReader {
+                    file,
+                    pos: 0,
+                    end: len,
+                },
+            ),
+            Some(&anchor.head()),
+            path,
+        )?;
+        if report.head != head {
+            return Err(AuditError::ChangedOnDisk {
+                in_memory: head,
+                on_disk: report.head,
+            });
+        }
+        return Ok(());
+    };
+    let not_found = || AuditError::AnchorNotFound {
+        expected: anchor.head(),
+        at,
+    };
+    if at == 0 || at > len {
+        return Err(not_found());
+    }
+    let newline = at.saturating_sub(1);
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, newline)
+        .map_err(|e| AuditError::io(path, e))?;
+    if last != [b'\n'] {
+        return Err(not_found());
+    }
+    let window = u64::try_from(MAX_LINE_LEN)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    let start = rfind_newline(file, newline, newline.saturating_sub(window))
+        .map_err(|e| AuditError::io(path, e))?
+        .map_or(0, |p| p.saturating_add(1));
+    let line_len = usize::try_from(newline.saturating_sub(start)).map_err(|_| not_found())?;
+    if line_len > MAX_LINE_LEN {
+        return Err(not_found());
+    }
+    let mut line = vec![0; line_len];
+    file.read_exact_at(&mut line, start)
+        .map_err(|e| AuditError::io(path, e))?;
+    let record: AuditRecord = serde_json::from_slice(&line).map_err(|_| not_found())?;
+    if record.seq != anchor.seq
+        || record.hash != anchor.hash
+        || check_self(&line, &record, &mut Vec::new()).is_err()
+    {
+        return Err(not_found());
+    }
+    if verify_rest {
+        let reader = BufReader::with_capacity(
+            TAIL_CHUNK,
+            PositionalReader {
+                file,
+                pos: at,
+                end: len,
+            },
+        );
+        let mut chain = ChainReader::resume(reader, path, anchor.head());
+        while chain.next_record()?.is_some() {}
+        if chain.head != head {
+            return Err(AuditError::ChangedOnDisk {
+                in_memory: head,
+                on_disk: chain.head,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn sync_parent_dir(path: &Path) -> Result<(), AuditError> {

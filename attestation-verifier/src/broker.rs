@@ -7,6 +7,22 @@
 //! allowed or refused, and for a refusal the precise rule — is written to the
 //! audit log before the answer leaves; the enclave only ever learns a coarse
 //! [`ErrorCode`].
+//!
+//! Unauthenticated noise — a request whose attestation document does not
+//! verify, or whose verified document is not fresh (nonce unknown, expired
+//! or already used: a replay) — is refused before any key is considered.
+//! Anyone who can reach the service can send it, so it is not written as
+//! one fsync'd record per request: it is counted, and a summary record
+//! (`key.release.unauthenticated`: counts by rule, the time span, the first
+//! detail) is written at most once per
+//! [`BrokerConfig::noise_summary_interval`] and at shutdown. Every decision
+//! about a key — an allowed release, or a refusal by request binding,
+//! policy or key state — is still one record per request, written before
+//! the answer.
+//!
+//! The broker stops (answers `unavailable` to everything) once the audit
+//! anchor cannot move along the log's chain, e.g. after the log was
+//! truncated or replaced while it ran ([`Broker::anchor_audit_head`]).
 
 use crate::audit::{Actor, AuditLog, Decision, NewRecord};
 use crate::keys::{KeyError, KeyName, WrappedDataKey};
@@ -18,7 +34,8 @@ use kluis_proto::{
     check_released_keys, request_hash, seal_keys, ErrorCode, KeyOperation, KeyRequest,
     PlaintextKey, ReleasedKey, Request, Response, VerifierIdentity,
 };
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Settings of the broker.
@@ -30,6 +47,8 @@ pub struct BrokerConfig {
     pub nonce_lifetime: Duration,
     /// How many challenges may be outstanding.
     pub nonce_capacity: usize,
+    /// At most one summary record of unauthenticated noise per interval.
+    pub noise_summary_interval: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -38,6 +57,7 @@ impl Default for BrokerConfig {
             max_document_age: Duration::from_secs(300),
             nonce_lifetime: Duration::from_secs(60),
             nonce_capacity: 65_536,
+            noise_summary_interval: Duration::from_secs(10),
         }
     }
 }
@@ -47,10 +67,27 @@ pub struct Broker {
     kms: Kms,
     verifier: Verifier,
     identity: VerifierIdentity,
-    audit: AuditLog,
+    audit: Arc<AuditLog>,
     nonces: Mutex<NonceStore>,
     config: BrokerConfig,
+    /// Why the broker stopped, once it has.
+    halted: Mutex<Option<String>>,
+    noise: Mutex<Noise>,
 }
+
+/// Unauthenticated refusals not yet summarised in the audit log.
+#[derive(Debug, Default)]
+struct Noise {
+    count: u64,
+    first_ms: u64,
+    last_ms: u64,
+    by_rule: BTreeMap<&'static str, u64>,
+    first_detail: Option<String>,
+    last_summary_ms: u64,
+}
+
+/// Longest detail kept in a noise summary.
+const MAX_NOISE_DETAIL: usize = 1024;
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,6 +104,9 @@ struct Refused {
     rule: &'static str,
     detail: String,
     code: ErrorCode,
+    /// Refused before any key was considered (a stale or replayed
+    /// document): summarised, not recorded one by one.
+    noise: bool,
 }
 
 impl Refused {
@@ -75,6 +115,7 @@ impl Refused {
             rule,
             detail: detail.into(),
             code: ErrorCode::Denied,
+            noise: false,
         }
     }
 }
@@ -90,7 +131,7 @@ impl Broker {
         kms: Kms,
         verifier: Verifier,
         identity: VerifierIdentity,
-        audit: AuditLog,
+        audit: impl Into<Arc<AuditLog>>,
         config: BrokerConfig,
     ) -> Self {
         let nonces = Mutex::new(NonceStore::new(
@@ -101,9 +142,112 @@ impl Broker {
             kms,
             verifier,
             identity,
-            audit,
+            audit: audit.into(),
             nonces,
             config,
+            halted: Mutex::new(None),
+            noise: Mutex::new(Noise::default()),
+        }
+    }
+
+    /// Why the broker stopped serving, if it has.
+    pub fn halted(&self) -> Option<String> {
+        self.halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn halt(&self, reason: String) {
+        let mut halted = self
+            .halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if halted.is_none() {
+            tracing::error!("key releases stopped: {reason}");
+            *halted = Some(reason);
+        }
+    }
+
+    /// Count an unauthenticated refusal; write the summary when it is due.
+    fn note_noise(&self, rule: &'static str, detail: impl FnOnce() -> String, now_ms: u64) {
+        {
+            let mut noise = self
+                .noise
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if noise.count == 0 {
+                noise.first_ms = now_ms;
+                let mut d = detail();
+                if d.len() > MAX_NOISE_DETAIL {
+                    let mut cut = MAX_NOISE_DETAIL;
+                    while !d.is_char_boundary(cut) {
+                        cut = cut.saturating_sub(1);
+                    }
+                    d.truncate(cut);
+                }
+                noise.first_detail = Some(d);
+            }
+            noise.count = noise.count.saturating_add(1);
+            noise.last_ms = now_ms;
+            let n = noise.by_rule.entry(rule).or_insert(0);
+            *n = n.saturating_add(1);
+        }
+        self.flush_noise(now_ms, false);
+    }
+
+    /// Write the summary of unauthenticated refusals if there are any and
+    /// one is due (or `force`, at shutdown). The service calls this once a
+    /// second.
+    pub fn flush_noise(&self, now_ms: u64, force: bool) {
+        let interval = millis(self.config.noise_summary_interval);
+        let record = {
+            let mut noise = self
+                .noise
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if noise.count == 0
+                || (!force && now_ms.saturating_sub(noise.last_summary_ms) < interval)
+            {
+                return;
+            }
+            let counts = noise
+                .by_rule
+                .iter()
+                .map(|(rule, n)| format!("{rule}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let reason = format!(
+                "{} requests refused before any key was considered, from {} to {} ({counts}); first: {}",
+                noise.count,
+                crate::audit::rfc3339_millis(noise.first_ms),
+                crate::audit::rfc3339_millis(noise.last_ms),
+                noise.first_detail.as_deref().unwrap_or("-"),
+            );
+            *noise = Noise {
+                last_summary_ms: now_ms,
+                ..Noise::default()
+            };
+            NewRecord {
+                time_ms: now_ms,
+                actor: Actor::System,
+                operation: "key.release.unauthenticated".to_owned(),
+                key_id: None,
+                key_version: None,
+                decision: Decision::Refused,
+                reason: Some(reason),
+                attestation_document: None,
+            }
+        };
+        let _ = self.record(record);
+    }
+
+    /// Keep in `nonces` only the challenges still open (issued, unused,
+    /// unexpired) at `now_ms`: a connection's challenge slot is freed only
+    /// when its own nonce is used or expires.
+    pub fn retain_open_challenges(&self, nonces: &mut Vec<[u8; NONCE_LEN]>, now_ms: u64) {
+        if let Ok(store) = self.nonces.lock() {
+            nonces.retain(|n| store.is_open(n, now_ms));
         }
     }
 
@@ -124,6 +268,11 @@ impl Broker {
         now_ms: u64,
         random: &dyn Fn() -> Option<[u8; NONCE_LEN]>,
     ) -> Response {
+        if self.halted().is_some() {
+            return Response::Error {
+                code: ErrorCode::Unavailable,
+            };
+        }
         match request {
             Request::Challenge => self.challenge(now_ms, random),
             Request::KeyRelease {
@@ -183,14 +332,15 @@ impl Broker {
     /// Anchor the audit log's current head in the store, so that truncating
     /// the log's tail is detected. The service calls this periodically and at
     /// exit rather than per request, to keep one fsync'd write per release.
+    /// Only a head that is on disk is anchored; if an fsync is pending, the
+    /// next call anchors it. When the log no longer continues from the
+    /// anchored head (records removed, the file replaced), the broker stops:
+    /// no key is released into a log whose history has a gap.
     pub fn anchor_audit_head(&self) {
-        // Only a head that is on disk; if an fsync is pending, the next call
-        // anchors it.
-        let Some(head) = self.audit.durable_head() else {
-            return;
-        };
-        if let Err(e) = self.kms.set_audit_head(&head) {
-            tracing::error!(error = %e, "could not anchor the audit head");
+        match self.kms.anchor_audit(&self.audit) {
+            Ok(()) => {}
+            Err(e @ KeyError::Audit(_)) => self.halt(e.to_string()),
+            Err(e) => tracing::error!(error = %e, "could not anchor the audit head"),
         }
     }
 
@@ -201,23 +351,20 @@ impl Broker {
             Ok(a) => a,
             Err(e) => {
                 let rule = e.kind();
-                let _ = self.record(NewRecord {
-                    time_ms: now_ms,
-                    actor: Actor::System,
-                    operation: "key.release".to_owned(),
-                    key_id: None,
-                    key_version: None,
-                    decision: Decision::Refused,
-                    // Unverified bytes are not kept (anyone can send them):
-                    // their hash and length identify them.
-                    reason: Some(format!(
-                        "attestation_rejected: {rule}: {e} (document SHA-384 {}, {} bytes)",
-                        hex::encode(kluis_attestation::sha384(document)),
-                        document.len()
-                    )),
-                    attestation_document: None,
-                });
-                tracing::warn!(kind = rule, "attestation rejected: {e}");
+                // Unverified bytes are not kept (anyone can send them):
+                // their hash and length identify them.
+                self.note_noise(
+                    rule,
+                    || {
+                        format!(
+                            "attestation_rejected: {rule}: {e} (document SHA-384 {}, {} bytes)",
+                            hex::encode(kluis_attestation::sha384(document)),
+                            document.len()
+                        )
+                    },
+                    now_ms,
+                );
+                tracing::debug!(kind = rule, "attestation rejected: {e}");
                 return Response::Error {
                     code: ErrorCode::Denied,
                 };
@@ -225,6 +372,27 @@ impl Broker {
         };
         match self.release_attested(&attestation, document, request, now_ms) {
             Ok(response) => response,
+            Err(refused) if refused.noise => {
+                tracing::debug!(
+                    rule = refused.rule,
+                    "key release refused: {}",
+                    refused.detail
+                );
+                self.note_noise(
+                    refused.rule,
+                    || {
+                        format!(
+                            "{}: {} (module {}, document SHA-384 {})",
+                            refused.rule,
+                            refused.detail,
+                            attestation.document().module_id,
+                            hex::encode(attestation.document_sha384())
+                        )
+                    },
+                    now_ms,
+                );
+                Response::Error { code: refused.code }
+            }
             Err(refused) => {
                 tracing::warn!(
                     rule = refused.rule,
@@ -258,7 +426,10 @@ impl Broker {
             .lock()
             .map_err(|_| Refused::denied("internal", "nonce store poisoned"))?
             .consume(doc.nonce.as_deref(), now_ms)
-            .map_err(|e| Refused::denied(e.as_str(), e.to_string()))?;
+            .map_err(|e| Refused {
+                noise: true,
+                ..Refused::denied(e.as_str(), e.to_string())
+            })?;
 
         let hash = request_hash(request);
         if doc.user_data.as_deref() != Some(hash.as_slice()) {
@@ -328,6 +499,7 @@ impl Broker {
                 rule: "audit_failed",
                 detail: "could not write the audit record".to_owned(),
                 code,
+                noise: false,
             })?;
         }
 
@@ -355,6 +527,7 @@ impl Broker {
                     detail: "derived secrets are released as data keys (decrypt a wrapped key)"
                         .to_owned(),
                     code: ErrorCode::BadRequest,
+                    noise: false,
                 })
             }
         };
@@ -419,5 +592,6 @@ fn parse_key(key_id: &str) -> Result<KeyName, Refused> {
         rule: "bad_key_id",
         detail: e.to_string(),
         code: ErrorCode::BadRequest,
+        noise: false,
     })
 }

@@ -81,7 +81,11 @@ pub enum KeyError {
         version: u32,
     },
     /// The deletion waiting period is not over.
-    #[error("master key {name} may be destroyed only after {after_ms} (Unix ms); now is {now_ms}")]
+    #[error(
+        "master key {name} may be destroyed only after {}; now is {}",
+        crate::audit::rfc3339_millis(*after_ms),
+        crate::audit::rfc3339_millis(*now_ms)
+    )]
     WaitingPeriod {
         /// The key.
         name: String,
@@ -107,6 +111,10 @@ pub enum KeyError {
         /// What failed.
         detail: String,
     },
+    /// The audit record of a change could not be written (or the audit
+    /// anchor could not move along its chain), so the change was not made.
+    #[error("audit: {0}")]
+    Audit(String),
 }
 
 /// A validated CMK name, `tenant/application/environment`.

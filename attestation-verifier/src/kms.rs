@@ -6,10 +6,35 @@
 //! record, applies a pure transition from [`crate::keys`], and writes it back
 //! atomically before the lock is released: concurrent commands serialise and
 //! a crash leaves either the old or the new record.
+//!
+//! # Audit first
+//!
+//! With an audit log bound ([`Kms::bind_audit`], as every command and the
+//! service do), a change is made only after its audit record is on disk:
+//! under the lock, the transition is first planned on a copy with no side
+//! effect (checking its preconditions and learning the resulting version);
+//! then an *intent* (which record it changes, and a digest of that record
+//! before) is written to the store, the `allowed` audit record is appended
+//! (fsync'd) and anchored, and only then are the material and the record
+//! written and the intent removed. If the audit record cannot be written,
+//! nothing changes. If the process dies between the audit record and the
+//! change, the next change or command start ([`Kms::resolve_interrupted`])
+//! finds the intent, compares the record with its digest, and when the
+//! change did not take effect appends a `refused` record saying that the
+//! allowed one is void. So a crash leaves a change either audited and in
+//! force, or audited as interrupted.
+//!
+//! The audit anchor (the log head kept in the store, authenticated) only
+//! moves forward along the chain it anchors: [`Kms::anchor_audit`] checks
+//! that the log holds the anchored record where it was anchored before
+//! moving it. Only [`Kms::reset_audit_anchor`] (the audited operator
+//! recovery) moves it elsewhere.
 
+use crate::audit::{Actor, AuditAnchor, AuditLog, Decision, NewRecord};
 use crate::auth::AdminRecord;
 use crate::keys::{self, CmkRecord, DataKey, KeyError, KeyName, WrappedDataKey};
-use kluis_keystore::{KeyBackend, LocalBackend, RootSecret, Store, StoreGuard};
+use kluis_keystore::{KeyBackend, LocalBackend, RootSecret, Store, StoreError, StoreGuard};
+use sha2::Digest as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -19,6 +44,76 @@ const KIND_ADMIN: &str = "admin";
 const KIND_SYSTEM: &str = "system";
 const ID_IDENTITY: &str = "verifier-identity";
 const ID_AUDIT_HEAD: &str = "audit-head";
+const ID_INTENT: &str = "intent";
+
+/// A change begun but not known to be in force (see the module
+/// documentation).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Intent {
+    operation: String,
+    key_id: Option<String>,
+    key_version: Option<u32>,
+    /// The record the change writes.
+    kind: String,
+    id: String,
+    /// SHA-256 of that record's plaintext before the change (`None`: absent).
+    before: Option<String>,
+    /// When the change began, Unix ms.
+    time_ms: u64,
+}
+
+/// The audit log a [`Kms`] writes each change's record to, and who acts.
+#[derive(Debug, Clone)]
+struct AuditBinding {
+    log: Arc<AuditLog>,
+    actor: Actor,
+}
+
+/// What a change is, for its audit record.
+struct Change<'a> {
+    operation: &'a str,
+    key: Option<&'a KeyName>,
+    reason: Option<String>,
+}
+
+/// A backend that does nothing: transitions are planned with it before
+/// their audit record is written, so planning has no side effect.
+struct DryRun;
+
+impl KeyBackend for DryRun {
+    fn name(&self) -> &'static str {
+        "dry-run"
+    }
+    fn create_material(&self, _: &StoreGuard<'_>, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn wrap(&self, id: &str, _: &[u8], _: &[u8]) -> Result<Vec<u8>, StoreError> {
+        Err(StoreError::MaterialNotFound { id: id.to_owned() })
+    }
+    fn unwrap(
+        &self,
+        id: &str,
+        _: &[u8],
+        _: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
+        Err(StoreError::MaterialNotFound { id: id.to_owned() })
+    }
+    fn destroy_material(&self, _: &StoreGuard<'_>, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn audit_error(e: impl std::fmt::Display) -> KeyError {
+    KeyError::Audit(e.to_string())
+}
 
 /// A policy as stored: the text the administrator set, and its format.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -38,6 +133,7 @@ pub struct StoredPolicy {
 pub struct Kms {
     store: Arc<Store>,
     backend: Arc<dyn KeyBackend>,
+    audit: Option<AuditBinding>,
 }
 
 impl std::fmt::Debug for Kms {
@@ -64,7 +160,179 @@ impl Kms {
 
     fn with_local_backend(store: Arc<Store>) -> Self {
         let backend: Arc<dyn KeyBackend> = Arc::new(LocalBackend::new(Arc::clone(&store)));
-        Kms { store, backend }
+        Kms {
+            store,
+            backend,
+            audit: None,
+        }
+    }
+
+    /// Write every change's audit record to `log`, as `actor`, before
+    /// making it (see the module documentation). Without a binding (tests
+    /// of the hierarchy alone) changes are not audited.
+    pub fn bind_audit(&mut self, log: Arc<AuditLog>, actor: Actor) {
+        self.audit = Some(AuditBinding { log, actor });
+    }
+
+    /// Who the audit records of further changes name.
+    pub fn set_audit_actor(&mut self, actor: Actor) {
+        if let Some(binding) = &mut self.audit {
+            binding.actor = actor;
+        }
+    }
+
+    /// The bound audit log.
+    pub fn audit_log(&self) -> Option<&Arc<AuditLog>> {
+        self.audit.as_ref().map(|b| &b.log)
+    }
+
+    /// Append `record` to the bound log and anchor it (under the store lock,
+    /// so that commands do not interleave).
+    pub fn append_audit(&self, record: NewRecord) -> Result<AuditAnchor, KeyError> {
+        let binding = self
+            .audit
+            .as_ref()
+            .ok_or_else(|| KeyError::Audit("no audit log is bound".to_owned()))?;
+        let guard = self.lock()?;
+        let anchor = binding.log.append_anchor(record).map_err(audit_error)?;
+        self.advance_anchor(&guard, &binding.log, &anchor)?;
+        Ok(anchor)
+    }
+
+    fn digest(&self, kind: &str, id: &str) -> Result<Option<String>, KeyError> {
+        Ok(self
+            .store
+            .get(kind, id)?
+            .map(|bytes| hex::encode(sha2::Sha256::digest(bytes.as_slice()))))
+    }
+
+    /// Under the lock, before a change of record `kind/id`: the intent,
+    /// then the durable audit record. Nothing without a binding.
+    fn journal(
+        &self,
+        guard: &StoreGuard<'_>,
+        kind: &str,
+        id: &str,
+        change: Change<'_>,
+        version: Option<u32>,
+    ) -> Result<(), KeyError> {
+        let Some(binding) = &self.audit else {
+            return Ok(());
+        };
+        let time_ms = now_ms();
+        let intent = Intent {
+            operation: change.operation.to_owned(),
+            key_id: change.key.map(ToString::to_string),
+            key_version: version,
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+            before: self.digest(kind, id)?,
+            time_ms,
+        };
+        self.put_json(guard, KIND_SYSTEM, ID_INTENT, &intent)?;
+        let appended = binding.log.append_anchor(NewRecord {
+            time_ms,
+            actor: binding.actor.clone(),
+            operation: change.operation.to_owned(),
+            key_id: intent.key_id.clone(),
+            key_version: version,
+            decision: Decision::Allowed,
+            reason: change.reason,
+            attestation_document: None,
+        });
+        match appended {
+            Ok(anchor) => self.advance_anchor(guard, &binding.log, &anchor),
+            Err(e) => {
+                // Nothing was recorded, so nothing may change.
+                let _ = self.store.delete(guard, KIND_SYSTEM, ID_INTENT);
+                Err(audit_error(e))
+            }
+        }
+    }
+
+    /// After a change: it is in force, the intent goes. (If removing it
+    /// fails, the next resolution finds the change in force and only
+    /// removes it.)
+    fn journal_done(&self, guard: &StoreGuard<'_>) {
+        if self.audit.is_some() {
+            if let Err(e) = self.store.delete(guard, KIND_SYSTEM, ID_INTENT) {
+                tracing::warn!(error = %e, "could not remove the change intent");
+            }
+        }
+    }
+
+    /// After a change failed once its record was written: resolve now.
+    fn journal_failed(&self, guard: &StoreGuard<'_>) {
+        if let Err(e) = self.resolve_locked(guard) {
+            tracing::error!(error = %e, "could not resolve an interrupted change");
+        }
+    }
+
+    fn resolve_locked(&self, guard: &StoreGuard<'_>) -> Result<(), KeyError> {
+        let Some(binding) = &self.audit else {
+            return Ok(());
+        };
+        let Some(intent) = self.get_json::<Intent>(KIND_SYSTEM, ID_INTENT)? else {
+            return Ok(());
+        };
+        if self.digest(&intent.kind, &intent.id)? == intent.before {
+            let begun = crate::audit::rfc3339_millis(intent.time_ms);
+            let anchor = binding
+                .log
+                .append_anchor(NewRecord {
+                    time_ms: now_ms(),
+                    actor: Actor::System,
+                    operation: intent.operation.clone(),
+                    key_id: intent.key_id.clone(),
+                    key_version: intent.key_version,
+                    decision: Decision::Refused,
+                    reason: Some(format!(
+                        "interrupted: the change begun at {begun} did not take effect; \
+                         the record allowing it is void"
+                    )),
+                    attestation_document: None,
+                })
+                .map_err(audit_error)?;
+            self.advance_anchor(guard, &binding.log, &anchor)?;
+        }
+        self.store.delete(guard, KIND_SYSTEM, ID_INTENT)?;
+        Ok(())
+    }
+
+    /// Resolve a change that a crash interrupted after its audit record
+    /// (see the module documentation). Commands call this at start.
+    pub fn resolve_interrupted(&self) -> Result<(), KeyError> {
+        let guard = self.lock()?;
+        self.resolve_locked(&guard)
+    }
+
+    /// The store lock for a change: an interrupted change is resolved first.
+    fn change_lock(&self) -> Result<StoreGuard<'_>, KeyError> {
+        let guard = self.lock()?;
+        self.resolve_locked(&guard)?;
+        Ok(guard)
+    }
+
+    /// Write `value` as record `kind/id` after its audit record.
+    fn put_audited<T: serde::Serialize>(
+        &self,
+        guard: &StoreGuard<'_>,
+        kind: &str,
+        id: &str,
+        value: &T,
+        change: Change<'_>,
+    ) -> Result<(), KeyError> {
+        self.journal(guard, kind, id, change, None)?;
+        match self.put_json(guard, kind, id, value) {
+            Ok(()) => {
+                self.journal_done(guard);
+                Ok(())
+            }
+            Err(e) => {
+                self.journal_failed(guard);
+                Err(e)
+            }
+        }
     }
 
     /// The underlying store.
@@ -128,17 +396,49 @@ impl Kms {
         Ok(out)
     }
 
-    /// Apply `change` to a key's record under the lock and save it.
+    /// Apply `change` to a key's record under the lock and save it, after
+    /// its audit record (`operation`, with the version `version` picks).
+    /// The transition is planned first with no side effect; when `always`
+    /// is false and the plan changes nothing, nothing is written or audited.
     fn modify<T>(
         &self,
         name: &KeyName,
-        change: impl FnOnce(&dyn KeyBackend, &StoreGuard<'_>, &mut CmkRecord) -> Result<T, KeyError>,
+        operation: &str,
+        reason: Option<String>,
+        always: bool,
+        version: impl Fn(&T) -> Option<u32>,
+        change: impl Fn(&dyn KeyBackend, &StoreGuard<'_>, &mut CmkRecord) -> Result<T, KeyError>,
     ) -> Result<(T, CmkRecord), KeyError> {
-        let guard = self.lock()?;
-        let mut record = self.key(name)?;
-        let out = change(self.backend.as_ref(), &guard, &mut record)?;
-        self.put_json(&guard, KIND_CMK, name.as_str(), &record)?;
-        Ok((out, record))
+        let guard = self.change_lock()?;
+        let original = self.key(name)?;
+        if self.audit.is_some() {
+            let mut planned = original.clone();
+            let out = change(&DryRun, &guard, &mut planned)?;
+            if !always && planned == original {
+                return Ok((out, original));
+            }
+            let what = Change {
+                operation,
+                key: Some(name),
+                reason,
+            };
+            self.journal(&guard, KIND_CMK, name.as_str(), what, version(&out))?;
+        }
+        let mut record = original;
+        let result = change(self.backend.as_ref(), &guard, &mut record).and_then(|out| {
+            self.put_json(&guard, KIND_CMK, name.as_str(), &record)
+                .map(|()| out)
+        });
+        match result {
+            Ok(out) => {
+                self.journal_done(&guard);
+                Ok((out, record))
+            }
+            Err(e) => {
+                self.journal_failed(&guard);
+                Err(e)
+            }
+        }
     }
 
     /// Create a master key.
@@ -148,25 +448,52 @@ impl Kms {
         rotation_days: u32,
         now_ms: u64,
     ) -> Result<CmkRecord, KeyError> {
-        let guard = self.lock()?;
+        let guard = self.change_lock()?;
         if self.store.get(KIND_CMK, name.as_str())?.is_some() {
             return Err(KeyError::AlreadyExists(name.to_string()));
         }
-        let record = keys::create(
+        // Plan (checks the arguments), record, then create the material.
+        keys::create(&DryRun, &guard, name.clone(), rotation_days, now_ms)?;
+        let change = Change {
+            operation: "key.create",
+            key: Some(name),
+            reason: None,
+        };
+        self.journal(&guard, KIND_CMK, name.as_str(), change, Some(1))?;
+        let result = keys::create(
             self.backend.as_ref(),
             &guard,
             name.clone(),
             rotation_days,
             now_ms,
-        )?;
-        self.put_json(&guard, KIND_CMK, name.as_str(), &record)?;
-        Ok(record)
+        )
+        .and_then(|record| {
+            self.put_json(&guard, KIND_CMK, name.as_str(), &record)
+                .map(|()| record)
+        });
+        match result {
+            Ok(record) => {
+                self.journal_done(&guard);
+                Ok(record)
+            }
+            Err(e) => {
+                self.journal_failed(&guard);
+                Err(e)
+            }
+        }
     }
 
     /// Rotate a master key on demand; returns the new version.
     pub fn rotate_key(&self, name: &KeyName, now_ms: u64) -> Result<u32, KeyError> {
-        self.modify(name, |b, g, r| keys::rotate(b, g, r, now_ms))
-            .map(|(v, _)| v)
+        self.modify(
+            name,
+            "key.rotate",
+            None,
+            true,
+            |v| Some(*v),
+            |b, g, r| keys::rotate(b, g, r, now_ms),
+        )
+        .map(|(v, _)| v)
     }
 
     /// Rotate every enabled key whose rotation is due; returns `(name, new version)`.
@@ -174,14 +501,21 @@ impl Kms {
         let mut rotated = Vec::new();
         for record in self.keys()? {
             if record.rotation_due(now_ms) {
-                let (version, _) = self.modify(&record.name, |b, g, r| {
-                    // Re-check under the lock: another process may have rotated.
-                    if r.rotation_due(now_ms) {
-                        keys::rotate(b, g, r, now_ms).map(Some)
-                    } else {
-                        Ok(None)
-                    }
-                })?;
+                let (version, _) = self.modify(
+                    &record.name,
+                    "key.rotate",
+                    Some("rotation period elapsed".to_owned()),
+                    false,
+                    |v| *v,
+                    |b, g, r| {
+                        // Re-check under the lock: another process may have rotated.
+                        if r.rotation_due(now_ms) {
+                            keys::rotate(b, g, r, now_ms).map(Some)
+                        } else {
+                            Ok(None)
+                        }
+                    },
+                )?;
                 if let Some(v) = version {
                     rotated.push((record.name.clone(), v));
                 }
@@ -192,13 +526,28 @@ impl Kms {
 
     /// Disable a key.
     pub fn disable_key(&self, name: &KeyName) -> Result<CmkRecord, KeyError> {
-        self.modify(name, |_, _, r| keys::disable(r))
-            .map(|(_, r)| r)
+        self.modify(
+            name,
+            "key.disable",
+            None,
+            true,
+            |()| None,
+            |_, _, r| keys::disable(r),
+        )
+        .map(|(_, r)| r)
     }
 
     /// Enable a key.
     pub fn enable_key(&self, name: &KeyName) -> Result<CmkRecord, KeyError> {
-        self.modify(name, |_, _, r| keys::enable(r)).map(|(_, r)| r)
+        self.modify(
+            name,
+            "key.enable",
+            None,
+            true,
+            |()| None,
+            |_, _, r| keys::enable(r),
+        )
+        .map(|(_, r)| r)
     }
 
     /// Schedule a key's destruction after `wait_days`; returns when it becomes possible.
@@ -208,22 +557,41 @@ impl Kms {
         wait_days: u32,
         now_ms: u64,
     ) -> Result<u64, KeyError> {
-        self.modify(name, |_, _, r| {
-            keys::schedule_deletion(r, wait_days, now_ms)
-        })
+        self.modify(
+            name,
+            "key.schedule_deletion",
+            Some(format!("waiting period {wait_days} days")),
+            true,
+            |_| None,
+            |_, _, r| keys::schedule_deletion(r, wait_days, now_ms),
+        )
         .map(|(a, _)| a)
     }
 
     /// Cancel a scheduled deletion.
     pub fn cancel_deletion(&self, name: &KeyName) -> Result<CmkRecord, KeyError> {
-        self.modify(name, |_, _, r| keys::cancel_deletion(r))
-            .map(|(_, r)| r)
+        self.modify(
+            name,
+            "key.cancel_deletion",
+            None,
+            true,
+            |()| None,
+            |_, _, r| keys::cancel_deletion(r),
+        )
+        .map(|(_, r)| r)
     }
 
     /// Destroy a key whose waiting period is over: its material is gone.
     pub fn destroy_key(&self, name: &KeyName, now_ms: u64) -> Result<CmkRecord, KeyError> {
-        self.modify(name, |b, g, r| keys::destroy(b, g, r, now_ms))
-            .map(|(_, r)| r)
+        self.modify(
+            name,
+            "key.destroy",
+            None,
+            true,
+            |()| None,
+            |b, g, r| keys::destroy(b, g, r, now_ms),
+        )
+        .map(|(_, r)| r)
     }
 
     /// Generate a data key under the key's current version, rotating the key
@@ -235,13 +603,20 @@ impl Kms {
     ) -> Result<(DataKey, WrappedDataKey), KeyError> {
         let record = self.key(name)?;
         let record = if record.rotation_due(now_ms) {
-            self.modify(name, |b, g, r| {
-                if r.rotation_due(now_ms) {
-                    keys::rotate(b, g, r, now_ms).map(|_| ())
-                } else {
-                    Ok(())
-                }
-            })?
+            self.modify(
+                name,
+                "key.rotate",
+                Some("rotation period elapsed (on use)".to_owned()),
+                false,
+                |v| *v,
+                |b, g, r| {
+                    if r.rotation_due(now_ms) {
+                        keys::rotate(b, g, r, now_ms).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                },
+            )?
             .1
         } else {
             record
@@ -263,10 +638,15 @@ impl Kms {
 
     /// Store a key's policy (already validated by the caller).
     pub fn set_policy(&self, name: &KeyName, policy: &StoredPolicy) -> Result<(), KeyError> {
-        let guard = self.lock()?;
+        let guard = self.change_lock()?;
         // The key must exist: a policy for nothing is a typo.
         self.key(name)?;
-        self.put_json(&guard, KIND_POLICY, name.as_str(), policy)
+        let change = Change {
+            operation: "policy.set",
+            key: Some(name),
+            reason: None,
+        };
+        self.put_audited(&guard, KIND_POLICY, name.as_str(), policy, change)
     }
 
     /// A key's policy, if one was set.
@@ -276,14 +656,41 @@ impl Kms {
 
     /// Add an administrator; refuses to replace one.
     pub fn add_admin(&self, record: &AdminRecord) -> Result<(), KeyError> {
-        let guard = self.lock()?;
+        self.add_admin_then(record, "", || Ok(()))
+    }
+
+    /// Add an administrator (audited with `reason`), running `then` (which
+    /// writes their credential) after the audit record and before the
+    /// record is stored: if `then` fails, no administrator is added.
+    pub fn add_admin_then(
+        &self,
+        record: &AdminRecord,
+        reason: &str,
+        then: impl FnOnce() -> Result<(), KeyError>,
+    ) -> Result<(), KeyError> {
+        let guard = self.change_lock()?;
         if self.store.get(KIND_ADMIN, &record.name)?.is_some() {
             return Err(KeyError::InvalidArgument(format!(
                 "administrator {} already exists",
                 record.name
             )));
         }
-        self.put_json(&guard, KIND_ADMIN, &record.name, record)
+        let change = Change {
+            operation: "admin.create",
+            key: None,
+            reason: (!reason.is_empty()).then(|| reason.to_owned()),
+        };
+        self.journal(&guard, KIND_ADMIN, &record.name, change, None)?;
+        match then().and_then(|()| self.put_json(&guard, KIND_ADMIN, &record.name, record)) {
+            Ok(()) => {
+                self.journal_done(&guard);
+                Ok(())
+            }
+            Err(e) => {
+                self.journal_failed(&guard);
+                Err(e)
+            }
+        }
     }
 
     /// An administrator's stored verifier.
@@ -301,29 +708,78 @@ impl Kms {
 
     /// Store the verifier identity key (PKCS#8) once.
     pub fn set_identity_pkcs8(&self, pkcs8: &[u8]) -> Result<(), KeyError> {
-        let guard = self.lock()?;
+        let guard = self.change_lock()?;
         if self.store.get(KIND_SYSTEM, ID_IDENTITY)?.is_some() {
             return Err(KeyError::InvalidArgument(
                 "the verifier identity already exists".to_owned(),
             ));
         }
-        Ok(self.store.put(&guard, KIND_SYSTEM, ID_IDENTITY, pkcs8)?)
+        let change = Change {
+            operation: "identity.create",
+            key: None,
+            reason: None,
+        };
+        self.journal(&guard, KIND_SYSTEM, ID_IDENTITY, change, None)?;
+        match self.store.put(&guard, KIND_SYSTEM, ID_IDENTITY, pkcs8) {
+            Ok(()) => {
+                self.journal_done(&guard);
+                Ok(())
+            }
+            Err(e) => {
+                self.journal_failed(&guard);
+                Err(e.into())
+            }
+        }
     }
 
     /// The audit log head last anchored in the store.
-    pub fn audit_head(&self) -> Result<Option<crate::audit::AuditHead>, KeyError> {
+    pub fn audit_anchor(&self) -> Result<Option<AuditAnchor>, KeyError> {
         self.get_json(KIND_SYSTEM, ID_AUDIT_HEAD)
     }
 
-    /// Anchor the audit log head in the store (authenticated, so truncating
-    /// the log's tail is detected). Only ever moves forward: processes that
-    /// anchor concurrently cannot move it back.
-    pub fn set_audit_head(&self, head: &crate::audit::AuditHead) -> Result<(), KeyError> {
-        let guard = self.lock()?;
-        let current: Option<crate::audit::AuditHead> = self.get_json(KIND_SYSTEM, ID_AUDIT_HEAD)?;
-        if current.is_some_and(|c| c.seq >= head.seq) {
-            return Ok(());
+    /// Under the lock: check that `log` holds the current anchor where it
+    /// was anchored (refused otherwise), then move the anchor to `new`, a
+    /// head of `log`, if it is ahead: the anchor moves along its own chain,
+    /// never past a gap.
+    fn advance_anchor(
+        &self,
+        guard: &StoreGuard<'_>,
+        log: &AuditLog,
+        new: &AuditAnchor,
+    ) -> Result<(), KeyError> {
+        let current: Option<AuditAnchor> = self.get_json(KIND_SYSTEM, ID_AUDIT_HEAD)?;
+        if let Some(current) = current {
+            // Checked even when the anchor stays: this is how a running
+            // service notices a log damaged under it.
+            log.check_anchor(&current).map_err(|e| {
+                KeyError::Audit(format!(
+                    "the audit log does not continue from the anchored head {current}: {e}"
+                ))
+            })?;
+            if current.seq >= new.seq {
+                return Ok(());
+            }
         }
-        self.put_json(&guard, KIND_SYSTEM, ID_AUDIT_HEAD, head)
+        self.put_json(guard, KIND_SYSTEM, ID_AUDIT_HEAD, new)
+    }
+
+    /// Anchor the durable head of `log` (see [`AuditLog::durable_anchor`]);
+    /// refused when `log` does not continue from the current anchor.
+    pub fn anchor_audit(&self, log: &AuditLog) -> Result<(), KeyError> {
+        let Some(new) = log.durable_anchor() else {
+            return Ok(());
+        };
+        let guard = self.lock()?;
+        self.advance_anchor(&guard, log, &new)
+    }
+
+    /// Operator recovery only (`audit recover`, itself audited): anchor
+    /// `new` whatever was anchored before.
+    pub fn reset_audit_anchor(
+        &self,
+        guard: &StoreGuard<'_>,
+        new: &AuditAnchor,
+    ) -> Result<(), KeyError> {
+        self.put_json(guard, KIND_SYSTEM, ID_AUDIT_HEAD, new)
     }
 }

@@ -125,6 +125,11 @@ impl NonceStore {
         }
     }
 
+    /// Whether `nonce` was issued and is neither used nor expired at `now_ms`.
+    pub fn is_open(&self, nonce: &[u8; NONCE_LEN], now_ms: u64) -> bool {
+        matches!(self.slots.get(nonce), Some(Slot::Open { expires_ms }) if now_ms < *expires_ms)
+    }
+
     /// Nonces tracked (outstanding or recently used).
     pub fn len(&self) -> usize {
         self.slots.len()

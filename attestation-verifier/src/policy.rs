@@ -399,7 +399,21 @@ impl KeyPolicy {
             Some("json") => false,
             _ => return Err(PolicyError::UnknownFormat { path: shown }),
         };
+        // A FIFO or device would block or never end: regular files only
+        // (checked before opening, and of the file opened).
+        let regular = |meta: std::fs::Metadata| {
+            if meta.is_file() {
+                Ok(())
+            } else {
+                Err(PolicyError::Io {
+                    path: shown.clone(),
+                    reason: "not a regular file".to_owned(),
+                })
+            }
+        };
+        regular(std::fs::metadata(path).map_err(io)?)?;
         let file = std::fs::File::open(path).map_err(io)?;
+        regular(file.metadata().map_err(io)?)?;
         let mut text = String::new();
         let cap = u64::try_from(MAX_POLICY_LEN).unwrap_or(u64::MAX);
         file.take(cap.saturating_add(1))
@@ -585,9 +599,11 @@ impl KeyPolicy {
             Some(age_ms) if age_ms > max_ms => Err(Refusal::new(
                 RefusalRule::DocumentTooOld,
                 format!(
-                    "the document is {age_ms} ms old (timestamp {timestamp_ms}, now {}); \
+                    "the document is {age_ms} ms old (timestamp {}, now {}); \
                      the policy allows at most {} s",
-                    now.0, self.max_document_age_seconds
+                    crate::audit::rfc3339_millis(timestamp_ms),
+                    crate::audit::rfc3339_millis(now.0),
+                    self.max_document_age_seconds
                 ),
             )),
             Some(_) => Ok(()),
@@ -598,9 +614,10 @@ impl KeyPolicy {
                         RefusalRule::DocumentTooOld,
                         format!(
                             "the document is dated {ahead_ms} ms after the verification time \
-                             (timestamp {timestamp_ms}, now {}); at most {MAX_CLOCK_SKEW_MS} ms \
+                             (timestamp {}, now {}); at most {MAX_CLOCK_SKEW_MS} ms \
                              of clock skew is allowed",
-                            now.0
+                            crate::audit::rfc3339_millis(timestamp_ms),
+                            crate::audit::rfc3339_millis(now.0)
                         ),
                     ))
                 } else {

@@ -6,6 +6,17 @@
 //! idle connections time out; on shutdown the listener stops accepting and
 //! in-flight requests finish (up to a grace period).
 //!
+//! Against one client starving the others: a peer address may hold at most
+//! [`ServiceConfig::max_connections_per_peer`] connections; a new
+//! connection must complete its first frame within
+//! [`ServiceConfig::first_frame_timeout`]; and
+//! [`ServiceConfig::reserved_connections`] of the slots are kept for peers
+//! that hold no other connection. A connection beyond these limits is
+//! closed at once (the client retries) rather than queued behind the flood.
+//! A connection holds at most [`MAX_OPEN_CHALLENGES_PER_CONNECTION`]
+//! challenges; a slot is freed only when its own nonce is used or expires,
+//! or when the connection closes (its open nonces are withdrawn).
+//!
 //! Broker work (signature checks, disk writes for the audit log) runs on the
 //! blocking pool so it never stalls the reactor.
 
@@ -13,8 +24,10 @@ use crate::broker::Broker;
 use kluis_proto::{
     read_message, write_message, ErrorCode, FrameError, Request, Response, WireError,
 };
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -34,6 +47,14 @@ pub struct ServiceConfig {
     pub idle_timeout: Duration,
     /// How long shutdown waits for in-flight work.
     pub shutdown_grace: Duration,
+    /// Most connections one peer address may hold at once.
+    pub max_connections_per_peer: usize,
+    /// Of `max_connections`, how many are kept for peers holding no other
+    /// connection (so a few busy peers cannot take every slot).
+    pub reserved_connections: usize,
+    /// A new connection must finish its TLS handshake and send its first
+    /// complete frame within this.
+    pub first_frame_timeout: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -45,6 +66,9 @@ impl Default for ServiceConfig {
             max_frame_len: 128 * 1024,
             idle_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            max_connections_per_peer: 16,
+            reserved_connections: 32,
+            first_frame_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -66,6 +90,56 @@ fn random_nonce() -> Option<[u8; 32]> {
     Some(nonce)
 }
 
+/// Connections held per peer address.
+#[derive(Debug, Default)]
+struct PeerTable(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection counted against its peer; uncounted on drop.
+struct PeerSlot {
+    table: Arc<PeerTable>,
+    ip: IpAddr,
+}
+
+impl PeerTable {
+    /// Count a connection from `ip` unless it holds `max` already; returns
+    /// the slot and how many it held before.
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<(PeerSlot, usize)> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = map.entry(ip).or_insert(0);
+        if *held >= max {
+            return None;
+        }
+        let before = *held;
+        *held = held.saturating_add(1);
+        Some((
+            PeerSlot {
+                table: Arc::clone(self),
+                ip,
+            },
+            before,
+        ))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .table
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(held) = map.get_mut(&self.ip) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Serve until `shutdown` completes, then drain.
 pub async fn run(
     listener: TcpListener,
@@ -74,20 +148,20 @@ pub async fn run(
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let reserved = config
+        .reserved_connections
+        .min(config.max_connections.saturating_sub(1));
+    let general = Arc::new(Semaphore::new(
+        config.max_connections.saturating_sub(reserved).max(1),
+    ));
+    let reserve = Arc::new(Semaphore::new(reserved));
+    let peers = Arc::new(PeerTable::default());
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
     let mut tasks = JoinSet::new();
     // Tells idle connections to close; a request being processed finishes first.
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            permit = Arc::clone(&connections).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -100,6 +174,27 @@ pub async fn run(
                 }
             },
         };
+        let Some((peer_slot, held)) = peers.take(peer.ip(), config.max_connections_per_peer.max(1))
+        else {
+            tracing::debug!(%peer, "connection refused: too many from this address");
+            drop(stream);
+            continue;
+        };
+        let permit = match Arc::clone(&general).try_acquire_owned() {
+            Ok(p) => p,
+            // The reserve is for peers holding no other connection.
+            Err(_) if held == 0 => match Arc::clone(&reserve).try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    tracing::debug!(%peer, "connection refused: no free slot");
+                    continue;
+                }
+            },
+            Err(_) => {
+                tracing::debug!(%peer, "connection refused: no free slot");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let broker = Arc::clone(&broker);
         let in_flight = Arc::clone(&in_flight);
@@ -110,7 +205,9 @@ pub async fn run(
             let result = match tls {
                 None => serve_connection(stream, broker, in_flight, &config, closing).await,
                 Some(acceptor) => {
-                    match tokio::time::timeout(config.idle_timeout, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(config.first_frame_timeout, acceptor.accept(stream))
+                        .await
+                    {
                         Ok(Ok(tls_stream)) => {
                             serve_connection(tls_stream, broker, in_flight, &config, closing).await
                         }
@@ -123,6 +220,7 @@ pub async fn run(
                 tracing::debug!(%peer, "connection ended: {end:?}");
             }
             drop(permit);
+            drop(peer_slot);
         });
         // Reap finished connection tasks so the set does not grow.
         while tasks.try_join_next().is_some() {}
@@ -213,6 +311,8 @@ async fn connection_loop<S: AsyncRead + AsyncWrite + Unpin>(
     let bad_request = Response::Error {
         code: ErrorCode::BadRequest,
     };
+    // The first frame must come soon; later ones within the idle timeout.
+    let mut deadline = config.first_frame_timeout;
     loop {
         if *closing.borrow() {
             return Err(ConnectionEnd::Closed);
@@ -220,10 +320,11 @@ async fn connection_loop<S: AsyncRead + AsyncWrite + Unpin>(
         let next = tokio::select! {
             _ = closing.changed() => return Err(ConnectionEnd::Closed),
             next = tokio::time::timeout(
-                config.idle_timeout,
+                deadline,
                 read_message::<Request, _>(stream, config.max_frame_len),
             ) => next,
         };
+        deadline = config.idle_timeout;
         let request = match next {
             Err(_) => return Err(ConnectionEnd::Idle),
             Ok(Err(WireError::Frame(FrameError::Closed))) => return Ok(()),
@@ -240,20 +341,16 @@ async fn connection_loop<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Ok(Ok(request)) => request,
         };
-        match &request {
-            Request::Challenge if open_challenges.len() >= MAX_OPEN_CHALLENGES_PER_CONNECTION => {
+        if let Request::Challenge = &request {
+            // Only a used or expired nonce frees its slot.
+            broker.retain_open_challenges(open_challenges, now_ms());
+            if open_challenges.len() >= MAX_OPEN_CHALLENGES_PER_CONNECTION {
                 let busy = Response::Error {
                     code: ErrorCode::Unavailable,
                 };
                 send(stream, &busy, config, closing).await?;
                 continue;
             }
-            // A release attempt uses up (or invalidates) one of this
-            // connection's challenges, whichever it names.
-            Request::KeyRelease { .. } => {
-                open_challenges.pop();
-            }
-            _ => {}
         }
         let response = {
             let Ok(permit) = Arc::clone(in_flight).acquire_owned().await else {

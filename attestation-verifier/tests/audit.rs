@@ -740,14 +740,14 @@ fn truncated_tail_is_detected_with_the_head() {
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     let cut = u64::try_from(short.len()).unwrap();
     file.set_len(cut).unwrap();
-    for err in [
-        log.verify(None).unwrap_err(),
-        log.append(admin(6)).unwrap_err(),
-    ] {
-        match err {
-            AuditError::FileShrank { known, found, .. } => assert_eq!((known, found), (full, cut)),
-            other => panic!("{other:?}"),
-        }
+    match log.verify(None).unwrap_err() {
+        AuditError::FileShrank { known, found, .. } => assert_eq!((known, found), (full, cut)),
+        other => panic!("{other:?}"),
+    }
+    // And keeps refusing: a damaged file is not appended to again.
+    match log.append(admin(6)).unwrap_err() {
+        AuditError::Failed(reason) => assert!(reason.contains("shrank"), "{reason}"),
+        other => panic!("{other:?}"),
     }
     assert_eq!(std::fs::metadata(&path).unwrap().len(), cut);
     drop(log);
@@ -1096,4 +1096,17 @@ fn append_throughput() {
         assert_eq!(log.verify(None).unwrap().records, n);
         println!("   verify: {:?}", start.elapsed());
     }
+}
+
+#[test]
+fn a_symlinked_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.log");
+    AuditLog::open(&real).unwrap().append(admin(1)).unwrap();
+    let link = dir.path().join("audit.log");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    assert!(matches!(
+        AuditLog::open(&link),
+        Err(AuditError::Symlink { .. })
+    ));
 }

@@ -10,7 +10,7 @@
     clippy::indexing_slicing
 )]
 
-use attestation_verifier::audit::{AuditFilter, AuditLog, Decision};
+use attestation_verifier::audit::{Actor, AuditFilter, AuditLog, Decision};
 use attestation_verifier::broker::{Broker, BrokerConfig};
 use attestation_verifier::keys::{KeyName, WrappedDataKey};
 use attestation_verifier::kms::{Kms, StoredPolicy};
@@ -55,9 +55,19 @@ fn image_pcr0(image: &[u8]) -> [u8; 48] {
 }
 
 impl World {
+    /// Unauthenticated refusals summarised one by one (so each is visible).
     fn new() -> World {
+        World::build(false, std::time::Duration::ZERO)
+    }
+
+    /// As the service runs: changes audited first, the anchor kept.
+    fn bound() -> World {
+        World::build(true, std::time::Duration::ZERO)
+    }
+
+    fn build(bound: bool, noise_summary_interval: std::time::Duration) -> World {
         let dir = tempfile::tempdir().unwrap();
-        let kms = Kms::init(
+        let mut kms = Kms::init(
             &dir.path().join("store"),
             RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32])),
         )
@@ -70,8 +80,15 @@ impl World {
         let pinned = identity.public_key_sec1();
         let root = Arc::new(SimRoot::generate_at(T0 - 86_400_000).unwrap());
         let verifier = Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());
-        let audit = AuditLog::open(dir.path().join("audit.log")).unwrap();
-        let broker = Broker::new(kms, verifier, identity, audit, BrokerConfig::default());
+        let audit = Arc::new(AuditLog::open(dir.path().join("audit.log")).unwrap());
+        if bound {
+            kms.bind_audit(Arc::clone(&audit), Actor::System);
+        }
+        let config = BrokerConfig {
+            noise_summary_interval,
+            ..BrokerConfig::default()
+        };
+        let broker = Broker::new(kms, verifier, identity, audit, config);
         World {
             _dir: dir,
             broker,
@@ -174,9 +191,20 @@ fn last_refusal_reason(world: &World) -> String {
             ..AuditFilter::default()
         })
         .unwrap();
+    // Unauthenticated refusals (bad documents, stale nonces) come in
+    // summaries; with a zero interval, one per refusal, naming it first.
     records
         .last()
-        .and_then(|r| r.reason.clone())
+        .and_then(|r| {
+            let reason = r.reason.clone()?;
+            if r.operation == "key.release.unauthenticated" {
+                reason
+                    .split_once("first: ")
+                    .map(|(_, first)| first.to_owned())
+            } else {
+                Some(reason)
+            }
+        })
         .unwrap_or_default()
 }
 
@@ -672,4 +700,353 @@ fn service_over_tls() {
         stop_tx.send(()).unwrap();
         server.await.unwrap().unwrap();
     });
+}
+
+// ------------------------------------------------------------------ issue 7
+
+/// A frame that decodes as a key release but carries no valid document.
+fn garbage_release() -> Request {
+    Request::KeyRelease {
+        attestation_document: vec![0xa5; 64],
+        request: KeyRequest::new(generate()).unwrap(),
+    }
+}
+
+/// Serve `broker` on `addr` with `config` until the returned sender fires.
+async fn start_service(
+    broker: Arc<Broker>,
+    config: ServiceConfig,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    // As `serve` binds: a deep accept queue.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(4096).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(service::run(listener, broker, config, None, async {
+        let _ = stop_rx.await;
+    }));
+    (addr, stop_tx, server)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A release attempt does not free a challenge slot unless it used that
+/// connection's own nonce; garbage releases cost no audit record each, only
+/// a summary with their count.
+#[test]
+fn challenge_slots_are_freed_only_by_their_own_nonce_and_noise_is_summarised() {
+    let world = World::build(false, BrokerConfig::default().noise_summary_interval);
+    let World { broker, _dir, .. } = world;
+    let broker = Arc::new(broker);
+    runtime().block_on(async move {
+        let (addr, stop, server) =
+            start_service(Arc::clone(&broker), ServiceConfig::default()).await;
+        let max = 128 * 1024;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut granted = 0;
+        for _ in 0..50 {
+            kluis_proto::write_message(&mut stream, &garbage_release(), max)
+                .await
+                .unwrap();
+            let answer: Response = kluis_proto::read_message(&mut stream, max).await.unwrap();
+            assert!(matches!(
+                answer,
+                Response::Error {
+                    code: ErrorCode::Denied
+                }
+            ));
+            kluis_proto::write_message(&mut stream, &Request::Challenge, max)
+                .await
+                .unwrap();
+            let answer: Response = kluis_proto::read_message(&mut stream, max).await.unwrap();
+            if matches!(answer, Response::Challenge { .. }) {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, service::MAX_OPEN_CHALLENGES_PER_CONNECTION);
+        // No record per garbage request (the summary interval is 10 s).
+        let release_records = |broker: &Broker| {
+            broker
+                .audit()
+                .records(&AuditFilter::default())
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.operation.starts_with("key.release"))
+                .collect::<Vec<_>>()
+        };
+        assert!(release_records(&broker).len() <= 1, "one summary at most");
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        broker.flush_noise(T0, true);
+        let records = release_records(&broker);
+        let total: u64 = records
+            .iter()
+            .map(|r| {
+                assert_eq!(r.operation, "key.release.unauthenticated");
+                let reason = r.reason.as_deref().unwrap();
+                reason.split(' ').next().unwrap().parse::<u64>().unwrap()
+            })
+            .sum();
+        assert_eq!(total, 50, "{records:?}");
+    });
+}
+
+/// One address holding hundreds of idle connections (reopened as they are
+/// closed) does not keep another address's releases out (p99 under 1 s);
+/// an idle new connection is closed at the first-frame deadline. Bounded:
+/// at most 3000 connections, loopback only.
+#[test]
+fn one_peer_cannot_starve_the_others() {
+    let world = World::new();
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
+    let pinned = world.pinned;
+    let root = world.root.clone();
+    let World { broker, _dir, .. } = world;
+    let broker = Arc::new(broker);
+    let config = ServiceConfig {
+        max_connections: 64,
+        max_connections_per_peer: 8,
+        reserved_connections: 8,
+        first_frame_timeout: std::time::Duration::from_millis(500),
+        ..ServiceConfig::default()
+    };
+    runtime().block_on(async move {
+        let (addr, stop, server) = start_service(Arc::clone(&broker), config).await;
+
+        // An idle connection is dropped at the first-frame deadline.
+        let started = std::time::Instant::now();
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        use tokio::io::AsyncReadExt;
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read(&mut byte))
+            .await
+            .expect("closed by the server")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(started.elapsed() < std::time::Duration::from_secs(3));
+
+        // The flood: 127.0.0.2 keeps up to 400 connections open, reopening
+        // each one the server closes, until told to stop.
+        let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut flood = tokio::task::JoinSet::new();
+        for _ in 0..400 {
+            let flooding = Arc::clone(&flooding);
+            let opened = Arc::clone(&opened);
+            flood.spawn(async move {
+                while flooding.load(std::sync::atomic::Ordering::Relaxed)
+                    && opened.load(std::sync::atomic::Ordering::Relaxed) < 3000
+                {
+                    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+                    let Ok(mut s) = socket.connect(addr).await else {
+                        continue;
+                    };
+                    opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let mut b = [0u8; 1];
+                    // Hold it until the server closes it, then reopen it
+                    // shortly after (a tighter loop is a SYN flood, which
+                    // the kernel's listen backlog meets before the service).
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        s.read(&mut b),
+                    )
+                    .await;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            });
+        }
+        // Let the flood take what it can.
+        while opened.load(std::sync::atomic::Ordering::Relaxed) < 400 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let nsm = nsm_now(root);
+        let mut latencies = Vec::new();
+        for _ in 0..20 {
+            let t = std::time::Instant::now();
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let connected = t.elapsed();
+            if connected > std::time::Duration::from_millis(200) {
+                eprintln!("slow connect: {connected:?}");
+            }
+            let released = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                release_over(&mut stream, &nsm, &pinned),
+            )
+            .await
+            .expect("a legitimate release completes");
+            assert_eq!(released, 1);
+            latencies.push(t.elapsed());
+        }
+        flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+        flood.abort_all();
+        latencies.sort();
+        let p99 = latencies[latencies.len() * 99 / 100 - 1].max(latencies[latencies.len() - 1]);
+        eprintln!(
+            "legitimate releases under a flood of {} connections from one address: p50 {:?}, p99 {:?}",
+            opened.load(std::sync::atomic::Ordering::Relaxed),
+            latencies[latencies.len() / 2],
+            p99
+        );
+        assert!(p99 < std::time::Duration::from_secs(1), "p99 {p99:?}");
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    });
+}
+
+/// `rm audit.log` while the broker runs: no key is released into the
+/// unlinked file.
+#[test]
+fn no_release_after_the_audit_log_is_deleted() {
+    let world = World::new();
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
+    let nsm = world.nsm(b"v1", false, T0);
+    let n = world.challenge(T0);
+    let first = attempt(&world, &nsm, Some(n), generate(), T0, false);
+    assert!(matches!(first.response, Response::KeyRelease(_)));
+    std::fs::remove_file(world.broker.audit().path()).unwrap();
+    let n = world.challenge(T0);
+    let second = attempt(&world, &nsm, Some(n), generate(), T0, false);
+    assert!(
+        matches!(second.response, Response::Error { .. }),
+        "{:?}",
+        second.response
+    );
+    // Replaced by another file: refused too.
+    std::fs::write(world.broker.audit().path(), b"").unwrap();
+    let n = world.challenge(T0);
+    let third = attempt(&world, &nsm, Some(n), generate(), T0, false);
+    assert!(matches!(third.response, Response::Error { .. }));
+}
+
+/// Records removed from the log's end while the service runs: it stops
+/// releasing keys, and the anchor does not move past the gap.
+#[test]
+fn the_broker_stops_when_the_log_no_longer_continues_from_the_anchor() {
+    let world = World::bound();
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
+    let nsm = world.nsm(b"v1", false, T0);
+    for _ in 0..3 {
+        let n = world.challenge(T0);
+        let a = attempt(&world, &nsm, Some(n), generate(), T0, false);
+        assert!(matches!(a.response, Response::KeyRelease(_)));
+    }
+    world.broker.anchor_audit_head();
+    assert_eq!(world.broker.halted(), None);
+    let anchored = world.broker.kms().audit_anchor().unwrap().unwrap();
+    // Cut the last record, then let another handle write a valid record
+    // past the gap (what a restarted process or a failed login did).
+    let path = world.broker.audit().path().to_owned();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(&path, lines[..lines.len() - 1].join("\n") + "\n").unwrap();
+    let other = AuditLog::open(&path).unwrap();
+    for _ in 0..2 {
+        other
+            .append(attestation_verifier::audit::NewRecord {
+                time_ms: T0,
+                actor: Actor::System,
+                operation: "noise".into(),
+                key_id: None,
+                key_version: None,
+                decision: Decision::Refused,
+                reason: None,
+                attestation_document: None,
+            })
+            .unwrap();
+    }
+    // Nobody can move the anchor along the new chain.
+    assert!(world.broker.kms().anchor_audit(&other).is_err());
+    world.broker.anchor_audit_head();
+    assert!(world.broker.halted().is_some());
+    assert_eq!(world.broker.kms().audit_anchor().unwrap(), Some(anchored));
+    assert!(matches!(
+        world
+            .broker
+            .handle(Request::Challenge, T0, &|| Some([9; 32])),
+        Response::Error {
+            code: ErrorCode::Unavailable
+        }
+    ));
+    // And a process starting now refuses the log.
+    assert!(AuditLog::open_anchored(&path, Some(&anchored)).is_err());
+}
+
+/// A change whose audit record cannot be written does not happen.
+#[test]
+fn no_change_without_its_audit_record() {
+    let world = World::bound();
+    let kms = world.broker.kms();
+    let name = KeyName::parse(KEY).unwrap();
+    let other = KeyName::parse("agency-a/app-x/test").unwrap();
+    let policy = StoredPolicy {
+        format: "json".into(),
+        text: "{}".into(),
+        set_by: "test".into(),
+        set_ms: T0,
+    };
+    // The log is gone (or full): every change is refused, nothing changes.
+    std::fs::remove_file(world.broker.audit().path()).unwrap();
+    assert!(kms.set_policy(&name, &policy).is_err());
+    assert_eq!(kms.policy(&name).unwrap(), None);
+    assert!(kms.rotate_key(&name, T0).is_err());
+    assert_eq!(kms.key(&name).unwrap().current().unwrap().version, 1);
+    assert!(kms.create_key(&other, 365, T0).is_err());
+    assert!(kms.key(&other).is_err());
+    assert!(kms.disable_key(&name).is_err());
+    assert_eq!(
+        kms.key(&name).unwrap().state,
+        attestation_verifier::keys::KeyState::Enabled
+    );
+}
+
+/// A change interrupted after its audit record is recorded as void.
+#[test]
+fn an_interrupted_change_is_audited_as_void() {
+    let world = World::bound();
+    let kms = world.broker.kms();
+    let (record, _credential) = attestation_verifier::auth::new_admin(
+        "alice",
+        attestation_verifier::auth::Role::KeyAdmin,
+        T0,
+    )
+    .unwrap();
+    // The step between the audit record and the stored change fails.
+    let failed = kms.add_admin_then(&record, "test", || {
+        Err(attestation_verifier::keys::KeyError::InvalidArgument(
+            "disk full".into(),
+        ))
+    });
+    assert!(failed.is_err());
+    assert!(kms.admin("alice").unwrap().is_none());
+    let records = world
+        .broker
+        .audit()
+        .records(&AuditFilter::default())
+        .unwrap();
+    let admin_records: Vec<_> = records
+        .iter()
+        .filter(|r| r.operation == "admin.create")
+        .collect();
+    assert_eq!(admin_records.len(), 2, "{admin_records:?}");
+    assert_eq!(admin_records[0].decision, Decision::Allowed);
+    assert_eq!(admin_records[1].decision, Decision::Refused);
+    assert!(admin_records[1]
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("did not take effect"));
+    // The name stays free.
+    kms.add_admin(&record).unwrap();
 }

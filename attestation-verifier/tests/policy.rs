@@ -9,6 +9,7 @@
     clippy::indexing_slicing
 )]
 
+use attestation_verifier::audit::rfc3339_millis;
 use attestation_verifier::policy::{
     KeyPolicy, MeasurementSet, Operation, PolicyError, PolicyMatch, RefusalRule, MAX_POLICY_LEN,
 };
@@ -268,9 +269,10 @@ fn evaluation_table() {
             expect: Expect::Refuse(
                 RefusalRule::DocumentTooOld,
                 format!(
-                    "the document is 300001 ms old (timestamp {T0}, now {}); the policy allows \
+                    "the document is 300001 ms old (timestamp {}, now {}); the policy allows \
                      at most 300 s",
-                    T0 + 300_001
+                    rfc3339_millis(T0),
+                    rfc3339_millis(T0 + 300_001)
                 ),
             ),
         },
@@ -291,9 +293,10 @@ fn evaluation_table() {
             expect: Expect::Refuse(
                 RefusalRule::DocumentTooOld,
                 format!(
-                    "the document is dated 60001 ms after the verification time (timestamp {T0}, \
+                    "the document is dated 60001 ms after the verification time (timestamp {}, \
                      now {}); at most 60000 ms of clock skew is allowed",
-                    T0 - 60_001
+                    rfc3339_millis(T0),
+                    rfc3339_millis(T0 - 60_001)
                 ),
             ),
         },
@@ -381,9 +384,10 @@ fn evaluation_table() {
             expect: Expect::Refuse(
                 RefusalRule::DocumentTooOld,
                 format!(
-                    "the document is 3600000 ms old (timestamp {T0}, now {}); the policy allows \
+                    "the document is 3600000 ms old (timestamp {}, now {}); the policy allows \
                      at most 300 s",
-                    T0 + 3_600_000
+                    rfc3339_millis(T0),
+                    rfc3339_millis(T0 + 3_600_000)
                 ),
             ),
         },

@@ -295,3 +295,61 @@ fn bad_input_is_a_one_line_error_with_exit_code_2() {
     let missing_out = enclave(&["nsm-sim", "attest"], Some(&state));
     assert_eq!(missing_out.status.code(), Some(2));
 }
+
+/// `enclave run` with its log redirected to a file (here a pipe) writes no
+/// terminal colour codes into it.
+#[test]
+fn redirected_run_logs_have_no_colour_codes() {
+    use std::io::BufRead;
+    let state = tempfile::tempdir().unwrap();
+    let key = format!("04{}", "11".repeat(96));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_enclave"))
+        .args([
+            "run",
+            "--simulate-nsm",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--verifier",
+            "tcp:127.0.0.1:9",
+            "--verifier-key",
+            &key,
+        ])
+        .arg("--sim-state")
+        .arg(state.path())
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while let Ok(line) =
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        let done = line.contains("enclave service started");
+        log.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = log.join("\n");
+    assert!(log.contains("SIMULATED NSM"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a redirected log: {log:?}"
+    );
+}

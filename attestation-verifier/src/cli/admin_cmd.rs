@@ -1,7 +1,7 @@
 //! The administrative commands: `init`, `admin`, `key`, `policy`, `identity`,
 //! `audit`, `serve`. Every mutation is authenticated, role-checked and audited.
 
-use crate::audit::{Actor, AuditFilter, AuditLog, Decision, NewRecord};
+use crate::audit::{Actor, AuditAnchor, AuditError, AuditFilter, AuditLog, Decision, NewRecord};
 use crate::auth::{self, Admin, Credential, Permission, Role};
 use crate::cli::verify_cmd::{emit, now_ms};
 use crate::cli::Outcome;
@@ -17,6 +17,7 @@ use kluis_proto::VerifierIdentity;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// Where the store is and how to open it.
@@ -25,10 +26,31 @@ pub(crate) struct StoreArgs {
     /// The store directory.
     #[arg(long, env = "KLUIS_STORE", value_name = "DIR", global = true)]
     pub store: Option<PathBuf>,
-    /// The root key file (32 random bytes, mode 0600). Alternatively set
-    /// KLUIS_STORE_PASSPHRASE to use a passphrase (Argon2id).
+    /// The root key file (32 random bytes, mode 0600). Alternatively a
+    /// passphrase (Argon2id): --passphrase-file, --passphrase-fd, or
+    /// KLUIS_STORE_PASSPHRASE (short commands only: it stays readable in
+    /// /proc/PID/environ for the life of the process).
     #[arg(long, env = "KLUIS_ROOT_KEY_FILE", value_name = "FILE", global = true)]
     pub root_key_file: Option<PathBuf>,
+    /// Read the store passphrase from FILE (a regular file, mode 0600 or
+    /// 0400; one line).
+    #[arg(
+        long,
+        env = "KLUIS_STORE_PASSPHRASE_FILE",
+        value_name = "FILE",
+        global = true,
+        conflicts_with = "root_key_file"
+    )]
+    pub passphrase_file: Option<PathBuf>,
+    /// Read the store passphrase from file descriptor N (until end of file),
+    /// e.g. `--passphrase-fd 3 3< <(secret-tool lookup kluis store)`.
+    #[arg(
+        long,
+        value_name = "N",
+        global = true,
+        conflicts_with_all = ["root_key_file", "passphrase_file"]
+    )]
+    pub passphrase_fd: Option<u32>,
     /// The administrator credential file.
     #[arg(
         long,
@@ -54,7 +76,9 @@ impl From<anyhow::Error> for Failure {
 impl From<KeyError> for Failure {
     fn from(e: KeyError) -> Self {
         match &e {
-            KeyError::Store(_) | KeyError::CorruptRecord { .. } => Failure::Usage(anyhow!(e)),
+            KeyError::Store(_) | KeyError::CorruptRecord { .. } | KeyError::Audit(_) => {
+                Failure::Usage(anyhow!(e))
+            }
             _ => Failure::Refused(key_error_kind(&e).to_owned(), e.to_string()),
         }
     }
@@ -75,6 +99,12 @@ fn key_error_kind(e: &KeyError) -> &'static str {
     }
 }
 
+/// The one exit-code rule of every command: 0 done; 1 refused — by a
+/// decision (credential, root secret, role, key state, policy) or because
+/// what was checked is not intact (a tampered audit log, a bad envelope);
+/// 2 usage (bad arguments, an output that exists) or I/O (a file missing or
+/// unreadable, a full disk). Failures print `{"error": {"kind", "message"}}`
+/// on stdout; the kind of an exit 2 is `usage` or `io`.
 pub(crate) fn finish(result: Result<(), Failure>) -> Outcome {
     match result {
         Ok(()) => Outcome::Accepted,
@@ -84,7 +114,12 @@ pub(crate) fn finish(result: Result<(), Failure>) -> Outcome {
             Outcome::Rejected
         }
         Err(Failure::Usage(e)) => {
-            emit(&json!({ "error": { "kind": "usage", "message": format!("{e:#}") } }));
+            let kind = if e.chain().any(|c| c.is::<std::io::Error>()) {
+                "io"
+            } else {
+                "usage"
+            };
+            emit(&json!({ "error": { "kind": kind, "message": format!("{e:#}") } }));
             eprintln!("error: {e:#}");
             Outcome::Failed
         }
@@ -103,6 +138,25 @@ impl StoreArgs {
             return RootSecret::from_key_file(path)
                 .with_context(|| format!("root key file {}", path.display()));
         }
+        if let Some(path) = &self.passphrase_file {
+            let (file, mode) = crate::cli::input::open_regular(path)
+                .with_context(|| format!("passphrase file {}", path.display()))?;
+            if mode & 0o077 != 0 {
+                return Err(anyhow!(
+                    "passphrase file {} has mode {mode:04o}: group and others must have no access (chmod 600)",
+                    path.display()
+                ));
+            }
+            return passphrase_from(file)
+                .with_context(|| format!("passphrase file {}", path.display()));
+        }
+        if let Some(fd) = self.passphrase_fd {
+            let path = format!("/dev/fd/{fd}");
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("passphrase file descriptor {fd}"))?;
+            return passphrase_from(file)
+                .with_context(|| format!("passphrase file descriptor {fd}"));
+        }
         match std::env::var("KLUIS_STORE_PASSPHRASE") {
             Ok(p) if !p.is_empty() => {
                 // Do not leave the passphrase in this process's environment.
@@ -115,15 +169,33 @@ impl StoreArgs {
         }
     }
 
-    pub(crate) fn open(&self) -> anyhow::Result<Kms> {
+    /// Open the store; a wrong root secret is a refusal (exit 1).
+    pub(crate) fn open(&self) -> Result<Kms, Failure> {
         let dir = self.dir()?;
-        Kms::open(dir, self.secret()?)
-            .with_context(|| format!("opening the store {}", dir.display()))
+        match Kms::open(dir, self.secret()?) {
+            Ok(kms) => Ok(kms),
+            Err(KeyError::Store(kluis_keystore::StoreError::WrongRootSecret)) => {
+                Err(Failure::Refused(
+                    "root_secret_rejected".into(),
+                    format!("the root secret does not open the store {}", dir.display()),
+                ))
+            }
+            Err(e) => Err(Failure::Usage(
+                anyhow!(e).context(format!("opening the store {}", dir.display())),
+            )),
+        }
     }
 
-    pub(crate) fn audit_log(&self) -> anyhow::Result<AuditLog> {
-        let path = self.dir()?.join("audit.log");
-        AuditLog::open(&path).with_context(|| format!("opening the audit log {}", path.display()))
+    fn audit_path(&self) -> anyhow::Result<PathBuf> {
+        Ok(self.dir()?.join("audit.log"))
+    }
+
+    /// The audit log, which must continue from `anchor` (the head anchored
+    /// in the store): a damaged log is refused (`audit_broken`, exit 1)
+    /// until an operator runs `audit recover`.
+    pub(crate) fn audit_log(&self, anchor: Option<&AuditAnchor>) -> Result<AuditLog, Failure> {
+        let path = self.audit_path()?;
+        AuditLog::open_anchored(&path, anchor).map_err(|e| audit_failure(&path, e))
     }
 
     fn credential(&self) -> Result<Credential, Failure> {
@@ -133,9 +205,23 @@ impl StoreArgs {
                 auth::AuthError::Missing.to_string(),
             ));
         };
-        let text = crate::cli::input::read_bounded(path, 4096)
-            .with_context(|| format!("reading credential {}", path.display()))?
-            .ok_or_else(|| anyhow!("credential file {} is too large", path.display()))?;
+        let (file, mode) = crate::cli::input::open_regular(path)
+            .with_context(|| format!("reading credential {}", path.display()))?;
+        if mode & 0o077 != 0 {
+            return Err(Failure::Usage(anyhow!(
+                "credential file {} has mode {mode:04o}: group and others must have no access (chmod 600)",
+                path.display()
+            )));
+        }
+        let mut text = Vec::with_capacity(4097);
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, 4097), &mut text)
+            .with_context(|| format!("reading credential {}", path.display()))?;
+        if text.len() > 4096 {
+            return Err(Failure::Usage(anyhow!(
+                "credential file {} is too large",
+                path.display()
+            )));
+        }
         let text = Zeroizing::new(
             String::from_utf8(text).map_err(|_| anyhow!("credential file is not text"))?,
         );
@@ -143,11 +229,78 @@ impl StoreArgs {
     }
 }
 
+/// An audit log that cannot be opened: damaged (exit 1, `audit_broken`)
+/// or unreadable (exit 2).
+fn audit_failure(path: &Path, e: AuditError) -> Failure {
+    match e {
+        AuditError::Io { .. } => Failure::Usage(
+            anyhow!(e).context(format!("opening the audit log {}", path.display())),
+        ),
+        e => Failure::Refused(
+            "audit_broken".into(),
+            format!(
+                "{e}{}; nothing is done until an administrator runs `attestation-verifier audit recover --reason TEXT`",
+                e.broken_seq()
+                    .map(|s| format!(" (first broken record: seq {s})"))
+                    .unwrap_or_default()
+            ),
+        ),
+    }
+}
+
+/// A passphrase read from `source`: at most 4 KiB, UTF-8, one line (a final
+/// newline is not part of it).
+fn passphrase_from(source: impl std::io::Read) -> anyhow::Result<RootSecret> {
+    use std::io::Read;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(4097));
+    source
+        .take(4097)
+        .read_to_end(&mut bytes)
+        .context("reading the passphrase")?;
+    if bytes.len() > 4096 {
+        return Err(anyhow!("the passphrase is longer than 4096 bytes"));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| anyhow!("the passphrase is not UTF-8"))?;
+    let line = text.strip_suffix('\n').unwrap_or(text);
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    Ok(RootSecret::from_passphrase(Zeroizing::new(
+        line.to_owned(),
+    ))?)
+}
+
 /// An opened store, audit log and authenticated administrator.
 pub(crate) struct Session {
     pub kms: Kms,
-    pub audit: AuditLog,
+    pub audit: Arc<AuditLog>,
     pub admin: Admin,
+}
+
+/// Open the store and its audit log (which must continue from the anchored
+/// head), bind them (changes are audited first), record a torn last line
+/// that was removed, and resolve a change a crash interrupted.
+pub(crate) fn open_audited(args: &StoreArgs) -> Result<(Kms, Arc<AuditLog>), Failure> {
+    let mut kms = args.open()?;
+    let anchor = kms.audit_anchor()?;
+    let audit = Arc::new(args.audit_log(anchor.as_ref())?);
+    kms.bind_audit(Arc::clone(&audit), Actor::System);
+    let removed = audit.recovered_tail_bytes();
+    if removed > 0 {
+        kms.append_audit(NewRecord {
+            time_ms: now_ms(),
+            actor: Actor::System,
+            operation: "audit.tail_recovered".to_owned(),
+            key_id: None,
+            key_version: None,
+            decision: Decision::Allowed,
+            reason: Some(format!(
+                "removed an unfinished last line of {removed} bytes (an append interrupted by a crash) after seq {}",
+                audit.head().seq
+            )),
+            attestation_document: None,
+        })?;
+    }
+    kms.resolve_interrupted()?;
+    Ok((kms, audit))
 }
 
 impl Session {
@@ -157,8 +310,7 @@ impl Session {
         permission: Permission,
         action: &str,
     ) -> Result<Session, Failure> {
-        let kms = args.open()?;
-        let audit = args.audit_log()?;
+        let (mut kms, audit) = open_audited(args)?;
         let credential = args.credential()?;
         let claimed = credential
             .claimed_name()
@@ -168,14 +320,12 @@ impl Session {
         let admin = match auth::authenticate(&credential, record.as_ref()) {
             Ok(admin) => admin,
             Err(e) => {
-                let session_audit = audit_refusal(
-                    &audit,
+                audit_refusal(
                     &kms,
                     Actor::System,
                     action,
                     format!("authentication failed for {claimed:?}"),
-                );
-                session_audit?;
+                )?;
                 return Err(Failure::Refused(
                     "credential_rejected".into(),
                     e.to_string(),
@@ -183,9 +333,10 @@ impl Session {
             }
         };
         if let Err(e) = admin.require(permission, action) {
-            audit_refusal(&audit, &kms, admin_actor(&admin), action, e.to_string())?;
+            audit_refusal(&kms, admin_actor(&admin), action, e.to_string())?;
             return Err(Failure::Refused("forbidden".into(), e.to_string()));
         }
+        kms.set_audit_actor(admin_actor(&admin));
         Ok(Session { kms, audit, admin })
     }
 
@@ -198,24 +349,23 @@ impl Session {
         decision: Decision,
         reason: Option<String>,
     ) -> Result<(), Failure> {
-        append_anchored(
-            &self.audit,
-            &self.kms,
-            NewRecord {
-                time_ms: now_ms(),
-                actor: admin_actor(&self.admin),
-                operation: operation.to_owned(),
-                key_id: key.map(ToString::to_string),
-                key_version: version,
-                decision,
-                reason,
-                attestation_document: None,
-            },
-        )
+        self.kms.append_audit(NewRecord {
+            time_ms: now_ms(),
+            actor: admin_actor(&self.admin),
+            operation: operation.to_owned(),
+            key_id: key.map(ToString::to_string),
+            key_version: version,
+            decision,
+            reason,
+            attestation_document: None,
+        })?;
+        Ok(())
     }
 
-    /// Run `f`; audit its outcome (allowed with its version, or refused with the error).
-    pub(crate) fn audited<T>(
+    /// Run `f`, a use of a key that changes nothing (the data commands),
+    /// and audit its outcome before the key is used: allowed with the
+    /// version `f` reports, or refused with the error.
+    pub(crate) fn used<T>(
         &self,
         operation: &str,
         key: &KeyName,
@@ -238,6 +388,32 @@ impl Session {
             }
         }
     }
+
+    /// Run the change `f`, which the bound store audits before it takes
+    /// effect; audit a refusal (a change that did not happen) after.
+    pub(crate) fn audited<T>(
+        &self,
+        operation: &str,
+        key: &KeyName,
+        f: impl FnOnce(&Kms) -> Result<T, KeyError>,
+    ) -> Result<T, Failure> {
+        match f(&self.kms) {
+            Ok(value) => Ok(value),
+            Err(KeyError::Audit(e)) => Err(Failure::Usage(anyhow!(
+                "{operation} was not done: its audit record could not be written: {e}"
+            ))),
+            Err(e) => {
+                self.record(
+                    operation,
+                    Some(key),
+                    None,
+                    Decision::Refused,
+                    Some(format!("{}: {e}", key_error_kind(&e))),
+                )?;
+                Err(e.into())
+            }
+        }
+    }
 }
 
 fn admin_actor(admin: &Admin) -> Actor {
@@ -247,43 +423,17 @@ fn admin_actor(admin: &Admin) -> Actor {
     }
 }
 
-fn audit_refusal(
-    audit: &AuditLog,
-    kms: &Kms,
-    actor: Actor,
-    action: &str,
-    reason: String,
-) -> Result<(), Failure> {
-    append_anchored(
-        audit,
-        kms,
-        NewRecord {
-            time_ms: now_ms(),
-            actor,
-            operation: action.to_owned(),
-            key_id: None,
-            key_version: None,
-            decision: Decision::Refused,
-            reason: Some(reason),
-            attestation_document: None,
-        },
-    )
-}
-
-/// Append under the store lock (so processes do not interleave) and anchor
-/// the new head in the store.
-pub(crate) fn append_anchored(
-    audit: &AuditLog,
-    kms: &Kms,
-    record: NewRecord,
-) -> Result<(), Failure> {
-    let head = {
-        let _guard = kms.lock()?;
-        audit
-            .append(record)
-            .map_err(|e| anyhow!("audit log: {e}"))?
-    };
-    kms.set_audit_head(&head)?;
+fn audit_refusal(kms: &Kms, actor: Actor, action: &str, reason: String) -> Result<(), Failure> {
+    kms.append_audit(NewRecord {
+        time_ms: now_ms(),
+        actor,
+        operation: action.to_owned(),
+        key_id: None,
+        key_version: None,
+        decision: Decision::Refused,
+        reason: Some(reason),
+        attestation_document: None,
+    })?;
     Ok(())
 }
 
@@ -295,10 +445,42 @@ fn write_secret_file(path: &Path, contents: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
-    file.write_all(contents.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()?;
+    let written = file
+        .write_all(contents.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        // No half-written credential is left behind.
+        let _ = std::fs::remove_file(path);
+        return Err(anyhow!(e).context(format!("writing {}", path.display())));
+    }
     Ok(())
+}
+
+/// Add an administrator and write their credential to `path`: the audit
+/// record first, then the credential file, then the stored verifier; if the
+/// file cannot be written, no administrator is added (and the name stays
+/// free).
+fn add_admin_with_credential(
+    kms: &Kms,
+    record: &auth::AdminRecord,
+    reason: &str,
+    path: &Path,
+    credential: &str,
+) -> Result<(), Failure> {
+    let mut write_error = None;
+    let added = kms.add_admin_then(record, reason, || {
+        write_secret_file(path, credential).map_err(|e| {
+            let message = format!("{e:#}");
+            write_error = Some(e);
+            KeyError::InvalidArgument(message)
+        })
+    });
+    match (added, write_error) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(Failure::Usage(e)),
+        (Err(e), None) => Err(e.into()),
+    }
 }
 
 // ---------------------------------------------------------------- init
@@ -314,47 +496,98 @@ pub(crate) struct InitArgs {
     generate_root_key: bool,
 }
 
+/// What a failed `init` made, removed again on drop unless disarmed.
+#[derive(Default)]
+struct InitCleanup {
+    files: Vec<PathBuf>,
+    store: Option<PathBuf>,
+    done: bool,
+}
+
+impl Drop for InitCleanup {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
+        }
+        if let Some(store) = &self.store {
+            let _ = std::fs::remove_dir_all(store);
+        }
+    }
+}
+
+/// Creates `path`'s missing parent directories (mode 0700 for new ones).
+fn create_parents(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
     let dir = store.dir()?;
+    let mut cleanup = InitCleanup::default();
+    let roles = [Role::KeyAdmin, Role::AppAdmin];
+    let credential_path = |role: Role| {
+        args.credentials_out
+            .join(format!("{}.credential", role.as_str()))
+    };
+    // Check every output before making anything.
+    for role in roles {
+        let path = credential_path(role);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            return Err(Failure::Usage(anyhow!(
+                "{} exists; init writes new credentials and replaces nothing",
+                path.display()
+            )));
+        }
+    }
+    if std::fs::symlink_metadata(dir).is_err() {
+        create_parents(dir)?;
+        cleanup.store = Some(dir.to_path_buf());
+    }
     let secret = match (&store.root_key_file, args.generate_root_key) {
-        (Some(path), true) if !path.exists() => RootSecret::generate_key_file(path)
-            .with_context(|| format!("generating the root key file {}", path.display()))?,
+        (Some(path), true) if !path.exists() => {
+            create_parents(path)?;
+            let secret = RootSecret::generate_key_file(path)
+                .with_context(|| format!("generating the root key file {}", path.display()))?;
+            cleanup.files.push(path.clone());
+            secret
+        }
         _ => store.secret()?,
     };
     std::fs::create_dir_all(&args.credentials_out)
         .with_context(|| format!("creating {}", args.credentials_out.display()))?;
-    let kms =
+    let mut kms =
         Kms::init(dir, secret).with_context(|| format!("creating the store {}", dir.display()))?;
+    let audit = Arc::new(store.audit_log(None)?);
+    kms.bind_audit(Arc::clone(&audit), Actor::System);
     let identity = VerifierIdentity::generate().map_err(|e| anyhow!("identity key: {e}"))?;
     let pkcs8 = identity
         .to_pkcs8_der()
         .map_err(|e| anyhow!("identity key: {e}"))?;
     kms.set_identity_pkcs8(&pkcs8)?;
-    let audit = store.audit_log()?;
     let now = now_ms();
     let mut created = Vec::new();
-    for role in [Role::KeyAdmin, Role::AppAdmin] {
+    for role in roles {
         let (record, credential) =
             auth::new_admin(role.as_str(), role, now).map_err(|e| anyhow!("{e}"))?;
-        let path = args
-            .credentials_out
-            .join(format!("{}.credential", role.as_str()));
-        write_secret_file(&path, credential.expose())?;
-        kms.add_admin(&record)?;
-        append_anchored(
-            &audit,
+        let path = credential_path(role);
+        add_admin_with_credential(
             &kms,
-            NewRecord {
-                time_ms: now,
-                actor: Actor::System,
-                operation: "admin.create".to_owned(),
-                key_id: None,
-                key_version: None,
-                decision: Decision::Allowed,
-                reason: Some(format!("initial {} {}", role.as_str(), record.name)),
-                attestation_document: None,
-            },
+            &record,
+            &format!("initial {} {}", role.as_str(), record.name),
+            &path,
+            credential.expose(),
         )?;
+        cleanup.files.push(path.clone());
         created.push(json!({ "name": record.name, "role": role.as_str(), "credential_file": path.display().to_string() }));
     }
     emit(&json!({
@@ -362,6 +595,7 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
         "verifier_public_key": hex::encode(identity.public_key_sec1()),
         "administrators": created,
     }));
+    cleanup.done = true;
     eprintln!("store created; build the verifier public key above into the enclave image");
     Ok(())
 }
@@ -390,14 +624,19 @@ pub(crate) fn admin(store: &StoreArgs, command: &AdminCommand) -> Result<(), Fai
     let session = Session::start(store, Permission::AddAdmin(role), "admin.create")?;
     let (record, credential) = auth::new_admin(name, role, now_ms())
         .map_err(|e| Failure::Refused("invalid_name".into(), e.to_string()))?;
-    session.kms.add_admin(&record)?;
-    write_secret_file(out, credential.expose())?;
-    session.record(
-        "admin.create",
-        None,
-        None,
-        Decision::Allowed,
-        Some(format!("{} {}", role.as_str(), record.name)),
+    // Check the output before changing anything.
+    if std::fs::symlink_metadata(out).is_ok() {
+        return Err(Failure::Usage(anyhow!(
+            "{} exists; the credential is written to a new file only",
+            out.display()
+        )));
+    }
+    add_admin_with_credential(
+        &session.kms,
+        &record,
+        &format!("{} {}", role.as_str(), record.name),
+        out,
+        credential.expose(),
     )?;
     emit(
         &json!({ "name": record.name, "role": role.as_str(), "credential_file": out.display().to_string() }),
@@ -515,7 +754,6 @@ pub(crate) fn key(store: &StoreArgs, command: &KeyCommand) -> Result<(), Failure
             let session = Session::start(store, Permission::ManageKeys, "key.create")?;
             let record = session.audited("key.create", &name, |k| {
                 k.create_key(&name, *rotation_days, now)
-                    .map(|r| (r, Some(1)))
             })?;
             emit(&key_json(&record));
         }
@@ -524,23 +762,14 @@ pub(crate) fn key(store: &StoreArgs, command: &KeyCommand) -> Result<(), Failure
         } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.rotate")?;
-            let version = session.audited("key.rotate", &name, |k| {
-                k.rotate_key(&name, now).map(|v| (v, Some(v)))
-            })?;
+            let version = session.audited("key.rotate", &name, |k| k.rotate_key(&name, now))?;
             emit(&json!({ "name": name.as_str(), "current_version": version }));
         }
         KeyCommand::Rotate { name: None, .. } => {
             let session = Session::start(store, Permission::ManageKeys, "key.rotate")?;
+            // Each rotation is audited (reason: rotation period elapsed)
+            // before it takes effect.
             let rotated = session.kms.rotate_due(now)?;
-            for (name, version) in &rotated {
-                session.record(
-                    "key.rotate",
-                    Some(name),
-                    Some(*version),
-                    Decision::Allowed,
-                    Some("rotation period elapsed".to_owned()),
-                )?;
-            }
             emit(&json!(rotated
                 .iter()
                 .map(|(n, v)| json!({ "name": n.as_str(), "current_version": v }))
@@ -549,41 +778,34 @@ pub(crate) fn key(store: &StoreArgs, command: &KeyCommand) -> Result<(), Failure
         KeyCommand::Disable { name } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.disable")?;
-            let record = session.audited("key.disable", &name, |k| {
-                k.disable_key(&name).map(|r| (r, None))
-            })?;
+            let record = session.audited("key.disable", &name, |k| k.disable_key(&name))?;
             emit(&key_json(&record));
         }
         KeyCommand::Enable { name } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.enable")?;
-            let record = session.audited("key.enable", &name, |k| {
-                k.enable_key(&name).map(|r| (r, None))
-            })?;
+            let record = session.audited("key.enable", &name, |k| k.enable_key(&name))?;
             emit(&key_json(&record));
         }
         KeyCommand::ScheduleDeletion { name, days } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.schedule_deletion")?;
             session.audited("key.schedule_deletion", &name, |k| {
-                k.schedule_deletion(&name, *days, now).map(|a| (a, None))
+                k.schedule_deletion(&name, *days, now)
             })?;
             emit(&key_json(&session.kms.key(&name)?));
         }
         KeyCommand::CancelDeletion { name } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.cancel_deletion")?;
-            let record = session.audited("key.cancel_deletion", &name, |k| {
-                k.cancel_deletion(&name).map(|r| (r, None))
-            })?;
+            let record =
+                session.audited("key.cancel_deletion", &name, |k| k.cancel_deletion(&name))?;
             emit(&key_json(&record));
         }
         KeyCommand::Destroy { name } => {
             let name = parse_name(name)?;
             let session = Session::start(store, Permission::ManageKeys, "key.destroy")?;
-            let record = session.audited("key.destroy", &name, |k| {
-                k.destroy_key(&name, now).map(|r| (r, None))
-            })?;
+            let record = session.audited("key.destroy", &name, |k| k.destroy_key(&name, now))?;
             emit(&key_json(&record));
         }
     }
@@ -633,6 +855,13 @@ pub(crate) fn policy(store: &StoreArgs, command: &PolicyCommand) -> Result<(), F
             let session = Session::start(store, Permission::ManagePolicy, "policy.set")?;
             let policy = match KeyPolicy::from_file(file) {
                 Ok(p) => p,
+                // Reading the file failed: I/O (exit 2), not a refusal.
+                Err(e @ crate::policy::PolicyError::Io { .. }) => {
+                    return Err(Failure::Usage(
+                        anyhow!(std::io::Error::other(e.to_string()))
+                            .context("reading the policy file"),
+                    ));
+                }
                 Err(e) => {
                     session.record(
                         "policy.set",
@@ -654,9 +883,7 @@ pub(crate) fn policy(store: &StoreArgs, command: &PolicyCommand) -> Result<(), F
                 set_by: session.admin.name.clone(),
                 set_ms: now_ms(),
             };
-            session.audited("policy.set", &name, |k| {
-                k.set_policy(&name, &stored).map(|()| ((), None))
-            })?;
+            session.audited("policy.set", &name, |k| k.set_policy(&name, &stored))?;
             emit(&json!({ "name": name.as_str(), "policy": policy }));
         }
         PolicyCommand::Show { name } => {
@@ -792,13 +1019,129 @@ pub(crate) enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// After damage that `audit verify` reports (records removed or
+    /// changed): move the damaged log aside (kept, as
+    /// audit.log.damaged-<time>) and start a new one whose first record,
+    /// `audit.recover`, names the damage, the old file's SHA-384 and the
+    /// anchored head, and your reason. Key administrators only. Until then
+    /// every command and `serve` refuse to run.
+    Recover {
+        /// Why (recorded), e.g. a ticket reference.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// Most bytes of an operator's recovery reason.
+const MAX_RECOVER_REASON: usize = 1024;
+
+fn recover(store: &StoreArgs, reason: &str) -> Result<(), Failure> {
+    if reason.trim().is_empty() || reason.len() > MAX_RECOVER_REASON {
+        return Err(Failure::Usage(anyhow!(
+            "--reason must say why, in 1 to {MAX_RECOVER_REASON} bytes"
+        )));
+    }
+    let kms = store.open()?;
+    let credential = store.credential()?;
+    let claimed = credential
+        .claimed_name()
+        .unwrap_or("<malformed>")
+        .to_owned();
+    let record = kms.admin(&claimed)?;
+    // The damaged log cannot take a record yet: the refusal is reported
+    // here only.
+    let admin = auth::authenticate(&credential, record.as_ref())
+        .map_err(|e| Failure::Refused("credential_rejected".into(), e.to_string()))?;
+    admin
+        .require(Permission::ManageKeys, "audit.recover")
+        .map_err(|e| Failure::Refused("forbidden".into(), e.to_string()))?;
+    let path = store.audit_path()?;
+    let guard = kms.lock()?;
+    let anchor = kms.audit_anchor()?;
+    let damage = match crate::audit::verify_file(&path, anchor.map(|a| a.head()).as_ref()) {
+        Ok(report) => {
+            return Err(Failure::Refused(
+                "audit_intact".into(),
+                format!(
+                "the audit log is intact ({} records, anchored head reached): nothing to recover",
+                report.records
+            ),
+            ))
+        }
+        Err(AuditError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            "the audit log is missing".to_owned()
+        }
+        Err(e) => e.to_string(),
+    };
+    let moved = if std::fs::symlink_metadata(&path).is_ok() {
+        let (size, digest) = file_sha384(&path)?;
+        let name = format!("audit.log.damaged-{}", now_ms());
+        let target = path.with_file_name(&name);
+        std::fs::rename(&path, &target)
+            .with_context(|| format!("moving {} to {}", path.display(), target.display()))?;
+        format!("the damaged log was moved to {name} ({size} bytes, SHA-384 {digest})")
+    } else {
+        "there was no log file".to_owned()
+    };
+    let log = AuditLog::open(&path).map_err(|e| audit_failure(&path, e))?;
+    let anchored = anchor.map_or_else(|| "none".to_owned(), |a| a.to_string());
+    let new = log
+        .append_anchor(NewRecord {
+            time_ms: now_ms(),
+            actor: admin_actor(&admin),
+            operation: "audit.recover".to_owned(),
+            key_id: None,
+            key_version: None,
+            decision: Decision::Allowed,
+            reason: Some(format!(
+                "{damage}; {moved}; the anchored head was {anchored}; reason: {reason}"
+            )),
+            attestation_document: None,
+        })
+        .map_err(|e| anyhow!("writing the recovery record: {e}"))?;
+    kms.reset_audit_anchor(&guard, &new)?;
+    drop(guard);
+    emit(&json!({
+        "status": "recovered",
+        "damage": damage,
+        "moved": moved,
+        "previous_anchor": anchored,
+        "head": new.to_string(),
+    }));
+    Ok(())
+}
+
+/// Size and SHA-384 (hex) of a file, read in bounded chunks.
+fn file_sha384(path: &Path) -> anyhow::Result<(u64, String)> {
+    use sha2::{Digest, Sha384};
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Sha384::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else {
+            break;
+        };
+        hasher.update(chunk);
+        size = size.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+    Ok((size, hex::encode(hasher.finalize())))
 }
 
 pub(crate) fn audit(store: &StoreArgs, command: &AuditCommand) -> Result<(), Failure> {
+    if let AuditCommand::Recover { reason } = command {
+        return recover(store, reason);
+    }
     let session = Session::start(store, Permission::Read, "audit.read")?;
     match command {
+        AuditCommand::Recover { .. } => {}
         AuditCommand::Verify => {
-            let head = session.kms.audit_head()?;
+            let head = session.kms.audit_anchor()?.map(|a| a.head());
             match session.audit.verify(head.as_ref()) {
                 Ok(report) => emit(
                     &json!({ "status": "intact", "records": report.records, "head": report.head.to_string() }),

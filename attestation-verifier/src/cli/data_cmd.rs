@@ -4,6 +4,11 @@
 //! Output is written to a temporary file next to the destination and renamed
 //! into place only when the whole stream has been processed and authenticated:
 //! a failed or interrupted decryption never leaves a file that looks complete.
+//! An existing output is refused unless `--force`, and then only a regular
+//! file is replaced (never a FIFO, device, directory or symbolic link). The
+//! temporary file (`.kluis-partial-<name>-<random>`, mode 0600) is locked
+//! while it is written; one left by a killed run (it may hold a plaintext
+//! prefix) is removed by the next run for the same output.
 
 use crate::audit::Decision;
 use crate::auth::Permission;
@@ -28,6 +33,9 @@ pub(crate) enum DataCommand {
         input: PathBuf,
         /// Envelope output (`-` for stdout).
         output: PathBuf,
+        /// Replace OUT if it is an existing regular file.
+        #[arg(long)]
+        force: bool,
     },
     /// Make a new secret for an enclave workload (for example the
     /// pseudonymisation key) under master key --key, and write only its
@@ -49,6 +57,9 @@ pub(crate) enum DataCommand {
         /// authenticates segment by segment, so a consumer must check the exit
         /// status before trusting that it saw everything.
         output: PathBuf,
+        /// Replace OUT if it is an existing regular file.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -66,25 +77,87 @@ enum Output {
     File {
         temp: tempfile::NamedTempFile,
         dest: PathBuf,
+        force: bool,
     },
 }
 
+/// Refuse an output path that exists, unless `force` and it is a regular
+/// file. Checked before any key is used, and again at the rename.
+fn check_output(path: &Path, force: bool) -> anyhow::Result<()> {
+    if path.as_os_str() == "-" {
+        return Ok(());
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow!(e).context(format!("checking {}", path.display()))),
+        Ok(m) if !m.file_type().is_file() => Err(anyhow!(
+            "{} exists and is not a regular file (a link, FIFO, device or directory): it is never replaced",
+            path.display()
+        )),
+        Ok(_) if !force => Err(anyhow!(
+            "{} exists; pass --force to replace it",
+            path.display()
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+fn partial_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".kluis-partial-{name}-")
+}
+
+fn output_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Remove temporary files a killed run left for `path` (they may hold a
+/// plaintext prefix): those no running process holds locked.
+fn remove_stale_partials(path: &Path) {
+    let prefix = partial_prefix(path);
+    let Ok(entries) = std::fs::read_dir(output_dir(path)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let stale = entry.path();
+        let Ok(file) = std::fs::OpenOptions::new().read(true).open(&stale) else {
+            continue;
+        };
+        if file.try_lock().is_ok() && std::fs::remove_file(&stale).is_ok() {
+            eprintln!("removed {} left by an interrupted run", stale.display());
+        }
+    }
+}
+
 impl Output {
-    fn create(path: &Path) -> anyhow::Result<Output> {
+    fn create(path: &Path, force: bool) -> anyhow::Result<Output> {
         if path.as_os_str() == "-" {
             return Ok(Output::Stdout);
         }
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        check_output(path, force)?;
+        remove_stale_partials(path);
+        let dir = output_dir(path);
         let temp = tempfile::Builder::new()
-            .prefix(".kluis-partial-")
+            .prefix(&partial_prefix(path))
             .tempfile_in(dir)
             .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        // Held until the file is renamed or removed: marks it as in use.
+        temp.as_file()
+            .lock()
+            .with_context(|| format!("locking {}", temp.path().display()))?;
         Ok(Output::File {
             temp,
             dest: path.to_path_buf(),
+            force,
         })
     }
 
@@ -102,10 +175,17 @@ impl Output {
     fn commit(self) -> anyhow::Result<()> {
         match self {
             Output::Stdout => Ok(std::io::stdout().flush()?),
-            Output::File { temp, dest } => {
+            Output::File { temp, dest, force } => {
                 temp.as_file().sync_all()?;
-                temp.persist(&dest)
-                    .map_err(|e| anyhow!("renaming into {}: {}", dest.display(), e.error))?;
+                if force {
+                    check_output(&dest, true)?;
+                    temp.persist(&dest)
+                        .map_err(|e| anyhow!("renaming into {}: {}", dest.display(), e.error))?;
+                } else {
+                    // Refuses a file that appeared meanwhile.
+                    temp.persist_noclobber(&dest)
+                        .map_err(|e| anyhow!("renaming into {}: {}", dest.display(), e.error))?;
+                }
                 Ok(())
             }
         }
@@ -114,10 +194,16 @@ impl Output {
 
 pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failure> {
     match command {
-        DataCommand::Encrypt { key, input, output } => {
+        DataCommand::Encrypt {
+            key,
+            input,
+            output,
+            force,
+        } => {
             let name = KeyName::parse(key)?;
+            check_output(output, *force)?;
             let session = Session::start(store, Permission::UseData, "data.encrypt")?;
-            let (dk, wrapped) = session.audited("data.encrypt", &name, |k| {
+            let (dk, wrapped) = session.used("data.encrypt", &name, |k| {
                 k.generate_data_key(&name, now_ms()).map(|(dk, w)| {
                     let v = w.version;
                     ((dk, w), Some(v))
@@ -126,7 +212,7 @@ pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failu
             let header_key = WrappedKey::new(name.as_str(), wrapped.version, wrapped.to_bytes())
                 .map_err(|e| anyhow!("envelope header: {e}"))?;
             let mut reader = open_input(input)?;
-            let mut out = Output::create(output)?;
+            let mut out = Output::create(output, *force)?;
             let bytes = {
                 let mut writer = EnvelopeWriter::new(out.writer(), &dk, header_key)
                     .map_err(|e| anyhow!("{e}"))?;
@@ -148,7 +234,7 @@ pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failu
         DataCommand::NewSecret { key, output } => {
             let name = KeyName::parse(key)?;
             let session = Session::start(store, Permission::UseData, "data.new_secret")?;
-            let (secret, wrapped) = session.audited("data.new_secret", &name, |k| {
+            let (secret, wrapped) = session.used("data.new_secret", &name, |k| {
                 k.generate_data_key(&name, now_ms()).map(|(dk, w)| {
                     let v = w.version;
                     ((dk, w), Some(v))
@@ -169,7 +255,12 @@ pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failu
                 &json!({ "key": name.as_str(), "version": wrapped.version, "wrapped_secret": output.display().to_string() }),
             );
         }
-        DataCommand::Decrypt { input, output } => {
+        DataCommand::Decrypt {
+            input,
+            output,
+            force,
+        } => {
+            check_output(output, *force)?;
             let session = Session::start(store, Permission::UseData, "data.decrypt")?;
             let mut reader = open_input(input)?;
             let header = EnvelopeHeader::read_from(&mut reader)
@@ -182,11 +273,11 @@ pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failu
                 ));
             }
             let name = wrapped.key.clone();
-            let dk = session.audited("data.decrypt", &name, |k| {
+            let dk = session.used("data.decrypt", &name, |k| {
                 k.decrypt_data_key(&wrapped)
                     .map(|dk| (dk, Some(wrapped.version)))
             })?;
-            let mut out = Output::create(output)?;
+            let mut out = Output::create(output, *force)?;
             let result = {
                 let mut plain =
                     EnvelopeReader::with_header(reader, header, &dk).map_err(|e| anyhow!("{e}"))?;

@@ -4,6 +4,28 @@ use base64::Engine;
 use std::io::Read;
 use std::path::Path;
 
+/// Open `path` for reading only if it is a regular file (checked before the
+/// open, which would block on a FIFO, and of the file opened); returns it
+/// with its mode bits.
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let not_regular = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, device or directory is refused)",
+        )
+    };
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
+    }
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    Ok((file, meta.permissions().mode() & 0o7777))
+}
+
 /// Read at most `limit` bytes from `path` (`-` is stdin). Returns `Ok(None)`
 /// when the input is longer than `limit`, without reading the rest.
 pub(crate) fn read_bounded(path: &Path, limit: usize) -> std::io::Result<Option<Vec<u8>>> {

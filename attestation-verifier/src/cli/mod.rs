@@ -2,8 +2,10 @@
 //! programs (the local demonstration, `kluis-demo`) can run exactly the
 //! commands an operator runs.
 //!
-//! Exit codes: 0 accepted/done, 1 rejected/refused, 2 usage or I/O error.
-//! Never a panic.
+//! Exit codes, one rule for every command (see `admin_cmd::finish`): 0
+//! accepted/done, 1 rejected/refused (a decision, or something checked is
+//! not intact), 2 usage or I/O error, with `{"error": {"kind", "message"}}`
+//! on stdout. Never a panic.
 
 mod admin_cmd;
 mod data_cmd;
@@ -72,6 +74,11 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a terminal: never escape codes in a log file.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .try_init();
 }
 
@@ -94,11 +101,18 @@ where
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
+            if !e.use_stderr() {
+                // --help, --version
+                return ExitCode::SUCCESS;
+            }
+            // Usage errors follow the rule of every other failure.
+            let text = e.to_string();
+            let message = text.lines().next().unwrap_or_default();
+            verify_cmd::emit(
+                &serde_json::json!({ "error": { "kind": "usage", "message": message } }),
+            );
+            let _ = std::io::stdout().flush();
+            return ExitCode::from(2);
         }
     };
     init_logging();

@@ -35,6 +35,10 @@ pub(crate) struct ServeArgs {
     /// Most requests processed at once.
     #[arg(long, default_value_t = 32)]
     max_in_flight: usize,
+    /// Most connections from one address at once (every enclave behind one
+    /// parent relay shares its address).
+    #[arg(long, default_value_t = 16)]
+    max_connections_per_peer: usize,
     /// Upper bound on attestation document age, whatever a policy allows.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     max_document_age: u64,
@@ -54,6 +58,30 @@ fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<service::TlsAcc
         .with_single_cert(certs, key)
         .context("TLS configuration")?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Listen on `addr` with a deep accept queue (4096, capped by the kernel's
+/// somaxconn): with the default of 1024, a flood of connection attempts
+/// from one address (each closed at once by the per-address limit) can fill
+/// the queue so that other clients' SYNs are dropped and retried a second
+/// later.
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(4096)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address to bind")
+    }))
 }
 
 pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> {
@@ -83,7 +111,9 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
         crate::audit::Decision::Allowed,
         Some(format!("listen {} root {}", args.listen, anchor.subject())),
     )?;
-    let Session { kms, audit, .. } = session;
+    let Session { mut kms, audit, .. } = session;
+    // Changes the service makes itself (rotation on use) are the system's.
+    kms.set_audit_actor(crate::audit::Actor::System);
     let broker = Arc::new(Broker::new(
         kms,
         Verifier::new(anchor),
@@ -97,6 +127,7 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
     let config = ServiceConfig {
         max_connections: args.max_connections.max(1),
         max_in_flight: args.max_in_flight.max(1),
+        max_connections_per_peer: args.max_connections_per_peer.max(1),
         ..ServiceConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -104,19 +135,25 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
         .build()
         .context("starting the runtime")?;
     let result: anyhow::Result<()> = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
+        let listener = bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let local = listener.local_addr()?;
         emit(&json!({ "listening": local.to_string(), "tls": tls.is_some() }));
-        // Anchor the audit head in the store once a second and at exit.
+        // Once a second and at exit: anchor the audit head in the store
+        // (the broker stops if the log no longer continues from it), and
+        // write the summary of unauthenticated refusals when one is due.
         let anchor_broker = Arc::clone(&broker);
         let anchoring = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 let b = Arc::clone(&anchor_broker);
-                let _ = tokio::task::spawn_blocking(move || b.anchor_audit_head()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    b.flush_noise(crate::cli::verify_cmd::now_ms(), false);
+                    b.anchor_audit_head();
+                })
+                .await;
             }
         });
         let shutdown = async {
@@ -132,7 +169,14 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
         Ok(())
     });
     result?;
+    broker.flush_noise(crate::cli::verify_cmd::now_ms(), true);
     broker.anchor_audit_head();
+    if let Some(reason) = broker.halted() {
+        return Err(Failure::Refused(
+            "audit_broken".into(),
+            format!("key releases were stopped: {reason}"),
+        ));
+    }
     eprintln!("stopped");
     Ok(())
 }

@@ -18,6 +18,17 @@ fn rfc3339(secs: i64) -> String {
         .unwrap_or_else(|| format!("{secs} (Unix seconds)"))
 }
 
+/// RFC 3339 UTC with milliseconds for Unix milliseconds.
+fn rfc3339_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms).saturating_mul(1_000_000))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} (Unix ms)"))
+}
+
 /// A failure to decode CBOR strictly.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
@@ -329,7 +340,7 @@ pub enum FreshnessError {
         max_age_ms: u64,
     },
     /// The document's timestamp is later than the verification time (beyond skew).
-    #[error("document timestamp {timestamp_ms} is {ahead_ms} ms after the verification time")]
+    #[error("document timestamp {} is {ahead_ms} ms after the verification time", rfc3339_ms(*timestamp_ms))]
     FromTheFuture {
         /// The document's timestamp.
         timestamp_ms: u64,

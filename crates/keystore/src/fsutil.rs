@@ -52,9 +52,12 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 pub(crate) fn ensure_private_dir(path: &Path) -> Result<bool, StoreError> {
     match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
         Ok(()) => {
-            if let Some(parent) = path.parent() {
-                sync_dir(parent)?;
-            }
+            // A bare relative name's parent is "": the current directory.
+            let parent = match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            sync_dir(parent)?;
             Ok(true)
         }
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {

@@ -1,5 +1,5 @@
 //! Kluis key store: the attestation verifier's encrypted-at-rest store
-//! directory (see `docs/dev/issue3-plan.md`, part D).
+//! directory.
 //!
 //! - [`Store`]: records of `(kind, id) -> bytes`, each sealed with
 //!   AES-256-GCM under a key derived from the [`RootSecret`] (a key file or an

@@ -178,6 +178,12 @@ impl RootSecret {
             path: path.to_owned(),
             reason,
         };
+        // Checked before opening too: opening a FIFO would block.
+        match std::fs::metadata(path) {
+            Ok(meta) if !meta.is_file() => return Err(invalid("not a regular file")),
+            Ok(_) => {}
+            Err(err) => return Err(StoreError::io("inspect the key file", path, err)),
+        }
         let file =
             File::open(path).map_err(|err| StoreError::io("open the key file", path, err))?;
         let meta = file
