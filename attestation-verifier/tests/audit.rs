@@ -1053,51 +1053,6 @@ fn verify_while_appending() {
     assert_eq!(log.verify(None).unwrap().records, 200);
 }
 
-/// Throughput of durable appends of key-release-sized records (with a
-/// ~5 KiB document), from 8 threads. `cargo test -p attestation-verifier
-/// --release --test audit -- --ignored --nocapture append_throughput`;
-/// set KLUIS_AUDIT_BENCH_DIR to measure on a given disk.
-#[test]
-#[ignore = "benchmark"]
-fn append_throughput() {
-    let dir = match std::env::var_os("KLUIS_AUDIT_BENCH_DIR") {
-        Some(d) => tempfile::tempdir_in(d).unwrap(),
-        None => tempfile::tempdir().unwrap(),
-    };
-    let path = dir.path().join("audit.log");
-    let (doc, verified, _) = enclave_document();
-    let record = enclave(1, &doc, &verified, Decision::Allowed);
-    for threads in [1u64, 2, 8, 32] {
-        let _ = std::fs::remove_file(&path);
-        let log = Arc::new(AuditLog::open(&path).unwrap());
-        let per_thread = 2000 / threads;
-        let start = std::time::Instant::now();
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                let log = Arc::clone(&log);
-                let record = record.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..per_thread {
-                        log.append(record.clone()).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
-        let elapsed = start.elapsed();
-        let n = per_thread * threads;
-        println!(
-            "{threads:>2} threads: {n} appends in {elapsed:?}: {:.0} appends/s",
-            n as f64 / elapsed.as_secs_f64()
-        );
-        let start = std::time::Instant::now();
-        assert_eq!(log.verify(None).unwrap().records, n);
-        println!("   verify: {:?}", start.elapsed());
-    }
-}
-
 #[test]
 fn a_symlinked_log_is_refused() {
     let dir = tempfile::tempdir().unwrap();

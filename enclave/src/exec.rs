@@ -22,7 +22,7 @@ use std::time::Duration;
 use kluis_envelope::EnvelopeReader;
 use zeroize::Zeroizing;
 
-use crate::job::{BatchSender, Cancel, JobError, ProgressReporter, ToSealer};
+use crate::pipeline::{BatchSender, Cancel, JobError, ProgressReporter, ToSealer};
 use crate::workload::Counts;
 
 const PIPE_CHUNK: usize = 256 * 1024;
@@ -207,7 +207,7 @@ pub(crate) fn run<R: Read + Send>(
                 }
                 let n = input
                     .read(&mut buf)
-                    .map_err(|e| crate::job::read_error(&e))?;
+                    .map_err(|e| crate::pipeline::read_error(&e))?;
                 let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else {
                     break;
                 };
@@ -219,7 +219,7 @@ pub(crate) fn run<R: Read + Send>(
                     // The program stopped reading (it failed, or was
                     // killed): read the rest before saying so.
                     drop(stdin);
-                    crate::job::drain(input, bytes, progress, cancel)?;
+                    crate::pipeline::drain(input, bytes, progress, cancel)?;
                     return Err(failed());
                 }
             }

@@ -22,6 +22,7 @@ pub mod exec;
 pub mod job;
 #[cfg(feature = "simulator")]
 mod nsm_sim;
+mod pipeline;
 pub mod release;
 pub mod server;
 pub mod workload;

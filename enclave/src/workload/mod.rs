@@ -18,11 +18,15 @@
 //!   ~10^11 numbers needs the key).
 //! - [`Aggregate`]: count (and sum a column) per value of a column.
 
-use std::collections::BTreeMap;
-
-use aws_lc_rs::hmac;
 use kluis_proto::job::WorkloadSpec;
-use zeroize::{Zeroize, Zeroizing};
+
+mod aggregate;
+mod framer;
+mod pseudonymise;
+
+pub use aggregate::Aggregate;
+pub use framer::RecordFramer;
+pub use pseudonymise::{check_national_number, Pseudonymise};
 
 /// Longest record accepted (bytes, newline included).
 pub const MAX_RECORD_LEN: usize = 1024 * 1024;
@@ -232,7 +236,7 @@ pub fn count_newlines(bytes: &[u8]) -> u64 {
         .fold(0u64, u64::saturating_add)
 }
 
-fn count_records(batch: &[u8]) -> u64 {
+pub(crate) fn count_records(batch: &[u8]) -> u64 {
     let newlines = count_newlines(batch);
     let unterminated = !batch.is_empty() && batch.last() != Some(&b'\n');
     newlines.saturating_add(u64::from(unterminated))
@@ -272,12 +276,12 @@ impl Workload for Reencrypt {
 }
 
 /// Split `batch` into records: each with its newline, if it had one.
-fn records(batch: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn records(batch: &[u8]) -> impl Iterator<Item = &[u8]> {
     batch.split_inclusive(|b| *b == b'\n')
 }
 
 /// `record` without its line ending (`\n` or `\r\n`), and the ending.
-fn split_ending(record: &[u8]) -> (&[u8], &[u8]) {
+pub(crate) fn split_ending(record: &[u8]) -> (&[u8], &[u8]) {
     let cut = if record.ends_with(b"\r\n") {
         2
     } else if record.ends_with(b"\n") {
@@ -286,285 +290,6 @@ fn split_ending(record: &[u8]) -> (&[u8], &[u8]) {
         0
     };
     record.split_at(record.len().saturating_sub(cut))
-}
-
-/// Replace column `column` by HMAC-SHA256(secret, value) in lowercase hex.
-pub struct Pseudonymise {
-    key: hmac::Key,
-    column: u32,
-    delimiter: u8,
-    skip_header: bool,
-    check_national_number: bool,
-    seen: u64,
-}
-
-impl std::fmt::Debug for Pseudonymise {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pseudonymise")
-            .field("key", &"[redacted]")
-            .field("column", &self.column)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Pseudonymise {
-    /// A pseudonymiser keyed by `secret` (AWS-LC cleanses the key schedule
-    /// when it is dropped).
-    pub fn new(
-        secret: &[u8],
-        column: u32,
-        delimiter: u8,
-        skip_header: bool,
-        check_national_number: bool,
-    ) -> Self {
-        Pseudonymise {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-            column,
-            delimiter,
-            skip_header,
-            check_national_number,
-            seen: 0,
-        }
-    }
-}
-
-/// Check a Belgian national register number (rijksregisternummer /
-/// numéro de registre national): 11 digits after removing `.`, `-` and
-/// spaces; the last two are 97 minus the first nine taken as a number, mod
-/// 97 — with a `2` prefixed for people born in or after 2000.
-pub fn check_national_number(value: &[u8]) -> Result<(), &'static str> {
-    let mut digits = [0u8; 11];
-    let mut n = 0usize;
-    for &b in value {
-        match b {
-            b'.' | b'-' | b' ' => {}
-            b'0'..=b'9' => {
-                let slot = digits.get_mut(n).ok_or("more than 11 digits")?;
-                *slot = b.wrapping_sub(b'0');
-                n = n.saturating_add(1);
-            }
-            _ => return Err("a character other than digits, '.', '-' or ' '"),
-        }
-    }
-    if n != 11 {
-        return Err("fewer than 11 digits");
-    }
-    let mut base: u64 = 0;
-    for d in digits.iter().take(9) {
-        base = base.saturating_mul(10).saturating_add(u64::from(*d));
-    }
-    let check = digits.iter().skip(9).fold(0u64, |acc, d| {
-        acc.saturating_mul(10).saturating_add(u64::from(*d))
-    });
-    let expected_1900 = 97u64.saturating_sub(base % 97);
-    let expected_2000 = 97u64.saturating_sub((2_000_000_000u64.saturating_add(base)) % 97);
-    if check == expected_1900 || check == expected_2000 {
-        Ok(())
-    } else {
-        Err("wrong check digits")
-    }
-}
-
-impl Workload for Pseudonymise {
-    fn process(&mut self, batch: &[u8], out: &mut Vec<u8>) -> Result<Counts, WorkloadError> {
-        let mut counts = Counts::default();
-        let column = usize::try_from(self.column).unwrap_or(usize::MAX);
-        for record in records(batch) {
-            self.seen = self.seen.saturating_add(1);
-            counts.records_in = counts.records_in.saturating_add(1);
-            counts.records_out = counts.records_out.saturating_add(1);
-            if self.skip_header && self.seen == 1 {
-                out.extend_from_slice(record);
-                continue;
-            }
-            let (body, ending) = split_ending(record);
-            if body.is_empty() {
-                // A blank line stays blank.
-                out.extend_from_slice(record);
-                continue;
-            }
-            if body.contains(&b'"') {
-                return Err(WorkloadError::QuotedField { record: self.seen });
-            }
-            let fields = body.split(|b| *b == self.delimiter).count();
-            if column >= fields {
-                return Err(WorkloadError::MissingColumn {
-                    record: self.seen,
-                    column: self.column,
-                    found: fields,
-                });
-            }
-            for (i, field) in body.split(|b| *b == self.delimiter).enumerate() {
-                if i > 0 {
-                    out.push(self.delimiter);
-                }
-                if i == column {
-                    // With the check, the 11 digits are hashed, so
-                    // `85.07.30-033.28` and `85073003328` are one person.
-                    let mut digits = Zeroizing::new([0u8; 11]);
-                    let value: &[u8] = if self.check_national_number {
-                        check_national_number(field).map_err(|why| {
-                            WorkloadError::NotANationalNumber {
-                                record: self.seen,
-                                column: self.column,
-                                why,
-                            }
-                        })?;
-                        for (slot, d) in digits
-                            .iter_mut()
-                            .zip(field.iter().filter(|b| b.is_ascii_digit()))
-                        {
-                            *slot = *d;
-                        }
-                        digits.as_slice()
-                    } else {
-                        field.trim_ascii()
-                    };
-                    let tag = hmac::sign(&self.key, value);
-                    let mut hexed = Zeroizing::new([0u8; 64]);
-                    hex::encode_to_slice(tag.as_ref(), hexed.as_mut_slice()).map_err(|_| {
-                        WorkloadError::BadParameters("pseudonym encoding".to_owned())
-                    })?;
-                    out.extend_from_slice(hexed.as_slice());
-                } else {
-                    out.extend_from_slice(field);
-                }
-            }
-            out.extend_from_slice(ending);
-        }
-        Ok(counts)
-    }
-}
-
-/// A group key: plaintext, so zeroized when dropped and never printed.
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct GroupKey(Vec<u8>);
-
-impl Drop for GroupKey {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
-
-/// Count records, and optionally sum an integer column, per value of a
-/// column. Output: `value<delim>count[<delim>sum]` lines sorted by value,
-/// after a header line naming the columns.
-pub struct Aggregate {
-    by: u32,
-    sum: Option<u32>,
-    delimiter: u8,
-    skip_header: bool,
-    seen: u64,
-    groups: BTreeMap<GroupKey, (u64, i128)>,
-    group_bytes: usize,
-}
-
-impl std::fmt::Debug for Aggregate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Aggregate")
-            .field("by", &self.by)
-            .field("sum", &self.sum)
-            .field("groups", &self.groups.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Aggregate {
-    /// An aggregation by column `by`, summing column `sum`.
-    pub fn new(by: u32, sum: Option<u32>, delimiter: u8, skip_header: bool) -> Self {
-        Aggregate {
-            by,
-            sum,
-            delimiter,
-            skip_header,
-            seen: 0,
-            groups: BTreeMap::new(),
-            group_bytes: 0,
-        }
-    }
-
-    fn field<'a>(&self, body: &'a [u8], column: u32) -> Result<&'a [u8], WorkloadError> {
-        let index = usize::try_from(column).unwrap_or(usize::MAX);
-        body.split(|b| *b == self.delimiter)
-            .nth(index)
-            .ok_or_else(|| WorkloadError::MissingColumn {
-                record: self.seen,
-                column,
-                found: body.split(|b| *b == self.delimiter).count(),
-            })
-    }
-}
-
-fn parse_integer(field: &[u8]) -> Option<i128> {
-    let text = std::str::from_utf8(field).ok()?.trim();
-    text.parse::<i128>().ok()
-}
-
-impl Workload for Aggregate {
-    fn process(&mut self, batch: &[u8], _out: &mut Vec<u8>) -> Result<Counts, WorkloadError> {
-        let mut counts = Counts::default();
-        for record in records(batch) {
-            self.seen = self.seen.saturating_add(1);
-            counts.records_in = counts.records_in.saturating_add(1);
-            if self.skip_header && self.seen == 1 {
-                continue;
-            }
-            let (body, _) = split_ending(record);
-            if body.is_empty() {
-                continue;
-            }
-            let key = self.field(body, self.by)?;
-            let add = match self.sum {
-                None => 0,
-                Some(column) => {
-                    parse_integer(self.field(body, column)?).ok_or(WorkloadError::NotAnInteger {
-                        record: self.seen,
-                        column,
-                    })?
-                }
-            };
-            let at_limit = self.groups.len() >= MAX_GROUPS
-                || self.group_bytes.saturating_add(key.len()) > MAX_GROUP_BYTES;
-            let group = GroupKey(key.to_vec());
-            let entry = match self.groups.get_mut(&group) {
-                Some(entry) => entry,
-                None if at_limit => return Err(WorkloadError::TooManyGroups { limit: MAX_GROUPS }),
-                None => {
-                    self.group_bytes = self.group_bytes.saturating_add(group.0.len());
-                    self.groups.entry(group).or_insert((0, 0))
-                }
-            };
-            entry.0 = entry.0.saturating_add(1);
-            entry.1 = entry.1.checked_add(add).ok_or(WorkloadError::Overflow {
-                column: self.sum.unwrap_or(0),
-            })?;
-        }
-        Ok(counts)
-    }
-
-    fn finish(&mut self, out: &mut Vec<u8>) -> Result<Counts, WorkloadError> {
-        let d = char::from(self.delimiter);
-        let header = match self.sum {
-            Some(c) => format!("group{d}count{d}sum_of_column_{c}\n"),
-            None => format!("group{d}count\n"),
-        };
-        out.extend_from_slice(header.as_bytes());
-        let mut written = 1u64;
-        for (key, (count, sum)) in std::mem::take(&mut self.groups) {
-            out.extend_from_slice(&key.0);
-            let mut line = Zeroizing::new(match self.sum {
-                Some(_) => format!("{d}{count}{d}{sum}\n"),
-                None => format!("{d}{count}\n"),
-            });
-            out.extend_from_slice(line.as_bytes());
-            line.zeroize();
-            written = written.saturating_add(1);
-        }
-        Ok(Counts {
-            records_in: 0,
-            records_out: written,
-        })
-    }
 }
 
 /// Secrets a workload may use, in the job's order.
@@ -630,70 +355,11 @@ pub fn build(
     }))
 }
 
-/// Cuts a byte stream into batches of whole records.
-#[derive(Debug, Default)]
-pub struct RecordFramer {
-    carry: Zeroizing<Vec<u8>>,
-}
-
-impl RecordFramer {
-    /// Feed `chunk`; run `f` on the whole records available (carry
-    /// included). Keeps the unterminated tail for the next call.
-    pub fn feed<F>(&mut self, chunk: &[u8], mut f: F) -> Result<(), WorkloadError>
-    where
-        F: FnMut(&[u8]) -> Result<(), WorkloadError>,
-    {
-        let Some(last_newline) = memchr::memrchr(b'\n', chunk) else {
-            self.carry.extend_from_slice(chunk);
-            return self.check_carry();
-        };
-        let (mut whole, tail) = chunk.split_at(last_newline.saturating_add(1));
-        if !self.carry.is_empty() {
-            // Complete the carried record with the chunk's first line; only
-            // that one record is copied.
-            let first_end =
-                memchr::memchr(b'\n', whole).map_or(whole.len(), |i| i.saturating_add(1));
-            let (first, rest) = whole.split_at(first_end);
-            self.carry.extend_from_slice(first);
-            self.check_carry()?;
-            f(&self.carry)?;
-            self.carry.zeroize();
-            self.carry.clear();
-            whole = rest;
-        }
-        if !whole.is_empty() {
-            f(whole)?;
-        }
-        self.carry.extend_from_slice(tail);
-        self.check_carry()
-    }
-
-    fn check_carry(&self) -> Result<(), WorkloadError> {
-        if self.carry.len() > MAX_RECORD_LEN {
-            return Err(WorkloadError::RecordTooLong {
-                limit: MAX_RECORD_LEN,
-            });
-        }
-        Ok(())
-    }
-
-    /// End of input: the unterminated last record, if any.
-    pub fn finish<F>(&mut self, mut f: F) -> Result<(), WorkloadError>
-    where
-        F: FnMut(&[u8]) -> Result<(), WorkloadError>,
-    {
-        if self.carry.is_empty() {
-            return Ok(());
-        }
-        let last = Zeroizing::new(std::mem::take(&mut *self.carry));
-        f(&last)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+    use aws_lc_rs::hmac;
 
     fn run(w: &mut dyn Workload, input: &[u8], chunk: usize) -> (Vec<u8>, Counts) {
         let mut framer = RecordFramer::default();
