@@ -409,6 +409,14 @@ impl Hostile {
         }
     }
 
+    /// What it does (for probes).
+    pub fn tamper_desc(&self) -> String {
+        format!(
+            "{:?} {:?} {} {:?}",
+            self.channel, self.direction, self.index, self.tamper
+        )
+    }
+
     /// Whether it has acted.
     pub fn acted(&self) -> bool {
         self.seen.load(Ordering::SeqCst) > self.index

@@ -282,13 +282,18 @@ async fn a_hostile_parent_on_the_key_release_fails_the_job_closed() {
         &[FailureKind::KeyReleaseInvalid],
     )
     .await;
-    // The challenge altered: the document carries another nonce.
+    // The challenge's nonce altered (`{"challenge": {"nonce": h'…32…',
+    // "expires_at_ms": u64}}`: 30 bytes from the end is in the nonce): the
+    // document carries a nonce the verifier never issued.
+    hostile_job(
+        Arc::new(Hostile::new(v, ToEnclave, 0, Tamper::Flip(-30))),
+        &[FailureKind::KeyReleaseRefused],
+    )
+    .await;
+    // The challenge's field name altered: a malformed answer.
     hostile_job(
         Arc::new(Hostile::new(v, ToEnclave, 0, Tamper::Flip(-20))),
-        &[
-            FailureKind::KeyReleaseRefused,
-            FailureKind::KeyReleaseInvalid,
-        ],
+        &[FailureKind::KeyReleaseInvalid],
     )
     .await;
     // The request altered on its way: the verifier refuses it.
@@ -314,13 +319,10 @@ async fn a_hostile_parent_on_the_key_release_fails_the_job_closed() {
         &[FailureKind::KeyReleaseInvalid],
     )
     .await;
-    // A forged length prefix.
+    // A forged length prefix (over the enclave's limit).
     hostile_job(
         Arc::new(Hostile::new(v, ToEnclave, 1, Tamper::Flip(0))),
-        &[
-            FailureKind::VerifierUnavailable,
-            FailureKind::KeyReleaseInvalid,
-        ],
+        &[FailureKind::VerifierUnavailable],
     )
     .await;
 }
@@ -417,30 +419,19 @@ async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
     let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
     let plain = records(120_000); // ~3 MiB: several Data frames
     let input = d.world.encrypt(INPUT_KEY, &plain, 1024);
+    // Each outcome is deterministic: frame 1 starts with the envelope's
+    // header, frames 2.. are whole 1 MiB chunks from the middle.
     for (tamper, index, kinds) in [
         (Tamper::Flip(-100), 2, &[FailureKind::InputTampered][..]),
-        (
-            Tamper::Drop,
-            2,
-            &[FailureKind::InputTampered, FailureKind::InputTruncated][..],
-        ),
+        // A middle chunk missing: the segments after it are misaligned
+        // (truncation is only a missing end).
+        (Tamper::Drop, 2, &[FailureKind::InputTampered][..]),
         (Tamper::Duplicate, 2, &[FailureKind::InputTampered][..]),
-        (
-            Tamper::SwapWithNext,
-            1,
-            &[FailureKind::InputHeader, FailureKind::InputTampered][..],
-        ),
+        // The header's frame after the next one: ciphertext read as a header.
+        (Tamper::SwapWithNext, 1, &[FailureKind::InputHeader][..]),
         (Tamper::SwapWithNext, 2, &[FailureKind::InputTampered][..]),
-        (
-            Tamper::Drop,
-            1,
-            &[
-                FailureKind::InputHeader,
-                FailureKind::InputTampered,
-                FailureKind::InputWrongKey,
-                FailureKind::InputTruncated,
-            ][..],
-        ),
+        // The header's frame missing: likewise.
+        (Tamper::Drop, 1, &[FailureKind::InputHeader][..]),
     ] {
         let hostile = Arc::new(Hostile::new(j, ToEnclave, index, tamper.clone()));
         let mut job = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
@@ -483,12 +474,7 @@ async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
         // ...and the controller refuses the result.
         let envelope = std::fs::read(&out).unwrap();
         let err = d.world.decrypt(&envelope).unwrap_err();
-        assert!(
-            ["forged", "truncated", "header"]
-                .iter()
-                .any(|k| err.contains(k)),
-            "{what}: {err}"
-        );
+        assert!(err.contains(what), "{what}: {err}");
     }
 }
 
