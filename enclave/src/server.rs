@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use kluis_transport::{BoxStream, Listener};
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use crate::job::JobError;
 use crate::EnclaveContext;
@@ -106,37 +105,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_jobs.max(1)));
-    let starting = Arc::new(Semaphore::new(limits.max_starting.max(1)));
-    let mut jobs = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            p = Arc::clone(&starting).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+    // The accept loop bounds the starting stage; a connection leaves it
+    // (drops its permit) when it gets a job slot.
+    kluis_transport::serve(
+        &listener,
+        limits.max_starting,
+        shutdown,
+        |stream, peer, starting| {
+            let ctx = Arc::clone(&ctx);
+            let slots = Arc::clone(&slots);
+            async move {
+                match serve_connection(stream, &ctx, slots, starting).await {
+                    Ok(c) => tracing::info!(%peer, records_in = c.records_in, records_out = c.records_out, bytes_in = c.bytes_in, "job done"),
+                    Err(e) => tracing::warn!(%peer, kind = e.kind.as_str(), "job failed: {}", e.message),
+                }
             }
-        };
-        let ctx = Arc::clone(&ctx);
-        let slots = Arc::clone(&slots);
-        jobs.spawn(async move {
-            match serve_connection(stream, &ctx, slots, permit).await {
-                Ok(c) => tracing::info!(%peer, records_in = c.records_in, records_out = c.records_out, bytes_in = c.bytes_in, "job done"),
-                Err(e) => tracing::warn!(%peer, kind = e.kind.as_str(), "job failed: {}", e.message),
-            }
-        });
-        while jobs.try_join_next().is_some() {}
-    }
-    jobs.abort_all();
+        },
+    )
+    .await;
 }
 
 /// The longest deadline a job can have (a year).

@@ -20,7 +20,6 @@ impl From<Address> for VerifierTarget {
     }
 }
 use tokio::io::AsyncWriteExt;
-use tokio::task::JoinSet;
 
 use crate::hook::{read_raw_frame, Channel, Direction, FrameHook};
 
@@ -165,30 +164,20 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let verifier: VerifierTarget = verifier.into();
-    let mut tasks = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            _ = &mut shutdown => break,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "relay accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+    // Beyond the bound, enclaves' connections wait in the backlog.
+    kluis_transport::serve(
+        &listener,
+        MAX_RELAY_CONNECTIONS,
+        shutdown,
+        |stream, peer, permit| {
+            tracing::debug!(%peer, "relaying to the verifier");
+            let verifier = verifier.clone();
+            let hook = Arc::clone(&hook);
+            async move {
+                relay_connection(stream, &verifier, hook).await;
+                drop(permit);
             }
-        };
-        while tasks.try_join_next().is_some() {}
-        if tasks.len() >= MAX_RELAY_CONNECTIONS {
-            tracing::warn!(%peer, "too many relayed connections; refusing one");
-            continue;
-        }
-        tracing::debug!(%peer, "relaying to the verifier");
-        let verifier = verifier.clone();
-        let hook = Arc::clone(&hook);
-        tasks.spawn(async move { relay_connection(stream, &verifier, hook).await });
-    }
-    tasks.abort_all();
+        },
+    )
+    .await;
 }

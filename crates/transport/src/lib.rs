@@ -12,6 +12,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod serve;
+
+pub use serve::serve;
+
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
