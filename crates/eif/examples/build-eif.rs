@@ -57,7 +57,10 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
         .read_to_end(&mut data)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if u64::try_from(data.len()).unwrap_or(u64::MAX) > MAX_INPUT {
-        return Err(format!("{} is larger than {MAX_INPUT} bytes", path.display()));
+        return Err(format!(
+            "{} is larger than {MAX_INPUT} bytes",
+            path.display()
+        ));
     }
     Ok(data)
 }
