@@ -8,7 +8,15 @@
 //!
 //! Addresses are written `tcp:HOST:PORT`, `unix:PATH` or `vsock:CID:PORT`
 //! (`vsock:any:PORT` to listen on any CID; the parent is CID 3 as seen from
-//! an enclave). A bare `HOST:PORT` means TCP.
+//! an enclave on Nitro). A bare `HOST:PORT` means TCP.
+//!
+//! `vsock-unix:PATH:PORT` connects to vsock port `PORT` of a virtual machine
+//! whose vsock device is served by a user-space backend in Unix-socket mode
+//! (`vhost-device-vsock`, Firecracker): connect to the backend's socket
+//! `PATH`, send `CONNECT PORT\n`, read `OK <n>\n`, then the stream is the
+//! guest's. It is for connecting only; the guest's connections to the host
+//! arrive on the Unix socket `PATH_PORT`, which a `unix:` listener takes.
+//! The VM test (`tests/vm/`) uses it; a Nitro host uses `vsock:`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -19,12 +27,19 @@ pub use serve::serve;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The CID of the parent instance, as an enclave addresses it.
 pub const PARENT_CID: u32 = 3;
 /// The wildcard CID for listening.
 pub const CID_ANY: u32 = u32::MAX;
+
+/// Longest answer line read from a `vsock-unix:` backend (`OK ` and a
+/// 32-bit number fit many times over).
+const HANDSHAKE_MAX_LINE: usize = 64;
+/// How long a `vsock-unix:` backend may take to answer `CONNECT`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A bidirectional byte stream of any transport.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -47,11 +62,21 @@ pub enum Address {
         /// The port.
         port: u32,
     },
+    /// A guest's vsock port behind a user-space vsock backend's Unix socket
+    /// (`CONNECT PORT` handshake); connect only.
+    VsockUnix {
+        /// The backend's Unix socket.
+        path: PathBuf,
+        /// The guest's vsock port.
+        port: u32,
+    },
 }
 
 /// An address that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad address {input:?}: {reason} (expected tcp:HOST:PORT, unix:PATH or vsock:CID:PORT)")]
+#[error(
+    "bad address {input:?}: {reason} (expected tcp:HOST:PORT, unix:PATH, vsock:CID:PORT or vsock-unix:PATH:PORT)"
+)]
 pub struct AddressError {
     input: String,
     reason: &'static str,
@@ -70,6 +95,17 @@ impl FromStr for Address {
                 return Err(err("empty socket path"));
             }
             return Ok(Address::Unix(PathBuf::from(rest)));
+        }
+        if let Some(rest) = input.strip_prefix("vsock-unix:") {
+            let (path, port) = rest.rsplit_once(':').ok_or_else(|| err("missing port"))?;
+            if path.is_empty() {
+                return Err(err("empty socket path"));
+            }
+            let port = port.parse().map_err(|_| err("port is not a number"))?;
+            return Ok(Address::VsockUnix {
+                path: PathBuf::from(path),
+                port,
+            });
         }
         if let Some(rest) = input.strip_prefix("vsock:") {
             let (cid, port) = rest.split_once(':').ok_or_else(|| err("missing port"))?;
@@ -99,6 +135,9 @@ impl fmt::Display for Address {
             Address::Unix(p) => write!(f, "unix:{}", p.display()),
             Address::Vsock { cid, port } if *cid == CID_ANY => write!(f, "vsock:any:{port}"),
             Address::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Address::VsockUnix { path, port } => {
+                write!(f, "vsock-unix:{}:{port}", path.display())
+            }
         }
     }
 }
@@ -148,6 +187,14 @@ impl Listener {
             Address::Vsock { cid, port } => Ok(Listener::Vsock(tokio_vsock::VsockListener::bind(
                 tokio_vsock::VsockAddr::new(*cid, *port),
             )?)),
+            Address::VsockUnix { path, port } => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!(
+                    "vsock-unix: is for connecting; the guest's connections to port {port} \
+                     arrive on unix:{}_{port}",
+                    path.display()
+                ),
+            )),
         }
     }
 
@@ -198,6 +245,77 @@ pub async fn connect(address: &Address) -> std::io::Result<BoxStream> {
         Address::Vsock { cid, port } => Ok(Box::new(
             tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port)).await?,
         )),
+        Address::VsockUnix { path, port } => {
+            let mut stream = tokio::net::UnixStream::connect(path).await?;
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, vsock_unix_handshake(&mut stream, *port))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "vsock backend {} did not answer CONNECT {port} within {}s",
+                            path.display(),
+                            HANDSHAKE_TIMEOUT.as_secs()
+                        ),
+                    )
+                })??;
+            Ok(Box::new(stream))
+        }
+    }
+}
+
+/// The client side of the Unix-socket vsock handshake (Firecracker's hybrid
+/// vsock, `vhost-device-vsock`'s `uds-path`): sends `CONNECT PORT\n` and
+/// expects `OK <decimal>\n`. Reads one byte at a time, so nothing of the
+/// guest's stream after the newline is consumed, and at most
+/// [`HANDSHAKE_MAX_LINE`] bytes.
+async fn vsock_unix_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    port: u32,
+) -> std::io::Result<()> {
+    let refused = |detail: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!("vsock backend refused CONNECT {port}: {detail}"),
+        )
+    };
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
+    stream.flush().await?;
+    let mut line = Vec::with_capacity(HANDSHAKE_MAX_LINE);
+    loop {
+        let byte = match stream.read_u8().await {
+            Ok(b) => b,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Err(refused(format!(
+                    "closed after {:?}",
+                    String::from_utf8_lossy(&line)
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        if byte == b'\n' {
+            break;
+        }
+        if line.len() >= HANDSHAKE_MAX_LINE {
+            return Err(refused(format!(
+                "answer longer than {HANDSHAKE_MAX_LINE} bytes"
+            )));
+        }
+        line.push(byte);
+    }
+    match line.strip_prefix(b"OK ") {
+        Some(n) if !n.is_empty() && n.iter().all(u8::is_ascii_digit) => Ok(()),
+        _ => Err(refused(format!(
+            "answer {:?}",
+            String::from_utf8_lossy(&line)
+        ))),
     }
 }
 
@@ -217,6 +335,14 @@ mod tests {
             ("vsock:3:8001", "vsock:3:8001"),
             ("vsock:parent:8001", "vsock:3:8001"),
             ("vsock:any:5000", "vsock:any:5000"),
+            (
+                "vsock-unix:/run/vm.vsock:5000",
+                "vsock-unix:/run/vm.vsock:5000",
+            ),
+            (
+                "vsock-unix:/odd:dir/v.sock:7",
+                "vsock-unix:/odd:dir/v.sock:7",
+            ),
         ] {
             assert_eq!(text.parse::<Address>().unwrap().to_string(), printed);
         }
@@ -230,6 +356,11 @@ mod tests {
             "vsock:3",
             "vsock:x:1",
             "vsock:3:y",
+            "vsock-unix:",
+            "vsock-unix:/v.sock",
+            "vsock-unix::5000",
+            "vsock-unix:/v.sock:x",
+            "vsock-unix:/v.sock:99999999999",
         ] {
             assert!(bad.parse::<Address>().is_err(), "{bad:?} parsed");
         }
@@ -271,5 +402,111 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+    }
+
+    /// A fake backend: reads the `CONNECT` line, answers `answer`, then
+    /// echoes five bytes if the answer was a good one.
+    async fn fake_backend(listener: tokio::net::UnixListener, answer: &'static [u8]) -> Vec<u8> {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        loop {
+            let b = s.read_u8().await.unwrap();
+            request.push(b);
+            if b == b'\n' {
+                break;
+            }
+        }
+        s.write_all(answer).await.unwrap();
+        if answer.starts_with(b"OK ") {
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        }
+        request
+    }
+
+    #[tokio::test]
+    async fn vsock_unix_handshake_then_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.vsock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        // The answer and the guest's first bytes may arrive together: the
+        // handshake must not swallow what follows the newline.
+        let server = tokio::spawn(fake_backend(listener, b"OK 1073741824\n"));
+        let address: Address = format!("vsock-unix:{}:5000", path.display())
+            .parse()
+            .unwrap();
+        let mut c = connect(&address).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+        assert_eq!(server.await.unwrap(), b"CONNECT 5000\n");
+    }
+
+    #[tokio::test]
+    async fn vsock_unix_handshake_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        for (case, answer) in [
+            ("closed", &b""[..]),
+            ("no newline then closed", b"OK 5000"),
+            ("failure", b"FAILURE\n"),
+            ("no number", b"OK \n"),
+            ("not a number", b"OK x5\n"),
+            ("lowercase", b"ok 5000\n"),
+            ("too long", &[b'9'; 200][..]),
+        ] {
+            let path = dir.path().join(format!("{}.sock", case.replace(' ', "-")));
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut line = [0u8; 13]; // "CONNECT 5000\n"
+                s.read_exact(&mut line).await.unwrap();
+                let _ = s.write_all(answer).await;
+            });
+            let address = Address::VsockUnix {
+                path: path.clone(),
+                port: 5000,
+            };
+            let err = match connect(&address).await {
+                Ok(_) => panic!("{case}: handshake accepted"),
+                Err(e) => e,
+            };
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "{case}: {err}"
+            );
+            server.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn vsock_unix_silent_backend_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("silent.sock");
+        let _listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let address = Address::VsockUnix { path, port: 1 };
+        tokio::time::pause();
+        let err = match connect(&address).await {
+            Ok(_) => panic!("a silent backend was accepted"),
+            Err(e) => e,
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    }
+
+    #[tokio::test]
+    async fn vsock_unix_does_not_listen() {
+        let err = Listener::bind(&Address::VsockUnix {
+            path: PathBuf::from("/nonexistent/vm.vsock"),
+            port: 8001,
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::Unsupported);
+        assert!(
+            err.to_string().contains("/nonexistent/vm.vsock_8001"),
+            "{err}"
+        );
     }
 }
