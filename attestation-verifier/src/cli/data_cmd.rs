@@ -12,7 +12,7 @@
 
 use crate::audit::Decision;
 use crate::auth::Permission;
-use crate::cli::admin_cmd::{Failure, Session, StoreArgs};
+use crate::cli::session::{Failure, Session, StoreArgs};
 use crate::cli::verify_cmd::{emit, now_ms};
 use crate::keys::{KeyName, WrappedDataKey};
 use anyhow::{anyhow, Context};

@@ -2,7 +2,7 @@
 //! programs (the local demonstration, `kluis-demo`) can run exactly the
 //! commands an operator runs.
 //!
-//! Exit codes, one rule for every command (see `admin_cmd::finish`): 0
+//! Exit codes, one rule for every command (see `session::finish`): 0
 //! accepted/done, 1 rejected/refused (a decision, or something checked is
 //! not intact), 2 usage or I/O error, with `{"error": {"kind", "message"}}`
 //! on stdout. Never a panic.
@@ -12,6 +12,7 @@ mod data_cmd;
 mod input;
 mod report;
 mod serve_cmd;
+mod session;
 mod verify_cmd;
 
 use clap::{Parser, Subcommand};
@@ -24,7 +25,7 @@ use std::process::ExitCode;
 #[command(name = "attestation-verifier", version, about)]
 struct Cli {
     #[command(flatten)]
-    store: admin_cmd::StoreArgs,
+    store: session::StoreArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -120,14 +121,14 @@ where
     let outcome = match &cli.command {
         Command::Verify(args) => verify_cmd::run(args),
         Command::Inspect { doc } => verify_cmd::inspect(doc),
-        Command::Init(args) => admin_cmd::finish(admin_cmd::init(store, args)),
-        Command::Admin(c) => admin_cmd::finish(admin_cmd::admin(store, c)),
-        Command::Key(c) => admin_cmd::finish(admin_cmd::key(store, c)),
-        Command::Policy(c) => admin_cmd::finish(admin_cmd::policy(store, c)),
-        Command::Identity => admin_cmd::finish(admin_cmd::identity(store)),
-        Command::Audit(c) => admin_cmd::finish(admin_cmd::audit(store, c)),
-        Command::Serve(args) => admin_cmd::finish(serve_cmd::serve(store, args)),
-        Command::Data(c) => admin_cmd::finish(data_cmd::data(store, c)),
+        Command::Init(args) => session::finish(admin_cmd::init(store, args)),
+        Command::Admin(c) => session::finish(admin_cmd::admin(store, c)),
+        Command::Key(c) => session::finish(admin_cmd::key(store, c)),
+        Command::Policy(c) => session::finish(admin_cmd::policy(store, c)),
+        Command::Identity => session::finish(admin_cmd::identity(store)),
+        Command::Audit(c) => session::finish(admin_cmd::audit(store, c)),
+        Command::Serve(args) => session::finish(serve_cmd::serve(store, args)),
+        Command::Data(c) => session::finish(data_cmd::data(store, c)),
     };
     // Flush explicitly: a closed stdout must not turn into a panic.
     let _ = std::io::stdout().flush();

@@ -2,7 +2,7 @@
 
 use crate::auth::Permission;
 use crate::broker::{Broker, BrokerConfig};
-use crate::cli::admin_cmd::{load_identity, Failure, Session, StoreArgs};
+use crate::cli::session::{load_identity, Failure, Session, StoreArgs};
 use crate::cli::verify_cmd::emit;
 use crate::service::{self, ServiceConfig};
 use anyhow::{anyhow, Context};

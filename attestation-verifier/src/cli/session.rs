@@ -1,0 +1,498 @@
+//! What every store-opening command shares: the store's arguments, opening
+//! it (root secret or passphrase, the anchored audit log), an authenticated
+//! and audited session, one failure type and exit-code rule, and the
+//! helpers that write secrets to files. The commands themselves are in
+//! `admin_cmd` (keys, policies, administrators, audit), `serve_cmd` and
+//! `data_cmd`.
+
+use crate::audit::{Actor, AuditAnchor, AuditError, AuditLog, Decision, NewRecord};
+use crate::auth::{self, Admin, Credential, Permission};
+use crate::cli::verify_cmd::{emit, now_ms};
+use crate::cli::Outcome;
+use crate::keys::{KeyError, KeyName};
+use crate::kms::Kms;
+use anyhow::{anyhow, Context};
+use clap::Args;
+use kluis_keystore::RootSecret;
+use kluis_proto::VerifierIdentity;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// Where the store is and how to open it.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct StoreArgs {
+    /// The store directory.
+    #[arg(long, env = "KLUIS_STORE", value_name = "DIR", global = true)]
+    pub store: Option<PathBuf>,
+    /// The root key file (32 random bytes, mode 0600). Alternatively a
+    /// passphrase (Argon2id): --passphrase-file, --passphrase-fd, or
+    /// KLUIS_STORE_PASSPHRASE (short commands only: it stays readable in
+    /// /proc/PID/environ for the life of the process).
+    #[arg(long, env = "KLUIS_ROOT_KEY_FILE", value_name = "FILE", global = true)]
+    pub root_key_file: Option<PathBuf>,
+    /// Read the store passphrase from FILE (a regular file, mode 0600 or
+    /// 0400; one line).
+    #[arg(
+        long,
+        env = "KLUIS_STORE_PASSPHRASE_FILE",
+        value_name = "FILE",
+        global = true,
+        conflicts_with = "root_key_file"
+    )]
+    pub passphrase_file: Option<PathBuf>,
+    /// Read the store passphrase from file descriptor N (until end of file),
+    /// e.g. `--passphrase-fd 3 3< <(secret-tool lookup kluis store)`.
+    #[arg(
+        long,
+        value_name = "N",
+        global = true,
+        conflicts_with_all = ["root_key_file", "passphrase_file"]
+    )]
+    pub passphrase_fd: Option<u32>,
+    /// The administrator credential file.
+    #[arg(
+        long,
+        env = "KLUIS_CREDENTIAL_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub credential: Option<PathBuf>,
+}
+
+/// A command failure: refused (exit 1) or usage/I/O (exit 2).
+pub(crate) enum Failure {
+    Refused(String, String),
+    Usage(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Usage(e)
+    }
+}
+
+impl From<KeyError> for Failure {
+    fn from(e: KeyError) -> Self {
+        match &e {
+            KeyError::Store(_) | KeyError::CorruptRecord { .. } | KeyError::Audit(_) => {
+                Failure::Usage(anyhow!(e))
+            }
+            _ => Failure::Refused(key_error_kind(&e).to_owned(), e.to_string()),
+        }
+    }
+}
+
+pub(crate) fn key_error_kind(e: &KeyError) -> &'static str {
+    match e {
+        KeyError::InvalidName { .. } => "invalid_key_name",
+        KeyError::NotFound(_) => "key_not_found",
+        KeyError::AlreadyExists(_) => "key_exists",
+        KeyError::WrongState { .. } => "wrong_state",
+        KeyError::Destroyed { .. } => "key_destroyed",
+        KeyError::NoSuchVersion { .. } => "no_such_version",
+        KeyError::WaitingPeriod { .. } => "waiting_period",
+        KeyError::InvalidArgument(_) => "invalid_argument",
+        KeyError::BadWrappedKey(_) => "bad_wrapped_key",
+        _ => "store_error",
+    }
+}
+
+/// The one exit-code rule of every command: 0 done; 1 refused — by a
+/// decision (credential, root secret, role, key state, policy) or because
+/// what was checked is not intact (a tampered audit log, a bad envelope);
+/// 2 usage (bad arguments, an output that exists) or I/O (a file missing or
+/// unreadable, a full disk). Failures print `{"error": {"kind", "message"}}`
+/// on stdout; the kind of an exit 2 is `usage` or `io`.
+pub(crate) fn finish(result: Result<(), Failure>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Accepted,
+        Err(Failure::Refused(kind, message)) => {
+            emit(&json!({ "error": { "kind": kind, "message": message } }));
+            eprintln!("refused ({kind}): {message}");
+            Outcome::Rejected
+        }
+        Err(Failure::Usage(e)) => {
+            let kind = if e.chain().any(|c| c.is::<std::io::Error>()) {
+                "io"
+            } else {
+                "usage"
+            };
+            emit(&json!({ "error": { "kind": kind, "message": format!("{e:#}") } }));
+            eprintln!("error: {e:#}");
+            Outcome::Failed
+        }
+    }
+}
+
+impl StoreArgs {
+    pub(crate) fn dir(&self) -> anyhow::Result<&Path> {
+        self.store
+            .as_deref()
+            .ok_or_else(|| anyhow!("no store: pass --store DIR or set KLUIS_STORE"))
+    }
+
+    pub(crate) fn secret(&self) -> anyhow::Result<RootSecret> {
+        if let Some(path) = &self.root_key_file {
+            return RootSecret::from_key_file(path)
+                .with_context(|| format!("root key file {}", path.display()));
+        }
+        if let Some(path) = &self.passphrase_file {
+            let (file, mode) = crate::cli::input::open_regular(path)
+                .with_context(|| format!("passphrase file {}", path.display()))?;
+            if mode & 0o077 != 0 {
+                return Err(anyhow!(
+                    "passphrase file {} has mode {mode:04o}: group and others must have no access (chmod 600)",
+                    path.display()
+                ));
+            }
+            return passphrase_from(file)
+                .with_context(|| format!("passphrase file {}", path.display()));
+        }
+        if let Some(fd) = self.passphrase_fd {
+            let path = format!("/dev/fd/{fd}");
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("passphrase file descriptor {fd}"))?;
+            return passphrase_from(file)
+                .with_context(|| format!("passphrase file descriptor {fd}"));
+        }
+        match std::env::var("KLUIS_STORE_PASSPHRASE") {
+            Ok(p) if !p.is_empty() => {
+                // Do not leave the passphrase in this process's environment.
+                std::env::remove_var("KLUIS_STORE_PASSPHRASE");
+                Ok(RootSecret::from_passphrase(Zeroizing::new(p))?)
+            }
+            _ => Err(anyhow!(
+                "no root secret: pass --root-key-file FILE (or KLUIS_ROOT_KEY_FILE) or set KLUIS_STORE_PASSPHRASE"
+            )),
+        }
+    }
+
+    /// Open the store; a wrong root secret is a refusal (exit 1).
+    pub(crate) fn open(&self) -> Result<Kms, Failure> {
+        let dir = self.dir()?;
+        match Kms::open(dir, self.secret()?) {
+            Ok(kms) => Ok(kms),
+            Err(KeyError::Store(kluis_keystore::StoreError::WrongRootSecret)) => {
+                Err(Failure::Refused(
+                    "root_secret_rejected".into(),
+                    format!("the root secret does not open the store {}", dir.display()),
+                ))
+            }
+            Err(e) => Err(Failure::Usage(
+                anyhow!(e).context(format!("opening the store {}", dir.display())),
+            )),
+        }
+    }
+
+    pub(crate) fn audit_path(&self) -> anyhow::Result<PathBuf> {
+        Ok(self.dir()?.join("audit.log"))
+    }
+
+    /// The audit log, which must continue from `anchor` (the head anchored
+    /// in the store): a damaged log is refused (`audit_broken`, exit 1)
+    /// until an operator runs `audit recover`.
+    pub(crate) fn audit_log(&self, anchor: Option<&AuditAnchor>) -> Result<AuditLog, Failure> {
+        let path = self.audit_path()?;
+        AuditLog::open_anchored(&path, anchor).map_err(|e| audit_failure(&path, e))
+    }
+
+    pub(crate) fn credential(&self) -> Result<Credential, Failure> {
+        let Some(path) = &self.credential else {
+            return Err(Failure::Refused(
+                "credential_missing".into(),
+                auth::AuthError::Missing.to_string(),
+            ));
+        };
+        let (file, mode) = crate::cli::input::open_regular(path)
+            .with_context(|| format!("reading credential {}", path.display()))?;
+        if mode & 0o077 != 0 {
+            return Err(Failure::Usage(anyhow!(
+                "credential file {} has mode {mode:04o}: group and others must have no access (chmod 600)",
+                path.display()
+            )));
+        }
+        let mut text = Vec::with_capacity(4097);
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, 4097), &mut text)
+            .with_context(|| format!("reading credential {}", path.display()))?;
+        if text.len() > 4096 {
+            return Err(Failure::Usage(anyhow!(
+                "credential file {} is too large",
+                path.display()
+            )));
+        }
+        let text = Zeroizing::new(
+            String::from_utf8(text).map_err(|_| anyhow!("credential file is not text"))?,
+        );
+        Ok(Credential::new(text))
+    }
+}
+
+/// An audit log that cannot be opened: damaged (exit 1, `audit_broken`)
+/// or unreadable (exit 2).
+pub(crate) fn audit_failure(path: &Path, e: AuditError) -> Failure {
+    match e {
+        AuditError::Io { .. } => Failure::Usage(
+            anyhow!(e).context(format!("opening the audit log {}", path.display())),
+        ),
+        e => Failure::Refused(
+            "audit_broken".into(),
+            format!(
+                "{e}{}; nothing is done until an administrator runs `attestation-verifier audit recover --reason TEXT`",
+                e.broken_seq()
+                    .map(|s| format!(" (first broken record: seq {s})"))
+                    .unwrap_or_default()
+            ),
+        ),
+    }
+}
+
+/// A passphrase read from `source`: at most 4 KiB, UTF-8, one line (a final
+/// newline is not part of it).
+pub(crate) fn passphrase_from(source: impl std::io::Read) -> anyhow::Result<RootSecret> {
+    use std::io::Read;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(4097));
+    source
+        .take(4097)
+        .read_to_end(&mut bytes)
+        .context("reading the passphrase")?;
+    if bytes.len() > 4096 {
+        return Err(anyhow!("the passphrase is longer than 4096 bytes"));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| anyhow!("the passphrase is not UTF-8"))?;
+    let line = text.strip_suffix('\n').unwrap_or(text);
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    Ok(RootSecret::from_passphrase(Zeroizing::new(
+        line.to_owned(),
+    ))?)
+}
+
+/// An opened store, audit log and authenticated administrator.
+pub(crate) struct Session {
+    pub kms: Kms,
+    pub audit: Arc<AuditLog>,
+    pub admin: Admin,
+}
+
+/// Open the store and its audit log (which must continue from the anchored
+/// head), bind them (changes are audited first), record a torn last line
+/// that was removed, and resolve a change a crash interrupted.
+pub(crate) fn open_audited(args: &StoreArgs) -> Result<(Kms, Arc<AuditLog>), Failure> {
+    let mut kms = args.open()?;
+    let anchor = kms.audit_anchor()?;
+    let audit = Arc::new(args.audit_log(anchor.as_ref())?);
+    kms.bind_audit(Arc::clone(&audit), Actor::System);
+    let removed = audit.recovered_tail_bytes();
+    if removed > 0 {
+        kms.append_audit(NewRecord {
+            time_ms: now_ms(),
+            actor: Actor::System,
+            operation: "audit.tail_recovered".to_owned(),
+            key_id: None,
+            key_version: None,
+            decision: Decision::Allowed,
+            reason: Some(format!(
+                "removed an unfinished last line of {removed} bytes (an append interrupted by a crash) after seq {}",
+                audit.head().seq
+            )),
+            attestation_document: None,
+        })?;
+    }
+    kms.resolve_interrupted()?;
+    Ok((kms, audit))
+}
+
+impl Session {
+    /// Open, authenticate, and check `permission`; failures are audited.
+    pub(crate) fn start(
+        args: &StoreArgs,
+        permission: Permission,
+        action: &str,
+    ) -> Result<Session, Failure> {
+        let (mut kms, audit) = open_audited(args)?;
+        let credential = args.credential()?;
+        let claimed = credential
+            .claimed_name()
+            .unwrap_or("<malformed>")
+            .to_owned();
+        let record = kms.admin(&claimed)?;
+        let admin = match auth::authenticate(&credential, record.as_ref()) {
+            Ok(admin) => admin,
+            Err(e) => {
+                audit_refusal(
+                    &kms,
+                    Actor::System,
+                    action,
+                    format!("authentication failed for {claimed:?}"),
+                )?;
+                return Err(Failure::Refused(
+                    "credential_rejected".into(),
+                    e.to_string(),
+                ));
+            }
+        };
+        if let Err(e) = admin.require(permission, action) {
+            audit_refusal(&kms, admin_actor(&admin), action, e.to_string())?;
+            return Err(Failure::Refused("forbidden".into(), e.to_string()));
+        }
+        kms.set_audit_actor(admin_actor(&admin));
+        Ok(Session { kms, audit, admin })
+    }
+
+    /// Append an audit record for this administrator and anchor the head.
+    pub(crate) fn record(
+        &self,
+        operation: &str,
+        key: Option<&KeyName>,
+        version: Option<u32>,
+        decision: Decision,
+        reason: Option<String>,
+    ) -> Result<(), Failure> {
+        self.kms.append_audit(NewRecord {
+            time_ms: now_ms(),
+            actor: admin_actor(&self.admin),
+            operation: operation.to_owned(),
+            key_id: key.map(ToString::to_string),
+            key_version: version,
+            decision,
+            reason,
+            attestation_document: None,
+        })?;
+        Ok(())
+    }
+
+    /// Run `f`, a use of a key that changes nothing (the data commands),
+    /// and audit its outcome before the key is used: allowed with the
+    /// version `f` reports, or refused with the error.
+    pub(crate) fn used<T>(
+        &self,
+        operation: &str,
+        key: &KeyName,
+        f: impl FnOnce(&Kms) -> Result<(T, Option<u32>), KeyError>,
+    ) -> Result<T, Failure> {
+        match f(&self.kms) {
+            Ok((value, version)) => {
+                self.record(operation, Some(key), version, Decision::Allowed, None)?;
+                Ok(value)
+            }
+            Err(e) => {
+                self.record(
+                    operation,
+                    Some(key),
+                    None,
+                    Decision::Refused,
+                    Some(format!("{}: {e}", key_error_kind(&e))),
+                )?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Run the change `f`, which the bound store audits before it takes
+    /// effect; audit a refusal (a change that did not happen) after.
+    pub(crate) fn audited<T>(
+        &self,
+        operation: &str,
+        key: &KeyName,
+        f: impl FnOnce(&Kms) -> Result<T, KeyError>,
+    ) -> Result<T, Failure> {
+        match f(&self.kms) {
+            Ok(value) => Ok(value),
+            Err(KeyError::Audit(e)) => Err(Failure::Usage(anyhow!(
+                "{operation} was not done: its audit record could not be written: {e}"
+            ))),
+            Err(e) => {
+                self.record(
+                    operation,
+                    Some(key),
+                    None,
+                    Decision::Refused,
+                    Some(format!("{}: {e}", key_error_kind(&e))),
+                )?;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+pub(crate) fn admin_actor(admin: &Admin) -> Actor {
+    Actor::Admin {
+        name: admin.name.clone(),
+        role: admin.role.as_str().to_owned(),
+    }
+}
+
+pub(crate) fn audit_refusal(
+    kms: &Kms,
+    actor: Actor,
+    action: &str,
+    reason: String,
+) -> Result<(), Failure> {
+    kms.append_audit(NewRecord {
+        time_ms: now_ms(),
+        actor,
+        operation: action.to_owned(),
+        key_id: None,
+        key_version: None,
+        decision: Decision::Refused,
+        reason: Some(reason),
+        attestation_document: None,
+    })?;
+    Ok(())
+}
+
+pub(crate) fn write_secret_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
+    let written = file
+        .write_all(contents.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        // No half-written credential is left behind.
+        let _ = std::fs::remove_file(path);
+        return Err(anyhow!(e).context(format!("writing {}", path.display())));
+    }
+    Ok(())
+}
+
+/// Add an administrator and write their credential to `path`: the audit
+/// record first, then the credential file, then the stored verifier; if the
+/// file cannot be written, no administrator is added (and the name stays
+/// free).
+pub(crate) fn add_admin_with_credential(
+    kms: &Kms,
+    record: &auth::AdminRecord,
+    reason: &str,
+    path: &Path,
+    credential: &str,
+) -> Result<(), Failure> {
+    let mut write_error = None;
+    let added = kms.add_admin_then(record, reason, || {
+        write_secret_file(path, credential).map_err(|e| {
+            let message = format!("{e:#}");
+            write_error = Some(e);
+            KeyError::InvalidArgument(message)
+        })
+    });
+    match (added, write_error) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(Failure::Usage(e)),
+        (Err(e), None) => Err(e.into()),
+    }
+}
+
+pub(crate) fn load_identity(kms: &Kms) -> Result<VerifierIdentity, Failure> {
+    let pkcs8 = kms
+        .identity_pkcs8()?
+        .ok_or_else(|| anyhow!("the store has no verifier identity"))?;
+    VerifierIdentity::from_pkcs8_der(&pkcs8)
+        .map_err(|e| Failure::Usage(anyhow!("verifier identity: {e}")))
+}
