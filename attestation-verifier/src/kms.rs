@@ -501,27 +501,40 @@ impl Kms {
         let mut rotated = Vec::new();
         for record in self.keys()? {
             if record.rotation_due(now_ms) {
-                let (version, _) = self.modify(
-                    &record.name,
-                    "key.rotate",
-                    Some("rotation period elapsed".to_owned()),
-                    false,
-                    |v| *v,
-                    |b, g, r| {
-                        // Re-check under the lock: another process may have rotated.
-                        if r.rotation_due(now_ms) {
-                            keys::rotate(b, g, r, now_ms).map(Some)
-                        } else {
-                            Ok(None)
-                        }
-                    },
-                )?;
+                let (version, _) =
+                    self.rotate_if_due(&record.name, "rotation period elapsed", now_ms)?;
                 if let Some(v) = version {
                     rotated.push((record.name.clone(), v));
                 }
             }
         }
         Ok(rotated)
+    }
+
+    /// Rotate `name` if its rotation is still due once the lock is held
+    /// (another process may have rotated it meanwhile): the new version, if
+    /// any, and the record as it now is. Audited as `key.rotate` with
+    /// `reason` only when it rotates.
+    fn rotate_if_due(
+        &self,
+        name: &KeyName,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(Option<u32>, CmkRecord), KeyError> {
+        self.modify(
+            name,
+            "key.rotate",
+            Some(reason.to_owned()),
+            false,
+            |v| *v,
+            |b, g, r| {
+                if r.rotation_due(now_ms) {
+                    keys::rotate(b, g, r, now_ms).map(Some)
+                } else {
+                    Ok(None)
+                }
+            },
+        )
     }
 
     /// Disable a key.
@@ -603,21 +616,8 @@ impl Kms {
     ) -> Result<(DataKey, WrappedDataKey), KeyError> {
         let record = self.key(name)?;
         let record = if record.rotation_due(now_ms) {
-            self.modify(
-                name,
-                "key.rotate",
-                Some("rotation period elapsed (on use)".to_owned()),
-                false,
-                |v| *v,
-                |b, g, r| {
-                    if r.rotation_due(now_ms) {
-                        keys::rotate(b, g, r, now_ms).map(Some)
-                    } else {
-                        Ok(None)
-                    }
-                },
-            )?
-            .1
+            self.rotate_if_due(name, "rotation period elapsed (on use)", now_ms)?
+                .1
         } else {
             record
         };

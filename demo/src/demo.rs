@@ -263,6 +263,32 @@ fn policy(pcrs: &Value, operations: &[&str]) -> String {
     )
 }
 
+/// Run `job` on the file `input`: it must fail with `kind` and leave no
+/// output at `output`.
+fn expect_refused(
+    runtime: &tokio::runtime::Runtime,
+    job: &JobRun,
+    input: &Path,
+    output: &Path,
+    kind: FailureKind,
+    what: &str,
+) -> Result<()> {
+    let outcome = runtime.block_on(async {
+        let input = tokio::fs::File::open(input).await?;
+        Ok::<_, anyhow::Error>(run_job(job, input, output, |_| {}).await)
+    })?;
+    match outcome {
+        Err(RunError::Failed { kind: found, .. }) if found == kind => {}
+        Err(e) => bail!("{what} failed otherwise than refused ({kind}): {e}"),
+        Ok(_) => bail!("{what} ran: it must have been refused ({kind})"),
+    }
+    ensure!(
+        !output.exists(),
+        "an output appeared for {what}, which was refused"
+    );
+    Ok(())
+}
+
 pub(crate) fn run(keep: Option<&Path>, records: u32) -> Result<()> {
     let temp;
     let dir = match keep {
@@ -659,22 +685,15 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         },
         ..job.clone()
     };
-    let raw_out = path("raw.kenv");
-    let refused = runtime.block_on(async {
-        let input = tokio::fs::File::open(&enc_in).await?;
-        Ok::<_, anyhow::Error>(run_job(&identity_job, input, &raw_out, |_| {}).await)
-    })?;
-    match refused {
-        Err(RunError::Failed {
-            kind: FailureKind::JobNotAllowed,
-            ..
-        }) => {
-            detail("refused by the enclave itself, before it asked for any key (job_not_allowed)");
-        }
-        Err(e) => bail!("the identity job failed otherwise than refused: {e}"),
-        Ok(_) => bail!("the enclave ran a job its image does not allow"),
-    }
-    ensure!(!raw_out.exists(), "an output appeared for a refused job");
+    expect_refused(
+        &runtime,
+        &identity_job,
+        &enc_in,
+        &path("raw.kenv"),
+        FailureKind::JobNotAllowed,
+        "the identity job",
+    )?;
+    detail("refused by the enclave itself, before it asked for any key (job_not_allowed)");
 
     // An enclave the policy does not admit.
     demo.step(
@@ -713,22 +732,15 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         enclave: rogue_address,
         ..job.clone()
     };
-    let rogue_out = path("rogue.kenv");
-    let refused = runtime.block_on(async {
-        let input = tokio::fs::File::open(&enc_in).await?;
-        Ok::<_, anyhow::Error>(run_job(&rogue_job, input, &rogue_out, |_| {}).await)
-    })?;
-    match refused {
-        Err(RunError::Failed {
-            kind: FailureKind::KeyReleaseRefused,
-            ..
-        }) => {
-            detail("refused: the verifier released no key (the reason is in the audit log, not told to the enclave)");
-        }
-        Err(e) => bail!("the modified enclave failed otherwise than refused: {e}"),
-        Ok(_) => bail!("the modified enclave got keys"),
-    }
-    ensure!(!rogue_out.exists(), "an output appeared for a refused job");
+    expect_refused(
+        &runtime,
+        &rogue_job,
+        &enc_in,
+        &path("rogue.kenv"),
+        FailureKind::KeyReleaseRefused,
+        "the modified enclave's job",
+    )?;
+    detail("refused: the verifier released no key (the reason is in the audit log, not told to the enclave)");
     demo.children.stop("rogue-enclave");
 
     // Stop the service, verify the audit log.

@@ -48,7 +48,7 @@ use zeroize::Zeroizing;
 pub use crate::pipeline::JobError;
 use crate::pipeline::{
     cancelled, decrypt_error, drain, read_error, write_error, BatchSender, Cancel, Outgoing,
-    ProgressReporter, ThreadCount, ToSealer, READ_CHUNK,
+    ProgressReporter, ToSealer, READ_CHUNK,
 };
 use crate::workload::{self, Counts, RecordFramer};
 use crate::{exec, release, EnclaveContext};
@@ -555,7 +555,7 @@ async fn process(
     // ends when the input does, or when the pump stops (cancellation).
     let stats = Arc::clone(&ctx.stats);
     let (mut input, header) = tokio::task::spawn_blocking(move || {
-        let _counted = ThreadCount::new(&stats);
+        let _counted = crate::server::Counted::thread(&stats);
         let mut input = ChannelReader {
             rx: input_rx,
             chunk: Vec::new(),
@@ -624,7 +624,7 @@ async fn process(
     let seal_cancel = cancel.clone();
     let seal_stats = Arc::clone(&ctx.stats);
     let sealer = tokio::task::spawn_blocking(move || {
-        let _counted = ThreadCount::new(&seal_stats);
+        let _counted = crate::server::Counted::thread(&seal_stats);
         seal_stage(
             batch_rx,
             recycle_tx,
@@ -639,7 +639,7 @@ async fn process(
     let work_cancel = cancel.clone();
     let work_stats = Arc::clone(&ctx.stats);
     let worker = tokio::task::spawn_blocking(move || -> Result<(Counts, u64), JobError> {
-        let _counted = ThreadCount::new(&work_stats);
+        let _counted = crate::server::Counted::thread(&work_stats);
         let mut reader = EnvelopeReader::with_header(&mut input, header, &input_key)
             .map_err(|e| decrypt_error(&e))?;
         drop(input_key);

@@ -4,7 +4,6 @@
 //! build on it, so neither depends on the other's internals.
 
 use std::io::Read;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kluis_envelope::{DecryptError, EncryptError};
@@ -86,22 +85,6 @@ pub(crate) enum Outgoing {
 /// process group all watch it (async parts await it; blocking threads poll
 /// it between chunks, and their channels close under them).
 pub(crate) type Cancel = tokio_util::sync::CancellationToken;
-
-/// Counts a blocking thread of a job for as long as it lives.
-pub(crate) struct ThreadCount(Arc<crate::server::ServiceStats>);
-
-impl ThreadCount {
-    pub(crate) fn new(stats: &Arc<crate::server::ServiceStats>) -> Self {
-        stats.thread_started();
-        ThreadCount(Arc::clone(stats))
-    }
-}
-
-impl Drop for ThreadCount {
-    fn drop(&mut self) {
-        self.0.thread_ended();
-    }
-}
 
 pub(crate) fn cancelled() -> JobError {
     JobError::new(FailureKind::Cancelled, "the job was stopped")

@@ -49,29 +49,33 @@ impl ServiceStats {
     pub fn threads(&self) -> usize {
         self.threads.load(Ordering::SeqCst)
     }
+}
 
-    pub(crate) fn thread_started(&self) {
-        self.threads.fetch_add(1, Ordering::SeqCst);
+/// Counts one against a gauge of [`ServiceStats`] for as long as it lives
+/// (a connection, a job, a job's blocking thread).
+pub(crate) struct Counted {
+    stats: Arc<ServiceStats>,
+    gauge: fn(&ServiceStats) -> &AtomicUsize,
+}
+
+impl Counted {
+    fn up(stats: &Arc<ServiceStats>, gauge: fn(&ServiceStats) -> &AtomicUsize) -> Self {
+        gauge(stats).fetch_add(1, Ordering::SeqCst);
+        Counted {
+            stats: Arc::clone(stats),
+            gauge,
+        }
     }
 
-    pub(crate) fn thread_ended(&self) {
-        self.threads.fetch_sub(1, Ordering::SeqCst);
+    /// A job's blocking thread.
+    pub(crate) fn thread(stats: &Arc<ServiceStats>) -> Self {
+        Self::up(stats, |s| &s.threads)
     }
 }
 
-/// Counts one of a gauge while alive.
-struct Gauge<'a>(&'a AtomicUsize);
-
-impl<'a> Gauge<'a> {
-    fn up(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Ordering::SeqCst);
-        Gauge(counter)
-    }
-}
-
-impl Drop for Gauge<'_> {
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        (self.gauge)(&self.stats).fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -135,7 +139,7 @@ async fn serve_connection(
     slots: Arc<Semaphore>,
     starting: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<kluis_proto::job::JobCounts, JobError> {
-    let _connection = Gauge::up(&ctx.stats.connections);
+    let _connection = Counted::up(&ctx.stats, |s| &s.connections);
     let accepted = tokio::time::Instant::now();
     // (A deadline past what the clock can hold is no deadline: fail closed.)
     let deadline = accepted
@@ -173,7 +177,7 @@ async fn serve_connection(
         }
     };
     drop(starting);
-    let job = Gauge::up(&ctx.stats.jobs);
+    let job = Counted::up(&ctx.stats, |s| &s.jobs);
     let result = crate::job::serve_job(reader, writer, spec, Arc::clone(ctx), deadline).await;
     // Every part of the job has stopped: the slot is free again.
     drop(job);

@@ -254,15 +254,14 @@ where
             dir.display()
         )))?;
     let (partial_file, partial_path) = partial.into_parts();
-    // The output is written by a blocking thread, straight from the frames.
+    // The output is written by a blocking thread, straight from the data
+    // frames (checked as such before they are sent here).
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write;
         let mut file = partial_file;
         while let Some(frame) = out_rx.blocking_recv() {
-            if let Some(payload) = kluis_proto::job::data_payload(&frame) {
-                file.write_all(payload)?;
-            }
+            file.write_all(frame.get(DATA_FRAME_HEADER_LEN..).unwrap_or_default())?;
         }
         file.sync_all()
     });

@@ -96,6 +96,11 @@ impl fmt::Display for AuditAnchor {
 /// Unix milliseconds as RFC 3339 UTC (the number itself when out of range),
 /// for messages and records.
 pub fn rfc3339_millis(ms: u64) -> String {
+    format_millis(ms).unwrap_or_else(|| format!("{ms} (Unix ms)"))
+}
+
+/// Unix milliseconds as RFC 3339 UTC, if the time can be represented.
+pub(crate) fn format_millis(ms: u64) -> Option<String> {
     let nanos = i128::from(ms).saturating_mul(1_000_000);
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
@@ -103,7 +108,6 @@ pub fn rfc3339_millis(ms: u64) -> String {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
         })
-        .unwrap_or_else(|| format!("{ms} (Unix ms)"))
 }
 
 /// The outcome a record reports.

@@ -18,13 +18,7 @@ pub(crate) fn rfc3339_seconds(secs: i64) -> Value {
 
 /// RFC 3339 UTC with milliseconds for Unix milliseconds.
 pub(crate) fn rfc3339_millis(ms: u64) -> Value {
-    let nanos = i128::from(ms).saturating_mul(1_000_000);
-    match time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        }) {
+    match crate::audit::format_millis(ms) {
         Some(s) => Value::String(s),
         None => Value::from(ms),
     }
