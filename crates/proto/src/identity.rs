@@ -164,7 +164,12 @@ impl VerifierIdentity {
     }
 
     /// ECDSA P-384 over SHA-384 of `message` (randomized nonce); raw `r || s`.
-    pub(crate) fn sign(&self, message: &[u8]) -> Result<[u8; SIGNATURE_LEN], IdentityError> {
+    ///
+    /// Every message the identity signs must start with a domain label of its
+    /// own protocol (the release transcript, a checkpoint note's origin line,
+    /// an authorisation's label), so that no signature made for one use can
+    /// be presented as another.
+    pub fn sign(&self, message: &[u8]) -> Result<[u8; SIGNATURE_LEN], IdentityError> {
         let signature = self
             .key
             .sign(&SystemRandom::new(), message)
