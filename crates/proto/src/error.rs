@@ -211,6 +211,19 @@ pub enum IdentityError {
     /// Signing failed.
     #[error("ECDSA P-384 signing failed")]
     Sign,
+    /// An external signer failed (an HSM: a lost session, a missing key).
+    #[error("the external signer failed: {detail}")]
+    External {
+        /// What the signer reported (never key material or a PIN).
+        detail: String,
+    },
+    /// An external signer's signature does not verify under the public key
+    /// it was paired with.
+    #[error("the external signer does not hold the private key of the given public key")]
+    Mismatch,
+    /// The private key is held by an external signer and cannot be exported.
+    #[error("the identity key is held by an external signer and cannot be exported")]
+    NotExportable,
 }
 
 /// A failure to make an enclave ephemeral key pair.

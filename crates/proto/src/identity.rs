@@ -12,8 +12,10 @@ use crate::error::IdentityError;
 use crate::message::{P384_PUBLIC_KEY_LEN, SIGNATURE_LEN};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P384_SHA384_FIXED_SIGNING};
+use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P384_SHA384_FIXED};
 use base64::Engine as _;
 use std::fmt;
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// PEM boundaries of a PKCS#8 private key (RFC 7468 §10).
@@ -24,13 +26,33 @@ const PEM_LINE_LEN: usize = 64;
 /// Longest PEM accepted: a P-384 PKCS#8 document is under 200 bytes of DER.
 const MAX_PEM_LEN: usize = 4096;
 
-/// A verifier identity key pair. The private key is an AWS-LC key, cleansed
-/// when freed; it only leaves as zeroizing PKCS#8 and is never shown by
-/// `Debug`.
+/// A verifier identity key pair: either an AWS-LC key in this process
+/// (cleansed when freed; it only leaves as zeroizing PKCS#8 and is never
+/// shown by `Debug`), or a key held elsewhere — an HSM — that signs through
+/// an [`IdentitySigner`] and never leaves it.
 pub struct VerifierIdentity {
-    key: EcdsaKeyPair,
+    key: KeyHolder,
     public: [u8; P384_PUBLIC_KEY_LEN],
 }
+
+enum KeyHolder {
+    Local(EcdsaKeyPair),
+    External(Arc<dyn IdentitySigner>),
+}
+
+/// A P-384 signing key kept outside this process (for instance in a PKCS#11
+/// token), used through [`VerifierIdentity::external`].
+pub trait IdentitySigner: Send + Sync {
+    /// ECDSA P-384 over the SHA-384 `digest` the caller computed: raw
+    /// `r || s`, 48 bytes each.
+    fn sign_sha384_digest(
+        &self,
+        digest: &[u8; SHA384_LEN],
+    ) -> Result<[u8; SIGNATURE_LEN], IdentityError>;
+}
+
+/// Length of a SHA-384 digest.
+pub const SHA384_LEN: usize = 48;
 
 impl VerifierIdentity {
     fn from_key_pair(key: EcdsaKeyPair) -> Option<Self> {
@@ -38,7 +60,36 @@ impl VerifierIdentity {
         if public.first() != Some(&0x04) {
             return None;
         }
-        Some(VerifierIdentity { key, public })
+        Some(VerifierIdentity {
+            key: KeyHolder::Local(key),
+            public,
+        })
+    }
+
+    /// An identity whose private key is held by `signer` and never leaves
+    /// it, with public key `public` (uncompressed SEC1). The pairing is
+    /// checked: a test message signed by `signer` must verify under
+    /// `public`, so a token holding another key is caught here and not at
+    /// the enclave.
+    pub fn external(
+        public: [u8; P384_PUBLIC_KEY_LEN],
+        signer: Arc<dyn IdentitySigner>,
+    ) -> Result<Self, IdentityError> {
+        let identity = VerifierIdentity {
+            key: KeyHolder::External(signer),
+            public,
+        };
+        let probe = b"kluis-identity-probe-v1\0pairing check";
+        let signature = identity.sign(probe)?;
+        UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, public)
+            .verify(probe, &signature)
+            .map_err(|_| IdentityError::Mismatch)?;
+        Ok(identity)
+    }
+
+    /// Whether the private key is held outside this process.
+    pub fn is_external(&self) -> bool {
+        matches!(self.key, KeyHolder::External(_))
     }
 
     /// A new random identity key (from AWS-LC's random source).
@@ -114,13 +165,13 @@ impl VerifierIdentity {
 
     /// The private key as PKCS#8 DER, in a zeroizing buffer.
     pub fn to_pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, IdentityError> {
+        let KeyHolder::Local(key) = &self.key else {
+            return Err(IdentityError::NotExportable);
+        };
         // `Document` zeroizes itself on drop.
-        let document = self
-            .key
-            .to_pkcs8v1()
-            .map_err(|_| IdentityError::Pkcs8Encode {
-                detail: "AWS-LC could not serialise the key".to_owned(),
-            })?;
+        let document = key.to_pkcs8v1().map_err(|_| IdentityError::Pkcs8Encode {
+            detail: "AWS-LC could not serialise the key".to_owned(),
+        })?;
         Ok(Zeroizing::new(document.as_ref().to_vec()))
     }
 
@@ -170,14 +221,25 @@ impl VerifierIdentity {
     /// an authorisation's label), so that no signature made for one use can
     /// be presented as another.
     pub fn sign(&self, message: &[u8]) -> Result<[u8; SIGNATURE_LEN], IdentityError> {
-        let signature = self
-            .key
-            .sign(&SystemRandom::new(), message)
-            .map_err(|_| IdentityError::Sign)?;
-        signature
-            .as_ref()
-            .try_into()
-            .map_err(|_| IdentityError::Sign)
+        match &self.key {
+            KeyHolder::Local(key) => {
+                let signature = key
+                    .sign(&SystemRandom::new(), message)
+                    .map_err(|_| IdentityError::Sign)?;
+                signature
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| IdentityError::Sign)
+            }
+            KeyHolder::External(signer) => {
+                let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA384, message);
+                let digest: &[u8; SHA384_LEN] = digest
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| IdentityError::Sign)?;
+                signer.sign_sha384_digest(digest)
+            }
+        }
     }
 }
 
@@ -185,7 +247,13 @@ impl fmt::Debug for VerifierIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VerifierIdentity")
             .field("public_key", &crate::error::hex(&self.public_key_sec1()))
-            .field("private_key", &"<redacted>")
+            .field(
+                "private_key",
+                &match self.key {
+                    KeyHolder::Local(_) => "<redacted>",
+                    KeyHolder::External(_) => "<held by an external signer>",
+                },
+            )
             .finish()
     }
 }

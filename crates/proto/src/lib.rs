@@ -75,7 +75,7 @@ pub use frame::{
     read_frame, read_frame_sync, read_raw_frame, read_raw_frame_sync, write_frame,
     write_frame_sync, FrameKind, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
-pub use identity::VerifierIdentity;
+pub use identity::{IdentitySigner, VerifierIdentity, SHA384_LEN};
 pub use keys::{check_released_keys, PlaintextKey, ReleasedKey, ResponseMismatch, PAYLOAD_VERSION};
 pub use message::{
     read_message, read_message_sync, write_message, write_message_sync, ErrorCode, KeyOperation,
