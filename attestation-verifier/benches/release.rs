@@ -8,6 +8,11 @@
 //! cores. It prints releases per second and p50/p90/p99 latency, with and
 //! without the simulated NSM's signing time (a real NSM signs in hardware).
 //! Bounded: it stops after `KLUIS_BENCH_RELEASES` releases (default 3000).
+//!
+//! `KLUIS_BENCH_BACKEND=pkcs11` keeps the master key, the store root and the
+//! identity key in a throw-away SoftHSM2 token instead of the store; the
+//! bench first prints data-key wraps and unwraps per second through the
+//! backend alone.
 
 // A benchmark may fail loudly on a broken set-up.
 #![allow(
@@ -53,17 +58,58 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3000);
     let dir = tempfile::tempdir().unwrap();
-    let kms = Kms::init(
-        &dir.path().join("store"),
-        RootSecret::from_key_bytes(zeroize::Zeroizing::new([9u8; 32])),
-    )
-    .unwrap();
+    let backend = std::env::var("KLUIS_BENCH_BACKEND").unwrap_or_else(|_| "local".to_owned());
+    let (kms, identity) = match backend.as_str() {
+        "local" => {
+            let kms = Kms::init(
+                &dir.path().join("store"),
+                RootSecret::from_key_bytes(zeroize::Zeroizing::new([9u8; 32])),
+            )
+            .unwrap();
+            (kms, VerifierIdentity::generate().unwrap())
+        }
+        "pkcs11" => {
+            let config = kluis_hsm::softhsm::throwaway_token("bench")
+                .unwrap()
+                .expect("KLUIS_BENCH_BACKEND=pkcs11 needs SoftHSM2 (apt install softhsm2)");
+            let token = kluis_hsm::Token::open(
+                &config,
+                zeroize::Zeroizing::new(kluis_hsm::softhsm::THROWAWAY_PIN.to_owned()),
+            )
+            .unwrap();
+            let kms = Kms::init_hsm(&dir.path().join("store"), Arc::new(token)).unwrap();
+            kms.record_token_identity().unwrap();
+            let identity = kms.identity().unwrap().unwrap();
+            (kms, identity)
+        }
+        other => panic!("KLUIS_BENCH_BACKEND must be local or pkcs11, not {other:?}"),
+    };
     let name = KeyName::parse(KEY).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
     kms.create_key(&name, 365, now).unwrap();
+    {
+        // The backend alone, one thread: wrap (generate) and unwrap.
+        let n = 2000;
+        let t = Instant::now();
+        let wrapped: Vec<_> = (0..n)
+            .map(|_| kms.generate_data_key(&name, now).unwrap().1)
+            .collect();
+        let wrap = t.elapsed();
+        let t = Instant::now();
+        for w in &wrapped {
+            kms.decrypt_data_key(w).unwrap();
+        }
+        let unwrap = t.elapsed();
+        println!(
+            "key backend {:?}, one thread: {:.0} data-key wraps/s, {:.0} unwraps/s",
+            kms.backend_name(),
+            n as f64 / wrap.as_secs_f64(),
+            n as f64 / unwrap.as_secs_f64()
+        );
+    }
     let image = b"bench enclave".to_vec();
     let pcr0 = SimConfig::default()
         .with_image(image.clone(), None)
@@ -83,7 +129,6 @@ fn main() {
         },
     )
     .unwrap();
-    let identity = VerifierIdentity::generate().unwrap();
     let pinned = identity.public_key_sec1();
     let root = Arc::new(SimRoot::generate().unwrap());
     let verifier = Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());
@@ -158,7 +203,7 @@ fn main() {
         all.sort();
         all_wo.sort();
         let n = all.len();
-        println!("key release over loopback: {n} releases, {clients} concurrent clients, 2 cores shared by clients and server");
+        println!("key release over loopback ({backend} backend): {n} releases, {clients} concurrent clients, 2 cores shared by clients and server");
         println!("  throughput        {:.0} releases/s", n as f64 / wall.as_secs_f64());
         println!(
             "  latency           p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms",

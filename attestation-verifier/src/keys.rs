@@ -46,6 +46,9 @@ pub enum KeyError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The HSM (PKCS#11 token) could not be used.
+    #[error("HSM: {0}")]
+    Hsm(#[from] kluis_hsm::HsmError),
     /// No such CMK.
     #[error("no master key named {0}")]
     NotFound(String),

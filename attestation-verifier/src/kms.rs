@@ -33,6 +33,7 @@
 use crate::audit::{Actor, AuditAnchor, AuditLog, Decision, NewRecord};
 use crate::auth::AdminRecord;
 use crate::keys::{self, CmkRecord, DataKey, KeyError, KeyName, WrappedDataKey};
+use kluis_hsm::{HsmStoreConfig, Pkcs11Backend, Token};
 use kluis_keystore::{KeyBackend, LocalBackend, RootSecret, Store, StoreError, StoreGuard};
 use sha2::Digest as _;
 use std::path::Path;
@@ -43,6 +44,8 @@ const KIND_POLICY: &str = "policy";
 const KIND_ADMIN: &str = "admin";
 const KIND_SYSTEM: &str = "system";
 const ID_IDENTITY: &str = "verifier-identity";
+/// In HSM mode: the public key of the identity key pair in the token.
+const ID_IDENTITY_IN_TOKEN: &str = "verifier-identity-in-token";
 const ID_AUDIT_HEAD: &str = "audit-head";
 const ID_INTENT: &str = "intent";
 
@@ -134,6 +137,13 @@ pub struct Kms {
     store: Arc<Store>,
     backend: Arc<dyn KeyBackend>,
     audit: Option<AuditBinding>,
+    hsm: Option<Hsm>,
+}
+
+/// A store in HSM mode: its token and `hsm.json`.
+struct Hsm {
+    token: Arc<Token>,
+    config: HsmStoreConfig,
 }
 
 impl std::fmt::Debug for Kms {
@@ -154,6 +164,13 @@ impl Kms {
 
     /// Open an existing store.
     pub fn open(dir: &Path, secret: RootSecret) -> Result<Self, KeyError> {
+        if HsmStoreConfig::read(dir)?.is_some() {
+            return Err(KeyError::InvalidArgument(format!(
+                "the store {} keeps its keys in an HSM: open it with the token's PIN \
+                 (--hsm-pin-file FILE or KLUIS_HSM_PIN), not a root secret",
+                dir.display()
+            )));
+        }
         let store = Arc::new(Store::open(dir, secret)?);
         Ok(Self::with_local_backend(store))
     }
@@ -164,7 +181,61 @@ impl Kms {
             store,
             backend,
             audit: None,
+            hsm: None,
         }
+    }
+
+    /// Create a new store in `dir` whose master keys, record-encryption
+    /// root and identity key live in `token` (see [`kluis_hsm`]). The store
+    /// remembers the token in `dir/hsm.json`; there is no root key file.
+    /// The identity key pair is generated in the token; record it with
+    /// [`Kms::record_token_identity`] once the audit log is bound.
+    pub fn init_hsm(dir: &Path, token: Arc<Token>) -> Result<Self, KeyError> {
+        let (config, root) = HsmStoreConfig::create(&token)?;
+        let store = Arc::new(Store::init(dir, RootSecret::from_key_bytes(root))?);
+        config.write_new(store.path())?;
+        Ok(Self::with_token(store, token, config))
+    }
+
+    /// Whether `dir` is a store in HSM mode (it has `hsm.json`).
+    pub fn is_hsm_store(dir: &Path) -> Result<bool, KeyError> {
+        Ok(HsmStoreConfig::read(dir)?.is_some())
+    }
+
+    /// Open a store in HSM mode: the token named in `dir/hsm.json`, logged
+    /// in with `pin`, unwraps the store's root.
+    pub fn open_hsm(dir: &Path, pin: zeroize::Zeroizing<String>) -> Result<Self, KeyError> {
+        let config = HsmStoreConfig::read(dir)?.ok_or_else(|| {
+            KeyError::InvalidArgument(format!(
+                "the store {} is not in HSM mode (no hsm.json): open it with its root secret",
+                dir.display()
+            ))
+        })?;
+        let token = Arc::new(Token::open(&config.token_config(), pin)?);
+        let root = config.unwrap_root(&token)?;
+        let store = Arc::new(Store::open(dir, RootSecret::from_key_bytes(root))?);
+        Ok(Self::with_token(store, token, config))
+    }
+
+    fn with_token(store: Arc<Store>, token: Arc<Token>, config: HsmStoreConfig) -> Self {
+        let backend: Arc<dyn KeyBackend> =
+            Arc::new(Pkcs11Backend::new(Arc::clone(&token), Arc::clone(&store)));
+        Kms {
+            store,
+            backend,
+            audit: None,
+            hsm: Some(Hsm { token, config }),
+        }
+    }
+
+    /// The name of the key backend: `"local"` or `"pkcs11"`.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The token of a store in HSM mode.
+    pub fn token(&self) -> Option<&Arc<Token>> {
+        self.hsm.as_ref().map(|hsm| &hsm.token)
     }
 
     /// Write every change's audit record to `log`, as `actor`, before
@@ -701,6 +772,50 @@ impl Kms {
         self.get_json(KIND_ADMIN, name)
     }
 
+    /// The verifier identity: the PKCS#8 key in the store, or in HSM mode
+    /// the token's key pair, whose public key must be the one recorded (in
+    /// the encrypted store) when it was created. `None` if not created.
+    pub fn identity(&self) -> Result<Option<kluis_proto::VerifierIdentity>, KeyError> {
+        match &self.hsm {
+            None => {
+                let Some(pkcs8) = self.identity_pkcs8()? else {
+                    return Ok(None);
+                };
+                kluis_proto::VerifierIdentity::from_pkcs8_der(&pkcs8)
+                    .map(Some)
+                    .map_err(|e| KeyError::InvalidArgument(format!("verifier identity: {e}")))
+            }
+            Some(hsm) => {
+                let Some(recorded) = self.store.get(KIND_SYSTEM, ID_IDENTITY_IN_TOKEN)? else {
+                    return Ok(None);
+                };
+                let identity = hsm.config.identity(Arc::clone(&hsm.token))?;
+                if identity.public_key_sec1().as_slice() != recorded.as_slice() {
+                    return Err(KeyError::InvalidArgument(
+                        "the token's identity key is not the one this store recorded \
+                         (hsm.json points at another key)"
+                            .to_owned(),
+                    ));
+                }
+                Ok(Some(identity))
+            }
+        }
+    }
+
+    /// In HSM mode: record (audited, once) the identity key pair that
+    /// [`Kms::init_hsm`] generated in the token; returns its public key.
+    pub fn record_token_identity(&self) -> Result<[u8; 97], KeyError> {
+        let hsm = self
+            .hsm
+            .as_ref()
+            .ok_or_else(|| KeyError::InvalidArgument("the store is not in HSM mode".to_owned()))?;
+        let public = hsm
+            .token
+            .p384_public(hsm.config.identity_key_id.as_bytes())?;
+        self.set_identity_record(ID_IDENTITY_IN_TOKEN, &public)?;
+        Ok(public)
+    }
+
     /// The verifier identity key (PKCS#8), if created.
     pub fn identity_pkcs8(&self) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, KeyError> {
         Ok(self.store.get(KIND_SYSTEM, ID_IDENTITY)?)
@@ -708,8 +823,19 @@ impl Kms {
 
     /// Store the verifier identity key (PKCS#8) once.
     pub fn set_identity_pkcs8(&self, pkcs8: &[u8]) -> Result<(), KeyError> {
+        if self.hsm.is_some() {
+            return Err(KeyError::InvalidArgument(
+                "in HSM mode the identity key is generated in the token".to_owned(),
+            ));
+        }
+        self.set_identity_record(ID_IDENTITY, pkcs8)
+    }
+
+    fn set_identity_record(&self, id: &str, value: &[u8]) -> Result<(), KeyError> {
         let guard = self.change_lock()?;
-        if self.store.get(KIND_SYSTEM, ID_IDENTITY)?.is_some() {
+        if self.store.get(KIND_SYSTEM, ID_IDENTITY)?.is_some()
+            || self.store.get(KIND_SYSTEM, ID_IDENTITY_IN_TOKEN)?.is_some()
+        {
             return Err(KeyError::InvalidArgument(
                 "the verifier identity already exists".to_owned(),
             ));
@@ -719,8 +845,8 @@ impl Kms {
             key: None,
             reason: None,
         };
-        self.journal(&guard, KIND_SYSTEM, ID_IDENTITY, change, None)?;
-        match self.store.put(&guard, KIND_SYSTEM, ID_IDENTITY, pkcs8) {
+        self.journal(&guard, KIND_SYSTEM, id, change, None)?;
+        match self.store.put(&guard, KIND_SYSTEM, id, value) {
             Ok(()) => {
                 self.journal_done(&guard);
                 Ok(())

@@ -54,6 +54,20 @@ fn image_pcr0(image: &[u8]) -> [u8; 48] {
         .boot_pcr_values()[0]
 }
 
+/// Where the master keys live: the store, or a SoftHSM2 token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Local,
+    Pkcs11,
+}
+
+/// Runs `test` on both backends (the token one is skipped, loudly, when
+/// SoftHSM2 is not installed and not required).
+fn on_both_backends(test: fn(Backend)) {
+    test(Backend::Local);
+    test(Backend::Pkcs11);
+}
+
 impl World {
     /// Unauthenticated refusals summarised one by one (so each is visible).
     fn new() -> World {
@@ -65,18 +79,57 @@ impl World {
         World::build(true, std::time::Duration::ZERO)
     }
 
+    /// A world whose master keys, store root and identity live in
+    /// `backend`; `None` when that is a token and SoftHSM2 is absent.
+    fn on(backend: Backend) -> Option<World> {
+        match backend {
+            Backend::Local => Some(World::new()),
+            Backend::Pkcs11 => {
+                let config = kluis_hsm::softhsm::throwaway_token("broker").unwrap()?;
+                let token = kluis_hsm::Token::open(
+                    &config,
+                    zeroize::Zeroizing::new(kluis_hsm::softhsm::THROWAWAY_PIN.to_owned()),
+                )
+                .unwrap();
+                let dir = tempfile::tempdir().unwrap();
+                let kms = Kms::init_hsm(&dir.path().join("store"), Arc::new(token)).unwrap();
+                assert_eq!(kms.backend_name(), "pkcs11");
+                kms.record_token_identity().unwrap();
+                let identity = kms.identity().unwrap().unwrap();
+                assert!(identity.is_external());
+                Some(World::assemble(
+                    dir,
+                    kms,
+                    identity,
+                    false,
+                    std::time::Duration::ZERO,
+                ))
+            }
+        }
+    }
+
     fn build(bound: bool, noise_summary_interval: std::time::Duration) -> World {
         let dir = tempfile::tempdir().unwrap();
-        let mut kms = Kms::init(
+        let kms = Kms::init(
             &dir.path().join("store"),
             RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32])),
         )
         .unwrap();
-        let name = KeyName::parse(KEY).unwrap();
-        kms.create_key(&name, 365, T0).unwrap();
         let identity = VerifierIdentity::generate().unwrap();
         kms.set_identity_pkcs8(&identity.to_pkcs8_der().unwrap())
             .unwrap();
+        World::assemble(dir, kms, identity, bound, noise_summary_interval)
+    }
+
+    fn assemble(
+        dir: tempfile::TempDir,
+        mut kms: Kms,
+        identity: VerifierIdentity,
+        bound: bool,
+        noise_summary_interval: std::time::Duration,
+    ) -> World {
+        let name = KeyName::parse(KEY).unwrap();
+        kms.create_key(&name, 365, T0).unwrap();
         let pinned = identity.public_key_sec1();
         let root = Arc::new(SimRoot::generate_at(T0 - 86_400_000).unwrap());
         let verifier = Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());
@@ -210,7 +263,13 @@ fn last_refusal_reason(world: &World) -> String {
 
 #[test]
 fn release_round_trip_generate_then_decrypt() {
-    let world = World::new();
+    on_both_backends(release_round_trip_on);
+}
+
+fn release_round_trip_on(backend: Backend) {
+    let Some(world) = World::on(backend) else {
+        return;
+    };
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
     let nsm = world.nsm(b"v1", false, T0);
     let nonce = world.challenge(T0);
@@ -311,6 +370,10 @@ fn a_parent_pinning_its_own_key_cannot_read_the_answer_and_a_wrong_pin_fails() {
 /// log names the precise rule.
 #[test]
 fn policy_matrix() {
+    on_both_backends(policy_matrix_on);
+}
+
+fn policy_matrix_on(backend: Backend) {
     struct Case {
         name: &'static str,
         image: &'static [u8],
@@ -417,7 +480,9 @@ fn policy_matrix() {
     ];
     let mut failures = Vec::new();
     for case in cases {
-        let world = World::new();
+        let Some(world) = World::on(backend) else {
+            return;
+        };
         if let Some(p) = &case.policy {
             world.set_policy(KEY, p);
         }
@@ -462,7 +527,13 @@ fn policy_matrix() {
 
 #[test]
 fn key_lifecycle_through_release() {
-    let world = World::new();
+    on_both_backends(key_lifecycle_through_release_on);
+}
+
+fn key_lifecycle_through_release_on(backend: Backend) {
+    let Some(world) = World::on(backend) else {
+        return;
+    };
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
     let nsm = world.nsm(b"v1", false, T0);
     let kms = world.broker.kms();
@@ -512,7 +583,26 @@ fn key_lifecycle_through_release() {
         kms.destroy_key(&name, after - 1).is_err(),
         "waiting period enforced"
     );
+    let material: Vec<String> = kms
+        .key(&name)
+        .unwrap()
+        .versions
+        .iter()
+        .map(|v| v.material_id.clone())
+        .collect();
+    assert_eq!(material.len(), 3);
+    if let Some(token) = kms.token() {
+        for id in &material {
+            assert_eq!(token.inspect(id.as_bytes()).unwrap().len(), 1, "{id}");
+        }
+    }
     kms.destroy_key(&name, after).unwrap();
+    // In the token, the objects of every version are gone.
+    if let Some(token) = kms.token() {
+        for id in &material {
+            assert!(token.inspect(id.as_bytes()).unwrap().is_empty(), "{id}");
+        }
+    }
     let err = kms.decrypt_data_key(&w1).unwrap_err().to_string();
     assert!(err.contains("destroyed") && err.contains(KEY), "{err}");
     let n = world.challenge(T0);

@@ -30,8 +30,17 @@ pub(crate) struct InitArgs {
     #[arg(long, value_name = "DIR")]
     credentials_out: PathBuf,
     /// Generate the root key file given by --root-key-file if it does not exist.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "hsm_module")]
     generate_root_key: bool,
+    /// Keep the master keys, the store's root and the verifier identity in
+    /// a PKCS#11 token: the module (shared library) to load. Needs
+    /// --hsm-token and the user PIN (--hsm-pin-file or KLUIS_HSM_PIN); the
+    /// store remembers both in hsm.json, later commands need only the PIN.
+    #[arg(long, value_name = "PATH", requires = "hsm_token")]
+    hsm_module: Option<PathBuf>,
+    /// The label of the (initialised) token to use with --hsm-module.
+    #[arg(long, value_name = "LABEL", requires = "hsm_module")]
+    hsm_token: Option<String>,
 }
 
 /// What a failed `init` made, removed again on drop unless disarmed.
@@ -91,27 +100,63 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
         create_parents(dir)?;
         cleanup.store = Some(dir.to_path_buf());
     }
-    let secret = match (&store.root_key_file, args.generate_root_key) {
-        (Some(path), true) if !path.exists() => {
-            create_parents(path)?;
-            let secret = RootSecret::generate_key_file(path)
-                .with_context(|| format!("generating the root key file {}", path.display()))?;
-            cleanup.files.push(path.clone());
-            secret
+    let hsm = match (&args.hsm_module, &args.hsm_token) {
+        (Some(module), Some(token)) => {
+            if store.root_key_file.is_some()
+                || store.passphrase_file.is_some()
+                || store.passphrase_fd.is_some()
+            {
+                return Err(Failure::Usage(anyhow!(
+                    "a store in an HSM has no root key file or passphrase: drop them, or drop --hsm-module"
+                )));
+            }
+            let config = kluis_hsm::TokenConfig {
+                module: module.clone(),
+                token: token.clone(),
+            };
+            let token = kluis_hsm::Token::open(&config, store.hsm_pin()?)
+                .map_err(|e| crate::cli::session::hsm_failure(dir, e.into()))?;
+            Some(Arc::new(token))
         }
-        _ => store.secret()?,
+        _ => None,
     };
-    std::fs::create_dir_all(&args.credentials_out)
-        .with_context(|| format!("creating {}", args.credentials_out.display()))?;
-    let mut kms =
-        Kms::init(dir, secret).with_context(|| format!("creating the store {}", dir.display()))?;
+    let mut kms = match hsm {
+        Some(token) => {
+            std::fs::create_dir_all(&args.credentials_out)
+                .with_context(|| format!("creating {}", args.credentials_out.display()))?;
+            Kms::init_hsm(dir, token)
+                .with_context(|| format!("creating the store {} in the HSM", dir.display()))?
+        }
+        None => {
+            let secret = match (&store.root_key_file, args.generate_root_key) {
+                (Some(path), true) if !path.exists() => {
+                    create_parents(path)?;
+                    let secret = RootSecret::generate_key_file(path).with_context(|| {
+                        format!("generating the root key file {}", path.display())
+                    })?;
+                    cleanup.files.push(path.clone());
+                    secret
+                }
+                _ => store.secret()?,
+            };
+            std::fs::create_dir_all(&args.credentials_out)
+                .with_context(|| format!("creating {}", args.credentials_out.display()))?;
+            Kms::init(dir, secret)
+                .with_context(|| format!("creating the store {}", dir.display()))?
+        }
+    };
     let audit = Arc::new(store.audit_log(None)?);
     kms.bind_audit(Arc::clone(&audit), Actor::System);
-    let identity = VerifierIdentity::generate().map_err(|e| anyhow!("identity key: {e}"))?;
-    let pkcs8 = identity
-        .to_pkcs8_der()
-        .map_err(|e| anyhow!("identity key: {e}"))?;
-    kms.set_identity_pkcs8(&pkcs8)?;
+    let public_key = if kms.token().is_some() {
+        kms.record_token_identity()?
+    } else {
+        let identity = VerifierIdentity::generate().map_err(|e| anyhow!("identity key: {e}"))?;
+        let pkcs8 = identity
+            .to_pkcs8_der()
+            .map_err(|e| anyhow!("identity key: {e}"))?;
+        kms.set_identity_pkcs8(&pkcs8)?;
+        identity.public_key_sec1()
+    };
     let now = now_ms();
     let mut created = Vec::new();
     for role in roles {
@@ -130,7 +175,8 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
     }
     emit(&json!({
         "store": dir.display().to_string(),
-        "verifier_public_key": hex::encode(identity.public_key_sec1()),
+        "verifier_public_key": hex::encode(public_key),
+        "key_backend": kms.backend_name(),
         "administrators": created,
     }));
     cleanup.done = true;

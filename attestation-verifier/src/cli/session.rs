@@ -52,6 +52,11 @@ pub(crate) struct StoreArgs {
         conflicts_with_all = ["root_key_file", "passphrase_file"]
     )]
     pub passphrase_fd: Option<u32>,
+    /// For a store whose keys are in an HSM: read the token's user PIN from
+    /// FILE (a regular file, mode 0600 or 0400; one line). Alternatively
+    /// KLUIS_HSM_PIN. Never a command-line value.
+    #[arg(long, env = "KLUIS_HSM_PIN_FILE", value_name = "FILE", global = true)]
+    pub hsm_pin_file: Option<PathBuf>,
     /// The administrator credential file.
     #[arg(
         long,
@@ -170,9 +175,38 @@ impl StoreArgs {
         }
     }
 
-    /// Open the store; a wrong root secret is a refusal (exit 1).
+    /// The HSM user PIN: `--hsm-pin-file` or `KLUIS_HSM_PIN` (removed from
+    /// the environment once read).
+    pub(crate) fn hsm_pin(&self) -> anyhow::Result<Zeroizing<String>> {
+        if let Some(path) = &self.hsm_pin_file {
+            let (file, mode) = crate::cli::input::open_regular(path)
+                .with_context(|| format!("HSM PIN file {}", path.display()))?;
+            if mode & 0o077 != 0 {
+                return Err(anyhow!(
+                    "HSM PIN file {} has mode {mode:04o}: group and others must have no access (chmod 600)",
+                    path.display()
+                ));
+            }
+            return one_line_secret(file, kluis_hsm::MAX_PIN_LEN, "the HSM PIN")
+                .with_context(|| format!("HSM PIN file {}", path.display()));
+        }
+        match std::env::var("KLUIS_HSM_PIN") {
+            Ok(pin) if !pin.is_empty() => {
+                std::env::remove_var("KLUIS_HSM_PIN");
+                Ok(Zeroizing::new(pin))
+            }
+            _ => Err(anyhow!(
+                "the store keeps its keys in an HSM: pass --hsm-pin-file FILE (or KLUIS_HSM_PIN_FILE) or set KLUIS_HSM_PIN"
+            )),
+        }
+    }
+
+    /// Open the store; a wrong root secret or HSM PIN is a refusal (exit 1).
     pub(crate) fn open(&self) -> Result<Kms, Failure> {
         let dir = self.dir()?;
+        if Kms::is_hsm_store(dir).map_err(|e| Failure::Usage(anyhow!(e)))? {
+            return Kms::open_hsm(dir, self.hsm_pin()?).map_err(|e| hsm_failure(dir, e));
+        }
         match Kms::open(dir, self.secret()?) {
             Ok(kms) => Ok(kms),
             Err(KeyError::Store(kluis_keystore::StoreError::WrongRootSecret)) => {
@@ -230,6 +264,19 @@ impl StoreArgs {
     }
 }
 
+/// A store in HSM mode that cannot be opened: a PIN the token refused or
+/// locked is a refusal (exit 1); anything else (module, token, session) is
+/// exit 2.
+pub(crate) fn hsm_failure(dir: &Path, e: KeyError) -> Failure {
+    use kluis_hsm::HsmError;
+    match e {
+        KeyError::Hsm(e @ (HsmError::WrongPin { .. } | HsmError::PinLocked { .. })) => {
+            Failure::Refused("hsm_pin_rejected".into(), e.to_string())
+        }
+        e => Failure::Usage(anyhow!(e).context(format!("opening the store {}", dir.display()))),
+    }
+}
+
 /// An audit log that cannot be opened: damaged (exit 1, `audit_broken`)
 /// or unreadable (exit 2).
 pub(crate) fn audit_failure(path: &Path, e: AuditError) -> Failure {
@@ -252,21 +299,34 @@ pub(crate) fn audit_failure(path: &Path, e: AuditError) -> Failure {
 /// A passphrase read from `source`: at most 4 KiB, UTF-8, one line (a final
 /// newline is not part of it).
 pub(crate) fn passphrase_from(source: impl std::io::Read) -> anyhow::Result<RootSecret> {
+    let line = one_line_secret(source, 4096, "the passphrase")?;
+    Ok(RootSecret::from_passphrase(line)?)
+}
+
+/// One line of at most `max` bytes of UTF-8 from `source` (a final newline
+/// is not part of it), in zeroizing memory.
+fn one_line_secret(
+    source: impl std::io::Read,
+    max: usize,
+    what: &str,
+) -> anyhow::Result<Zeroizing<String>> {
     use std::io::Read;
-    let mut bytes = Zeroizing::new(Vec::with_capacity(4097));
+    let limit = max.saturating_add(1);
+    let mut bytes = Zeroizing::new(Vec::with_capacity(limit));
     source
-        .take(4097)
+        .take(u64::try_from(limit).unwrap_or(u64::MAX))
         .read_to_end(&mut bytes)
-        .context("reading the passphrase")?;
-    if bytes.len() > 4096 {
-        return Err(anyhow!("the passphrase is longer than 4096 bytes"));
+        .with_context(|| format!("reading {what}"))?;
+    if bytes.len() > max {
+        return Err(anyhow!("{what} is longer than {max} bytes"));
     }
-    let text = std::str::from_utf8(&bytes).map_err(|_| anyhow!("the passphrase is not UTF-8"))?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| anyhow!("{what} is not UTF-8"))?;
     let line = text.strip_suffix('\n').unwrap_or(text);
     let line = line.strip_suffix('\r').unwrap_or(line);
-    Ok(RootSecret::from_passphrase(Zeroizing::new(
-        line.to_owned(),
-    ))?)
+    if line.is_empty() {
+        return Err(anyhow!("{what} is empty"));
+    }
+    Ok(Zeroizing::new(line.to_owned()))
 }
 
 /// An opened store, audit log and authenticated administrator.
@@ -489,10 +549,9 @@ pub(crate) fn add_admin_with_credential(
     }
 }
 
+/// The verifier identity: the store's key, or the token's in HSM mode.
 pub(crate) fn load_identity(kms: &Kms) -> Result<VerifierIdentity, Failure> {
-    let pkcs8 = kms
-        .identity_pkcs8()?
-        .ok_or_else(|| anyhow!("the store has no verifier identity"))?;
-    VerifierIdentity::from_pkcs8_der(&pkcs8)
-        .map_err(|e| Failure::Usage(anyhow!("verifier identity: {e}")))
+    kms.identity()
+        .map_err(|e| Failure::Usage(anyhow!("verifier identity: {e}")))?
+        .ok_or_else(|| Failure::Usage(anyhow!("the store has no verifier identity")))
 }

@@ -103,3 +103,48 @@ pub fn init_token(
         token: label.to_owned(),
     })
 }
+
+/// The user PIN of the tokens [`throwaway_token`] makes.
+pub const THROWAWAY_PIN: &str = "1234-user";
+/// Their security-officer PIN.
+const THROWAWAY_SO_PIN: &str = "5678-so";
+
+/// A new SoftHSM2 token with a unique label starting with `prefix` and user
+/// PIN [`THROWAWAY_PIN`], in a private token directory made (with
+/// [`use_private_token_dir`]) on the first call in this process.
+///
+/// `None`, after printing `SKIPPED` on stderr, when SoftHSM2 is not
+/// installed — unless `KLUIS_REQUIRE_SOFTHSM=1` (CI), which makes that an
+/// error.
+pub fn throwaway_token(prefix: &str) -> Result<Option<TokenConfig>, HsmError> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static MODULE: OnceLock<Result<Option<PathBuf>, String>> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let module = MODULE.get_or_init(|| {
+        let Some(module) = find_module() else {
+            if std::env::var("KLUIS_REQUIRE_SOFTHSM").as_deref() == Ok("1") {
+                return Err(
+                    "KLUIS_REQUIRE_SOFTHSM=1 but there is no SoftHSM2 module (apt install softhsm2)"
+                        .to_owned(),
+                );
+            }
+            eprintln!("SKIPPED: SoftHSM2 is not installed (apt install softhsm2); the PKCS#11 tests did not run");
+            return Ok(None);
+        };
+        let dir = std::env::temp_dir().join(format!("kluis-softhsm-{}", std::process::id()));
+        use_private_token_dir(&dir).map_err(|e| e.to_string())?;
+        Ok(Some(module))
+    });
+    let module = match module {
+        Ok(Some(module)) => module,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(HsmError::Config(e.clone())),
+    };
+    let label = format!(
+        "{}-{}",
+        prefix.chars().take(20).collect::<String>(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    init_token(module, &label, THROWAWAY_SO_PIN, THROWAWAY_PIN).map(Some)
+}

@@ -62,6 +62,41 @@ pub struct Token {
     pin: AuthPin,
     pool: Mutex<Vec<Session>>,
     pin_refused: Mutex<bool>,
+    /// Object handles found by `CKA_ID` (handles are valid in every session
+    /// of the application). An entry is dropped when this handle destroys
+    /// the object, and when the token says the handle is no longer valid
+    /// (destroyed by another process), which sends the lookup back to the
+    /// token.
+    handles: Mutex<HashMap<(u8, Vec<u8>), ObjectHandle>>,
+}
+
+/// Classes of the objects looked up by id, as cache keys.
+#[derive(Clone, Copy)]
+enum Class {
+    Secret = 1,
+    Private = 2,
+    Public = 3,
+}
+
+impl Class {
+    fn object_class(self) -> ObjectClass {
+        match self {
+            Class::Secret => ObjectClass::SECRET_KEY,
+            Class::Private => ObjectClass::PRIVATE_KEY,
+            Class::Public => ObjectClass::PUBLIC_KEY,
+        }
+    }
+}
+
+/// Whether `e` says an object handle is not (or no longer) valid.
+fn handle_invalid(e: &HsmError) -> bool {
+    matches!(
+        e,
+        HsmError::Pkcs11 {
+            source: CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _),
+            ..
+        }
+    )
 }
 
 impl fmt::Debug for Token {
@@ -189,6 +224,7 @@ impl Token {
             pin: AuthPin::from(pin.as_str()),
             pool: Mutex::new(Vec::new()),
             pin_refused: Mutex::new(false),
+            handles: Mutex::new(HashMap::new()),
         };
         // Log in now, so a wrong PIN is reported by `open`.
         let session = token.open_session()?;
@@ -254,6 +290,9 @@ impl Token {
             Err(HsmError::Pkcs11 { ref source, .. }) if session_lost(source) => {
                 drop(session);
                 lock(&self.pool).clear();
+                // A module that restarted may give old handle numbers to
+                // other objects: forget them all.
+                lock(&self.handles).clear();
                 // The token may come back in another slot (a module that
                 // restarted renumbers them): find it by label again.
                 *lock(&self.slot) = find_slot(&self.ctx, &self.config.token)?;
@@ -291,6 +330,31 @@ impl Token {
         self.ctx
             .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .map_err(|e| HsmError::op("initializing the module", e))
+    }
+
+    /// Runs `op` with the handle of the one object of `class` whose
+    /// `CKA_ID` is `id`: a cached handle, or one found in the token (and
+    /// found again once if the token no longer knows the cached one).
+    fn with_object<T>(
+        &self,
+        session: &Session,
+        class: Class,
+        id: &[u8],
+        op: impl Fn(ObjectHandle) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        let key = (class as u8, id.to_vec());
+        let cached = lock(&self.handles).get(&key).copied();
+        if let Some(handle) = cached {
+            match op(handle) {
+                Err(e) if handle_invalid(&e) => {
+                    lock(&self.handles).remove(&key);
+                }
+                other => return other,
+            }
+        }
+        let handle = Self::find(session, class.object_class(), id)?;
+        lock(&self.handles).insert(key, handle);
+        op(handle)
     }
 
     /// The one object of `class` whose `CKA_ID` is `id`.
@@ -387,10 +451,11 @@ impl Token {
     /// The public point of the P-384 key pair `id` (uncompressed SEC1).
     pub fn p384_public(&self, id: &[u8]) -> Result<[u8; P384_POINT_LEN], HsmError> {
         self.with_session("reading a public key", |session| {
-            let handle = Self::find(session, ObjectClass::PUBLIC_KEY, id)?;
-            let attributes = session
-                .get_attributes(handle, &[AttributeType::EcPoint])
-                .map_err(|e| HsmError::op("reading a public key", e))?;
+            let attributes = self.with_object(session, Class::Public, id, |handle| {
+                session
+                    .get_attributes(handle, &[AttributeType::EcPoint])
+                    .map_err(|e| HsmError::op("reading a public key", e))
+            })?;
             let point = attributes.into_iter().find_map(|a| match a {
                 Attribute::EcPoint(point) => Some(point),
                 _ => None,
@@ -412,10 +477,11 @@ impl Token {
         digest: &[u8; 48],
     ) -> Result<[u8; P384_SIGNATURE_LEN], HsmError> {
         self.with_session("signing", |session| {
-            let handle = Self::find(session, ObjectClass::PRIVATE_KEY, id)?;
-            let signature = session
-                .sign(&Mechanism::Ecdsa, handle, digest)
-                .map_err(|e| HsmError::op("signing", e))?;
+            let signature = self.with_object(session, Class::Private, id, |handle| {
+                session
+                    .sign(&Mechanism::Ecdsa, handle, digest)
+                    .map_err(|e| HsmError::op("signing", e))
+            })?;
             signature
                 .as_slice()
                 .try_into()
@@ -434,13 +500,14 @@ impl Token {
         let mut iv = [0u8; GCM_IV_LEN];
         aws_lc_rs::rand::fill(&mut iv).map_err(|_| HsmError::Unexpected("no randomness"))?;
         let sealed = self.with_session("encrypting", |session| {
-            let handle = Self::find(session, ObjectClass::SECRET_KEY, id)?;
-            let mut iv_param = iv;
-            let params = GcmParams::new(&mut iv_param, aad, 128.into())
-                .map_err(|e| HsmError::op("encrypting", e))?;
-            session
-                .encrypt(&Mechanism::AesGcm(params), handle, plaintext)
-                .map_err(|e| HsmError::op("encrypting", e))
+            self.with_object(session, Class::Secret, id, |handle| {
+                let mut iv_param = iv;
+                let params = GcmParams::new(&mut iv_param, aad, 128.into())
+                    .map_err(|e| HsmError::op("encrypting", e))?;
+                session
+                    .encrypt(&Mechanism::AesGcm(params), handle, plaintext)
+                    .map_err(|e| HsmError::op("encrypting", e))
+            })
         })?;
         if sealed.len() != plaintext.len().saturating_add(GCM_TAG_LEN) {
             return Err(HsmError::Unexpected(
@@ -469,22 +536,30 @@ impl Token {
             return Err(HsmError::DoesNotAuthenticate);
         }
         self.with_session("decrypting", |session| {
-            let handle = Self::find(session, ObjectClass::SECRET_KEY, id)?;
-            let mut iv_param = *iv;
-            let params = GcmParams::new(&mut iv_param, aad, 128.into())
-                .map_err(|e| HsmError::op("decrypting", e))?;
-            match session.decrypt(&Mechanism::AesGcm(params), handle, body) {
-                Ok(plain) => Ok(Zeroizing::new(plain)),
-                Err(e) if session_lost(&e) => Err(HsmError::op("decrypting", e)),
-                // Tokens report a failed tag as CKR_ENCRYPTED_DATA_INVALID,
-                // CKR_FUNCTION_FAILED or CKR_GENERAL_ERROR alike.
-                Err(_) => Err(HsmError::DoesNotAuthenticate),
-            }
+            self.with_object(session, Class::Secret, id, |handle| {
+                let mut iv_param = *iv;
+                let params = GcmParams::new(&mut iv_param, aad, 128.into())
+                    .map_err(|e| HsmError::op("decrypting", e))?;
+                match session.decrypt(&Mechanism::AesGcm(params), handle, body) {
+                    Ok(plain) => Ok(Zeroizing::new(plain)),
+                    Err(
+                        e @ CkError::Pkcs11(
+                            RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
+                            _,
+                        ),
+                    ) => Err(HsmError::op("decrypting", e)),
+                    Err(e) if session_lost(&e) => Err(HsmError::op("decrypting", e)),
+                    // Tokens report a failed tag as CKR_ENCRYPTED_DATA_INVALID,
+                    // CKR_FUNCTION_FAILED or CKR_GENERAL_ERROR alike.
+                    Err(_) => Err(HsmError::DoesNotAuthenticate),
+                }
+            })
         })
     }
 
     /// Destroys every object whose `CKA_ID` is `id`; returns how many.
     pub fn destroy(&self, id: &[u8]) -> Result<usize, HsmError> {
+        lock(&self.handles).retain(|(_, cached), _| cached.as_slice() != id);
         self.with_session("destroying objects", |session| {
             let handles = session
                 .find_objects(&[Attribute::Id(id.to_vec())])

@@ -211,12 +211,19 @@ fn clear_errors_for_module_token_pin_and_lost_objects() {
     assert!(!message.contains("0000-wrong"), "the PIN leaked: {message}");
     // The right PIN still works (one failure does not lock SoftHSM2).
     let token = open(&config);
-    // An object deleted behind Kluis's back is reported as lost.
+    // An object deleted behind Kluis's back (here by another handle on the
+    // token, after this one cached the object's handle) is reported as lost.
     let (_dir, store) = store();
     let backend = Pkcs11Backend::new(Arc::clone(&token), Arc::clone(&store));
     backend.create_material(&store.lock().unwrap(), ID).unwrap();
     let wrapped = backend.wrap(ID, b"k", b"").unwrap();
-    assert_eq!(token.destroy(ID.as_bytes()).unwrap(), 1);
+    backend.unwrap(ID, &wrapped, b"").unwrap();
+    let other = open(&config);
+    assert_eq!(other.destroy(ID.as_bytes()).unwrap(), 1);
+    assert!(matches!(
+        backend.wrap(ID, b"k", b""),
+        Err(StoreError::Backend { .. })
+    ));
     let err = backend.unwrap(ID, &wrapped, b"").unwrap_err();
     assert!(
         matches!(&err, StoreError::Backend { reason, .. } if reason.contains("no object")),
