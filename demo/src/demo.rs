@@ -88,7 +88,11 @@ struct Demo {
     exe: PathBuf,
     dir: PathBuf,
     store: PathBuf,
-    root_key: PathBuf,
+    /// How every verifier command opens the store: the root key file, or
+    /// the HSM PIN file.
+    secret_args: [String; 2],
+    /// `--hsm-module PATH --hsm-token LABEL` for `init` in HSM mode.
+    hsm_init: Vec<String>,
     creds: PathBuf,
     children: Children,
     step: u32,
@@ -117,8 +121,7 @@ impl Demo {
         cmd.arg("verifier")
             .arg("--store")
             .arg(&self.store)
-            .arg("--root-key-file")
-            .arg(&self.root_key);
+            .args(&self.secret_args);
         if let Some(role) = role {
             cmd.arg("--credential")
                 .arg(self.creds.join(format!("{role}.credential")));
@@ -289,7 +292,7 @@ fn expect_refused(
     Ok(())
 }
 
-pub(crate) fn run(keep: Option<&Path>, records: u32) -> Result<()> {
+pub(crate) fn run(keep: Option<&Path>, records: u32, hsm_module: Option<&Path>) -> Result<()> {
     let temp;
     let dir = match keep {
         Some(dir) => {
@@ -299,6 +302,35 @@ pub(crate) fn run(keep: Option<&Path>, records: u32) -> Result<()> {
         None => {
             temp = tempfile::tempdir().context("creating a temporary directory")?;
             temp.path().to_path_buf()
+        }
+    };
+    // A throw-away SoftHSM2 token, made before any thread starts (it sets
+    // SOFTHSM2_CONF, which the verifier's child processes inherit).
+    let (secret_args, hsm_init) = match hsm_module {
+        None => (
+            [
+                "--root-key-file".to_owned(),
+                dir.join("root.key").display().to_string(),
+            ],
+            Vec::new(),
+        ),
+        Some(module) => {
+            let label = "kluis-demo";
+            kluis_hsm::softhsm::use_private_token_dir(&dir.join("softhsm"))
+                .context("preparing a SoftHSM2 token directory")?;
+            kluis_hsm::softhsm::init_token(module, label, "demo-so-pin", "demo-user-pin")
+                .with_context(|| format!("making a throw-away token with {}", module.display()))?;
+            let pin = dir.join("hsm.pin");
+            write_private(&pin, "demo-user-pin\n")?;
+            (
+                ["--hsm-pin-file".to_owned(), pin.display().to_string()],
+                vec![
+                    "--hsm-module".to_owned(),
+                    module.display().to_string(),
+                    "--hsm-token".to_owned(),
+                    label.to_owned(),
+                ],
+            )
         }
     };
     let children = Children::default();
@@ -327,7 +359,8 @@ pub(crate) fn run(keep: Option<&Path>, records: u32) -> Result<()> {
     let mut demo = Demo {
         exe: std::env::current_exe().context("finding this program")?,
         store: dir.join("verifier-store"),
-        root_key: dir.join("root.key"),
+        secret_args,
+        hsm_init,
         creds: dir.join("credentials"),
         dir: dir.clone(),
         children: children.clone(),
@@ -354,19 +387,32 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     let p = |p: &Path| p.display().to_string();
 
     // Controller: store, keys.
-    demo.step(
-        "controller",
-        "creates the verifier's key store (root key file, identity key, two administrators)",
-    );
+    let mut init_args = vec!["init".to_owned()];
+    if demo.hsm_init.is_empty() {
+        demo.step(
+            "controller",
+            "creates the verifier's key store (root key file, identity key, two administrators)",
+        );
+        init_args.push("--generate-root-key".to_owned());
+    } else {
+        demo.step(
+            "controller",
+            "creates the verifier's key store in a PKCS#11 token (SoftHSM2): master keys, store root and identity key generated in the token, two administrators",
+        );
+        init_args.extend(demo.hsm_init.iter().cloned());
+    }
+    init_args.push("--credentials-out".to_owned());
+    init_args.push(p(&demo.creds.clone()));
     let init = demo.verifier(
         None,
-        &[
-            "init",
-            "--generate-root-key",
-            "--credentials-out",
-            &p(&demo.creds.clone()),
-        ],
+        &init_args.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
+    detail(format!(
+        "key backend: {}",
+        init.get("key_backend")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+    ));
     let verifier_key = init
         .get("verifier_public_key")
         .and_then(Value::as_str)
@@ -490,8 +536,8 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         "verifier".into(),
         "--store".into(),
         p(&demo.store),
-        "--root-key-file".into(),
-        p(&demo.root_key),
+        demo.secret_args[0].clone(),
+        demo.secret_args[1].clone(),
         "--credential".into(),
         p(&demo.creds.join("app-admin.credential")),
         "serve".into(),
@@ -862,6 +908,20 @@ fn check_output(input: &str, output: &str) -> Result<()> {
         "a national register number survived"
     );
     Ok(())
+}
+
+/// A new file of mode 0600 holding `contents`.
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

@@ -33,6 +33,12 @@ struct Cli {
     /// Records in the sample dataset.
     #[arg(long, default_value_t = 1000)]
     records: u32,
+    /// Keep the master keys, the store root and the verifier identity in a
+    /// PKCS#11 token instead of the store: the SoftHSM2 module (for example
+    /// /usr/lib/softhsm/libsofthsm2.so). The demo makes a throw-away token
+    /// in its own directory.
+    #[arg(long, value_name = "PATH")]
+    hsm_module: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,7 +66,7 @@ fn main() -> ExitCode {
         Some(Command::Enclave { args }) => kluis_enclave::cli::run_from(
             std::iter::once(std::ffi::OsString::from("enclave")).chain(args),
         ),
-        None => match demo::run(cli.keep.as_deref(), cli.records) {
+        None => match demo::run(cli.keep.as_deref(), cli.records, cli.hsm_module.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {}", format!("{e:#}").replace('\n', " "));

@@ -44,3 +44,42 @@ fn the_demo_runs_end_to_end_and_cleans_up() {
         .count();
     assert_eq!(survivors, 0, "the demo left processes behind");
 }
+
+/// `--hsm-module`: the same run with the master keys, store root and
+/// identity in a throw-away SoftHSM2 token; no root key file is made.
+#[test]
+fn the_demo_runs_on_a_pkcs11_token() {
+    let Some(module) = kluis_hsm::softhsm::find_module() else {
+        assert_ne!(
+            std::env::var("KLUIS_REQUIRE_SOFTHSM").as_deref(),
+            Ok("1"),
+            "KLUIS_REQUIRE_SOFTHSM=1 but SoftHSM2 is not installed"
+        );
+        eprintln!("SKIPPED: SoftHSM2 is not installed (apt install softhsm2)");
+        return;
+    };
+    let keep = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kluis-demo"))
+        .args(["--records", "100", "--hsm-module"])
+        .arg(&module)
+        .arg("--keep")
+        .arg(keep.path())
+        .env_remove("SOFTHSM2_CONF")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    for expected in ["key backend: pkcs11", "100 records", "demo OK"] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    assert!(!keep.path().join("root.key").exists());
+    assert!(keep
+        .path()
+        .join("verifier-store")
+        .join("hsm.json")
+        .is_file());
+}
