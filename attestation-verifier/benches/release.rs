@@ -103,11 +103,20 @@ fn main() {
             kms.decrypt_data_key(w).unwrap();
         }
         let unwrap = t.elapsed();
+        let signs = 500;
+        let t = Instant::now();
+        for i in 0..signs {
+            identity
+                .sign(format!("kluis-bench\0{i}").as_bytes())
+                .unwrap();
+        }
+        let sign = t.elapsed();
         println!(
-            "key backend {:?}, one thread: {:.0} data-key wraps/s, {:.0} unwraps/s",
+            "key backend {:?}, one thread: {:.0} data-key wraps/s, {:.0} unwraps/s, {:.0} identity signatures/s",
             kms.backend_name(),
             n as f64 / wrap.as_secs_f64(),
-            n as f64 / unwrap.as_secs_f64()
+            n as f64 / unwrap.as_secs_f64(),
+            signs as f64 / sign.as_secs_f64()
         );
     }
     let image = b"bench enclave".to_vec();

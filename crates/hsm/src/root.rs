@@ -1,8 +1,6 @@
 //! `hsm.json`: how a store in HSM mode finds its token, its wrapped root key
 //! and its identity key; and the identity as a signer.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -162,28 +160,12 @@ impl HsmStoreConfig {
 
     /// Reads `dir/hsm.json`; `None` when the store is not in HSM mode.
     pub fn read(dir: &Path) -> Result<Option<Self>, HsmError> {
-        use std::io::Read as _;
         let path = dir.join(HSM_CONFIG_FILE);
-        let io = |action, source| HsmError::Io {
-            action,
-            path: path.clone(),
-            source,
+        let Some(text) = kluis_keystore::read_small_file(&path, MAX_CONFIG_LEN)
+            .map_err(|e| HsmError::Config(e.to_string()))?
+        else {
+            return Ok(None);
         };
-        let file = match std::fs::File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io("opening", e)),
-        };
-        let mut text = Vec::new();
-        file.take(MAX_CONFIG_LEN.saturating_add(1))
-            .read_to_end(&mut text)
-            .map_err(|e| io("reading", e))?;
-        if u64::try_from(text.len()).unwrap_or(u64::MAX) > MAX_CONFIG_LEN {
-            return Err(HsmError::Config(format!(
-                "{} is larger than {MAX_CONFIG_LEN} bytes",
-                path.display()
-            )));
-        }
         let config: Self = serde_json::from_slice(&text)
             .map_err(|e| HsmError::Config(format!("{}: {e}", path.display())))?;
         if config.format != FORMAT_NAME || config.version != FORMAT_VERSION {
@@ -200,33 +182,17 @@ impl HsmStoreConfig {
     /// Writes `dir/hsm.json` (mode 0600) atomically and durably; refuses to
     /// replace one.
     pub fn write_new(&self, dir: &Path) -> Result<(), HsmError> {
-        let path = dir.join(HSM_CONFIG_FILE);
-        let temp = dir.join(format!(".{HSM_CONFIG_FILE}.tmp"));
-        let io = |action, path: &Path, source| HsmError::Io {
-            action,
-            path: path.to_owned(),
-            source,
-        };
-        if path.exists() {
-            return Err(HsmError::Config(format!("{} exists", path.display())));
-        }
         let mut text = serde_json::to_vec_pretty(self)
             .map_err(|e| HsmError::Config(format!("encoding hsm.json: {e}")))?;
         text.push(b'\n');
-        let _ = std::fs::remove_file(&temp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|e| io("creating", &temp, e))?;
-        file.write_all(&text).map_err(|e| io("writing", &temp, e))?;
-        file.sync_all().map_err(|e| io("syncing", &temp, e))?;
-        std::fs::rename(&temp, &path).map_err(|e| io("renaming", &path, e))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("syncing", dir, e))?;
-        Ok(())
+        match kluis_keystore::write_new_file(dir, HSM_CONFIG_FILE, &text) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(HsmError::Config(format!(
+                "{} exists",
+                dir.join(HSM_CONFIG_FILE).display()
+            ))),
+            Err(e) => Err(HsmError::Config(e.to_string())),
+        }
     }
 }
 

@@ -43,3 +43,36 @@ pub use error::StoreError;
 pub use secret::{Argon2Params, RootSecret, KEY_LEN};
 pub use store::{Store, StoreGuard, MAX_ID_LEN, MAX_KIND_LEN, MAX_LIST_LEN, MAX_RECORD_LEN};
 pub use zeroize::Zeroizing;
+
+/// Writes `contents` to a new file `dir/name` (mode 0600) atomically and
+/// durably — temporary file, fsync, link into place, fsync of `dir` — as the
+/// store writes its own files. Returns `false`, leaving it untouched, if
+/// `dir/name` exists. For files kept beside the store (`hsm.json`).
+pub fn write_new_file(
+    dir: &std::path::Path,
+    name: &str,
+    contents: &[u8],
+) -> Result<bool, StoreError> {
+    fsutil::write_atomic(dir, name, contents, fsutil::Existing::Keep)
+}
+
+/// Reads the regular file `path` of at most `limit` bytes (checked before
+/// anything is read); `None` if it does not exist. Symbolic links, FIFOs and
+/// devices are refused without being read.
+pub fn read_small_file(path: &std::path::Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    match fsutil::read_bounded(path, limit) {
+        Ok(contents) => Ok(Some(contents)),
+        Err(fsutil::ReadError::NotFound) => Ok(None),
+        Err(fsutil::ReadError::NotRegular) => Err(StoreError::io(
+            "read",
+            path,
+            std::io::Error::other("not a regular file"),
+        )),
+        Err(fsutil::ReadError::TooLarge(found)) => Err(StoreError::TooLarge {
+            what: "file",
+            limit,
+            found,
+        }),
+        Err(fsutil::ReadError::Io(err)) => Err(StoreError::io("read", path, err)),
+    }
+}
