@@ -482,7 +482,15 @@ impl Broker {
             &released,
             &self.identity,
         )
-        .map_err(|e| Refused::denied("seal_failed", e.to_string()))?;
+        .map_err(|e| match e {
+            kluis_proto::SealError::Sign(_) => Refused {
+                rule: "signing_unavailable",
+                detail: e.to_string(),
+                code: ErrorCode::Unavailable,
+                noise: false,
+            },
+            e => Refused::denied("seal_failed", e.to_string()),
+        })?;
 
         for (step, key) in plan.iter().zip(&released) {
             self.record(NewRecord {
@@ -559,8 +567,19 @@ impl Broker {
     }
 
     fn perform(&self, step: &Step, now_ms: u64) -> Result<ReleasedKey, Refused> {
-        let key_refusal =
-            |e: KeyError| Refused::denied("key_unusable", format!("{}: {e}", step.key));
+        let key_refusal = |e: KeyError| match e {
+            // The token failed (a lost session, a lost object): not a
+            // decision about this enclave; fail closed as unavailable.
+            KeyError::Hsm(_) | KeyError::Store(kluis_keystore::StoreError::Backend { .. }) => {
+                Refused {
+                    rule: "key_backend_unavailable",
+                    detail: format!("{}: {e}", step.key),
+                    code: ErrorCode::Unavailable,
+                    noise: false,
+                }
+            }
+            e => Refused::denied("key_unusable", format!("{}: {e}", step.key)),
+        };
         let (plain, wrapped) = match &step.wrapped {
             None => self
                 .kms

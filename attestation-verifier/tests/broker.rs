@@ -1140,3 +1140,38 @@ fn an_interrupted_change_is_audited_as_void() {
     // The name stays free.
     kms.add_admin(&record).unwrap();
 }
+
+/// A key object lost from the token (deleted outside Kluis) is the token's
+/// failure, not a decision about the enclave: the release fails closed as
+/// `unavailable`, and the audit log names the backend.
+#[test]
+fn a_key_lost_from_the_token_fails_closed_as_unavailable() {
+    let Some(world) = World::on(Backend::Pkcs11) else {
+        return;
+    };
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
+    let nsm = world.nsm(b"v1", false, T0);
+    let kms = world.broker.kms();
+    let record = kms.key(&KeyName::parse(KEY).unwrap()).unwrap();
+    let token = kms.token().unwrap();
+    for version in &record.versions {
+        assert_eq!(token.destroy(version.material_id.as_bytes()).unwrap(), 1);
+    }
+    let nonce = world.challenge(T0);
+    let a = attempt(&world, &nsm, Some(nonce), generate(), T0 + 1_000, false);
+    assert!(
+        matches!(
+            a.response,
+            Response::Error {
+                code: ErrorCode::Unavailable
+            }
+        ),
+        "{:?}",
+        a.response
+    );
+    let reason = last_refusal_reason(&world);
+    assert!(
+        reason.starts_with("key_backend_unavailable") && reason.contains("no object"),
+        "{reason}"
+    );
+}

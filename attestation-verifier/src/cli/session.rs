@@ -54,7 +54,9 @@ pub(crate) struct StoreArgs {
     pub passphrase_fd: Option<u32>,
     /// For a store whose keys are in an HSM: read the token's user PIN from
     /// FILE (a regular file, mode 0600 or 0400; one line). Alternatively
-    /// KLUIS_HSM_PIN. Never a command-line value.
+    /// KLUIS_HSM_PIN (short commands only: it stays readable in
+    /// /proc/PID/environ for the life of the process). Never a command-line
+    /// value.
     #[arg(long, env = "KLUIS_HSM_PIN_FILE", value_name = "FILE", global = true)]
     pub hsm_pin_file: Option<PathBuf>,
     /// The administrator credential file.
@@ -176,7 +178,8 @@ impl StoreArgs {
     }
 
     /// The HSM user PIN: `--hsm-pin-file` or `KLUIS_HSM_PIN` (removed from
-    /// the environment once read).
+    /// this process's environment once read, so children do not inherit it;
+    /// `/proc/PID/environ` still shows the initial environment).
     pub(crate) fn hsm_pin(&self) -> anyhow::Result<Zeroizing<String>> {
         if let Some(path) = &self.hsm_pin_file {
             let (file, mode) = crate::cli::input::open_regular(path)
@@ -270,9 +273,11 @@ impl StoreArgs {
 pub(crate) fn hsm_failure(dir: &Path, e: KeyError) -> Failure {
     use kluis_hsm::HsmError;
     match e {
-        KeyError::Hsm(e @ (HsmError::WrongPin { .. } | HsmError::PinLocked { .. })) => {
-            Failure::Refused("hsm_pin_rejected".into(), e.to_string())
-        }
+        KeyError::Hsm(
+            e @ (HsmError::WrongPin { .. }
+            | HsmError::PinLocked { .. }
+            | HsmError::PinFinalTry { .. }),
+        ) => Failure::Refused("hsm_pin_rejected".into(), e.to_string()),
         e => Failure::Usage(anyhow!(e).context(format!("opening the store {}", dir.display()))),
     }
 }

@@ -73,6 +73,12 @@ pub enum HsmError {
         /// The token's label.
         token: String,
     },
+    /// The token will lock the PIN at the next failure: Kluis does not try.
+    #[error("the token {token:?} will lock the user PIN at the next failed login; Kluis does not try it (check the PIN, or have the security officer reset the counter)")]
+    PinFinalTry {
+        /// The token's label.
+        token: String,
+    },
     /// An object Kluis created is not in the token (deleted outside Kluis,
     /// or a token restored from an older backup).
     #[error(

@@ -132,7 +132,14 @@ pub fn throwaway_token(prefix: &str) -> Result<Option<TokenConfig>, HsmError> {
             eprintln!("SKIPPED: SoftHSM2 is not installed (apt install softhsm2); the PKCS#11 tests did not run");
             return Ok(None);
         };
-        let dir = std::env::temp_dir().join(format!("kluis-softhsm-{}", std::process::id()));
+        let mut suffix = [0u8; 8];
+        aws_lc_rs::rand::fill(&mut suffix).map_err(|_| "no randomness".to_owned())?;
+        let dir = std::env::temp_dir().join(format!(
+            "kluis-softhsm-{}-{}",
+            std::process::id(),
+            hex::encode(suffix)
+        ));
+        std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         use_private_token_dir(&dir).map_err(|e| e.to_string())?;
         Ok(Some(module))
     });

@@ -60,6 +60,7 @@ pub struct Token {
     slot: Mutex<Slot>,
     config: TokenConfig,
     pin: AuthPin,
+    pin_digest: [u8; 32],
     pool: Mutex<Vec<Session>>,
     pin_refused: Mutex<bool>,
     /// Object handles found by `CKA_ID` (handles are valid in every session
@@ -67,7 +68,24 @@ pub struct Token {
     /// the object, and when the token says the handle is no longer valid
     /// (destroyed by another process), which sends the lookup back to the
     /// token.
-    handles: Mutex<HashMap<(u8, Vec<u8>), ObjectHandle>>,
+    handles: Mutex<HandleCache>,
+}
+
+/// Object handles by (class, `CKA_ID`), tagged with the generation of the
+/// module's sessions they were found under. A reconnect starts a new
+/// generation (a restarted module may give old numbers to other objects),
+/// and a handle found under an older one is never cached.
+#[derive(Default)]
+struct HandleCache {
+    generation: u64,
+    map: HashMap<(u8, Vec<u8>), ObjectHandle>,
+}
+
+impl HandleCache {
+    fn forget_all(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+        self.map.clear();
+    }
 }
 
 /// Classes of the objects looked up by id, as cache keys.
@@ -116,6 +134,22 @@ fn modules() -> &'static Mutex<HashMap<PathBuf, Pkcs11>> {
     MODULES.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// SHA-256 of the PIN each (module, token) was logged in with by this
+/// process. PKCS#11 login is per application: once one handle logged in,
+/// `C_Login` says "already logged in" whatever PIN a second handle gives,
+/// so a second handle's PIN is compared with the first's instead.
+fn logins() -> &'static Mutex<HashMap<(PathBuf, String), [u8; 32]>> {
+    static LOGINS: OnceLock<Mutex<HashMap<(PathBuf, String), [u8; 32]>>> = OnceLock::new();
+    LOGINS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn pin_digest(pin: &str) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, pin.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -132,13 +166,34 @@ pub(crate) fn load_module(path: &Path) -> Result<Pkcs11, HsmError> {
     }
     {
         use std::os::unix::fs::MetadataExt as _;
-        // The module runs with the verifier's rights: a library anyone else
-        // may rewrite would hand them the keys.
+        // The module runs with the verifier's rights and sees the PIN: a
+        // library someone else may rewrite or replace would hand them the
+        // keys. It and its directory must belong to root or to this user,
+        // and be writable by no one else.
+        let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        let trusted_owner = |uid: u32| uid == 0 || Some(uid) == me;
+        if !trusted_owner(meta.uid()) {
+            return Err(missing(format!(
+                "it belongs to uid {}, not to root or this user",
+                meta.uid()
+            )));
+        }
         if meta.mode() & 0o022 != 0 {
             return Err(missing(format!(
                 "mode {:04o} lets group or others write it",
                 meta.mode() & 0o7777
             )));
+        }
+        if let Some(parent) = canonical.parent() {
+            let dir = std::fs::metadata(parent).map_err(|e| missing(e.to_string()))?;
+            if !trusted_owner(dir.uid()) || dir.mode() & 0o022 != 0 {
+                return Err(missing(format!(
+                    "its directory {} may be written by others (owner uid {}, mode {:04o})",
+                    parent.display(),
+                    dir.uid(),
+                    dir.mode() & 0o7777
+                )));
+            }
         }
     }
     let mut modules = lock(modules());
@@ -221,10 +276,11 @@ impl Token {
             ctx,
             slot: Mutex::new(slot),
             config: config.clone(),
+            pin_digest: pin_digest(&pin),
             pin: AuthPin::from(pin.as_str()),
             pool: Mutex::new(Vec::new()),
             pin_refused: Mutex::new(false),
-            handles: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HandleCache::default()),
         };
         // Log in now, so a wrong PIN is reported by `open`.
         let session = token.open_session()?;
@@ -244,18 +300,43 @@ impl Token {
             });
         }
         let slot = *lock(&self.slot);
+        let login_key = (self.config.module.clone(), self.config.token.clone());
         let session = self
             .ctx
             .open_rw_session(slot)
             .map_err(|e| HsmError::op("opening a session", e))?;
-        match session.login(UserType::User, Some(&self.pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
-            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                *lock(&self.pin_refused) = true;
-                Err(HsmError::WrongPin {
-                    token: self.config.token.clone(),
-                })
+        let refused = || {
+            *lock(&self.pin_refused) = true;
+            HsmError::WrongPin {
+                token: self.config.token.clone(),
             }
+        };
+        // Never spend the token's last attempts: a PIN the token is about
+        // to lock is refused here, with the reason.
+        if let Ok(info) = self.ctx.get_token_info(slot) {
+            if info.user_pin_locked() {
+                return Err(HsmError::PinLocked {
+                    token: self.config.token.clone(),
+                });
+            }
+            if info.user_pin_final_try() {
+                return Err(HsmError::PinFinalTry {
+                    token: self.config.token.clone(),
+                });
+            }
+        }
+        match session.login(UserType::User, Some(&self.pin)) {
+            Ok(()) => {
+                lock(logins()).insert(login_key, self.pin_digest);
+                Ok(session)
+            }
+            Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                match lock(logins()).get(&login_key) {
+                    Some(digest) if *digest == self.pin_digest => Ok(session),
+                    _ => Err(refused()),
+                }
+            }
+            Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(refused()),
             Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(HsmError::PinLocked {
                 token: self.config.token.clone(),
             }),
@@ -277,6 +358,28 @@ impl Token {
         what: &'static str,
         op: impl Fn(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
+        self.with_session_retry(what, true, op)
+    }
+
+    /// As [`Token::with_session`], but an operation that creates objects is
+    /// not retried: the lost session may have created the object already,
+    /// and a second one under the same id would make it ambiguous. It fails
+    /// with [`HsmError::SessionLost`] instead (the caller's next attempt uses
+    /// a new id).
+    fn with_session_once<T>(
+        &self,
+        what: &'static str,
+        op: impl Fn(&Session) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        self.with_session_retry(what, false, op)
+    }
+
+    fn with_session_retry<T>(
+        &self,
+        what: &'static str,
+        retry: bool,
+        op: impl Fn(&Session) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
         let idle = lock(&self.pool).pop();
         let session = match idle {
             Some(session) => session,
@@ -292,7 +395,14 @@ impl Token {
                 lock(&self.pool).clear();
                 // A module that restarted may give old handle numbers to
                 // other objects: forget them all.
-                lock(&self.handles).clear();
+                lock(&self.handles).forget_all();
+                if !retry {
+                    return Err(HsmError::SessionLost {
+                        operation: what,
+                        detail: "the session was lost; object-creating operations are not retried"
+                            .to_owned(),
+                    });
+                }
                 // The token may come back in another slot (a module that
                 // restarted renumbers them): find it by label again.
                 *lock(&self.slot) = find_slot(&self.ctx, &self.config.token)?;
@@ -343,17 +453,25 @@ impl Token {
         op: impl Fn(ObjectHandle) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         let key = (class as u8, id.to_vec());
-        let cached = lock(&self.handles).get(&key).copied();
+        let (generation, cached) = {
+            let cache = lock(&self.handles);
+            (cache.generation, cache.map.get(&key).copied())
+        };
         if let Some(handle) = cached {
             match op(handle) {
                 Err(e) if handle_invalid(&e) => {
-                    lock(&self.handles).remove(&key);
+                    lock(&self.handles).map.remove(&key);
                 }
                 other => return other,
             }
         }
         let handle = Self::find(session, class.object_class(), id)?;
-        lock(&self.handles).insert(key, handle);
+        {
+            let mut cache = lock(&self.handles);
+            if cache.generation == generation {
+                cache.map.insert(key, handle);
+            }
+        }
         op(handle)
     }
 
@@ -402,10 +520,13 @@ impl Token {
             Attribute::Sign(false),
             Attribute::Verify(false),
             Attribute::Derive(false),
+            Attribute::Copyable(false),
+            Attribute::Modifiable(false),
+            Attribute::Destroyable(true),
             Attribute::Id(id.to_vec()),
             Attribute::Label(label.as_bytes().to_vec()),
         ];
-        self.with_session("generating an AES key", |session| {
+        self.with_session_once("generating an AES key", |session| {
             session
                 .generate_key(&Mechanism::AesKeyGen, &template)
                 .map(drop)
@@ -420,6 +541,7 @@ impl Token {
             Attribute::Token(true),
             Attribute::Private(false),
             Attribute::Verify(true),
+            Attribute::Modifiable(false),
             Attribute::EcParams(SECP384R1_OID_DER.to_vec()),
             Attribute::Id(id.to_vec()),
             Attribute::Label(label.as_bytes().to_vec()),
@@ -432,10 +554,13 @@ impl Token {
             Attribute::Sign(true),
             Attribute::Decrypt(false),
             Attribute::Derive(false),
+            Attribute::Copyable(false),
+            Attribute::Modifiable(false),
+            Attribute::Destroyable(true),
             Attribute::Id(id.to_vec()),
             Attribute::Label(label.as_bytes().to_vec()),
         ];
-        self.with_session("generating a P-384 key pair", |session| {
+        self.with_session_once("generating a P-384 key pair", |session| {
             session
                 .generate_key_pair(
                     &Mechanism::EccKeyPairGen,
@@ -499,14 +624,17 @@ impl Token {
     ) -> Result<Vec<u8>, HsmError> {
         let mut iv = [0u8; GCM_IV_LEN];
         aws_lc_rs::rand::fill(&mut iv).map_err(|_| HsmError::Unexpected("no randomness"))?;
-        let sealed = self.with_session("encrypting", |session| {
+        let (used_iv, sealed) = self.with_session("encrypting", |session| {
             self.with_object(session, Class::Secret, id, |handle| {
                 let mut iv_param = iv;
                 let params = GcmParams::new(&mut iv_param, aad, 128.into())
                     .map_err(|e| HsmError::op("encrypting", e))?;
-                session
+                let sealed = session
                     .encrypt(&Mechanism::AesGcm(params), handle, plaintext)
-                    .map_err(|e| HsmError::op("encrypting", e))
+                    .map_err(|e| HsmError::op("encrypting", e))?;
+                // A token in FIPS mode writes the IV it chose back into the
+                // parameters: keep that one.
+                Ok((iv_param, sealed))
             })
         })?;
         if sealed.len() != plaintext.len().saturating_add(GCM_TAG_LEN) {
@@ -515,7 +643,7 @@ impl Token {
             ));
         }
         let mut out = Vec::with_capacity(GCM_IV_LEN.saturating_add(sealed.len()));
-        out.extend_from_slice(&iv);
+        out.extend_from_slice(&used_iv);
         out.extend_from_slice(&sealed);
         Ok(out)
     }
@@ -541,17 +669,28 @@ impl Token {
                 let params = GcmParams::new(&mut iv_param, aad, 128.into())
                     .map_err(|e| HsmError::op("decrypting", e))?;
                 match session.decrypt(&Mechanism::AesGcm(params), handle, body) {
-                    Ok(plain) => Ok(Zeroizing::new(plain)),
-                    Err(
-                        e @ CkError::Pkcs11(
-                            RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
-                            _,
-                        ),
-                    ) => Err(HsmError::op("decrypting", e)),
-                    Err(e) if session_lost(&e) => Err(HsmError::op("decrypting", e)),
+                    Ok(plain) if plain.len().saturating_add(GCM_TAG_LEN) == body.len() => {
+                        Ok(Zeroizing::new(plain))
+                    }
+                    Ok(plain) => {
+                        drop(Zeroizing::new(plain));
+                        Err(HsmError::Unexpected(
+                            "AES-GCM decryption of an unexpected length",
+                        ))
+                    }
                     // Tokens report a failed tag as CKR_ENCRYPTED_DATA_INVALID,
-                    // CKR_FUNCTION_FAILED or CKR_GENERAL_ERROR alike.
-                    Err(_) => Err(HsmError::DoesNotAuthenticate),
+                    // CKR_ENCRYPTED_DATA_LEN_RANGE, CKR_FUNCTION_FAILED or
+                    // (SoftHSM2) CKR_GENERAL_ERROR; anything else — a lost
+                    // session or handle, a key not permitted to decrypt —
+                    // is the token's failure, not the blob's.
+                    Err(CkError::Pkcs11(
+                        RvError::EncryptedDataInvalid
+                        | RvError::EncryptedDataLenRange
+                        | RvError::FunctionFailed
+                        | RvError::GeneralError,
+                        _,
+                    )) => Err(HsmError::DoesNotAuthenticate),
+                    Err(e) => Err(HsmError::op("decrypting", e)),
                 }
             })
         })
@@ -559,7 +698,9 @@ impl Token {
 
     /// Destroys every object whose `CKA_ID` is `id`; returns how many.
     pub fn destroy(&self, id: &[u8]) -> Result<usize, HsmError> {
-        lock(&self.handles).retain(|(_, cached), _| cached.as_slice() != id);
+        lock(&self.handles)
+            .map
+            .retain(|(_, cached), _| cached.as_slice() != id);
         self.with_session("destroying objects", |session| {
             let handles = session
                 .find_objects(&[Attribute::Id(id.to_vec())])
@@ -591,7 +732,12 @@ impl Token {
                             AttributeType::Sensitive,
                             AttributeType::Extractable,
                             AttributeType::NeverExtractable,
+                            AttributeType::AlwaysSensitive,
                             AttributeType::Label,
+                            AttributeType::Token,
+                            AttributeType::Private,
+                            AttributeType::Copyable,
+                            AttributeType::Modifiable,
                         ],
                     )
                     .map_err(|e| HsmError::op("reading attributes", e))?;
@@ -602,6 +748,11 @@ impl Token {
                         Attribute::Sensitive(v) => report.sensitive = Some(v),
                         Attribute::Extractable(v) => report.extractable = Some(v),
                         Attribute::NeverExtractable(v) => report.never_extractable = Some(v),
+                        Attribute::AlwaysSensitive(v) => report.always_sensitive = Some(v),
+                        Attribute::Token(v) => report.token = Some(v),
+                        Attribute::Private(v) => report.private = Some(v),
+                        Attribute::Copyable(v) => report.copyable = Some(v),
+                        Attribute::Modifiable(v) => report.modifiable = Some(v),
                         Attribute::Label(v) => report.label = String::from_utf8_lossy(&v).into(),
                         _ => {}
                     }
@@ -635,6 +786,16 @@ pub struct ObjectReport {
     pub extractable: Option<bool>,
     /// `CKA_NEVER_EXTRACTABLE`.
     pub never_extractable: Option<bool>,
+    /// `CKA_ALWAYS_SENSITIVE`.
+    pub always_sensitive: Option<bool>,
+    /// `CKA_TOKEN`.
+    pub token: Option<bool>,
+    /// `CKA_PRIVATE`.
+    pub private: Option<bool>,
+    /// `CKA_COPYABLE`.
+    pub copyable: Option<bool>,
+    /// `CKA_MODIFIABLE`.
+    pub modifiable: Option<bool>,
     /// Whether `C_GetAttributeInfo` says `CKA_VALUE` can be read.
     pub value_readable: bool,
     /// Whether `C_GetAttributeValue` returned `CKA_VALUE`.

@@ -118,6 +118,13 @@ fn keys_are_sensitive_and_never_extractable() {
             assert_eq!(object.sensitive, Some(true), "{id} {object:?}");
             assert_eq!(object.extractable, Some(false), "{id} {object:?}");
             assert_eq!(object.never_extractable, Some(true), "{id} {object:?}");
+            assert_eq!(object.always_sensitive, Some(true), "{id} {object:?}");
+            assert_eq!(object.token, Some(true), "{id} {object:?}");
+            assert_eq!(object.private, Some(true), "{id} {object:?}");
+            // Neither copied (a copy would survive destruction) nor changed
+            // (a new CKA_ID would hide it from destruction).
+            assert_eq!(object.copyable, Some(false), "{id} {object:?}");
+            assert_eq!(object.modifiable, Some(false), "{id} {object:?}");
             assert!(!object.value_readable, "{id}: CKA_VALUE is readable");
         }
     }
@@ -211,6 +218,27 @@ fn clear_errors_for_module_token_pin_and_lost_objects() {
     assert!(!message.contains("0000-wrong"), "the PIN leaked: {message}");
     // The right PIN still works (one failure does not lock SoftHSM2).
     let token = open(&config);
+    // Once the process is logged in, a second handle with a wrong PIN is
+    // still refused (PKCS#11 would only say "already logged in").
+    let err = Token::open(&config, Zeroizing::new("0000-wrong".to_owned())).unwrap_err();
+    assert!(matches!(err, HsmError::WrongPin { .. }), "{err}");
+    // A module in a directory others may write is not loaded.
+    let unsafe_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&config.module, unsafe_dir.path().join("lib.so")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(unsafe_dir.path(), std::fs::Permissions::from_mode(0o777))
+            .unwrap();
+    }
+    let writable = TokenConfig {
+        module: unsafe_dir.path().join("lib.so"),
+        token: config.token.clone(),
+    };
+    let err = Token::open(&writable, Zeroizing::new(common::PIN.to_owned())).unwrap_err();
+    assert!(
+        matches!(&err, HsmError::Module { detail, .. } if detail.contains("written by others")),
+        "{err}"
+    );
     // An object deleted behind Kluis's back (here by another handle on the
     // token, after this one cached the object's handle) is reported as lost.
     let (_dir, store) = store();
