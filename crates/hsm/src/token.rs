@@ -134,12 +134,15 @@ fn modules() -> &'static Mutex<HashMap<PathBuf, Pkcs11>> {
     MODULES.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// Digests of login PINs by (module path, token label).
+type Logins = HashMap<(PathBuf, String), [u8; 32]>;
+
 /// SHA-256 of the PIN each (module, token) was logged in with by this
 /// process. PKCS#11 login is per application: once one handle logged in,
 /// `C_Login` says "already logged in" whatever PIN a second handle gives,
 /// so a second handle's PIN is compared with the first's instead.
-fn logins() -> &'static Mutex<HashMap<(PathBuf, String), [u8; 32]>> {
-    static LOGINS: OnceLock<Mutex<HashMap<(PathBuf, String), [u8; 32]>>> = OnceLock::new();
+fn logins() -> &'static Mutex<Logins> {
+    static LOGINS: OnceLock<Mutex<Logins>> = OnceLock::new();
     LOGINS.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
