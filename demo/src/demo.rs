@@ -574,6 +574,7 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
             },
             output_key: OUTPUT_KEY.into(),
             secrets: vec![WrappedSecret(std::fs::read(&secret_file)?)],
+            authorisation: None,
         },
         hook: recorder.clone(),
         idle_timeout: Duration::from_secs(60),

@@ -359,6 +359,7 @@ pub fn job(enclave: &Address, workload: WorkloadSpec, secrets: Vec<WrappedSecret
             workload,
             output_key: OUTPUT_KEY.into(),
             secrets,
+            authorisation: None,
         },
         hook: Arc::new(PassThrough),
         idle_timeout: Duration::from_secs(20),

@@ -5,7 +5,7 @@
 //! [`JOB_MAX_FRAME_LEN`] as the limit:
 //!
 //! ```text
-//! parent  → enclave   JobRequest::Start(spec)
+//! parent  → enclave   JobRequest::Start(spec)                     (spec.authorisation: optional)
 //! parent  → enclave   JobRequest::Data(input envelope bytes) ...   (any number, any split)
 //! parent  → enclave   JobRequest::End
 //! enclave → parent    JobEvent::Data(output envelope bytes) ...    (interleaved with Progress)
@@ -108,6 +108,9 @@ pub enum FailureKind {
     JobNotAllowed,
     /// The job's specification is unusable.
     BadJob,
+    /// The job's authorisation is malformed, not signed by the pinned
+    /// verifier key, or for another job.
+    AuthorisationInvalid,
     /// The verifier refused the key request (the reason is in its audit).
     KeyReleaseRefused,
     /// The verifier's answer did not verify (impostor, replay, tampering).
@@ -163,6 +166,7 @@ impl FailureKind {
         match self {
             FailureKind::JobNotAllowed => "job_not_allowed",
             FailureKind::BadJob => "bad_job",
+            FailureKind::AuthorisationInvalid => "authorisation_invalid",
             FailureKind::KeyReleaseRefused => "key_release_refused",
             FailureKind::KeyReleaseInvalid => "key_release_invalid",
             FailureKind::VerifierUnavailable => "verifier_unavailable",
