@@ -319,10 +319,13 @@ impl Broker {
     fn record_job(&self, record: NewRecord, job: Option<&JobContext>) -> Result<(), ErrorCode> {
         // The log serialises appends across handles and processes itself, and
         // concurrent appends share one fsync.
-        self.audit.append_job(record, job.cloned()).map(|_| ()).map_err(|e| {
-            tracing::error!(error = %e, "audit append failed; refusing the request");
-            ErrorCode::Internal
-        })
+        self.audit
+            .append_job(record, job.cloned())
+            .map(|_| ())
+            .map_err(|e| {
+                tracing::error!(error = %e, "audit append failed; refusing the request");
+                ErrorCode::Internal
+            })
     }
 
     /// Withdraw challenges that were issued but never used (their
@@ -521,16 +524,19 @@ impl Broker {
         .map_err(|e| Refused::denied("seal_failed", e.to_string()))?;
 
         for (step, key) in plan.iter().zip(&released) {
-            self.record_job(NewRecord {
-                time_ms: now_ms,
-                actor: Actor::enclave(attestation),
-                operation: format!("key.release.{}", step.operation.as_str()),
-                key_id: Some(step.key.to_string()),
-                key_version: Some(key.version),
-                decision: Decision::Allowed,
-                reason: Some(format!("measurement set {}", step.matched_set)),
-                attestation_document: Some(document.to_vec()),
-            }, job.as_ref())
+            self.record_job(
+                NewRecord {
+                    time_ms: now_ms,
+                    actor: Actor::enclave(attestation),
+                    operation: format!("key.release.{}", step.operation.as_str()),
+                    key_id: Some(step.key.to_string()),
+                    key_version: Some(key.version),
+                    decision: Decision::Allowed,
+                    reason: Some(format!("measurement set {}", step.matched_set)),
+                    attestation_document: Some(document.to_vec()),
+                },
+                job.as_ref(),
+            )
             .map_err(|code| Refused {
                 rule: "audit_failed",
                 detail: "could not write the audit record".to_owned(),
@@ -690,10 +696,8 @@ fn check_plan(signed: &SignedAuthorisation, plan: &[Step]) -> Result<(), String>
         expected.push((Operation::Decrypt, key.as_str(), "secret"));
     }
     expected.push((Operation::Generate, a.output_key.as_str(), "output"));
-    let asked: Vec<(Operation, &str)> = plan
-        .iter()
-        .map(|s| (s.operation, s.key.as_str()))
-        .collect();
+    let asked: Vec<(Operation, &str)> =
+        plan.iter().map(|s| (s.operation, s.key.as_str())).collect();
     let named: Vec<(Operation, &str)> = expected.iter().map(|(o, k, _)| (*o, *k)).collect();
     if asked == named {
         return Ok(());

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use kluis_proto::client::{request_challenge, request_keys};
 use kluis_proto::{
-    request_hash, AuthorisationId, ClientError, EphemeralKeyPair, KeyOperation, KeyRequest, ReleasedKey, WireError,
+    request_hash, AuthorisationId, ClientError, EphemeralKeyPair, KeyOperation, KeyRequest,
+    ReleasedKey, WireError,
 };
 
 use crate::job::JobError;

@@ -86,8 +86,7 @@ pub(crate) enum JobCommand {
 /// `TIME`: RFC 3339, or a positive duration from `now_ms`.
 fn parse_expiry(text: &str, now_ms: u64) -> Result<u64, Failure> {
     let usage = |m: String| Failure::Usage(anyhow!(m));
-    if let Ok(t) =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    if let Ok(t) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
     {
         return u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
             .map_err(|_| usage(format!("--expires {text:?} is before 1970")));
@@ -148,9 +147,10 @@ fn describe(signed: &SignedAuthorisation, record: Option<&AuthorisationRecord>) 
         );
         map.insert(
             "revoked".into(),
-            record.revoked.as_ref().map_or(Value::Null, |r| {
-                json!({ "by": r.by, "at": rfc3339_millis(r.time_ms), "reason": r.reason })
-            }),
+            record.revoked.as_ref().map_or(
+                Value::Null,
+                |r| json!({ "by": r.by, "at": rfc3339_millis(r.time_ms), "reason": r.reason }),
+            ),
         );
     }
     v
@@ -163,10 +163,9 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
         .create_new(true)
         .open(path)
         .map_err(|e| {
-            Failure::Usage(anyhow!(e).context(format!(
-                "creating {} (it must not exist)",
-                path.display()
-            )))
+            Failure::Usage(
+                anyhow!(e).context(format!("creating {} (it must not exist)", path.display())),
+            )
         })?;
     if let Err(e) = file.write_all(bytes).and_then(|()| file.sync_all()) {
         let _ = std::fs::remove_file(path);
@@ -337,11 +336,9 @@ pub(crate) fn job(store: &StoreArgs, command: &JobCommand) -> Result<(), Failure
                     format!("no authorisation {id}"),
                 )
             })?;
-            let signed = SignedAuthorisation::verify(
-                &record.signed_bytes()?,
-                &identity.public_key_sec1(),
-            )
-            .map_err(|e| Failure::Usage(anyhow!("authorisation {id}: {e}")))?;
+            let signed =
+                SignedAuthorisation::verify(&record.signed_bytes()?, &identity.public_key_sec1())
+                    .map_err(|e| Failure::Usage(anyhow!("authorisation {id}: {e}")))?;
             emit(&describe(&signed, Some(&record)));
         }
     }

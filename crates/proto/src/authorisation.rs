@@ -431,7 +431,8 @@ mod tests {
     fn sign_verify_round_trip_and_id() {
         let identity = VerifierIdentity::generate().unwrap();
         let signed = sample().sign(&identity).unwrap();
-        let back = SignedAuthorisation::verify(signed.bytes(), &identity.public_key_sec1()).unwrap();
+        let back =
+            SignedAuthorisation::verify(signed.bytes(), &identity.public_key_sec1()).unwrap();
         assert_eq!(back, signed);
         assert_eq!(
             back.id().0,
