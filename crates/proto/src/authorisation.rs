@@ -488,7 +488,8 @@ mod tests {
     #[test]
     fn invalid_fields_are_not_signed() {
         let identity = VerifierIdentity::generate().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut JobAuthorisation)>)> = vec![
+        type Change = Box<dyn Fn(&mut JobAuthorisation)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("version", Box::new(|a| a.version = 2)),
             ("purpose", Box::new(|a| a.purpose.clear())),
             ("case", Box::new(|a| a.case = "x".repeat(MAX_CASE_LEN + 1))),
