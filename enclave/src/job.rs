@@ -562,6 +562,12 @@ fn check_authorisation(
     ctx: &EnclaveContext,
 ) -> Result<Option<SignedAuthorisation>, JobError> {
     let Some(bytes) = &spec.authorisation else {
+        if ctx.require_authorisation {
+            return Err(JobError::new(
+                FailureKind::AuthorisationInvalid,
+                "this image runs only jobs with a job authorisation, and the job has none",
+            ));
+        }
         return Ok(None);
     };
     let invalid = |e: kluis_proto::AuthorisationError| {

@@ -477,3 +477,32 @@ async fn a_request_for_keys_the_authorisation_does_not_name_gets_none() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_requires_authorisations_runs_no_job_without_one() {
+    let world = World::new();
+    let verifier = world.start_verifier(None).await;
+    let relay = start_relay(&verifier.address, Arc::new(PassThrough)).await;
+    let mut ctx = world.enclave_context(GOOD_IMAGE, &relay.address);
+    ctx.require_authorisation = true;
+    let enclave = start_enclave_with(ctx).await;
+    let d = Deployment {
+        world,
+        _verifier: verifier,
+        _relay: relay,
+        enclave,
+    };
+    let err = run_identity(&d, None, "none.kenv").await.unwrap_err();
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::AuthorisationInvalid),
+        "{err}"
+    );
+    // Refused before any key was asked for.
+    assert!(records_of(&d, Decision::Allowed).is_empty());
+    assert!(records_of(&d, Decision::Refused).is_empty());
+    let auth = d
+        .world
+        .authorise(WorkloadSpec::Identity, &[], now_ms() + HOUR, None);
+    run_identity(&d, Some(auth), "with.kenv").await.unwrap();
+}
