@@ -24,15 +24,16 @@
 //! anchor cannot move along the log's chain, e.g. after the log was
 //! truncated or replaced while it ran ([`Broker::anchor_audit_head`]).
 
-use crate::audit::{Actor, AuditLog, Decision, NewRecord};
+use crate::audit::{Actor, AuditLog, Decision, JobContext, NewRecord};
 use crate::keys::{KeyError, KeyName, WrappedDataKey};
-use crate::kms::Kms;
+use crate::kms::{Kms, RunRefusal};
 use crate::nonce::{NonceStore, NONCE_LEN};
 use crate::policy::{KeyPolicy, Operation};
 use kluis_attestation::{UnixMillis, VerifiedAttestation, Verifier, VerifyOptions};
 use kluis_proto::{
-    check_released_keys, request_hash, seal_keys, ErrorCode, KeyOperation, KeyRequest,
-    PlaintextKey, ReleasedKey, Request, Response, VerifierIdentity,
+    check_released_keys, request_hash, seal_keys, AuthorisationId, ErrorCode, KeyOperation,
+    KeyRequest, PlaintextKey, ReleasedKey, Request, Response, SignedAuthorisation,
+    VerifierIdentity,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -311,12 +312,20 @@ impl Broker {
     }
 
     fn record(&self, record: NewRecord) -> Result<(), ErrorCode> {
+        self.record_job(record, None)
+    }
+
+    /// [`Broker::record`] for a record of a job run under an authorisation.
+    fn record_job(&self, record: NewRecord, job: Option<&JobContext>) -> Result<(), ErrorCode> {
         // The log serialises appends across handles and processes itself, and
         // concurrent appends share one fsync.
-        self.audit.append(record).map(|_| ()).map_err(|e| {
-            tracing::error!(error = %e, "audit append failed; refusing the request");
-            ErrorCode::Internal
-        })
+        self.audit
+            .append_job(record, job.cloned())
+            .map(|_| ())
+            .map_err(|e| {
+                tracing::error!(error = %e, "audit append failed; refusing the request");
+                ErrorCode::Internal
+            })
     }
 
     /// Withdraw challenges that were issued but never used (their
@@ -370,7 +379,8 @@ impl Broker {
                 };
             }
         };
-        match self.release_attested(&attestation, document, request, now_ms) {
+        let mut job = None;
+        match self.release_attested(&attestation, document, request, now_ms, &mut job) {
             Ok(response) => response,
             Err(refused) if refused.noise => {
                 tracing::debug!(
@@ -399,16 +409,19 @@ impl Broker {
                     "key release refused: {}",
                     refused.detail
                 );
-                let _ = self.record(NewRecord {
-                    time_ms: now_ms,
-                    actor: Actor::enclave(&attestation),
-                    operation: "key.release".to_owned(),
-                    key_id: None,
-                    key_version: None,
-                    decision: Decision::Refused,
-                    reason: Some(format!("{}: {}", refused.rule, refused.detail)),
-                    attestation_document: Some(document.to_vec()),
-                });
+                let _ = self.record_job(
+                    NewRecord {
+                        time_ms: now_ms,
+                        actor: Actor::enclave(&attestation),
+                        operation: "key.release".to_owned(),
+                        key_id: None,
+                        key_version: None,
+                        decision: Decision::Refused,
+                        reason: Some(format!("{}: {}", refused.rule, refused.detail)),
+                        attestation_document: Some(document.to_vec()),
+                    },
+                    job.as_ref(),
+                );
                 Response::Error { code: refused.code }
             }
         }
@@ -420,6 +433,7 @@ impl Broker {
         document: &[u8],
         request: &KeyRequest,
         now_ms: u64,
+        job: &mut Option<JobContext>,
     ) -> Result<Response, Refused> {
         let doc = attestation.document();
         self.nonces
@@ -456,10 +470,35 @@ impl Broker {
             ));
         }
 
+        // The authorisation the request is made under, if any: from here
+        // on every record of the request names its purpose and case.
+        if let Some(id) = request.authorisation() {
+            *job = Some(self.job_context(id)?);
+        }
+
         // Decide every operation before releasing anything.
         let mut plan = Vec::with_capacity(request.operations().len());
         for op in request.operations() {
             plan.push(self.authorise(attestation, op, now_ms)?);
+        }
+        match request.authorisation() {
+            None => {
+                if let Some(step) = plan.iter().find(|s| s.requires_authorisation) {
+                    return Err(Refused::denied(
+                        "authorisation_required",
+                        format!(
+                            "{}: the policy requires a job authorisation and the request has none",
+                            step.key
+                        ),
+                    ));
+                }
+            }
+            // Last, once everything else admits the request: a run is
+            // counted only for a request that gets its keys (or fails
+            // after this point, which uses the run up).
+            Some(id) => {
+                self.count_run(id, &plan, now_ms)?;
+            }
         }
 
         let mut released = Vec::with_capacity(plan.len());
@@ -493,16 +532,19 @@ impl Broker {
         })?;
 
         for (step, key) in plan.iter().zip(&released) {
-            self.record(NewRecord {
-                time_ms: now_ms,
-                actor: Actor::enclave(attestation),
-                operation: format!("key.release.{}", step.operation.as_str()),
-                key_id: Some(step.key.to_string()),
-                key_version: Some(key.version),
-                decision: Decision::Allowed,
-                reason: Some(format!("measurement set {}", step.matched_set)),
-                attestation_document: Some(document.to_vec()),
-            })
+            self.record_job(
+                NewRecord {
+                    time_ms: now_ms,
+                    actor: Actor::enclave(attestation),
+                    operation: format!("key.release.{}", step.operation.as_str()),
+                    key_id: Some(step.key.to_string()),
+                    key_version: Some(key.version),
+                    decision: Decision::Allowed,
+                    reason: Some(format!("measurement set {}", step.matched_set)),
+                    attestation_document: Some(document.to_vec()),
+                },
+                job.as_ref(),
+            )
             .map_err(|code| Refused {
                 rule: "audit_failed",
                 detail: "could not write the audit record".to_owned(),
@@ -563,7 +605,59 @@ impl Broker {
             operation,
             wrapped,
             matched_set: matched.set_name,
+            requires_authorisation: policy
+                .as_ref()
+                .is_some_and(KeyPolicy::require_authorisation),
         })
+    }
+
+    /// The purpose and case of the authorisation `id` (issued here, intact),
+    /// for the audit records of the request.
+    fn job_context(&self, id: &AuthorisationId) -> Result<JobContext, Refused> {
+        let record = self
+            .kms
+            .authorisation(id)
+            .map_err(|e| Refused::denied("authorisation_store_error", format!("{id}: {e}")))?
+            .ok_or_else(|| {
+                Refused::denied(
+                    "authorisation_unknown",
+                    format!("no authorisation {id} was issued by this verifier"),
+                )
+            })?;
+        let signed = record
+            .signed_bytes()
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                SignedAuthorisation::verify(&bytes, &self.identity.public_key_sec1())
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| Refused::denied("authorisation_store_error", format!("{id}: {e}")))?;
+        Ok(JobContext {
+            authorisation: id.to_hex(),
+            purpose: signed.authorisation().purpose.clone(),
+            case: signed.authorisation().case.clone(),
+        })
+    }
+
+    /// Admit and count one run of the authorisation `id` for `plan`, under
+    /// the store lock (see [`Kms::count_authorisation_run`]).
+    fn count_run(&self, id: &AuthorisationId, plan: &[Step], now_ms: u64) -> Result<(), Refused> {
+        let counted = self.kms.count_authorisation_run(
+            id,
+            &self.identity.public_key_sec1(),
+            now_ms,
+            |signed| check_plan(signed, plan),
+        );
+        match counted {
+            Ok((_, run)) => {
+                tracing::debug!(authorisation = %id, run, "authorised run admitted");
+                Ok(())
+            }
+            Err(RunRefusal::Authorisation(r)) => Err(Refused::denied(r.rule(), r.to_string())),
+            Err(RunRefusal::Job(detail)) => {
+                Err(Refused::denied("authorisation_keys_mismatch", detail))
+            }
+        }
     }
 
     fn perform(&self, step: &Step, now_ms: u64) -> Result<ReleasedKey, Refused> {
@@ -604,6 +698,41 @@ struct Step {
     operation: Operation,
     wrapped: Option<WrappedDataKey>,
     matched_set: String,
+    /// The key's policy says `require_authorisation`.
+    requires_authorisation: bool,
+}
+
+/// Whether `plan` asks for exactly the keys `signed` names, each in its
+/// role, in the job's order: the input's data key (decrypt under
+/// `input_key`), then one data key per secret (decrypt under
+/// `secret_keys`, in order), then the output's fresh data key (generate
+/// under `output_key`).
+fn check_plan(signed: &SignedAuthorisation, plan: &[Step]) -> Result<(), String> {
+    let a = signed.authorisation();
+    let mut expected = Vec::with_capacity(a.secret_keys.len().saturating_add(2));
+    expected.push((Operation::Decrypt, a.input_key.as_str(), "input"));
+    for key in &a.secret_keys {
+        expected.push((Operation::Decrypt, key.as_str(), "secret"));
+    }
+    expected.push((Operation::Generate, a.output_key.as_str(), "output"));
+    let asked: Vec<(Operation, &str)> =
+        plan.iter().map(|s| (s.operation, s.key.as_str())).collect();
+    let named: Vec<(Operation, &str)> = expected.iter().map(|(o, k, _)| (*o, *k)).collect();
+    if asked == named {
+        return Ok(());
+    }
+    let show = |v: &[(Operation, &str)]| {
+        v.iter()
+            .map(|(o, k)| format!("{o} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(format!(
+        "the request asks for [{}]; authorisation {} names [{}] (input, secrets, output)",
+        show(&asked),
+        signed.id(),
+        show(&named)
+    ))
 }
 
 fn parse_key(key_id: &str) -> Result<KeyName, Refused> {

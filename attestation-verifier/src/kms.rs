@@ -30,6 +30,12 @@
 //! moving it. Only [`Kms::reset_audit_anchor`] (the audited operator
 //! recovery) moves it elsewhere.
 
+mod job_authorisation;
+pub use job_authorisation::{
+    admit_run, AuthorisationRecord, AuthorisationRefusal, Revocation, RunRefusal,
+    KIND_AUTHORISATION,
+};
+
 use crate::audit::{Actor, AuditAnchor, AuditLog, Decision, NewRecord};
 use crate::auth::AdminRecord;
 use crate::keys::{self, CmkRecord, DataKey, KeyError, KeyName, WrappedDataKey};

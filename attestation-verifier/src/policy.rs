@@ -11,6 +11,7 @@
 //! operations = ["generate", "decrypt"]   # allowed operations for this key
 //! max_document_age_seconds = 300         # required, 1..=3600
 //! dangerous_allow_debug = false          # optional, default false
+//! require_authorisation = false          # optional, default false: see below
 //!
 //! [[measurements]]                       # one or more allowed sets, tried in order
 //! name = "enclave-v1"
@@ -40,6 +41,12 @@
 //! [`MAX_CLOCK_SKEW_MS`] in the future); then the measurement sets in order,
 //! the first whose every pinned PCR equals the document's wins. Several sets
 //! let a new enclave version roll out while the old one still runs.
+//!
+//! With `require_authorisation = true` the key is released only to a key
+//! request made under a controller-signed job authorisation
+//! (`attestation-verifier job authorise`) that names it; the broker checks
+//! that (the policy only says it is required). A request made under an
+//! authorisation is held to it whatever the policies say.
 //!
 //! A [`Refusal`] names the rule that failed ([`RefusalRule::as_str`] is
 //! stable) and a detail for the operator (which PCR of which set differed,
@@ -175,6 +182,7 @@ pub struct KeyPolicy {
     max_document_age_seconds: u64,
     dangerous_allow_debug: bool,
     measurements: Vec<MeasurementSet>,
+    require_authorisation: bool,
 }
 
 /// A successful evaluation: which allowed set the enclave matched.
@@ -363,9 +371,22 @@ impl KeyPolicy {
             max_document_age_seconds,
             dangerous_allow_debug,
             measurements,
+            require_authorisation: false,
         };
         policy.validate()?;
         Ok(policy)
+    }
+
+    /// The same policy, requiring (or not) a job authorisation for every
+    /// release of the key.
+    pub fn with_require_authorisation(mut self, require: bool) -> Self {
+        self.require_authorisation = require;
+        self
+    }
+
+    /// Whether a release of the key needs a job authorisation that names it.
+    pub fn require_authorisation(&self) -> bool {
+        self.require_authorisation
     }
 
     /// Parses and validates a TOML policy.
@@ -663,6 +684,15 @@ struct RawPolicy {
     #[serde(default)]
     dangerous_allow_debug: bool,
     measurements: Vec<RawSet>,
+    /// Absent in policies written before it existed (false); written only
+    /// when true, so older policies keep their stored text.
+    #[serde(default, skip_serializing_if = "is_false")]
+    require_authorisation: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Serialize, Deserialize)]
@@ -734,6 +764,7 @@ impl TryFrom<RawPolicy> for KeyPolicy {
             raw.dangerous_allow_debug,
             measurements,
         )
+        .map(|p| p.with_require_authorisation(raw.require_authorisation))
     }
 }
 
@@ -744,6 +775,7 @@ impl From<KeyPolicy> for RawPolicy {
             operations: policy.operations,
             max_document_age_seconds: policy.max_document_age_seconds,
             dangerous_allow_debug: policy.dangerous_allow_debug,
+            require_authorisation: policy.require_authorisation,
             measurements: policy
                 .measurements
                 .into_iter()

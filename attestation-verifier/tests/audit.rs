@@ -617,6 +617,7 @@ fn forge(seq: u64, prev_hash: [u8; 48], operation: &str) -> Vec<u8> {
         decision: Decision::Allowed,
         reason: None,
         attestation_document: None,
+        job: None,
         prev_hash,
         hash: [0; 48],
     };

@@ -520,11 +520,23 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         (OUTPUT_KEY, &["generate"][..]),
     ] {
         let file = path(&format!("policy-{}.toml", key.replace('/', "_")));
-        std::fs::write(&file, policy(&pcrs, ops))?;
+        // The personal data is released only to jobs the controller
+        // authorised.
+        let require = if key == INPUT_KEY {
+            "require_authorisation = true\n"
+        } else {
+            ""
+        };
+        std::fs::write(&file, format!("{require}{}", policy(&pcrs, ops)))?;
         demo.verifier(Some("app-admin"), &["policy", "set", key, &p(&file)])?;
         detail(format!(
-            "{key}: {} for PCR0/1/2 of the demo enclave",
-            ops.join(", ")
+            "{key}: {} for PCR0/1/2 of the demo enclave{}",
+            ops.join(", "),
+            if require.is_empty() {
+                ""
+            } else {
+                ", only under a job authorisation"
+            }
         ));
     }
 
@@ -602,10 +614,51 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     )?;
     detail(format!("a pseudonymisation secret, wrapped under {SECRET_KEY} (nobody outside an admitted enclave ever sees it)"));
 
+    // The controller authorises the job.
+    demo.step(
+        "controller",
+        "application administrator authorises the pseudonymisation job, once",
+    );
+    let auth_file = path("pseudonymise.auth");
+    let authorised = demo.verifier(
+        Some("app-admin"),
+        &[
+            "job",
+            "authorise",
+            "--workload",
+            "pseudonymise:column=0,header,check=nrn",
+            "--input-key",
+            INPUT_KEY,
+            "--output-key",
+            OUTPUT_KEY,
+            "--secret-key",
+            SECRET_KEY,
+            "--purpose",
+            "research extract: pseudonymised benefit records",
+            "--case",
+            "DEMO-2026-001",
+            "--expires",
+            "1h",
+            "--max-runs",
+            "1",
+            "--out",
+            &p(&auth_file),
+        ],
+    )?;
+    let auth_id = authorised
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_owned();
+    detail(format!(
+        "authorisation {}… signed by the verifier identity: purpose, case DEMO-2026-001, 1 run, expires in an hour",
+        auth_id.get(..16).unwrap_or(&auth_id)
+    ));
+
     // The job.
     demo.step(
         "parent",
-        "runs the pseudonymisation job: streams ciphertext in, takes ciphertext out",
+        "runs the pseudonymisation job under it: streams ciphertext in, takes ciphertext out",
     );
     let job = JobRun {
         enclave: enclave_address.clone(),
@@ -620,6 +673,7 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
             },
             output_key: OUTPUT_KEY.into(),
             secrets: vec![WrappedSecret(std::fs::read(&secret_file)?)],
+            authorisation: Some(std::fs::read(&auth_file)?),
         },
         hook: recorder.clone(),
         idle_timeout: Duration::from_secs(60),
@@ -717,6 +771,21 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         "none of the {} people's national register numbers, no input record and no output pseudonym appears in it",
         people.len()
     ));
+
+    // The parent runs the authorised job again.
+    demo.step(
+        "attacker",
+        "runs the authorised job a second time (the authorisation allows one run)",
+    );
+    expect_refused(
+        &runtime,
+        &job,
+        &enc_in,
+        &path("again.kenv"),
+        FailureKind::KeyReleaseRefused,
+        "the second run",
+    )?;
+    detail("refused: the verifier released no key (authorisation_exhausted, in the audit log)");
 
     // The parent asks the admitted enclave for another job.
     demo.step(
@@ -833,6 +902,29 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     for reason in refusals.iter().take(3) {
         detail(format!("refusal recorded for the operator: {reason}"));
     }
+    let under_authorisation = shown
+        .iter()
+        .filter(|r| {
+            r.get("job")
+                .and_then(|j| j.get("case"))
+                .and_then(Value::as_str)
+                == Some("DEMO-2026-001")
+        })
+        .count();
+    ensure!(
+        under_authorisation >= 4,
+        "the job's records do not name its authorisation ({under_authorisation})"
+    );
+    ensure!(
+        refusals
+            .iter()
+            .any(|r| r.starts_with("authorisation_exhausted")),
+        "the second run's refusal is not in the audit log"
+    );
+    detail(format!(
+        "{under_authorisation} records name authorisation {}… (purpose and case DEMO-2026-001)",
+        auth_id.get(..16).unwrap_or(&auth_id)
+    ));
     println!("\ndemo OK: data was readable only inside the attested enclave; the parent carried ciphertext only");
     Ok(())
 }

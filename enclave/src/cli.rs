@@ -62,6 +62,9 @@ struct Config {
     /// Without `allowed_jobs`: `"data_independent"` (default) or `"any"`.
     unlisted_jobs: Option<UnlistedJobsConfig>,
     allowed_jobs: Option<Vec<AllowedJobConfig>>,
+    /// Run only jobs that come with a controller-signed authorisation.
+    #[serde(default)]
+    require_authorisation: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -147,6 +150,7 @@ struct Settings {
     start_timeout: Option<std::time::Duration>,
     unlisted_jobs: crate::UnlistedJobs,
     max_jobs: usize,
+    require_authorisation: bool,
 }
 
 /// Most jobs at once when neither the configuration nor `--max-jobs` says.
@@ -250,6 +254,7 @@ fn settings(config: Config, args: &RunArgs) -> anyhow::Result<Settings> {
         start_timeout: config.start_timeout_seconds.map(seconds),
         unlisted_jobs,
         max_jobs,
+        require_authorisation: config.require_authorisation,
     })
 }
 
@@ -300,6 +305,9 @@ fn check_config(args: &CheckConfigArgs) -> anyhow::Result<String> {
             }
             summary.push_str(&format!(", {} allowed job(s)", jobs.len()));
         }
+    }
+    if settings.require_authorisation {
+        summary.push_str(", only jobs with a job authorisation");
     }
     Ok(summary)
 }
@@ -405,6 +413,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut ctx = EnclaveContext::new(nsm, settings.verifier, settings.verifier_key);
     ctx.exec_dir = settings.exec_dir;
     ctx.allowed_jobs = settings.allowed_jobs;
+    ctx.require_authorisation = settings.require_authorisation;
     if let Some(timeout) = settings.job_timeout {
         ctx.job_timeout = timeout;
     }
@@ -601,6 +610,18 @@ mod tests {
         let summary = check(&assembled(), None).unwrap();
         assert!(summary.contains("listen vsock:any:5000"), "{summary}");
         assert!(summary.contains("2 allowed job(s)"), "{summary}");
+        assert!(!summary.contains("authorisation"), "{summary}");
+        let required = format!("require_authorisation = true\n{}", assembled());
+        let summary = check(&required, None).unwrap();
+        assert!(
+            summary.contains("only jobs with a job authorisation"),
+            "{summary}"
+        );
+        assert!(check(
+            &format!("require_authorisation = \"yes\"\n{}", assembled()),
+            None
+        )
+        .is_err());
         let open = assembled().replace("[[allowed_jobs]]", "# [[allowed_jobs]]");
         let open = open
             .lines()

@@ -40,7 +40,7 @@ use kluis_proto::job::{
     finish_data_frame, FailureKind, JobCounts, JobEvent, JobRequest, JobSpec, WorkloadSpec,
     DATA_FRAME_HEADER_LEN, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
 };
-use kluis_proto::{KeyOperation, ReleasedKey, WireError};
+use kluis_proto::{KeyOperation, ReleasedKey, SignedAuthorisation, WireError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
@@ -492,6 +492,7 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
     tracing::info!(job = ?spec.job_id, workload = spec.workload.name(), "job started");
     // Everything that can be checked before keys are asked for is.
     ctx.check_allowed(&spec)?;
+    let authorisation = check_authorisation(&spec, ctx)?;
     workload::check_spec(&spec.workload, spec.secrets.len())
         .map_err(|e| JobError::new(FailureKind::BadJob, e.to_string()))?;
     let exec_plan = match &spec.workload {
@@ -508,7 +509,16 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
         ctx.idle_timeout,
         cancel.clone(),
     ));
-    let outcome = process(&spec, exec_plan, ctx, input_rx, events, &cancel).await;
+    let outcome = process(
+        &spec,
+        authorisation.as_ref(),
+        exec_plan,
+        ctx,
+        input_rx,
+        events,
+        &cancel,
+    )
+    .await;
     if outcome.is_err() {
         // The pump stops too (if it has not already).
         cancel.cancel();
@@ -543,8 +553,35 @@ async fn unless_cancelled<T>(
     }
 }
 
+/// The job's authorisation, if it has one: signed by the verifier key
+/// pinned in this image, and for exactly this job (workload with its
+/// parameters, output key, number of secrets). The input's key is compared
+/// once the header is read, the secrets' keys once released.
+fn check_authorisation(
+    spec: &JobSpec,
+    ctx: &EnclaveContext,
+) -> Result<Option<SignedAuthorisation>, JobError> {
+    let Some(bytes) = &spec.authorisation else {
+        if ctx.require_authorisation {
+            return Err(JobError::new(
+                FailureKind::AuthorisationInvalid,
+                "this image runs only jobs with a job authorisation, and the job has none",
+            ));
+        }
+        return Ok(None);
+    };
+    let invalid = |e: kluis_proto::AuthorisationError| {
+        JobError::new(FailureKind::AuthorisationInvalid, e.to_string())
+    };
+    let signed = SignedAuthorisation::verify(bytes, &ctx.verifier_public_key).map_err(invalid)?;
+    signed.authorisation().check_job(spec).map_err(invalid)?;
+    tracing::info!(authorisation = %signed.id(), "job authorised");
+    Ok(Some(signed))
+}
+
 async fn process(
     spec: &JobSpec,
+    authorisation: Option<&SignedAuthorisation>,
     exec_plan: Option<exec::ExecPlan>,
     ctx: &Arc<EnclaveContext>,
     input_rx: mpsc::Receiver<Input>,
@@ -572,8 +609,24 @@ async fn process(
     let header = header.map_err(|e| decrypt_error(&DecryptError::Header(e)))?;
 
     ctx.check_input_key(spec, header.cmk_id())?;
+    if let Some(a) = authorisation {
+        if a.authorisation().input_key != header.cmk_id() {
+            return Err(JobError::new(
+                FailureKind::AuthorisationInvalid,
+                format!(
+                    "the input is under {:?}; the authorisation names {:?}",
+                    header.cmk_id(),
+                    a.authorisation().input_key
+                ),
+            ));
+        }
+    }
     let ops = key_operations(&header, spec);
-    let released = unless_cancelled(cancel, release::release_keys(ctx, ops)).await?;
+    let released = unless_cancelled(
+        cancel,
+        release::release_keys(ctx, ops, authorisation.map(SignedAuthorisation::id)),
+    )
+    .await?;
     let (input_key, rest) = released
         .split_first()
         .ok_or_else(|| JobError::new(FailureKind::KeyReleaseInvalid, "no keys released"))?;
@@ -589,6 +642,16 @@ async fn process(
     )
     .map_err(|e| JobError::new(FailureKind::KeyReleaseInvalid, format!("output key: {e}")))?;
     ctx.check_secret_keys(spec, secrets.iter().map(|k| k.key_id.as_str()))?;
+    if let Some(a) = authorisation {
+        // The verifier enforces this too; the enclave does not rely on it.
+        let named = a.authorisation().secret_keys.iter().map(String::as_str);
+        if !named.eq(secrets.iter().map(|k| k.key_id.as_str())) {
+            return Err(JobError::new(
+                FailureKind::AuthorisationInvalid,
+                "the job's secrets are not data keys of the master keys the authorisation names",
+            ));
+        }
+    }
     let secrets: Vec<kluis_proto::PlaintextKey> = secrets
         .iter()
         .filter_map(|k| kluis_proto::PlaintextKey::from_slice(k.plaintext.expose_secret()))

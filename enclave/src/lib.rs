@@ -73,6 +73,11 @@ pub struct EnclaveContext {
     pub start_timeout: Duration,
     /// Without `allowed_jobs`, which jobs the parent may choose.
     pub unlisted_jobs: UnlistedJobs,
+    /// Run only jobs whose `Start` carries a job authorisation signed by the
+    /// pinned verifier key (`require_authorisation = true` in the measured
+    /// configuration; the keys' policies can require it on the verifier's
+    /// side too).
+    pub require_authorisation: bool,
     /// What the job service is doing (connections, jobs, threads).
     pub stats: Arc<server::ServiceStats>,
 }
@@ -130,6 +135,7 @@ impl EnclaveContext {
             job_timeout: Duration::from_secs(24 * 3600),
             start_timeout: Duration::from_secs(10),
             unlisted_jobs: UnlistedJobs::DataIndependent,
+            require_authorisation: false,
             stats: Arc::new(server::ServiceStats::default()),
         }
     }

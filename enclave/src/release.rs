@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use kluis_proto::client::{request_challenge, request_keys};
 use kluis_proto::{
-    request_hash, ClientError, EphemeralKeyPair, KeyOperation, KeyRequest, ReleasedKey, WireError,
+    request_hash, AuthorisationId, ClientError, EphemeralKeyPair, KeyOperation, KeyRequest,
+    ReleasedKey, WireError,
 };
 
 use crate::job::JobError;
@@ -42,13 +43,18 @@ fn client_error(e: ClientError) -> JobError {
     }
 }
 
-/// Ask the verifier for the keys of `ops` (answers in the same order).
+/// Ask the verifier for the keys of `ops` (answers in the same order), under
+/// the job authorisation `authorisation` if there is one: its id is part of
+/// the request, and so of the request hash the attestation document
+/// carries in `user_data`.
 pub async fn release_keys(
     ctx: &Arc<EnclaveContext>,
     ops: Vec<KeyOperation>,
+    authorisation: Option<AuthorisationId>,
 ) -> Result<Vec<ReleasedKey>, JobError> {
     let request = KeyRequest::new(ops)
-        .map_err(|e| JobError::new(FailureKind::BadJob, format!("key request: {e}")))?;
+        .map_err(|e| JobError::new(FailureKind::BadJob, format!("key request: {e}")))?
+        .with_authorisation(authorisation);
     let exchange = async {
         let mut stream = kluis_transport::connect(&ctx.verifier).await.map_err(|e| {
             JobError::new(

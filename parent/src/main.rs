@@ -19,7 +19,7 @@ struct Cli {
 enum Command {
     /// Run a job: stream the encrypted input through the enclave and write
     /// the encrypted output, relaying the enclave's key request to the verifier.
-    Run(run_cmd::RunArgs),
+    Run(Box<run_cmd::RunArgs>),
     /// Relay enclave connections to the verifier (a long-running service).
     Relay(run_cmd::RelayArgs),
 }

@@ -51,6 +51,12 @@ pub(crate) struct RunArgs {
     /// `attestation-verifier data new-secret`); repeatable.
     #[arg(long, value_name = "FILE")]
     pub secret: Vec<PathBuf>,
+    /// The controller-signed job authorisation (`attestation-verifier job
+    /// authorise --out AUTH`) to run the job under. The enclave runs the job
+    /// only if it is exactly the authorised one (give the same --job,
+    /// --output-key and secrets), and the verifier releases only its keys.
+    #[arg(long, value_name = "AUTH")]
+    pub authorisation: Option<PathBuf>,
     /// A name for the job in logs and the audit trail.
     #[arg(long, value_name = "ID")]
     pub job_id: Option<String>,
@@ -134,6 +140,24 @@ fn read_secret(path: &PathBuf) -> anyhow::Result<WrappedSecret> {
     Ok(WrappedSecret(bytes))
 }
 
+fn read_authorisation(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let max = kluis_proto::authorisation::MAX_AUTHORISATION_LEN;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .take(u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.is_empty() || bytes.len() > max {
+        return Err(anyhow!(
+            "{} is not a job authorisation (1..={max} bytes)",
+            path.display()
+        ));
+    }
+    Ok(bytes)
+}
+
 /// A progress bar on a terminal, plain log lines otherwise.
 pub(crate) struct Reporter {
     bar: Option<indicatif::ProgressBar>,
@@ -202,6 +226,11 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
             workload,
             output_key: args.output_key.clone(),
             secrets,
+            authorisation: args
+                .authorisation
+                .as_ref()
+                .map(read_authorisation)
+                .transpose()?,
         },
         hook: Arc::new(PassThrough),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),

@@ -166,6 +166,55 @@ impl World {
             .unwrap();
     }
 
+    /// Issue and store a job authorisation signed by this world's verifier
+    /// (as `attestation-verifier job authorise` does): for `workload` on
+    /// input under [`INPUT_KEY`] to [`OUTPUT_KEY`], with `secret_keys`,
+    /// expiring at `expires_at_ms`, for at most `max_runs` runs. Returns the
+    /// signed bytes (the AUTH file).
+    pub fn authorise(
+        &self,
+        workload: WorkloadSpec,
+        secret_keys: &[&str],
+        expires_at_ms: u64,
+        max_runs: Option<u64>,
+    ) -> Vec<u8> {
+        let signed = self.sign_authorisation(workload, secret_keys, expires_at_ms, max_runs);
+        self.broker
+            .kms()
+            .store_authorisation(&signed, "test".into())
+            .unwrap();
+        signed.bytes().to_vec()
+    }
+
+    /// [`World::authorise`] without storing it: signed by this verifier's
+    /// key, but not one it issued.
+    pub fn sign_authorisation(
+        &self,
+        workload: WorkloadSpec,
+        secret_keys: &[&str],
+        expires_at_ms: u64,
+        max_runs: Option<u64>,
+    ) -> kluis_proto::SignedAuthorisation {
+        let mut nonce = [0u8; kluis_proto::authorisation::AUTHORISATION_NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce).unwrap();
+        let authorisation = kluis_proto::JobAuthorisation {
+            version: kluis_proto::authorisation::AUTHORISATION_VERSION,
+            nonce,
+            issuer: "app-admin".into(),
+            issued_at_ms: now_ms().min(expires_at_ms.saturating_sub(1)),
+            expires_at_ms,
+            workload,
+            input_key: INPUT_KEY.into(),
+            output_key: OUTPUT_KEY.into(),
+            secret_keys: secret_keys.iter().map(|k| (*k).to_owned()).collect(),
+            purpose: "benefit entitlement check".into(),
+            case: format!("CASE-{}", hex::encode(&nonce[..4])),
+            max_runs,
+        };
+        let identity = VerifierIdentity::from_pkcs8_der(&self.identity_pkcs8).unwrap();
+        authorisation.sign(&identity).unwrap()
+    }
+
     /// A path in the temporary directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -359,6 +408,7 @@ pub fn job(enclave: &Address, workload: WorkloadSpec, secrets: Vec<WrappedSecret
             workload,
             output_key: OUTPUT_KEY.into(),
             secrets,
+            authorisation: None,
         },
         hook: Arc::new(PassThrough),
         idle_timeout: Duration::from_secs(20),

@@ -69,6 +69,7 @@ fn start(workload: WorkloadSpec, secrets: Vec<kluis_proto::job::WrappedSecret>) 
         workload,
         output_key: OUTPUT_KEY.into(),
         secrets,
+        authorisation: None,
     }))
 }
 

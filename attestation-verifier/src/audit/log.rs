@@ -197,7 +197,20 @@ impl AuditLog {
     /// [`AuditLog::append`], returning the new record as an anchor (with
     /// the file length up to its line).
     pub fn append_anchor(&self, new: NewRecord) -> Result<AuditAnchor, AuditError> {
+        self.append_job(new, None)
+    }
+
+    /// [`AuditLog::append_anchor`] for a record of a job run under a job
+    /// authorisation (`job`: its id, purpose and case reference).
+    pub fn append_job(
+        &self,
+        new: NewRecord,
+        job: Option<JobContext>,
+    ) -> Result<AuditAnchor, AuditError> {
         validate_new(&new)?;
+        if let Some(job) = &job {
+            validate_job(job)?;
+        }
         let mut st = self.lock();
         if let Some(reason) = &st.failed {
             return Err(AuditError::Failed(reason.clone()));
@@ -214,7 +227,7 @@ impl AuditLog {
             .seq
             .checked_add(1)
             .ok_or_else(|| AuditError::Failed("the sequence number is exhausted".to_owned()))?;
-        let record = AuditRecord::seal(new, seq, st.head.hash);
+        let record = AuditRecord::seal(new, job, seq, st.head.hash);
         let mut line = serde_json::to_vec(&record).map_err(|e| AuditError::InvalidRecord {
             field: "record",
             reason: e.to_string(),

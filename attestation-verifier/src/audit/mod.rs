@@ -39,7 +39,12 @@
 //! failed and its detail), `attestation_document` (standard padded base64 of
 //! the COSE bytes, or `null`; kept so a third party can re-verify it later),
 //! `prev_hash` and `hash` (lowercase hex, 48 bytes). Hex is lowercase; every
-//! optional field is written, as `null` when absent. No field holds key
+//! optional field is written, as `null` when absent — except `job`, added
+//! later: a record of a job run under a controller-signed job authorisation
+//! has, between `attestation_document` and `prev_hash`,
+//! `"job":{"authorisation":"<64 hex>","purpose":"…","case":"…"}` (the
+//! authorisation's id, SHA-256 of its signed bytes, and its purpose and
+//! case reference), and every other record leaves the field out. No field holds key
 //! material: the record types have no place for a key.
 //!
 //! # Hash canonicalisation
@@ -65,7 +70,10 @@
 //!  || u8(decision)                       -- 0x01 allowed, 0x02 refused
 //!  || opt(str(reason))
 //!  || opt(bytes(attestation document))   -- the COSE bytes, not the base64
+//!  || [job]                              -- only when the record has one
 //!  || prev_hash)                         -- 48 raw bytes
+//!
+//! job   = 0x4a || str(authorisation id, hex) || str(purpose) || str(case)
 //!
 //! actor = 0x01 || str(name) || str(role)                            -- admin
 //!       | 0x02 || str(module_id) || u64(n)
@@ -76,7 +84,10 @@
 //!
 //! Every variable-length item is length-prefixed and every optional item or
 //! variant is tagged, in a fixed order, so two different records never encode
-//! to the same bytes. The first record's `prev_hash` is 48 zero bytes.
+//! to the same bytes. (`job` is not `opt(…)`-tagged so that records from
+//! before it keep their hashes; it is still unambiguous, as what follows the
+//! document is either exactly the 48 bytes of `prev_hash` or `job` and
+//! them.) The first record's `prev_hash` is 48 zero bytes.
 //!
 //! Because the hash covers decoded values, the verifier also requires every
 //! line to be exactly the canonical JSON of the record it parses to (the

@@ -23,6 +23,8 @@ pub const MAX_ATTESTATION_DOCUMENT_LEN: usize = kluis_attestation::MAX_DOCUMENT_
 
 /// The domain-separation label that starts the hashed encoding.
 pub(super) const DOMAIN: &[u8] = b"kluis-audit-v1";
+/// The tag before a record's job context in the hashed encoding.
+pub(super) const JOB_TAG: u8 = 0x4a;
 /// How far back `open` looks for the start of the last line, per read.
 pub(super) const TAIL_CHUNK: usize = 64 * 1024;
 /// The PCRs an enclave actor records (those a policy can pin).
@@ -217,6 +219,24 @@ pub struct NewRecord {
     pub attestation_document: Option<Vec<u8>>,
 }
 
+/// The job authorisation a key request was made under: recorded in every
+/// audit record of the job (allowed or refused), so the log says for which
+/// purpose and case each key was used.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobContext {
+    /// The authorisation's id: lowercase hex SHA-256 of the signed
+    /// authorisation (the id it is stored under).
+    pub authorisation: String,
+    /// Its purpose.
+    pub purpose: String,
+    /// Its case reference.
+    pub case: String,
+}
+
+/// Longest `job.purpose`, in bytes.
+pub const MAX_JOB_PURPOSE_LEN: usize = 1024;
+
 /// One record of the log, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -240,6 +260,11 @@ pub struct AuditRecord {
     /// The COSE bytes of the attestation document (base64 in the file).
     #[serde(with = "opt_base64")]
     pub attestation_document: Option<Vec<u8>>,
+    /// The job authorisation the request was made under, if any. Unlike the
+    /// other optional fields it is left out of the line (and of the hash)
+    /// when absent, so every log written before it existed still verifies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobContext>,
     /// The previous record's hash (zeros for the first record).
     #[serde(with = "hex48")]
     pub prev_hash: [u8; HASH_LEN],
@@ -249,7 +274,12 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    pub(super) fn seal(new: NewRecord, seq: u64, prev_hash: [u8; HASH_LEN]) -> AuditRecord {
+    pub(super) fn seal(
+        new: NewRecord,
+        job: Option<JobContext>,
+        seq: u64,
+        prev_hash: [u8; HASH_LEN],
+    ) -> AuditRecord {
         let mut record = AuditRecord {
             seq,
             time_ms: new.time_ms,
@@ -260,6 +290,7 @@ impl AuditRecord {
             decision: new.decision,
             reason: new.reason,
             attestation_document: new.attestation_document,
+            job,
             prev_hash,
             hash: [0; HASH_LEN],
         };
@@ -307,6 +338,16 @@ impl AuditRecord {
         e.u8(self.decision.tag());
         e.opt(self.reason.as_deref(), |e, v| e.bytes(v.as_bytes()));
         e.opt(self.attestation_document.as_deref(), |e, v| e.bytes(v));
+        // Present only in records of authorised jobs; absent, nothing is
+        // written (records from before the field hash as they always did).
+        // Unambiguous: what follows the document is either exactly the
+        // 48-byte prev_hash, or this tag and more.
+        if let Some(job) = &self.job {
+            e.u8(JOB_TAG);
+            e.bytes(job.authorisation.as_bytes());
+            e.bytes(job.purpose.as_bytes());
+            e.bytes(job.case.as_bytes());
+        }
         e.raw(&self.prev_hash);
         e.0
     }
@@ -384,6 +425,34 @@ impl AuditFilter {
             && self.until_ms.is_none_or(|t| record.time_ms < t)
             && self.actor_kind.is_none_or(|k| record.actor.kind() == k)
     }
+}
+
+pub(super) fn validate_job(job: &JobContext) -> Result<(), AuditError> {
+    let bad = |field: &'static str, reason: String| AuditError::InvalidRecord { field, reason };
+    if job.authorisation.len() != 64
+        || !job
+            .authorisation
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(bad(
+            "job.authorisation",
+            "64 lowercase hex digits (SHA-256)".to_owned(),
+        ));
+    }
+    if job.purpose.len() > MAX_JOB_PURPOSE_LEN {
+        return Err(bad(
+            "job.purpose",
+            format!("{} bytes, at most {MAX_JOB_PURPOSE_LEN}", job.purpose.len()),
+        ));
+    }
+    if job.case.len() > MAX_NAME_LEN {
+        return Err(bad(
+            "job.case",
+            format!("{} bytes, at most {MAX_NAME_LEN}", job.case.len()),
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn validate_new(new: &NewRecord) -> Result<(), AuditError> {

@@ -10,6 +10,7 @@
 mod admin_cmd;
 mod data_cmd;
 mod input;
+mod job_cmd;
 mod report;
 mod serve_cmd;
 mod session;
@@ -60,6 +61,9 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(admin_cmd::AuditCommand),
+    /// Controller-signed job authorisations (application administrators).
+    #[command(subcommand)]
+    Job(job_cmd::JobCommand),
     /// Run the key-release service.
     Serve(serve_cmd::ServeArgs),
     /// Encrypt or decrypt data on the controller side (streaming envelope).
@@ -127,6 +131,7 @@ where
         Command::Policy(c) => session::finish(admin_cmd::policy(store, c)),
         Command::Identity => session::finish(admin_cmd::identity(store)),
         Command::Audit(c) => session::finish(admin_cmd::audit(store, c)),
+        Command::Job(c) => session::finish(job_cmd::job(store, c)),
         Command::Serve(args) => session::finish(serve_cmd::serve(store, args)),
         Command::Data(c) => session::finish(data_cmd::data(store, c)),
     };

@@ -16,6 +16,15 @@
 //!       0x03 || lp(key_id) || lp(label)     generate_secret
 //! )                                         (key ids and labels as UTF-8)
 //!
+//! A request made under a job authorisation ([`crate::authorisation`])
+//! starts differently, so that its hash never equals that of a request
+//! without one, and binds the authorisation's id:
+//!
+//! request_hash = SHA-384(
+//!     lp("kluis-proto/v1 authorised key-request")
+//!  || lp(authorisation id)                  32 bytes, SHA-256 of the signed authorisation
+//!  || u32-be(number of operations) || operations as above)
+//!
 //! hpke_info = lp("kluis-proto/v1 key-release hpke-info")
 //!          || lp(document_sha384) || lp(request_hash)
 //!
@@ -37,6 +46,9 @@ use sha2::{Digest, Sha384};
 
 /// Domain-separation label of the request hash.
 pub const REQUEST_HASH_LABEL: &[u8] = b"kluis-proto/v1 key-request";
+/// Domain-separation label of the hash of a request made under a job
+/// authorisation.
+pub const AUTHORISED_REQUEST_HASH_LABEL: &[u8] = b"kluis-proto/v1 authorised key-request";
 /// Domain-separation label of the HPKE `info`.
 pub const HPKE_INFO_LABEL: &[u8] = b"kluis-proto/v1 key-release hpke-info";
 /// Domain-separation label of the signed response transcript.
@@ -70,7 +82,7 @@ fn put_u32<S: Sink>(sink: &mut S, n: usize) {
     sink.put(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
 }
 
-fn put_lp<S: Sink>(sink: &mut S, bytes: &[u8]) {
+pub(crate) fn put_lp<S: Sink>(sink: &mut S, bytes: &[u8]) {
     put_u32(sink, bytes.len());
     sink.put(bytes);
 }
@@ -79,10 +91,17 @@ fn put_lp<S: Sink>(sink: &mut S, bytes: &[u8]) {
 /// module documentation). The enclave puts exactly these 48 bytes in the
 /// attestation document's `user_data`; the verifier recomputes the hash from
 /// the request it received and requires `user_data` to equal it byte for byte.
-/// It depends only on the operations, not on how their CBOR was written.
+/// It depends only on the operations (and the authorisation id, when there
+/// is one), not on how their CBOR was written.
 pub fn request_hash(request: &KeyRequest) -> [u8; HASH_LEN] {
     let mut h = Sha384::new();
-    put_lp(&mut h, REQUEST_HASH_LABEL);
+    match request.authorisation() {
+        None => put_lp(&mut h, REQUEST_HASH_LABEL),
+        Some(id) => {
+            put_lp(&mut h, AUTHORISED_REQUEST_HASH_LABEL);
+            put_lp(&mut h, &id.0);
+        }
+    }
     put_u32(&mut h, request.operations().len());
     for op in request.operations() {
         match op {
@@ -251,6 +270,28 @@ mod tests {
             request_hash(&req(vec![x.clone()])),
             request_hash(&req(vec![x.clone(), x]))
         );
+    }
+
+    #[test]
+    fn request_hash_binds_the_authorisation() {
+        use crate::authorisation::AuthorisationId;
+        let ops = vec![KeyOperation::GenerateDataKey { key_id: "k".into() }];
+        let plain = req(ops.clone());
+        let a = req(ops.clone()).with_authorisation(Some(AuthorisationId([1; 32])));
+        let b = req(ops).with_authorisation(Some(AuthorisationId([2; 32])));
+        assert_ne!(request_hash(&plain), request_hash(&a));
+        assert_ne!(request_hash(&a), request_hash(&b));
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&37u32.to_be_bytes());
+        expected.extend_from_slice(b"kluis-proto/v1 authorised key-request");
+        expected.extend_from_slice(&32u32.to_be_bytes());
+        expected.extend_from_slice(&[1; 32]);
+        expected.extend_from_slice(&1u32.to_be_bytes());
+        expected.push(1);
+        expected.extend_from_slice(&1u32.to_be_bytes());
+        expected.extend_from_slice(b"k");
+        let direct: [u8; 48] = Sha384::digest(&expected).into();
+        assert_eq!(request_hash(&a), direct);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! [`JOB_MAX_FRAME_LEN`] as the limit:
 //!
 //! ```text
-//! parent  → enclave   JobRequest::Start(spec)
+//! parent  → enclave   JobRequest::Start(spec)                     (spec.authorisation: optional)
 //! parent  → enclave   JobRequest::Data(input envelope bytes) ...   (any number, any split)
 //! parent  → enclave   JobRequest::End
 //! enclave → parent    JobEvent::Data(output envelope bytes) ...    (interleaved with Progress)
@@ -108,6 +108,9 @@ pub enum FailureKind {
     JobNotAllowed,
     /// The job's specification is unusable.
     BadJob,
+    /// The job's authorisation is malformed, not signed by the pinned
+    /// verifier key, or for another job.
+    AuthorisationInvalid,
     /// The verifier refused the key request (the reason is in its audit).
     KeyReleaseRefused,
     /// The verifier's answer did not verify (impostor, replay, tampering).
@@ -163,6 +166,7 @@ impl FailureKind {
         match self {
             FailureKind::JobNotAllowed => "job_not_allowed",
             FailureKind::BadJob => "bad_job",
+            FailureKind::AuthorisationInvalid => "authorisation_invalid",
             FailureKind::KeyReleaseRefused => "key_release_refused",
             FailureKind::KeyReleaseInvalid => "key_release_invalid",
             FailureKind::VerifierUnavailable => "verifier_unavailable",
@@ -226,6 +230,29 @@ pub struct JobSpec {
     /// pseudonymisation key), released by the verifier like any data key.
     #[serde(deserialize_with = "bounded::vec::<_, WrappedSecret, MAX_SECRETS>")]
     pub secrets: Vec<WrappedSecret>,
+    /// The signed job authorisation the job runs under
+    /// ([`crate::authorisation`]), as issued by the verifier. Absent on the
+    /// wire when `None` (the job protocol of older builds); an enclave of an
+    /// older build refuses a `Start` that carries one as an unknown field.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_bytes",
+        deserialize_with = "de_authorisation"
+    )]
+    pub authorisation: Option<Vec<u8>>,
+}
+
+#[allow(clippy::ref_option)] // serde's `with` passes `&Option<T>`
+fn ser_opt_bytes<S: serde::Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(bytes) => s.serialize_bytes(bytes),
+        None => s.serialize_none(),
+    }
+}
+
+fn de_authorisation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    bounded::bytes::<_, { crate::authorisation::MAX_AUTHORISATION_LEN }>(d).map(Some)
 }
 
 /// A workload secret in its wrapped form (safe to hand to the parent).
@@ -500,6 +527,7 @@ mod tests {
             },
             output_key: "a/b/c".into(),
             secrets: vec![WrappedSecret(vec![1, 2, 3])],
+            authorisation: Some(vec![9; 40]),
         };
         let start = JobRequest::Start(spec);
         assert_eq!(JobRequest::decode(&start.encode().unwrap()).unwrap(), start);
@@ -508,6 +536,7 @@ mod tests {
             workload: WorkloadSpec::Identity,
             output_key: "a/b/c".into(),
             secrets: vec![WrappedSecret(vec![1]); MAX_SECRETS + 1],
+            authorisation: None,
         });
         assert!(JobRequest::decode(&too_many.encode().unwrap()).is_err());
         let long_reason = JobEvent::Failed {

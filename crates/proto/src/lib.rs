@@ -50,6 +50,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod authorisation;
 pub mod binding;
 mod bounded;
 pub mod client;
@@ -66,6 +67,9 @@ mod seal;
 #[cfg(test)]
 mod tests;
 
+pub use authorisation::{
+    AuthorisationError, AuthorisationId, JobAuthorisation, SignedAuthorisation,
+};
 pub use binding::{hpke_info, request_hash, response_transcript};
 pub use error::{
     ClientError, EphemeralKeyError, FrameError, FramePart, IdentityError, MessageError, OpenError,

@@ -10,6 +10,7 @@
 //! decoded. A [`KeyRequest`] is validated as it is decoded, so a decoded
 //! request is always within bounds.
 
+use crate::authorisation::AuthorisationId;
 use crate::bounded::{self, ser_bytes};
 use crate::error::{MessageError, RequestError, WireError};
 use crate::frame;
@@ -182,6 +183,12 @@ impl KeyOperation {
 #[serde(try_from = "KeyRequestWire")]
 pub struct KeyRequest {
     operations: Vec<KeyOperation>,
+    /// The job authorisation the request is made under (absent on the wire
+    /// when `None`, so a verifier of an older build still reads requests
+    /// without one; one with it is refused by such a verifier as an unknown
+    /// field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    authorisation: Option<AuthorisationId>,
 }
 
 #[derive(Deserialize)]
@@ -189,12 +196,14 @@ pub struct KeyRequest {
 struct KeyRequestWire {
     #[serde(deserialize_with = "bounded::vec::<_, KeyOperation, MAX_OPERATIONS>")]
     operations: Vec<KeyOperation>,
+    #[serde(default)]
+    authorisation: Option<AuthorisationId>,
 }
 
 impl TryFrom<KeyRequestWire> for KeyRequest {
     type Error = RequestError;
     fn try_from(wire: KeyRequestWire) -> Result<Self, RequestError> {
-        KeyRequest::new(wire.operations)
+        Ok(KeyRequest::new(wire.operations)?.with_authorisation(wire.authorisation))
     }
 }
 
@@ -251,7 +260,22 @@ impl KeyRequest {
                 }
             }
         }
-        Ok(KeyRequest { operations })
+        Ok(KeyRequest {
+            operations,
+            authorisation: None,
+        })
+    }
+
+    /// The same request, made under the job authorisation `id` (bound into
+    /// [`crate::request_hash`]).
+    pub fn with_authorisation(mut self, id: Option<AuthorisationId>) -> Self {
+        self.authorisation = id;
+        self
+    }
+
+    /// The job authorisation the request is made under, if any.
+    pub fn authorisation(&self) -> Option<&AuthorisationId> {
+        self.authorisation.as_ref()
     }
 
     /// The operations, in order. Released keys answer them in the same order.
