@@ -314,6 +314,15 @@ impl AuditLog {
         records_from_reader(self.reader(len), filter, &self.path)
     }
 
+    /// Calls `f` with each record in order, checking the chain as it reads,
+    /// until `f` returns `false` or the records written before the call
+    /// end. One record in memory at a time (the Merkle tree over the log is
+    /// computed this way, see [`crate::evidence`]).
+    pub fn scan(&self, f: impl FnMut(&AuditRecord) -> bool) -> Result<(), AuditError> {
+        let (_, len) = self.snapshot()?;
+        scan_from_reader(self.reader(len), &self.path, f)
+    }
+
     /// The head and length of the file, including what other handles
     /// appended.
     fn snapshot(&self) -> Result<(AuditHead, u64), AuditError> {
