@@ -675,8 +675,10 @@ impl Kms {
         name: &KeyName,
         sha256_hex: &str,
     ) -> Result<Option<StoredPolicy>, KeyError> {
-        let kept: Option<StoredPolicy> =
-            self.get_json(KIND_POLICY_VERSION, &format!("{}@{sha256_hex}", name.as_str()))?;
+        let kept: Option<StoredPolicy> = self.get_json(
+            KIND_POLICY_VERSION,
+            &format!("{}@{sha256_hex}", name.as_str()),
+        )?;
         if kept.is_some() {
             return Ok(kept);
         }

@@ -149,7 +149,9 @@ fn policy_hash_in(record: &AuditRecord) -> Option<&str> {
 pub fn authorisation_id_in(record: &AuditRecord) -> Option<String> {
     let reason = record.reason.as_deref()?;
     let at = reason.find(AUTHORISATION_MARKER)?;
-    let id = reason.get(at.saturating_add(AUTHORISATION_MARKER.len())..)?.get(..64)?;
+    let id = reason
+        .get(at.saturating_add(AUTHORISATION_MARKER.len())..)?
+        .get(..64)?;
     id.bytes()
         .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         .then(|| id.to_owned())
@@ -404,8 +406,8 @@ pub fn verify_evidence(
     struct Head {
         format: String,
     }
-    let head: Head = serde_json::from_slice(bytes)
-        .map_err(|e| invalid(format!("not an evidence file: {e}")))?;
+    let head: Head =
+        serde_json::from_slice(bytes).map_err(|e| invalid(format!("not an evidence file: {e}")))?;
     match head.format.as_str() {
         BUNDLE_FORMAT => {
             let bundle: EvidenceBundle = serde_json::from_slice(bytes)
@@ -445,7 +447,9 @@ pub fn verify_bundle(
             document_sha384,
         } = &record.actor
         else {
-            return Err(invalid("the record keeps a document but its actor is no enclave"));
+            return Err(invalid(
+                "the record keeps a document but its actor is no enclave",
+            ));
         };
         let parsed = parse_unverified(document)
             .map_err(|e| invalid(format!("the attestation document: {e}")))?;
@@ -463,7 +467,9 @@ pub fn verify_bundle(
         }
         for (index, value) in pcrs {
             if doc.pcr(*index) != Some(value.as_slice()) {
-                return Err(invalid(format!("the record's PCR{index} is not the document's")));
+                return Err(invalid(format!(
+                    "the record's PCR{index} is not the document's"
+                )));
             }
         }
         attestation = Some(verified);
@@ -476,7 +482,12 @@ pub fn verify_bundle(
     match (&bundle.policy, operation, record.decision) {
         (Some(policy), _, _) => {
             let set = parse_record(&policy.set_record, "the policy.set record")?;
-            check_included(&set, &policy.set_proof, &checkpoint, "the policy.set record")?;
+            check_included(
+                &set,
+                &policy.set_proof,
+                &checkpoint,
+                "the policy.set record",
+            )?;
             let digest = policy_sha256(&policy.text);
             if set.operation != "policy.set"
                 || set.decision != Decision::Allowed
@@ -490,7 +501,9 @@ pub fn verify_bundle(
                 ));
             }
             let (Some(op), Some(verified)) = (operation, &attestation) else {
-                return Err(invalid("a policy is bundled for a record that is no key release"));
+                return Err(invalid(
+                    "a policy is bundled for a record that is no key release",
+                ));
             };
             let parsed = KeyPolicy::from_json_str(&policy.text)
                 .or_else(|_| KeyPolicy::from_toml_str(&policy.text))
@@ -595,7 +608,12 @@ pub fn verify_receipt(
         .map_err(|e| invalid(format!("the receipt body: {e}")))?;
     let checkpoint = verify_checkpoint(&receipt.checkpoint, identity)?.checkpoint;
     let record = parse_record(&receipt.record, "the key.destroy record")?;
-    check_included(&record, &receipt.proof, &checkpoint, "the key.destroy record")?;
+    check_included(
+        &record,
+        &receipt.proof,
+        &checkpoint,
+        "the key.destroy record",
+    )?;
     if record.operation != "key.destroy"
         || record.decision != Decision::Allowed
         || record.key_id.as_deref() != Some(body.key.as_str())

@@ -609,8 +609,14 @@ mod tests {
                     hasher.push(*leaf);
                 }
                 let proof = hasher.proof().unwrap();
-                verify_inclusion(index, size, &leaves[index as usize], &proof, &roots[size as usize])
-                    .unwrap();
+                verify_inclusion(
+                    index,
+                    size,
+                    &leaves[index as usize],
+                    &proof,
+                    &roots[size as usize],
+                )
+                .unwrap();
             }
             for old in 0..=size {
                 let ranges = consistency_ranges(old, size).unwrap();
@@ -620,8 +626,14 @@ mod tests {
                 }
                 assert_eq!(hasher.prefix_root(), Some(roots[old as usize]));
                 let proof = hasher.proof().unwrap();
-                verify_consistency(old, size, &roots[old as usize], &roots[size as usize], &proof)
-                    .unwrap();
+                verify_consistency(
+                    old,
+                    size,
+                    &roots[old as usize],
+                    &roots[size as usize],
+                    &proof,
+                )
+                .unwrap();
                 if old > 0 && old < size {
                     let other = roots[old as usize - 1];
                     assert!(
