@@ -401,10 +401,12 @@ fn a_shredding_receipt_verifies_offline_and_the_key_stays_a_tombstone() {
     // the waiting period is over.
     {
         let kms = env.open_kms();
-        let now = std::time::SystemTime::now()
+        let now: u64 = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
-            .as_millis() as u64;
+            .as_millis()
+            .try_into()
+            .unwrap();
         kms.schedule_deletion(&KeyName::parse(KEY).unwrap(), 7, now - 8 * DAY_MS)
             .unwrap();
     }

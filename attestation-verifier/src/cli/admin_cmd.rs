@@ -372,8 +372,8 @@ pub(crate) fn key(store: &StoreArgs, command: &KeyCommand) -> Result<(), Failure
                 })?;
             }
             let mut out = key_json(&record);
-            if let Some(path) = receipt {
-                out["receipt"] = json!(path.display().to_string());
+            if let (Some(path), Some(fields)) = (receipt, out.as_object_mut()) {
+                fields.insert("receipt".into(), json!(path.display().to_string()));
             }
             emit(&out);
         }

@@ -189,7 +189,11 @@ fn parse_identity(arg: &str) -> Result<[u8; 97], Failure> {
     let text = String::from_utf8(bytes).map_err(|_| anyhow!("--identity file is not text"))?;
     let hex_text = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
-        .and_then(|v| v["verifier_public_key"].as_str().map(str::to_owned))
+        .and_then(|v| {
+            v.get("verifier_public_key")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+        })
         .unwrap_or(text);
     from_hex(&hex_text).ok_or_else(|| {
         Failure::Usage(anyhow!(

@@ -124,7 +124,8 @@ fn split(n: u64) -> u64 {
     if below == 0 {
         return 0;
     }
-    1u64 << (63 - below.leading_zeros())
+    // `below` > 0, so it has at most 63 leading zeros.
+    1u64 << 63u32.saturating_sub(below.leading_zeros())
 }
 
 /// The leaf ranges `[start, end)` whose subtree hashes are the inclusion

@@ -116,13 +116,16 @@ pub fn checkpoint(
     sign(identity, size, p.root)
 }
 
+/// A record and its inclusion proof (leaf to root).
+pub type ProvedRecord = (AuditRecord, Vec<TreeHash>);
+
 /// Records `seqs` of the log with their inclusion proofs in one checkpoint
 /// of the log as it is now.
 pub fn prove_records(
     log: &AuditLog,
     identity: &VerifierIdentity,
     seqs: &[u64],
-) -> Result<(SignedCheckpoint, Vec<(AuditRecord, Vec<TreeHash>)>), EvidenceError> {
+) -> Result<(SignedCheckpoint, Vec<ProvedRecord>), EvidenceError> {
     let size = log.head().seq;
     let mut ranges = Vec::with_capacity(seqs.len());
     for &seq in seqs {
