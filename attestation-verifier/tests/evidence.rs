@@ -215,6 +215,10 @@ fn checkpoints_and_consistency_proofs_catch_a_rolled_back_log() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(out["status"], "consistent");
     assert_eq!(out["new_size"].as_u64(), Some(n1));
+    // c1 was computed from the frontier kept at c0 (only the new records
+    // read); the proof's checkpoint from the whole log: the same tree.
+    let body = |note: &str| note.split("\n\n").next().unwrap().to_owned();
+    assert_eq!(body(doc["checkpoint"].as_str().unwrap()), body(&c1));
 
     // A changed proof hash, or a checkpoint by another identity, is refused.
     let mut forged = doc.clone();
@@ -378,6 +382,15 @@ fn an_old_record_changed_rechained_and_reanchored_is_caught_by_a_witness() {
         "{err}"
     );
     assert_eq!(size_of(&c1), records.len() as u64);
+    // A new checkpoint does not reuse the frontier kept for the old log: it
+    // is the rewritten log's tree (as a full read computes it), not c1's.
+    let c2 = env.checkpoint("c2.note");
+    let (code, _, proof) = env.admin(&["audit", "prove", "--seq", "1"]);
+    assert_eq!(code, 0);
+    let root = |note: &str| note.lines().nth(2).unwrap().to_owned();
+    assert_eq!(size_of(&c2), size_of(&c1));
+    assert_eq!(root(&c2), root(proof["checkpoint"].as_str().unwrap()));
+    assert_ne!(root(&c2), root(&c1));
 }
 
 #[test]
@@ -739,4 +752,84 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
     assert_eq!(report["pcrs"]["0"], hex::encode(image_pcr0(b"v2")));
 
     every_changed_byte_is_refused(&path, &["--identity", &identity, "--root", &root], 300);
+}
+
+/// The cost of a checkpoint and a proof on a large log (run by hand:
+/// `cargo test -p attestation-verifier --test evidence -- --ignored --nocapture`;
+/// `KLUIS_EVIDENCE_RECORDS` sets the size, 100 000 by default).
+#[test]
+#[ignore = "a measurement, not a check"]
+fn checkpoint_cost_on_a_large_log() {
+    let n: u64 = std::env::var("KLUIS_EVIDENCE_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let mut prev = [0u8; 48];
+    for seq in 1..=n {
+        let mut r = AuditRecord {
+            seq,
+            time_ms: T0 + seq,
+            actor: Actor::Admin {
+                name: "key-admin".into(),
+                role: "key_admin".into(),
+            },
+            operation: "key.rotate".into(),
+            key_id: Some(KEY.into()),
+            key_version: Some(2),
+            decision: attestation_verifier::audit::Decision::Allowed,
+            reason: None,
+            attestation_document: None,
+            prev_hash: prev,
+            hash: [0; 48],
+        };
+        r.hash = r.compute_hash();
+        prev = r.hash;
+        use std::io::Write;
+        serde_json::to_writer(&mut out, &r).unwrap();
+        out.write_all(b"\n").unwrap();
+    }
+    drop(out);
+    let bytes = std::fs::metadata(&path).unwrap().len();
+    let mut kms = Kms::init(
+        &dir.path().join("store"),
+        RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32])),
+    )
+    .unwrap();
+    let log = Arc::new(AuditLog::open(&path).unwrap());
+    kms.bind_audit(Arc::clone(&log), Actor::System);
+    let identity = VerifierIdentity::generate().unwrap();
+    let started = std::time::Instant::now();
+    let signed = evidence::checkpoint(&log, &identity).unwrap();
+    let checkpoint = started.elapsed();
+    // The first incremental checkpoint reads everything and keeps the
+    // frontier; after ten more records the next reads only those.
+    let first = evidence::checkpoint_incremental(&kms, &log, &identity).unwrap();
+    assert_eq!(first.checkpoint, signed.checkpoint);
+    kms.create_key(&KeyName::parse(KEY).unwrap(), 365, T0)
+        .unwrap();
+    for _ in 0..9 {
+        kms.rotate_key(&KeyName::parse(KEY).unwrap(), T0).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let next = evidence::checkpoint_incremental(&kms, &log, &identity).unwrap();
+    let incremental = started.elapsed();
+    assert_eq!(next.checkpoint.size, n + 10);
+    assert_eq!(
+        next.checkpoint,
+        evidence::checkpoint(&log, &identity).unwrap().checkpoint
+    );
+    let started = std::time::Instant::now();
+    let proof = evidence::prove(&log, &identity, n / 3).unwrap();
+    let prove = started.elapsed();
+    assert_eq!(signed.checkpoint.size, n);
+    assert_eq!(proof.tree_size, n + 10);
+    println!(
+        "{n} records, {bytes} bytes: full checkpoint {checkpoint:?}, \
+         incremental checkpoint after 10 more {incremental:?}, \
+         inclusion proof {prove:?} ({} hashes)",
+        proof.proof.len()
+    );
 }

@@ -65,7 +65,8 @@ fn to_json_line<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
 /// `audit checkpoint`: prints the signed note.
 pub(crate) fn checkpoint(session: &Session) -> Result<(), Failure> {
     let identity = load_identity(&session.kms)?;
-    let signed = evidence::checkpoint(&session.audit, &identity).map_err(evidence_failure)?;
+    let signed = evidence::checkpoint_incremental(&session.kms, &session.audit, &identity)
+        .map_err(evidence_failure)?;
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(signed.note.as_bytes());
     Ok(())

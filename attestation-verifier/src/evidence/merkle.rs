@@ -91,6 +91,18 @@ impl Frontier {
         self.size
     }
 
+    /// A frontier from its parts (as [`Frontier::nodes`] gave them): one
+    /// node per set bit of `size`, or `None`.
+    pub fn from_parts(size: u64, nodes: Vec<TreeHash>) -> Option<Frontier> {
+        let expected = usize::try_from(size.count_ones()).ok()?;
+        (nodes.len() == expected).then_some(Frontier { size, nodes })
+    }
+
+    /// The perfect subtree roots, largest first.
+    pub fn nodes(&self) -> &[TreeHash] {
+        &self.nodes
+    }
+
     /// Appends the leaf whose hash is `leaf`.
     pub fn push(&mut self, leaf: TreeHash) {
         let mut hash = leaf;

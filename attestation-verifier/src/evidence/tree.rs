@@ -3,11 +3,13 @@
 //! documentation](super) for the cost).
 
 use super::merkle::{
-    consistency_ranges, inclusion_ranges, leaf_hash, verify_consistency, RangeHasher, TreeHash,
+    consistency_ranges, inclusion_ranges, leaf_hash, verify_consistency, Frontier, RangeHasher,
+    TreeHash,
 };
 use super::note::{origin_for, verify_checkpoint, Checkpoint};
 use super::EvidenceError;
-use crate::audit::{AuditLog, AuditRecord};
+use crate::audit::{AuditAnchor, AuditLog, AuditRecord};
+use crate::kms::Kms;
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use kluis_proto::VerifierIdentity;
 use serde::{Deserialize, Serialize};
@@ -118,6 +120,75 @@ pub fn checkpoint(
 
 /// A record and its inclusion proof (leaf to root).
 pub type ProvedRecord = (AuditRecord, Vec<TreeHash>);
+
+/// Where the key store keeps the frontier of the tree (a derived value:
+/// losing it costs one full read of the log).
+pub const KIND_TREE: &str = "audit-tree";
+const ID_FRONTIER: &str = "frontier";
+
+/// The frontier of the tree as kept in the store: the record it ends with
+/// (where it is in the file) and the subtree roots.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeptFrontier {
+    end: AuditAnchor,
+    nodes: Vec<String>,
+}
+
+fn load_frontier(kms: &Kms) -> Option<(AuditAnchor, Frontier)> {
+    let bytes = kms.store().get(KIND_TREE, ID_FRONTIER).ok()??;
+    let kept: KeptFrontier = serde_json::from_slice(&bytes).ok()?;
+    let nodes = decode_proof(&kept.nodes).ok()?;
+    let frontier = Frontier::from_parts(kept.end.seq, nodes)?;
+    kept.end.len?;
+    Some((kept.end, frontier))
+}
+
+fn save_frontier(kms: &Kms, end: &AuditAnchor, frontier: &Frontier) {
+    let kept = KeptFrontier {
+        end: *end,
+        nodes: frontier.nodes().iter().map(hex::encode).collect(),
+    };
+    let saved = serde_json::to_vec(&kept)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| {
+            let guard = kms.lock().map_err(|e| e.to_string())?;
+            kms.store()
+                .put(&guard, KIND_TREE, ID_FRONTIER, &bytes)
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = saved {
+        tracing::warn!("could not keep the audit tree's frontier (the next checkpoint reads the whole log): {e}");
+    }
+}
+
+/// A checkpoint of the log as it is now, signed by `identity`, reading only
+/// the records appended since the last checkpoint: the frontier of the tree
+/// at that point is kept in the key store (authenticated like every store
+/// record), with the position of the record it ends with, which must still
+/// be where it was (else, after a rollback or a rewrite, the whole log is
+/// read again). Cost: `O(new records)` reads and hashes, `O(log n)` memory.
+pub fn checkpoint_incremental(
+    kms: &Kms,
+    log: &AuditLog,
+    identity: &VerifierIdentity,
+) -> Result<SignedCheckpoint, EvidenceError> {
+    let (from, mut frontier) =
+        load_frontier(kms).unwrap_or((AuditAnchor::GENESIS, Frontier::new()));
+    let end = match log.scan_after(&from, |r| frontier.push(record_leaf(r))) {
+        Ok(end) => end,
+        Err(_) if from.seq > 0 => {
+            // The kept position is gone: start again from the first record.
+            frontier = Frontier::new();
+            log.scan_after(&AuditAnchor::GENESIS, |r| frontier.push(record_leaf(r)))?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if end != from {
+        save_frontier(kms, &end, &frontier);
+    }
+    sign(identity, end.seq, frontier.root())
+}
 
 /// Records `seqs` of the log with their inclusion proofs in one checkpoint
 /// of the log as it is now.
