@@ -220,6 +220,35 @@ fn checkpoints_and_consistency_proofs_catch_a_rolled_back_log() {
     let body = |note: &str| note.split("\n\n").next().unwrap().to_owned();
     assert_eq!(body(doc["checkpoint"].as_str().unwrap()), body(&c1));
 
+    // The same with the new checkpoint as the witness keeps it (a note) and
+    // the proof beside it; a note of another size is refused.
+    let (code, out) = offline(&[
+        "evidence",
+        "verify-consistency",
+        "--identity",
+        &identity,
+        &env.path("c0.note"),
+        &env.path("c1.note"),
+        "--proof",
+        &env.path("c0-c1.json"),
+    ]);
+    assert_eq!((code, out["new_size"].as_u64()), (0, Some(n1)), "{out}");
+    let (code, out) = offline(&[
+        "evidence",
+        "verify-consistency",
+        "--identity",
+        &identity,
+        &env.path("c0.note"),
+        &env.path("c0.note"),
+        "--proof",
+        &env.path("c0-c1.json"),
+    ]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("evidence_invalid")),
+        "{out}"
+    );
+
     // A changed proof hash, or a checkpoint by another identity, is refused.
     let mut forged = doc.clone();
     let first = forged["proof"][0].as_str().unwrap().to_owned();

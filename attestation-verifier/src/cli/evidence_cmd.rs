@@ -155,8 +155,13 @@ pub(crate) enum EvidenceCommand {
         /// The old checkpoint (a signed note, as `audit checkpoint` printed it).
         old: PathBuf,
         /// The output of `audit consistency --from OLD` (it carries the new
-        /// checkpoint and the proof).
+        /// checkpoint and the proof), or the new checkpoint itself (a signed
+        /// note) with `--proof`.
         new: PathBuf,
+        /// With NEW a signed note: the output of `audit consistency` that
+        /// proves it (its checkpoint must say the same size and root).
+        #[arg(long, value_name = "FILE")]
+        proof: Option<PathBuf>,
     },
 }
 
@@ -238,16 +243,39 @@ pub(crate) fn evidence(command: &EvidenceCommand) -> Result<(), Failure> {
                 evidence::verify_evidence(&bytes, &identity, anchor).map_err(evidence_failure)?;
             emit(&report);
         }
-        EvidenceCommand::VerifyConsistency { identity, old, new } => {
+        EvidenceCommand::VerifyConsistency {
+            identity,
+            old,
+            new,
+            proof,
+        } => {
             let identity = parse_identity(identity)?;
             let old_note = read_text(old, evidence::note::MAX_NOTE_LEN, "the old checkpoint")?;
-            let new_text = read_text(new, MAX_EVIDENCE_LEN, "the consistency proof")?;
-            let doc: ConsistencyProofDoc = serde_json::from_str(&new_text).map_err(|e| {
+            let proof_file = proof.as_deref().unwrap_or(new);
+            let proof_text = read_text(proof_file, MAX_EVIDENCE_LEN, "the consistency proof")?;
+            let mut doc: ConsistencyProofDoc = serde_json::from_str(&proof_text).map_err(|e| {
                 Failure::Refused(
                     "evidence_invalid".into(),
-                    format!("{}: not a consistency proof document: {e}", new.display()),
+                    format!(
+                        "{}: not a consistency proof document: {e}",
+                        proof_file.display()
+                    ),
                 )
             })?;
+            if proof.is_some() {
+                // NEW is the checkpoint the witness was given: the proof must
+                // be about the same tree (its own note may carry another
+                // signature over the same text).
+                let new_note = read_text(new, evidence::note::MAX_NOTE_LEN, "the new checkpoint")?;
+                let body = |note: &str| note.rsplit_once("\n\n").map(|(b, _)| b.to_owned());
+                if body(&new_note).is_none() || body(&new_note) != body(&doc.checkpoint) {
+                    return Err(Failure::Refused(
+                        "evidence_invalid".into(),
+                        "the proof's checkpoint is not the new checkpoint given".into(),
+                    ));
+                }
+                doc.checkpoint = new_note;
+            }
             let verified = evidence::verify_consistency_offline(&old_note, &doc, &identity)
                 .map_err(evidence_failure)?;
             emit(&json!({
