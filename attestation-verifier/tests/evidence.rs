@@ -715,6 +715,10 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
         .text
         .contains(&hex::encode(image_pcr0(b"v1"))));
     assert_eq!(
+        report["policy_set_seq"].as_u64(),
+        world.seq_of("policy.set").first().copied()
+    );
+    assert_eq!(
         report["policy_sha256"],
         attestation_verifier::kms::policy_sha256(&bundled_policy.text)
     );

@@ -478,6 +478,7 @@ pub fn verify_bundle(
     // The policy in force, and the decision recomputed from it.
     let operation = release_operation(&record);
     let mut policy_sha = None;
+    let mut policy_set_seq = None;
     let mut recomputed = Value::Null;
     match (&bundle.policy, operation, record.decision) {
         (Some(policy), _, _) => {
@@ -533,6 +534,7 @@ pub fn verify_bundle(
                 )));
             }
             policy_sha = Some(digest);
+            policy_set_seq = Some(set.seq);
         }
         (None, Some(_), Decision::Allowed) => {
             return Err(invalid("a key release without the policy in force"));
@@ -581,6 +583,7 @@ pub fn verify_bundle(
         "document_sha384": attestation.as_ref().map(|a| hex::encode(a.document_sha384())),
         "root_sha256": attestation.as_ref().map(|a| hex::encode(a.root_sha256())),
         "policy_sha256": policy_sha,
+        "policy_set_seq": policy_set_seq,
         "checkpoint": checkpoint_json(&checkpoint),
     }))
 }
