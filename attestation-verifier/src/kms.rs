@@ -44,11 +44,6 @@ const KIND_POLICY: &str = "policy";
 const KIND_POLICY_VERSION: &str = "policy-version";
 /// How a `policy.set` audit record names the policy it set.
 pub const POLICY_REASON_PREFIX: &str = "policy sha256 ";
-
-/// The SHA-256 (lowercase hex) of a policy text, as audit records name it.
-pub fn policy_sha256(text: &str) -> String {
-    hex::encode(sha2::Sha256::digest(text.as_bytes()))
-}
 const KIND_ADMIN: &str = "admin";
 const KIND_SYSTEM: &str = "system";
 const ID_IDENTITY: &str = "verifier-identity";
@@ -122,6 +117,11 @@ fn now_ms() -> u64 {
 
 fn audit_error(e: impl std::fmt::Display) -> KeyError {
     KeyError::Audit(e.to_string())
+}
+
+/// The SHA-256 (lowercase hex) of a policy text, as audit records name it.
+pub fn policy_sha256(text: &str) -> String {
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
 /// A policy as stored: the text the administrator set, and its format.

@@ -866,3 +866,57 @@ fn checkpoint_cost_on_a_large_log() {
         proof.proof.len()
     );
 }
+
+#[test]
+fn a_bundle_carries_the_authorisation_its_record_names() {
+    use attestation_verifier::audit::{Decision, NewRecord};
+    use sha2::Digest;
+    let world = World::new();
+    let kms = world.broker.kms();
+    let signed = b"a signed job authorisation (its format is the issuer's)".to_vec();
+    let id = hex::encode(sha2::Sha256::digest(&signed));
+    {
+        let guard = kms.lock().unwrap();
+        kms.store()
+            .put(&guard, evidence::KIND_AUTHORISATION, &id, &signed)
+            .unwrap();
+    }
+    let anchor = kms
+        .append_audit(NewRecord {
+            time_ms: T0 + 5_000,
+            actor: Actor::System,
+            operation: "job.run".into(),
+            key_id: None,
+            key_version: None,
+            decision: Decision::Allowed,
+            reason: Some(format!("purpose benefits; authorisation {id}")),
+            attestation_document: None,
+        })
+        .unwrap();
+    let public = world.identity.public_key_sec1();
+    let anchor_root = || TrustAnchor::dangerous_from_der(world.root.root_der()).unwrap();
+    let bundle =
+        evidence::build_bundle(kms, world.broker.audit(), &world.identity, anchor.seq).unwrap();
+    let carried = bundle.authorisation.clone().unwrap();
+    assert_eq!(carried.id, id);
+    let bytes = serde_json::to_vec(&bundle).unwrap();
+    let report = evidence::verify_evidence(&bytes, &public, anchor_root()).unwrap();
+    assert_eq!(report["authorisation"], id);
+    assert!(report["module_id"].is_null());
+
+    // Another authorisation in its place, or none, is refused or reported.
+    let mut swapped = bundle.clone();
+    let other = b"another authorisation".to_vec();
+    swapped.authorisation = Some(evidence::BundledAuthorisation {
+        id: hex::encode(sha2::Sha256::digest(&other)),
+        signed: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &other),
+    });
+    let bytes = serde_json::to_vec(&swapped).unwrap();
+    assert!(evidence::verify_evidence(&bytes, &public, anchor_root()).is_err());
+    let mut without = bundle;
+    without.authorisation = None;
+    let bytes = serde_json::to_vec(&without).unwrap();
+    let report = evidence::verify_evidence(&bytes, &public, anchor_root()).unwrap();
+    assert_eq!(report["authorisation"]["named"], id);
+    assert_eq!(report["authorisation"]["bundled"], false);
+}

@@ -33,13 +33,16 @@
 //!
 //! # Cost
 //!
-//! A checkpoint or a proof is one sequential pass over the log (each record
-//! parsed, its chain link and hash checked, one SHA-256 per leaf and one per
-//! node), holding `O(log n)` hashes ([`merkle::Frontier`],
+//! [`checkpoint_incremental`] (what `audit checkpoint` runs) reads only the
+//! records appended since the last checkpoint: the tree's frontier is kept
+//! in the key store with the position of the record it ends with. A full
+//! checkpoint ([`checkpoint`]) or a proof is one sequential pass over the log
+//! (each record parsed, its chain link and hash checked, one SHA-256 per
+//! leaf and one per node), holding `O(log n)` hashes ([`merkle::Frontier`],
 //! [`merkle::RangeHasher`]) and one record at a time; memory does not grow
 //! with the log. A bundle or a receipt is two passes (find the records,
 //! then prove them). Offline verification needs no log at all: `O(log n)`
-//! hashes and one signature.
+//! hashes and one signature. Figures: `docs/evidence.md`.
 
 pub mod bundle;
 pub mod merkle;
