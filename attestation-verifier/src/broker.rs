@@ -492,7 +492,12 @@ impl Broker {
                 key_id: Some(step.key.to_string()),
                 key_version: Some(key.version),
                 decision: Decision::Allowed,
-                reason: Some(format!("measurement set {}", step.matched_set)),
+                reason: Some(format!(
+                    "measurement set {}; {}{}",
+                    step.matched_set,
+                    crate::kms::POLICY_REASON_PREFIX,
+                    step.policy_sha256
+                )),
                 attestation_document: Some(document.to_vec()),
             })
             .map_err(|code| Refused {
@@ -535,6 +540,11 @@ impl Broker {
             .kms
             .policy(&key)
             .map_err(|e| Refused::denied("store_error", e.to_string()))?;
+        // Named in the record: the evidence bundle proves which policy decided.
+        let policy_sha256 = stored
+            .as_ref()
+            .map(|s| crate::kms::policy_sha256(&s.text))
+            .unwrap_or_default();
         let policy = match stored {
             None => None,
             Some(s) => Some(
@@ -555,6 +565,7 @@ impl Broker {
             operation,
             wrapped,
             matched_set: matched.set_name,
+            policy_sha256,
         })
     }
 
@@ -585,6 +596,7 @@ struct Step {
     operation: Operation,
     wrapped: Option<WrappedDataKey>,
     matched_set: String,
+    policy_sha256: String,
 }
 
 fn parse_key(key_id: &str) -> Result<KeyName, Refused> {

@@ -714,6 +714,12 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
     assert!(bundled_policy
         .text
         .contains(&hex::encode(image_pcr0(b"v1"))));
+    // The release record itself names the policy that decided.
+    assert_eq!(report["policy_named_by_record"], true);
+    assert!(report["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("measurement set v1; policy sha256 "));
     assert_eq!(
         report["policy_set_seq"].as_u64(),
         world.seq_of("policy.set").first().copied()

@@ -141,7 +141,25 @@ fn policy_hash_in(record: &AuditRecord) -> Option<&str> {
         .reason
         .as_deref()?
         .strip_prefix(POLICY_REASON_PREFIX)
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .filter(|h| is_sha256_hex(h))
+}
+
+/// The policy hash an allowed key-release record names (`measurement set
+/// NAME; policy sha256 HEX`), if it names one (records written before the
+/// broker named it do not).
+fn release_policy_hash(record: &AuditRecord) -> Option<&str> {
+    let reason = record.reason.as_deref()?;
+    reason
+        .split("; ")
+        .skip(1)
+        .find_map(|part| part.strip_prefix(POLICY_REASON_PREFIX))
+        .filter(|h| is_sha256_hex(h))
+}
+
+fn is_sha256_hex(h: &str) -> bool {
+    h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The authorisation id a record names (`authorisation <64 hex>` in its
@@ -182,9 +200,12 @@ pub fn build_bundle(
     if seq == 0 || seq > size {
         return Err(EvidenceError::NoSuchRecord { seq, size });
     }
-    // Pass 1: the record, and the last policy.set of its key before it.
+    // Pass 1: the record, and for each key the last policy.set before it,
+    // and the last one that set each policy text (by hash).
     let mut target: Option<AuditRecord> = None;
-    let mut policy_sets: std::collections::BTreeMap<String, AuditRecord> = Default::default();
+    let mut last_set: std::collections::BTreeMap<String, AuditRecord> = Default::default();
+    let mut set_by_hash: std::collections::BTreeMap<(String, String), AuditRecord> =
+        Default::default();
     log.scan(|r| {
         if r.seq == seq {
             target = Some(r.clone());
@@ -192,7 +213,10 @@ pub fn build_bundle(
         }
         if r.operation == "policy.set" && r.decision == Decision::Allowed {
             if let Some(key) = &r.key_id {
-                policy_sets.insert(key.clone(), r.clone());
+                last_set.insert(key.clone(), r.clone());
+                if let Some(hash) = policy_hash_in(r) {
+                    set_by_hash.insert((key.clone(), hash.to_owned()), r.clone());
+                }
             }
         }
         true
@@ -200,11 +224,22 @@ pub fn build_bundle(
     let record = target.ok_or(EvidenceError::NoSuchRecord { seq, size })?;
     let needs_policy = release_operation(&record).is_some() && record.decision == Decision::Allowed;
     let set_record = match (&record.key_id, needs_policy) {
-        (Some(key), true) => Some(policy_sets.remove(key).ok_or_else(|| {
-            EvidenceError::Unavailable(format!(
-                "no policy.set record for {key} before seq {seq}: the policy in force is unknown"
-            ))
-        })?),
+        (Some(key), true) => Some(match release_policy_hash(&record) {
+            // The release names the policy that decided: the record that set it.
+            Some(hash) => set_by_hash
+                .remove(&(key.clone(), hash.to_owned()))
+                .ok_or_else(|| {
+                    EvidenceError::Unavailable(format!(
+                        "no policy.set record of {key} with SHA-256 {hash} before seq {seq}"
+                    ))
+                })?,
+            // Older records: the last policy set before the decision.
+            None => last_set.remove(key).ok_or_else(|| {
+                EvidenceError::Unavailable(format!(
+                    "no policy.set record for {key} before seq {seq}: the policy in force is unknown"
+                ))
+            })?,
+        }),
         _ => None,
     };
     let policy_text = match (&set_record, &record.key_id) {
@@ -479,6 +514,7 @@ pub fn verify_bundle(
     let operation = release_operation(&record);
     let mut policy_sha = None;
     let mut policy_set_seq = None;
+    let mut policy_named_by_record = false;
     let mut recomputed = Value::Null;
     match (&bundle.policy, operation, record.decision) {
         (Some(policy), _, _) => {
@@ -496,9 +532,11 @@ pub fn verify_bundle(
                 || set.key_id != record.key_id
                 || set.seq >= record.seq
                 || policy_hash_in(&set) != Some(digest.as_str())
+                || release_policy_hash(&record).is_some_and(|named| named != digest)
             {
                 return Err(invalid(
-                    "the bundled policy is not the one an earlier policy.set record of the key set",
+                    "the bundled policy is not the one the record names, set by an earlier \
+                     policy.set record of the key",
                 ));
             }
             let (Some(op), Some(verified)) = (operation, &attestation) else {
@@ -533,6 +571,7 @@ pub fn verify_bundle(
                     "the record allowed the release but the bundled policy refuses it: {recomputed}"
                 )));
             }
+            policy_named_by_record = release_policy_hash(&record).is_some();
             policy_sha = Some(digest);
             policy_set_seq = Some(set.seq);
         }
@@ -584,6 +623,7 @@ pub fn verify_bundle(
         "root_sha256": attestation.as_ref().map(|a| hex::encode(a.root_sha256())),
         "policy_sha256": policy_sha,
         "policy_set_seq": policy_set_seq,
+        "policy_named_by_record": policy_named_by_record,
         "checkpoint": checkpoint_json(&checkpoint),
     }))
 }
