@@ -21,6 +21,11 @@
 //! before it too: a tree over chain hashes cannot hold a record out of its
 //! chain.
 //!
+//! The tree code is written here (a few hundred lines, tested against the
+//! transparency-dev/merkle vectors) rather than taken from `ct-merkle`,
+//! whose tree keeps every leaf and node in memory: here neither a checkpoint
+//! nor a proof may need the whole log in memory.
+//!
 //! A checkpoint ([`note`]) is the C2SP `tlog-checkpoint` body — origin,
 //! size, base64 root — in a C2SP signed note, signed by the verifier
 //! identity. A witness that keeps checkpoints asks for a consistency proof

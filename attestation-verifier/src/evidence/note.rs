@@ -320,7 +320,12 @@ pub fn verify_checkpoint(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::cast_possible_truncation
+    )]
     use super::*;
 
     /// golang.org/x/mod/sumdb/note's example (also C2SP's): the verifier
@@ -403,6 +408,41 @@ mod tests {
         ] {
             assert!(Checkpoint::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn every_prefix_and_scrambled_note_is_refused_without_a_panic() {
+        let identity = kluis_proto::VerifierIdentity::generate().unwrap();
+        let public = identity.public_key_sec1();
+        let note = Checkpoint {
+            origin: origin_for(&public),
+            size: 7,
+            root: [1; 32],
+        }
+        .sign(&identity)
+        .unwrap();
+        for end in 0..note.len() {
+            if let Some(prefix) = note.get(..end) {
+                assert!(verify_checkpoint(prefix, &public).is_err(), "prefix {end}");
+            }
+        }
+        // Deterministic pseudo-random scrambles (xorshift): parse, never panic.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            let mut bytes = note.as_bytes().to_vec();
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = usize::try_from(x % bytes.len() as u64).unwrap();
+                bytes[i] = (x >> 32) as u8;
+            }
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let _ = parse_note(text);
+                assert!(text == note || verify_checkpoint(text, &public).is_err());
+            }
+        }
+        assert!(parse_note(&"\n".repeat(MAX_NOTE_LEN + 1)).is_err());
     }
 
     #[test]
