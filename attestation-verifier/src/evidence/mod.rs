@@ -22,9 +22,11 @@
 //! chain.
 //!
 //! The tree code is written here (a few hundred lines, tested against the
-//! transparency-dev/merkle vectors) rather than taken from `ct-merkle`,
-//! whose tree keeps every leaf and node in memory: here neither a checkpoint
-//! nor a proof may need the whole log in memory.
+//! transparency-dev/merkle vectors) rather than taken from `ct-merkle` 0.3:
+//! its tree keeps every leaf in memory, its helpers for larger trees expect
+//! random access to stored node hashes (the log is a sequential file), and
+//! it is built on `digest` 0.11 while the workspace's SHA-2 is 0.10 (a
+//! second hash stack for a few functions).
 //!
 //! A checkpoint ([`note`]) is the C2SP `tlog-checkpoint` body — origin,
 //! size, base64 root — in a C2SP signed note, signed by the verifier
