@@ -540,7 +540,12 @@ impl Broker {
                     key_id: Some(step.key.to_string()),
                     key_version: Some(key.version),
                     decision: Decision::Allowed,
-                    reason: Some(format!("measurement set {}", step.matched_set)),
+                    reason: Some(format!(
+                        "measurement set {}; {}{}",
+                        step.matched_set,
+                        crate::kms::POLICY_REASON_PREFIX,
+                        step.policy_sha256
+                    )),
                     attestation_document: Some(document.to_vec()),
                 },
                 job.as_ref(),
@@ -585,6 +590,11 @@ impl Broker {
             .kms
             .policy(&key)
             .map_err(|e| Refused::denied("store_error", e.to_string()))?;
+        // Named in the record: the evidence bundle proves which policy decided.
+        let policy_sha256 = stored
+            .as_ref()
+            .map(|s| crate::kms::policy_sha256(&s.text))
+            .unwrap_or_default();
         let policy = match stored {
             None => None,
             Some(s) => Some(
@@ -608,6 +618,7 @@ impl Broker {
             requires_authorisation: policy
                 .as_ref()
                 .is_some_and(KeyPolicy::require_authorisation),
+            policy_sha256,
         })
     }
 
@@ -700,6 +711,8 @@ struct Step {
     matched_set: String,
     /// The key's policy says `require_authorisation`.
     requires_authorisation: bool,
+    /// SHA-256 of the policy text that decided (recorded in the audit).
+    policy_sha256: String,
 }
 
 /// Whether `plan` asks for exactly the keys `signed` names, each in its

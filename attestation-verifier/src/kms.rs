@@ -47,6 +47,10 @@ use std::sync::Arc;
 
 const KIND_CMK: &str = "cmk";
 const KIND_POLICY: &str = "policy";
+/// Every policy text ever set, by `<key>@<sha256 hex of the text>`.
+const KIND_POLICY_VERSION: &str = "policy-version";
+/// How a `policy.set` audit record names the policy it set.
+pub const POLICY_REASON_PREFIX: &str = "policy sha256 ";
 const KIND_ADMIN: &str = "admin";
 const KIND_SYSTEM: &str = "system";
 const ID_IDENTITY: &str = "verifier-identity";
@@ -122,6 +126,11 @@ fn now_ms() -> u64 {
 
 fn audit_error(e: impl std::fmt::Display) -> KeyError {
     KeyError::Audit(e.to_string())
+}
+
+/// The SHA-256 (lowercase hex) of a policy text, as audit records name it.
+pub fn policy_sha256(text: &str) -> String {
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
 /// A policy as stored: the text the administrator set, and its format.
@@ -713,17 +722,48 @@ impl Kms {
         keys::rewrap(self.backend.as_ref(), &record, wrapped)
     }
 
-    /// Store a key's policy (already validated by the caller).
+    /// Store a key's policy (already validated by the caller). Its audit
+    /// record names the policy's hash (`policy sha256 <hex>`, see
+    /// [`policy_sha256`]), and every version set is kept
+    /// ([`Kms::policy_version`]), so the policy in force at any record can
+    /// be recovered later for an evidence bundle.
     pub fn set_policy(&self, name: &KeyName, policy: &StoredPolicy) -> Result<(), KeyError> {
         let guard = self.change_lock()?;
         // The key must exist: a policy for nothing is a typo.
         self.key(name)?;
+        let digest = policy_sha256(&policy.text);
         let change = Change {
             operation: "policy.set",
             key: Some(name),
-            reason: None,
+            reason: Some(format!("{POLICY_REASON_PREFIX}{digest}")),
         };
+        let version_id = format!("{}@{digest}", name.as_str());
+        if self.store.get(KIND_POLICY_VERSION, &version_id)?.is_none() {
+            // Kept before the change is recorded: an unused copy is harmless.
+            self.put_json(&guard, KIND_POLICY_VERSION, &version_id, policy)?;
+        }
         self.put_audited(&guard, KIND_POLICY, name.as_str(), policy, change)
+    }
+
+    /// A policy that was set for `name`, by the SHA-256 (lowercase hex) of
+    /// its text, as its `policy.set` audit record names it.
+    pub fn policy_version(
+        &self,
+        name: &KeyName,
+        sha256_hex: &str,
+    ) -> Result<Option<StoredPolicy>, KeyError> {
+        let kept: Option<StoredPolicy> = self.get_json(
+            KIND_POLICY_VERSION,
+            &format!("{}@{sha256_hex}", name.as_str()),
+        )?;
+        if kept.is_some() {
+            return Ok(kept);
+        }
+        // Stores older than the kept versions: the current policy, if it is
+        // that one.
+        Ok(self
+            .policy(name)?
+            .filter(|p| policy_sha256(&p.text) == sha256_hex))
     }
 
     /// A key's policy, if one was set.

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod cli;
+pub mod evidence;
 pub mod keys;
 pub mod kms;
 pub mod nonce;

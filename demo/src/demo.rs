@@ -925,7 +925,127 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         "{under_authorisation} records name authorisation {}… (purpose and case DEMO-2026-001)",
         auth_id.get(..16).unwrap_or(&auth_id)
     ));
+    evidence_steps(demo, &shown, &verifier_key, &root_pem, &path)?;
     println!("\ndemo OK: data was readable only inside the attested enclave; the parent carried ciphertext only");
+    Ok(())
+}
+
+/// Evidence a supervisor checks offline (`docs/evidence.md`): the bundle of
+/// one key release, and the receipt of a destroyed key, each verified with
+/// nothing but the verifier's public key (and the simulated root).
+fn evidence_steps(
+    demo: &mut Demo,
+    shown: &[Value],
+    verifier_key: &str,
+    root_pem: &Path,
+    path: &dyn Fn(&str) -> PathBuf,
+) -> Result<()> {
+    let p = |p: &Path| p.display().to_string();
+    demo.step(
+        "supervisor",
+        "verifies the evidence bundle of one key release offline",
+    );
+    let seq = shown
+        .iter()
+        .find(|r| {
+            r.get("operation")
+                .and_then(Value::as_str)
+                .is_some_and(|o| o.starts_with("key.release."))
+                && r.get("decision").and_then(Value::as_str) == Some("allowed")
+        })
+        .and_then(|r| r.get("seq").and_then(Value::as_u64))
+        .ok_or_else(|| anyhow!("no allowed key release in the audit log"))?
+        .to_string();
+    let bundle = path("release.evidence.json");
+    demo.verifier(
+        Some("app-admin"),
+        &["audit", "evidence", "--seq", &seq, "--out", &p(&bundle)],
+    )?;
+    let report = demo.verifier(
+        None,
+        &[
+            "evidence",
+            "verify",
+            "--identity",
+            verifier_key,
+            "--root",
+            &p(root_pem),
+            &p(&bundle),
+        ],
+    )?;
+    let field = |name: &str| report.get(name).and_then(Value::as_str).unwrap_or("?");
+    detail(format!(
+        "record {seq} valid offline: {} {} for module {}, policy sha256 {}…, document of {}",
+        field("decision"),
+        field("key"),
+        field("module_id"),
+        field("policy_sha256").get(..12).unwrap_or("?"),
+        field("document_time"),
+    ));
+
+    demo.step(
+        "controller",
+        "destroys a retired key with a shredding receipt; the supervisor verifies it",
+    );
+    let retired = "agency-a/app-x/retired";
+    demo.verifier(Some("key-admin"), &["key", "create", retired])?;
+    backdate_deletion(demo, retired)?;
+    let receipt = path("retired.receipt.json");
+    demo.verifier(
+        Some("key-admin"),
+        &["key", "destroy", retired, "--receipt", &p(&receipt)],
+    )?;
+    let report = demo.verifier(
+        None,
+        &[
+            "evidence",
+            "verify",
+            "--identity",
+            verifier_key,
+            &p(&receipt),
+        ],
+    )?;
+    let field = |name: &str| report.get(name).and_then(Value::as_str).unwrap_or("?");
+    detail(format!(
+        "receipt valid offline: {} destroyed at {} (record {}, versions {})",
+        field("key"),
+        field("destroyed_at"),
+        report.get("seq").map(Value::to_string).unwrap_or_default(),
+        report
+            .get("versions_destroyed")
+            .map(Value::to_string)
+            .unwrap_or_default(),
+    ));
+    Ok(())
+}
+
+/// Schedules `key`'s deletion as if it had been scheduled eight days ago
+/// (through the library, audited as the system), so the demo need not wait
+/// out the seven-day minimum before `key destroy`.
+fn backdate_deletion(demo: &Demo, key: &str) -> Result<()> {
+    use attestation_verifier::audit::{Actor, AuditLog};
+    use attestation_verifier::keys::KeyName;
+    use attestation_verifier::kms::Kms;
+    const EIGHT_DAYS_MS: u64 = 8 * 86_400_000;
+    let [how, file] = &demo.secret_args;
+    let mut kms = if how == "--hsm-pin-file" {
+        let pin = kluis_keystore::Zeroizing::new(std::fs::read_to_string(file)?);
+        Kms::open_hsm(
+            &demo.store,
+            kluis_keystore::Zeroizing::new(pin.trim_end().to_owned()),
+        )?
+    } else {
+        let secret = kluis_keystore::RootSecret::from_key_file(Path::new(file))?;
+        Kms::open(&demo.store, secret)?
+    };
+    let anchor = kms.audit_anchor()?;
+    let log = AuditLog::open_anchored(demo.store.join("audit.log"), anchor.as_ref())?;
+    kms.bind_audit(Arc::new(log), Actor::System);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let then = u64::try_from(now)?.saturating_sub(EIGHT_DAYS_MS);
+    kms.schedule_deletion(&KeyName::parse(key)?, 7, then)?;
     Ok(())
 }
 

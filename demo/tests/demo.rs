@@ -21,6 +21,8 @@ fn the_demo_runs_end_to_end_and_cleans_up() {
         "300 records",
         "what it saw: ciphertext only",
         "refused: the verifier released no key",
+        "valid offline: allowed",
+        "receipt valid offline:",
         "demo OK",
     ] {
         assert!(

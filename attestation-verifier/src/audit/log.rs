@@ -327,6 +327,51 @@ impl AuditLog {
         records_from_reader(self.reader(len), filter, &self.path)
     }
 
+    /// Calls `f` with each record in order, checking the chain as it reads,
+    /// until `f` returns `false` or the records written before the call
+    /// end. One record in memory at a time (the Merkle tree over the log is
+    /// computed this way, see [`crate::evidence`]).
+    pub fn scan(&self, f: impl FnMut(&AuditRecord) -> bool) -> Result<(), AuditError> {
+        let (_, len) = self.snapshot()?;
+        scan_from_reader(self.reader(len), &self.path, f)
+    }
+
+    /// Calls `f` with each record after `from` (a record of this log, found
+    /// where it was anchored, as [`AuditLog::check_anchor`] checks; the
+    /// empty log's [`AuditAnchor::GENESIS`] for all), in order, up to the
+    /// records written before the call, checking the chain as it reads.
+    /// Returns the anchor of the last record read (`from` if none), so a
+    /// caller can continue from there later without reading the log again.
+    pub fn scan_after(
+        &self,
+        from: &AuditAnchor,
+        mut f: impl FnMut(&AuditRecord),
+    ) -> Result<AuditAnchor, AuditError> {
+        self.check_anchor(from)?;
+        let (_, len) = self.snapshot()?;
+        let start = from.len.ok_or(AuditError::AnchorNotFound {
+            expected: from.head(),
+            at: 0,
+        })?;
+        let reader = BufReader::with_capacity(
+            TAIL_CHUNK,
+            PositionalReader {
+                file: &self.file,
+                pos: start,
+                end: len,
+            },
+        );
+        let mut chain = ChainReader::resume(reader, &self.path, from.head());
+        while let Some(record) = chain.next_record()? {
+            f(&record);
+        }
+        Ok(AuditAnchor {
+            seq: chain.head.seq,
+            hash: chain.head.hash,
+            len: Some(start.saturating_add(chain.consumed)),
+        })
+    }
+
     /// The head and length of the file, including what other handles
     /// appended.
     fn snapshot(&self) -> Result<(AuditHead, u64), AuditError> {

@@ -93,6 +93,31 @@ pub(super) fn records_from_reader(
     Ok(out)
 }
 
+/// Calls `f` with each record of the log file at `path`, in order, checking
+/// the chain as it reads, until `f` returns `false`. See [`AuditLog::scan`].
+pub fn scan_file(
+    path: impl AsRef<Path>,
+    f: impl FnMut(&AuditRecord) -> bool,
+) -> Result<(), AuditError> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|e| AuditError::io(path, e))?;
+    scan_from_reader(BufReader::with_capacity(TAIL_CHUNK, file), path, f)
+}
+
+pub(super) fn scan_from_reader(
+    reader: impl BufRead,
+    source: &Path,
+    mut f: impl FnMut(&AuditRecord) -> bool,
+) -> Result<(), AuditError> {
+    let mut chain = ChainReader::new(reader, source);
+    while let Some(record) = chain.next_record()? {
+        if !f(&record) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Reads records one line at a time (never more than [`MAX_LINE_LEN`] + 1
 /// bytes in memory) and checks each link of the chain.
 pub(super) struct ChainReader<'a, R> {

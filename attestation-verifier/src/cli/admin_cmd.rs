@@ -283,6 +283,21 @@ pub(crate) enum KeyCommand {
     Destroy {
         /// The key name.
         name: String,
+        /// Also write a shredding receipt signed by the verifier identity to
+        /// FILE (which must not exist): the key, the versions destroyed, the
+        /// `key.destroy` audit record, its inclusion proof and the signed
+        /// checkpoint after it. `evidence verify` checks it offline.
+        #[arg(long, value_name = "FILE")]
+        receipt: Option<PathBuf>,
+    },
+    /// Write the shredding receipt of a key destroyed earlier (as
+    /// `key destroy --receipt` does), with a checkpoint of the log now.
+    Receipt {
+        /// The key name.
+        name: String,
+        /// Where to write it (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
 }
 
@@ -386,11 +401,30 @@ pub(crate) fn key(store: &StoreArgs, command: &KeyCommand) -> Result<(), Failure
                 session.audited("key.cancel_deletion", &name, |k| k.cancel_deletion(&name))?;
             emit(&key_json(&record));
         }
-        KeyCommand::Destroy { name } => {
+        KeyCommand::Destroy { name, receipt } => {
             let name = parse_name(name)?;
+            if let Some(out) = receipt {
+                crate::cli::evidence_cmd::check_new_output(out)?;
+            }
             let session = Session::start(store, Permission::ManageKeys, "key.destroy")?;
             let record = session.audited("key.destroy", &name, |k| k.destroy_key(&name, now))?;
-            emit(&key_json(&record));
+            if let Some(out) = receipt {
+                crate::cli::evidence_cmd::receipt(&session, &record, out).map_err(|e| match e {
+                    Failure::Usage(e) => Failure::Usage(e.context(format!(
+                        "{name} was destroyed, but its receipt was not written \
+                         (write it with `key receipt {name} --out FILE`)"
+                    ))),
+                    refused => refused,
+                })?;
+            }
+            let mut out = key_json(&record);
+            if let (Some(path), Some(fields)) = (receipt, out.as_object_mut()) {
+                fields.insert("receipt".into(), json!(path.display().to_string()));
+            }
+            emit(&out);
+        }
+        KeyCommand::Receipt { name, out } => {
+            crate::cli::evidence_cmd::key_receipt(store, name, out)?;
         }
     }
     Ok(())
@@ -606,6 +640,33 @@ pub(crate) enum AuditCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Print a checkpoint of the log (C2SP tlog-checkpoint in a signed
+    /// note, signed by the verifier identity) for witnesses to keep.
+    Checkpoint,
+    /// Print the inclusion proof of record N in a checkpoint of the log now (JSON).
+    Prove {
+        /// The record's sequence number.
+        #[arg(long)]
+        seq: u64,
+    },
+    /// Print the consistency proof from an old checkpoint to one of the log
+    /// now (JSON); exit 1 if the log was rolled back or rewritten since.
+    Consistency {
+        /// The old checkpoint (a signed note file).
+        #[arg(long, value_name = "OLD_CHECKPOINT_FILE")]
+        from: PathBuf,
+    },
+    /// Write the evidence bundle of record N: the record (with the
+    /// attestation document as received), the policy in force, the
+    /// authorisation if any, the inclusion proof and a signed checkpoint.
+    Evidence {
+        /// The record's sequence number.
+        #[arg(long)]
+        seq: u64,
+        /// Where to write the bundle (must not exist).
+        #[arg(long, value_name = "BUNDLE")]
+        out: PathBuf,
+    },
 }
 
 /// Most bytes of an operator's recovery reason.
@@ -716,6 +777,14 @@ pub(crate) fn audit(store: &StoreArgs, command: &AuditCommand) -> Result<(), Fai
     let session = Session::start(store, Permission::Read, "audit.read")?;
     match command {
         AuditCommand::Recover { .. } => {}
+        AuditCommand::Checkpoint => crate::cli::evidence_cmd::checkpoint(&session)?,
+        AuditCommand::Prove { seq } => crate::cli::evidence_cmd::prove(&session, *seq)?,
+        AuditCommand::Consistency { from } => {
+            crate::cli::evidence_cmd::consistency(&session, from)?;
+        }
+        AuditCommand::Evidence { seq, out } => {
+            crate::cli::evidence_cmd::bundle(&session, *seq, out)?;
+        }
         AuditCommand::Verify => {
             let head = session.kms.audit_anchor()?.map(|a| a.head());
             match session.audit.verify(head.as_ref()) {

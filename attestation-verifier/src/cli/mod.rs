@@ -9,6 +9,7 @@
 
 mod admin_cmd;
 mod data_cmd;
+mod evidence_cmd;
 mod input;
 mod job_cmd;
 mod report;
@@ -69,6 +70,10 @@ enum Command {
     /// Encrypt or decrypt data on the controller side (streaming envelope).
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Check evidence offline (bundles, shredding receipts, checkpoints):
+    /// no store, credential or network.
+    #[command(subcommand)]
+    Evidence(evidence_cmd::EvidenceCommand),
 }
 
 /// Logs go to stderr, filtered by RUST_LOG (default: warnings). They never
@@ -134,6 +139,7 @@ where
         Command::Job(c) => session::finish(job_cmd::job(store, c)),
         Command::Serve(args) => session::finish(serve_cmd::serve(store, args)),
         Command::Data(c) => session::finish(data_cmd::data(store, c)),
+        Command::Evidence(c) => session::finish(evidence_cmd::evidence(c)),
     };
     // Flush explicitly: a closed stdout must not turn into a panic.
     let _ = std::io::stdout().flush();

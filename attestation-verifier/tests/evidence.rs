@@ -1,0 +1,956 @@
+//! Evidence a third party checks offline: signed checkpoints and the
+//! witness's consistency check (a rolled-back or rewritten log is caught),
+//! inclusion proofs, evidence bundles of key releases, and shredding
+//! receipts — each verified by the `evidence` commands with no store, and
+//! each refused after any changed byte.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects,
+    clippy::indexing_slicing
+)]
+
+use attestation_verifier::audit::{Actor, AuditAnchor, AuditLog, AuditRecord};
+use attestation_verifier::broker::{Broker, BrokerConfig};
+use attestation_verifier::evidence::{self, merkle, note};
+use attestation_verifier::keys::KeyName;
+use attestation_verifier::kms::{Kms, StoredPolicy};
+use kluis_attestation::{TrustAnchor, Verifier};
+use kluis_keystore::RootSecret;
+use kluis_nsm::sim::{FixedClock, SimConfig, SimRoot, SimulatedNsm};
+use kluis_proto::{
+    request_hash, EphemeralKeyPair, KeyOperation, KeyRequest, Request, Response, VerifierIdentity,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+const KEY: &str = "agency-a/app-x/prod";
+const DAY_MS: u64 = 86_400_000;
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_attestation-verifier"));
+    cmd.env_remove("KLUIS_CREDENTIAL_FILE")
+        .env_remove("KLUIS_STORE")
+        .env_remove("KLUIS_ROOT_KEY_FILE")
+        .env_remove("KLUIS_STORE_PASSPHRASE");
+    cmd
+}
+
+/// Runs the binary; exit code, stdout, last stdout line as JSON.
+fn run(cmd: &mut Command) -> (i32, String, serde_json::Value) {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(serde_json::Value::Null);
+    assert!(
+        out.status.code().is_some(),
+        "killed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap(), stdout, json)
+}
+
+/// A store made by `init`, driven as an operator would.
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let (code, _, out) = env.cli(
+            None,
+            &[
+                "init",
+                "--generate-root-key",
+                "--credentials-out",
+                &env.path("creds"),
+            ],
+        );
+        assert_eq!(code, 0, "{out}");
+        env
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn key_admin(&self) -> PathBuf {
+        self.dir.path().join("creds").join("key-admin.credential")
+    }
+
+    fn cli(&self, credential: Option<&Path>, args: &[&str]) -> (i32, String, serde_json::Value) {
+        let mut cmd = bin();
+        cmd.env("KLUIS_STORE", self.store())
+            .env("KLUIS_ROOT_KEY_FILE", self.dir.path().join("root.key"))
+            .args(args);
+        if let Some(c) = credential {
+            cmd.env("KLUIS_CREDENTIAL_FILE", c);
+        }
+        run(&mut cmd)
+    }
+
+    fn admin(&self, args: &[&str]) -> (i32, String, serde_json::Value) {
+        self.cli(Some(&self.key_admin()), args)
+    }
+
+    fn identity_hex(&self) -> String {
+        let (code, _, out) = self.admin(&["identity"]);
+        assert_eq!(code, 0);
+        out["verifier_public_key"].as_str().unwrap().to_owned()
+    }
+
+    fn checkpoint(&self, file: &str) -> String {
+        let (code, note, _) = self.admin(&["audit", "checkpoint"]);
+        assert_eq!(code, 0, "{note}");
+        std::fs::write(self.path(file), &note).unwrap();
+        note
+    }
+
+    /// The store and audit log opened by the library, bound as the
+    /// commands bind them.
+    fn open_kms(&self) -> Kms {
+        let secret = RootSecret::from_key_file(&self.dir.path().join("root.key")).unwrap();
+        let mut kms = Kms::open(&self.store(), secret).unwrap();
+        let anchor = kms.audit_anchor().unwrap();
+        let log = AuditLog::open_anchored(self.store().join("audit.log"), anchor.as_ref()).unwrap();
+        kms.bind_audit(Arc::new(log), Actor::System);
+        kms
+    }
+}
+
+fn size_of(note_text: &str) -> u64 {
+    note_text.lines().nth(1).unwrap().parse().unwrap()
+}
+
+fn offline(args: &[&str]) -> (i32, serde_json::Value) {
+    let (code, _, json) = run(bin().args(args));
+    (code, json)
+}
+
+/// Flips one bit of bytes spread over the whole file (at most `max`
+/// positions, always including the first and the last) and checks that
+/// `evidence verify` refuses every one with exit 1.
+fn every_changed_byte_is_refused(file: &Path, extra: &[&str], max: usize) {
+    let original = std::fs::read(file).unwrap();
+    let tampered = file.with_extension("tampered");
+    let step = (original.len() / max).max(1);
+    let mut positions: Vec<usize> = (0..original.len()).step_by(step).collect();
+    positions.push(original.len() - 1);
+    for i in positions {
+        let mut bytes = original.clone();
+        bytes[i] ^= 0x01;
+        std::fs::write(&tampered, &bytes).unwrap();
+        let mut args = vec!["evidence", "verify"];
+        args.extend_from_slice(extra);
+        let path = tampered.display().to_string();
+        args.push(&path);
+        let (code, out) = offline(&args);
+        assert_eq!(code, 1, "byte {i} changed and still accepted: {out}");
+        assert!(out["error"]["kind"].is_string(), "{out}");
+    }
+}
+
+#[test]
+fn checkpoints_and_consistency_proofs_catch_a_rolled_back_log() {
+    let env = Env::new();
+    let identity = env.identity_hex();
+    for k in ["a/b/one", "a/b/two"] {
+        assert_eq!(env.admin(&["key", "create", k]).0, 0);
+    }
+    let c0 = env.checkpoint("c0.note");
+    let origin = c0.lines().next().unwrap().to_owned();
+    assert!(origin.starts_with("kluis.audit/"), "{c0}");
+    assert!(c0.contains(&format!("\n\n\u{2014} {origin} ")), "{c0}");
+    let n0 = size_of(&c0);
+    assert!(n0 >= 2);
+
+    // A backup of the whole store at this point.
+    let backup = env.dir.path().join("store.bak");
+    assert!(Command::new("cp")
+        .args([
+            "-a",
+            &env.store().display().to_string(),
+            &backup.display().to_string()
+        ])
+        .status()
+        .unwrap()
+        .success());
+
+    for _ in 0..3 {
+        assert_eq!(env.admin(&["key", "rotate", "a/b/one"]).0, 0);
+    }
+    let c1 = env.checkpoint("c1.note");
+    let n1 = size_of(&c1);
+    assert!(n1 >= n0 + 3);
+
+    // The witness: a consistency proof from c0, checked offline.
+    let (code, text, doc) = env.admin(&["audit", "consistency", "--from", &env.path("c0.note")]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        (doc["old_size"].as_u64(), doc["new_size"].as_u64()),
+        (Some(n0), Some(n1))
+    );
+    std::fs::write(env.path("c0-c1.json"), &text).unwrap();
+    let (code, out) = offline(&[
+        "evidence",
+        "verify-consistency",
+        "--identity",
+        &identity,
+        &env.path("c0.note"),
+        &env.path("c0-c1.json"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["status"], "consistent");
+    assert_eq!(out["new_size"].as_u64(), Some(n1));
+    // c1 was computed from the frontier kept at c0 (only the new records
+    // read); the proof's checkpoint from the whole log: the same tree.
+    let body = |note: &str| note.split("\n\n").next().unwrap().to_owned();
+    assert_eq!(body(doc["checkpoint"].as_str().unwrap()), body(&c1));
+
+    // The same with the new checkpoint as the witness keeps it (a note) and
+    // the proof beside it; a note of another size is refused.
+    let (code, out) = offline(&[
+        "evidence",
+        "verify-consistency",
+        "--identity",
+        &identity,
+        &env.path("c0.note"),
+        &env.path("c1.note"),
+        "--proof",
+        &env.path("c0-c1.json"),
+    ]);
+    assert_eq!((code, out["new_size"].as_u64()), (0, Some(n1)), "{out}");
+    let (code, out) = offline(&[
+        "evidence",
+        "verify-consistency",
+        "--identity",
+        &identity,
+        &env.path("c0.note"),
+        &env.path("c0.note"),
+        "--proof",
+        &env.path("c0-c1.json"),
+    ]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("evidence_invalid")),
+        "{out}"
+    );
+
+    // A changed proof hash, or a checkpoint by another identity, is refused.
+    let mut forged = doc.clone();
+    let first = forged["proof"][0].as_str().unwrap().to_owned();
+    let flipped = if first.starts_with('0') { "1" } else { "0" };
+    forged["proof"][0] = serde_json::json!(format!("{flipped}{}", &first[1..]));
+    std::fs::write(env.path("forged.json"), forged.to_string()).unwrap();
+    let (code, out) = offline(&[
+        "evidence",
+        "verify-consistency",
+        "--identity",
+        &identity,
+        &env.path("c0.note"),
+        &env.path("forged.json"),
+    ]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("proof_invalid")),
+        "{out}"
+    );
+    let stranger = hex::encode(VerifierIdentity::generate().unwrap().public_key_sec1());
+    let (code, out) = offline(&[
+        "evidence",
+        "verify-consistency",
+        "--identity",
+        &stranger,
+        &env.path("c0.note"),
+        &env.path("c0-c1.json"),
+    ]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("checkpoint_invalid")),
+        "{out}"
+    );
+    // Usage: a missing file is exit 2.
+    let (code, _) = offline(&[
+        "evidence",
+        "verify-consistency",
+        "--identity",
+        &identity,
+        &env.path("missing.note"),
+        &env.path("c0-c1.json"),
+    ]);
+    assert_eq!(code, 2);
+
+    // An inclusion proof checks against its checkpoint with the library alone.
+    let (code, _, proof) = env.admin(&["audit", "prove", "--seq", "2"]);
+    assert_eq!(code, 0, "{proof}");
+    let public: [u8; 97] = hex::decode(&identity).unwrap().try_into().unwrap();
+    let cp = note::verify_checkpoint(proof["checkpoint"].as_str().unwrap(), &public)
+        .unwrap()
+        .checkpoint;
+    assert_eq!(proof["tree_size"].as_u64(), Some(cp.size));
+    let hashes: Vec<merkle::TreeHash> = proof["proof"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            hex::decode(h.as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap()
+        })
+        .collect();
+    let leaf = merkle::leaf_hash(&hex::decode(proof["record_hash"].as_str().unwrap()).unwrap());
+    merkle::verify_inclusion(1, cp.size, &leaf, &hashes, &cp.root).unwrap();
+    assert!(merkle::verify_inclusion(2, cp.size, &leaf, &hashes, &cp.root).is_err());
+    let (code, _, out) = env.admin(&["audit", "prove", "--seq", "100000"]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("no_such_record"))
+    );
+
+    // The store is restored from the backup: the log is smaller than the
+    // checkpoint the witness holds.
+    std::fs::remove_dir_all(env.store()).unwrap();
+    std::fs::rename(&backup, env.store()).unwrap();
+    let (code, _, out) = env.admin(&["audit", "consistency", "--from", &env.path("c1.note")]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("log_rolled_back")),
+        "{out}"
+    );
+    assert!(out["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("covers {n1} records")));
+
+    // ... and regrown past it with other records: the same size no longer
+    // has the same root.
+    let mut i = 0;
+    while size_of(&env.checkpoint("now.note")) <= n1 {
+        assert_eq!(env.admin(&["key", "create", &format!("a/b/new{i}")]).0, 0);
+        i += 1;
+    }
+    let (code, _, out) = env.admin(&["audit", "consistency", "--from", &env.path("c1.note")]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("log_rewritten")),
+        "{out}"
+    );
+    // c0 is still a prefix of the restored log.
+    let (code, _, _) = env.admin(&["audit", "consistency", "--from", &env.path("c0.note")]);
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn an_old_record_changed_rechained_and_reanchored_is_caught_by_a_witness() {
+    let env = Env::new();
+    for k in ["a/b/one", "a/b/two", "a/b/three"] {
+        assert_eq!(env.admin(&["key", "create", k]).0, 0);
+    }
+    let c1 = env.checkpoint("c1.note");
+
+    // An insider with the root secret changes record 2, recomputes the
+    // chain after it, and moves the anchor in the store to the new head.
+    let path = env.store().join("audit.log");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut records: Vec<AuditRecord> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    records[1].key_id = Some("a/b/forged".to_owned());
+    let mut prev = [0u8; 48];
+    let mut out = String::new();
+    for r in &mut records {
+        r.prev_hash = prev;
+        r.hash = r.compute_hash();
+        prev = r.hash;
+        out.push_str(&serde_json::to_string(r).unwrap());
+        out.push('\n');
+    }
+    std::fs::write(&path, &out).unwrap();
+    {
+        let secret = RootSecret::from_key_file(&env.dir.path().join("root.key")).unwrap();
+        let kms = Kms::open(&env.store(), secret).unwrap();
+        let guard = kms.lock().unwrap();
+        let last = records.last().unwrap();
+        kms.reset_audit_anchor(
+            &guard,
+            &AuditAnchor {
+                seq: last.seq,
+                hash: last.hash,
+                len: Some(out.len() as u64),
+            },
+        )
+        .unwrap();
+    }
+    // The chain and the anchor agree: the store alone cannot tell.
+    let (code, _, verified) = env.admin(&["audit", "verify"]);
+    assert_eq!(
+        (code, verified["status"].as_str()),
+        (0, Some("intact")),
+        "{verified}"
+    );
+    // The witness's checkpoint can.
+    let (code, _, err) = env.admin(&["audit", "consistency", "--from", &env.path("c1.note")]);
+    assert_eq!(
+        (code, err["error"]["kind"].as_str()),
+        (1, Some("log_rewritten")),
+        "{err}"
+    );
+    assert_eq!(size_of(&c1), records.len() as u64);
+    // A new checkpoint does not reuse the frontier kept for the old log: it
+    // is the rewritten log's tree (as a full read computes it), not c1's.
+    let c2 = env.checkpoint("c2.note");
+    let (code, _, proof) = env.admin(&["audit", "prove", "--seq", "1"]);
+    assert_eq!(code, 0);
+    let root = |note: &str| note.lines().nth(2).unwrap().to_owned();
+    assert_eq!(size_of(&c2), size_of(&c1));
+    assert_eq!(root(&c2), root(proof["checkpoint"].as_str().unwrap()));
+    assert_ne!(root(&c2), root(&c1));
+}
+
+#[test]
+fn a_shredding_receipt_verifies_offline_and_the_key_stays_a_tombstone() {
+    let env = Env::new();
+    let identity = env.identity_hex();
+    assert_eq!(env.admin(&["key", "create", KEY]).0, 0);
+    assert_eq!(env.admin(&["key", "rotate", KEY]).0, 0);
+
+    // Not destroyable yet: the receipt is not written, nothing changes.
+    let (code, _, out) = env.admin(&["key", "destroy", KEY, "--receipt", &env.path("r.json")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(!Path::new(&env.path("r.json")).exists());
+    let (code, _, out) = env.admin(&["key", "receipt", KEY, "--out", &env.path("r.json")]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("evidence_unavailable"))
+    );
+
+    // Deletion scheduled eight days ago (through the library, audited), so
+    // the waiting period is over.
+    {
+        let kms = env.open_kms();
+        let now: u64 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            .try_into()
+            .unwrap();
+        kms.schedule_deletion(&KeyName::parse(KEY).unwrap(), 7, now - 8 * DAY_MS)
+            .unwrap();
+    }
+    // An existing output is refused before anything changes.
+    std::fs::write(env.path("exists.json"), "x").unwrap();
+    let (code, _, _) = env.admin(&["key", "destroy", KEY, "--receipt", &env.path("exists.json")]);
+    assert_eq!(code, 2);
+    let (_, _, shown) = env.admin(&["key", "show", KEY]);
+    assert_eq!(shown["state"], "pending_deletion");
+
+    let (code, _, out) = env.admin(&["key", "destroy", KEY, "--receipt", &env.path("r.json")]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["state"], "destroyed");
+
+    let (code, report) = offline(&[
+        "evidence",
+        "verify",
+        "--identity",
+        &identity,
+        &env.path("r.json"),
+    ]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["kind"], "shredding_receipt");
+    assert_eq!(report["key"], KEY);
+    assert_eq!(report["versions_destroyed"], serde_json::json!([1, 2]));
+    assert_eq!(report["actor"]["name"], "key-admin");
+
+    // The identity may also be given as the file `identity` prints.
+    std::fs::write(
+        env.path("identity.json"),
+        serde_json::json!({ "verifier_public_key": identity }).to_string(),
+    )
+    .unwrap();
+    let (code, _) = offline(&[
+        "evidence",
+        "verify",
+        "--identity",
+        &env.path("identity.json"),
+        &env.path("r.json"),
+    ]);
+    assert_eq!(code, 0);
+    let stranger = hex::encode(VerifierIdentity::generate().unwrap().public_key_sec1());
+    let (code, _) = offline(&[
+        "evidence",
+        "verify",
+        "--identity",
+        &stranger,
+        &env.path("r.json"),
+    ]);
+    assert_eq!(code, 1);
+    let (code, _) = offline(&[
+        "evidence",
+        "verify",
+        "--identity",
+        "zz",
+        &env.path("r.json"),
+    ]);
+    assert_eq!(code, 2);
+
+    every_changed_byte_is_refused(
+        Path::new(&env.path("r.json")),
+        &["--identity", &identity],
+        250,
+    );
+
+    // The key stays, as a tombstone: shown and listed as destroyed, and a
+    // receipt can be issued again later, against a later checkpoint.
+    let (_, _, shown) = env.admin(&["key", "show", KEY]);
+    assert_eq!(shown["state"], "destroyed");
+    assert!(shown["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["state"] == "destroyed"));
+    let (_, _, listed) = env.admin(&["key", "list"]);
+    assert!(listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["name"] == KEY && k["state"] == "destroyed"));
+    let (code, _, _) = env.admin(&["key", "receipt", KEY, "--out", &env.path("r2.json")]);
+    assert_eq!(code, 0);
+    let (code, again) = offline(&[
+        "evidence",
+        "verify",
+        "--identity",
+        &identity,
+        &env.path("r2.json"),
+    ]);
+    assert_eq!(code, 0, "{again}");
+    assert_eq!(again["seq"], report["seq"]);
+}
+
+// ------------------------------------------------------------------ bundles
+
+const T0: u64 = 1_767_225_600_000;
+
+struct World {
+    dir: tempfile::TempDir,
+    broker: Broker,
+    root: Arc<SimRoot>,
+    identity: VerifierIdentity,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let mut kms = Kms::init(
+            &dir.path().join("store"),
+            RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32])),
+        )
+        .unwrap();
+        let identity = VerifierIdentity::generate().unwrap();
+        let pkcs8 = identity.to_pkcs8_der().unwrap();
+        kms.set_identity_pkcs8(&pkcs8).unwrap();
+        let root = Arc::new(SimRoot::generate_at(T0 - DAY_MS).unwrap());
+        let verifier = Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());
+        let audit = Arc::new(AuditLog::open(dir.path().join("audit.log")).unwrap());
+        kms.bind_audit(Arc::clone(&audit), Actor::System);
+        kms.create_key(&KeyName::parse(KEY).unwrap(), 365, T0)
+            .unwrap();
+        let broker = Broker::new(
+            kms,
+            verifier,
+            VerifierIdentity::from_pkcs8_der(&pkcs8).unwrap(),
+            audit,
+            BrokerConfig::default(),
+        );
+        std::fs::write(dir.path().join("root.pem"), root.root_pem()).unwrap();
+        World {
+            dir,
+            broker,
+            root,
+            identity,
+        }
+    }
+
+    fn set_policy(&self, pcr0: &[u8; 48]) {
+        let text = format!(
+            "operations = [\"generate\", \"decrypt\"]\nmax_document_age_seconds = 120\n\
+             [[measurements]]\nname = \"v1\"\npcr0 = \"{}\"\n",
+            hex::encode(pcr0)
+        );
+        self.broker
+            .kms()
+            .set_policy(
+                &KeyName::parse(KEY).unwrap(),
+                &StoredPolicy {
+                    format: "toml".into(),
+                    text,
+                    set_by: "test".into(),
+                    set_ms: T0,
+                },
+            )
+            .unwrap();
+    }
+
+    /// One attested generate request from an enclave booted from `image`.
+    fn release(&self, image: &[u8], n: u8, now: u64) -> Response {
+        let nsm = SimulatedNsm::new(
+            SimConfig::default()
+                .with_root(self.root.clone())
+                .with_clock(Arc::new(FixedClock::new(now - 500)))
+                .with_image(image.to_vec(), None),
+        )
+        .unwrap();
+        let Response::Challenge { nonce, .. } =
+            self.broker
+                .handle(Request::Challenge, now - 600, &|| Some([n; 32]))
+        else {
+            panic!("no challenge")
+        };
+        let request = KeyRequest::new(vec![KeyOperation::GenerateDataKey {
+            key_id: KEY.to_owned(),
+        }])
+        .unwrap();
+        let ephemeral = EphemeralKeyPair::generate().unwrap();
+        let document = kluis_nsm::attest(
+            &nsm,
+            Some(&request_hash(&request)),
+            Some(&nonce),
+            Some(&ephemeral.public_key_sec1()),
+        )
+        .unwrap();
+        self.broker.release(&document, &request, now)
+    }
+
+    fn bundle(&self, seq: u64, name: &str) -> PathBuf {
+        let bundle =
+            evidence::build_bundle(self.broker.kms(), self.broker.audit(), &self.identity, seq)
+                .unwrap();
+        let path = self.dir.path().join(name);
+        let mut text = serde_json::to_string(&bundle).unwrap();
+        text.push('\n');
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn seq_of(&self, operation: &str) -> Vec<u64> {
+        self.broker
+            .audit()
+            .records(&Default::default())
+            .unwrap()
+            .iter()
+            .filter(|r| r.operation == operation)
+            .map(|r| r.seq)
+            .collect()
+    }
+}
+
+fn image_pcr0(image: &[u8]) -> [u8; 48] {
+    SimConfig::default()
+        .with_image(image.to_vec(), None)
+        .boot_pcr_values()[0]
+}
+
+#[test]
+fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
+    let world = World::new();
+    let identity = hex::encode(world.identity.public_key_sec1());
+    let root = world.dir.path().join("root.pem").display().to_string();
+    world.set_policy(&image_pcr0(b"v1"));
+    assert!(matches!(
+        world.release(b"v1", 1, T0 + 1_000),
+        Response::KeyRelease(_)
+    ));
+    // A refused release (another image), then a new policy that would
+    // refuse the first enclave.
+    assert!(matches!(
+        world.release(b"v2", 2, T0 + 2_000),
+        Response::Error { .. }
+    ));
+    world.set_policy(&image_pcr0(b"v2"));
+
+    let allowed = world.seq_of("key.release.generate");
+    assert_eq!(allowed.len(), 1);
+    let path = world.bundle(allowed[0], "allowed.json");
+    let (code, report) = offline(&[
+        "evidence",
+        "verify",
+        "--identity",
+        &identity,
+        "--root",
+        &root,
+        &path.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["decision"], "allowed");
+    assert_eq!(report["recomputed_decision"], "allowed");
+    assert_eq!(report["key"], KEY);
+    assert_eq!(report["seq"].as_u64(), Some(allowed[0]));
+    assert_eq!(report["pcrs"]["0"], hex::encode(image_pcr0(b"v1")));
+    assert!(report["module_id"].as_str().unwrap().len() > 3);
+    assert!(report["document_time"]
+        .as_str()
+        .unwrap()
+        .starts_with("2026-01-01T00:00:00"));
+    assert!(report["authorisation"].is_null() && report["purpose"].is_null());
+    // The policy is the first one (in force then), not the current one.
+    let bundle: evidence::EvidenceBundle =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let bundled_policy = bundle.policy.as_ref().unwrap();
+    assert!(bundled_policy
+        .text
+        .contains(&hex::encode(image_pcr0(b"v1"))));
+    // The release record itself names the policy that decided.
+    assert_eq!(report["policy_named_by_record"], true);
+    assert!(report["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("measurement set v1; policy sha256 "));
+    assert_eq!(
+        report["policy_set_seq"].as_u64(),
+        world.seq_of("policy.set").first().copied()
+    );
+    assert_eq!(
+        report["policy_sha256"],
+        attestation_verifier::kms::policy_sha256(&bundled_policy.text)
+    );
+
+    // Without --root the simulated chain does not lead to the AWS root.
+    let (code, out) = offline(&[
+        "evidence",
+        "verify",
+        "--identity",
+        &identity,
+        &path.display().to_string(),
+    ]);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("evidence_invalid")),
+        "{out}"
+    );
+
+    // Swapping in the later policy (a valid policy.set of the same key, in
+    // the same log) is refused: it does not allow the recorded release.
+    let sets = world.seq_of("policy.set");
+    let later = world.bundle(*sets.last().unwrap(), "later-set.json");
+    let later: evidence::EvidenceBundle =
+        serde_json::from_slice(&std::fs::read(&later).unwrap()).unwrap();
+    assert!(later.policy.is_none());
+    let mut swapped = bundle.clone();
+    let policy = swapped.policy.as_mut().unwrap();
+    policy.set_record = later.record.clone();
+    policy.set_proof = later.proof.clone();
+    policy.text = world
+        .broker
+        .kms()
+        .policy(&KeyName::parse(KEY).unwrap())
+        .unwrap()
+        .unwrap()
+        .text;
+    let swapped_path = world.dir.path().join("swapped.json");
+    std::fs::write(&swapped_path, serde_json::to_string(&swapped).unwrap()).unwrap();
+    let (code, out) = offline(&[
+        "evidence",
+        "verify",
+        "--identity",
+        &identity,
+        "--root",
+        &root,
+        &swapped_path.display().to_string(),
+    ]);
+    assert_eq!(code, 1, "{out}");
+
+    // The refused request's record verifies too (its document re-checked).
+    let refused = world.seq_of("key.release");
+    let path_refused = world.bundle(*refused.last().unwrap(), "refused.json");
+    let (code, report) = offline(&[
+        "evidence",
+        "verify",
+        "--identity",
+        &identity,
+        "--root",
+        &root,
+        &path_refused.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["decision"], "refused");
+    assert_eq!(report["pcrs"]["0"], hex::encode(image_pcr0(b"v2")));
+
+    every_changed_byte_is_refused(&path, &["--identity", &identity, "--root", &root], 300);
+}
+
+/// The cost of a checkpoint and a proof on a large log (run by hand:
+/// `cargo test -p attestation-verifier --test evidence -- --ignored --nocapture`;
+/// `KLUIS_EVIDENCE_RECORDS` sets the size, 100 000 by default).
+#[test]
+#[ignore = "a measurement, not a check"]
+fn checkpoint_cost_on_a_large_log() {
+    let n: u64 = std::env::var("KLUIS_EVIDENCE_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let mut prev = [0u8; 48];
+    for seq in 1..=n {
+        let mut r = AuditRecord {
+            seq,
+            time_ms: T0 + seq,
+            actor: Actor::Admin {
+                name: "key-admin".into(),
+                role: "key_admin".into(),
+            },
+            operation: "key.rotate".into(),
+            key_id: Some(KEY.into()),
+            key_version: Some(2),
+            decision: attestation_verifier::audit::Decision::Allowed,
+            reason: None,
+            attestation_document: None,
+            job: None,
+            prev_hash: prev,
+            hash: [0; 48],
+        };
+        r.hash = r.compute_hash();
+        prev = r.hash;
+        use std::io::Write;
+        serde_json::to_writer(&mut out, &r).unwrap();
+        out.write_all(b"\n").unwrap();
+    }
+    drop(out);
+    let bytes = std::fs::metadata(&path).unwrap().len();
+    let mut kms = Kms::init(
+        &dir.path().join("store"),
+        RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32])),
+    )
+    .unwrap();
+    let log = Arc::new(AuditLog::open(&path).unwrap());
+    kms.bind_audit(Arc::clone(&log), Actor::System);
+    let identity = VerifierIdentity::generate().unwrap();
+    let started = std::time::Instant::now();
+    let signed = evidence::checkpoint(&log, &identity).unwrap();
+    let checkpoint = started.elapsed();
+    // The first incremental checkpoint reads everything and keeps the
+    // frontier; after ten more records the next reads only those.
+    let first = evidence::checkpoint_incremental(&kms, &log, &identity).unwrap();
+    assert_eq!(first.checkpoint, signed.checkpoint);
+    kms.create_key(&KeyName::parse(KEY).unwrap(), 365, T0)
+        .unwrap();
+    for _ in 0..9 {
+        kms.rotate_key(&KeyName::parse(KEY).unwrap(), T0).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let next = evidence::checkpoint_incremental(&kms, &log, &identity).unwrap();
+    let incremental = started.elapsed();
+    assert_eq!(next.checkpoint.size, n + 10);
+    assert_eq!(
+        next.checkpoint,
+        evidence::checkpoint(&log, &identity).unwrap().checkpoint
+    );
+    let started = std::time::Instant::now();
+    let proof = evidence::prove(&log, &identity, n / 3).unwrap();
+    let prove = started.elapsed();
+    assert_eq!(signed.checkpoint.size, n);
+    assert_eq!(proof.tree_size, n + 10);
+    println!(
+        "{n} records, {bytes} bytes: full checkpoint {checkpoint:?}, \
+         incremental checkpoint after 10 more {incremental:?}, \
+         inclusion proof {prove:?} ({} hashes)",
+        proof.proof.len()
+    );
+}
+
+#[test]
+fn a_bundle_carries_the_authorisation_its_record_names() {
+    use attestation_verifier::audit::{Decision, JobContext, NewRecord};
+    let world = World::new();
+    let kms = world.broker.kms();
+    let issue = |case: &str| {
+        let mut nonce = [0u8; kluis_proto::authorisation::AUTHORISATION_NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce).unwrap();
+        kluis_proto::JobAuthorisation {
+            version: kluis_proto::authorisation::AUTHORISATION_VERSION,
+            nonce,
+            issuer: "app-admin".into(),
+            issued_at_ms: T0,
+            expires_at_ms: T0 + 86_400_000,
+            workload: kluis_proto::job::WorkloadSpec::Identity,
+            input_key: KEY.into(),
+            output_key: KEY.into(),
+            secret_keys: Vec::new(),
+            purpose: "benefit entitlement check".into(),
+            case: case.into(),
+            max_runs: Some(1),
+        }
+        .sign(&world.identity)
+        .unwrap()
+    };
+    let signed = issue("CASE-1");
+    kms.store_authorisation(&signed, "test".into()).unwrap();
+    let id = signed.id().to_hex();
+    let job = JobContext {
+        authorisation: id.clone(),
+        purpose: "benefit entitlement check".into(),
+        case: "CASE-1".into(),
+    };
+    let anchor = world
+        .broker
+        .audit()
+        .append_job(
+            NewRecord {
+                time_ms: T0 + 5_000,
+                actor: Actor::System,
+                operation: "job.run".into(),
+                key_id: None,
+                key_version: None,
+                decision: Decision::Allowed,
+                reason: Some("a record of a job under an authorisation".into()),
+                attestation_document: None,
+            },
+            Some(job),
+        )
+        .unwrap();
+    let public = world.identity.public_key_sec1();
+    let anchor_root = || TrustAnchor::dangerous_from_der(world.root.root_der()).unwrap();
+    let bundle =
+        evidence::build_bundle(kms, world.broker.audit(), &world.identity, anchor.seq).unwrap();
+    let carried = bundle.authorisation.clone().unwrap();
+    assert_eq!(carried.id, id);
+    let bytes = serde_json::to_vec(&bundle).unwrap();
+    let report = evidence::verify_evidence(&bytes, &public, anchor_root()).unwrap();
+    assert_eq!(report["authorisation"], id);
+    assert_eq!(report["purpose"], "benefit entitlement check");
+    assert_eq!(report["case"], "CASE-1");
+    assert!(report["module_id"].is_null());
+
+    // Another authorisation in its place — even one this verifier signed —
+    // is refused; none is reported as named but not bundled.
+    let other = issue("CASE-2");
+    let mut swapped = bundle.clone();
+    swapped.authorisation = Some(evidence::BundledAuthorisation {
+        id: other.id().to_hex(),
+        signed: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, other.bytes()),
+    });
+    let bytes = serde_json::to_vec(&swapped).unwrap();
+    assert!(evidence::verify_evidence(&bytes, &public, anchor_root()).is_err());
+    let mut without = bundle;
+    without.authorisation = None;
+    let bytes = serde_json::to_vec(&without).unwrap();
+    let report = evidence::verify_evidence(&bytes, &public, anchor_root()).unwrap();
+    assert_eq!(report["authorisation"]["named"], id);
+    assert_eq!(report["authorisation"]["bundled"], false);
+}
