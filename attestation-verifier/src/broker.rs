@@ -31,9 +31,9 @@ use crate::nonce::{NonceStore, NONCE_LEN};
 use crate::policy::{KeyPolicy, Operation};
 use kluis_attestation::{UnixMillis, VerifiedAttestation, Verifier, VerifyOptions};
 use kluis_proto::{
-    check_released_keys, request_hash, seal_keys, AuthorisationId, ErrorCode, KeyOperation,
-    KeyRequest, PlaintextKey, ReleasedKey, Request, Response, SignedAuthorisation,
-    VerifierIdentity,
+    check_released_keys, request_hash, seal_keys, seal_keys_delegated, AuthorisationId,
+    DelegatedKey, ErrorCode, KeyOperation, KeyRequest, PlaintextKey, ReleasedKey, Request,
+    Response, SignedAuthorisation, VerifierIdentity,
 };
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -74,7 +74,15 @@ pub struct Broker {
     /// Why the broker stopped, once it has.
     halted: Mutex<Option<String>>,
     noise: Mutex<Noise>,
+    /// With an identity held by an HSM: the current release key it
+    /// certified (see [`kluis_proto::DelegatedKey`]).
+    release_key: Mutex<Option<Arc<DelegatedKey>>>,
 }
+
+/// How long a release key certified by an HSM-held identity is valid.
+pub const RELEASE_KEY_VALIDITY: Duration = Duration::from_secs(3600);
+/// A release key with less than this left is replaced before use.
+const RELEASE_KEY_RENEW_BEFORE: Duration = Duration::from_secs(600);
 
 /// Unauthenticated refusals not yet summarised in the audit log.
 #[derive(Debug, Default)]
@@ -148,7 +156,65 @@ impl Broker {
             config,
             halted: Mutex::new(None),
             noise: Mutex::new(Noise::default()),
+            release_key: Mutex::new(None),
         }
+    }
+
+    /// The key that signs answers: `None` for the identity itself (a key
+    /// in this process), or a release key the identity certified when the
+    /// identity is in an HSM (one token signature an hour instead of one per
+    /// release). A new release key is audited (`identity.delegate`) before
+    /// it signs anything. Validity is by the real clock, as the enclave
+    /// checks it by its own.
+    fn release_key(&self) -> Result<Option<Arc<DelegatedKey>>, Refused> {
+        if !self.identity.is_external() {
+            return Ok(None);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(millis)
+            .unwrap_or(0);
+        let mut current = self
+            .release_key
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(key) = current.as_ref() {
+            if key.not_after_ms() > now.saturating_add(millis(RELEASE_KEY_RENEW_BEFORE)) {
+                return Ok(Some(Arc::clone(key)));
+            }
+        }
+        let unavailable = |detail: String| Refused {
+            rule: "signing_unavailable",
+            detail,
+            code: ErrorCode::Unavailable,
+            noise: false,
+        };
+        let key = DelegatedKey::issue(
+            &self.identity,
+            now.saturating_add(millis(RELEASE_KEY_VALIDITY)),
+        )
+        .map_err(|e| unavailable(format!("certifying a release key: {e}")))?;
+        let fingerprint = {
+            use sha2::Digest as _;
+            hex::encode(sha2::Sha256::digest(key.delegation().public_key))
+        };
+        self.record(NewRecord {
+            time_ms: now,
+            actor: Actor::System,
+            operation: "identity.delegate".to_owned(),
+            key_id: None,
+            key_version: None,
+            decision: Decision::Allowed,
+            reason: Some(format!(
+                "release key sha256 {fingerprint} certified by the HSM-held identity until {}",
+                crate::audit::rfc3339_millis(key.not_after_ms())
+            )),
+            attestation_document: None,
+        })
+        .map_err(|_| unavailable("could not audit the new release key".to_owned()))?;
+        let key = Arc::new(key);
+        *current = Some(Arc::clone(&key));
+        Ok(Some(key))
     }
 
     /// Why the broker stopped serving, if it has.
@@ -514,13 +580,22 @@ impl Broker {
 
         // Seal before recording anything as allowed: a release that cannot be
         // sealed is a refusal.
-        let sealed = seal_keys(
-            public_key,
-            attestation.document_sha384(),
-            &hash,
-            &released,
-            &self.identity,
-        )
+        let sealed = match self.release_key()? {
+            None => seal_keys(
+                public_key,
+                attestation.document_sha384(),
+                &hash,
+                &released,
+                &self.identity,
+            ),
+            Some(key) => seal_keys_delegated(
+                public_key,
+                attestation.document_sha384(),
+                &hash,
+                &released,
+                &key,
+            ),
+        }
         .map_err(|e| match e {
             kluis_proto::SealError::Sign(_) => Refused {
                 rule: "signing_unavailable",

@@ -277,6 +277,9 @@ fn release_round_trip_on(backend: Backend) {
     let Response::KeyRelease(sealed) = &a.response else {
         panic!("{:?}", a.response)
     };
+    // With the identity in a token, answers are signed by a release key it
+    // certified (one token signature an hour), audited when made.
+    assert_eq!(sealed.delegation.is_some(), backend == Backend::Pkcs11);
     let keys = open_keys_for_request(
         sealed,
         &a.ephemeral,
@@ -287,6 +290,15 @@ fn release_round_trip_on(backend: Backend) {
     .unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].version, 1);
+    let delegations = world
+        .broker
+        .audit()
+        .records(&AuditFilter::default())
+        .unwrap()
+        .iter()
+        .filter(|r| r.operation == "identity.delegate")
+        .count();
+    assert_eq!(delegations, usize::from(backend == Backend::Pkcs11));
     let wrapped = WrappedDataKey::from_bytes(&keys[0].wrapped).unwrap();
     assert_eq!(wrapped.key.as_str(), KEY);
 
@@ -326,7 +338,10 @@ fn release_round_trip_on(backend: Backend) {
             decision: Some(Decision::Allowed),
             ..AuditFilter::default()
         })
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.operation.starts_with("key.release"))
+        .collect::<Vec<_>>();
     assert_eq!(allowed.len(), 2);
     assert!(allowed
         .iter()

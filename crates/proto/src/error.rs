@@ -322,6 +322,21 @@ pub enum OpenError {
     /// by the pinned verifier for this session, or was altered on the way.
     #[error("response signature does not verify under the pinned verifier key")]
     BadSignature,
+    /// The answer is signed by a release key whose certificate does not
+    /// verify under the pinned verifier key.
+    #[error("the release key's delegation does not verify under the pinned verifier key")]
+    BadDelegation,
+    /// The answer is signed by a release key past its validity (by this
+    /// enclave's clock, with [`crate::DELEGATION_CLOCK_SKEW_MS`] of slack).
+    #[error(
+        "the release key expired at {not_after_ms} (Unix ms); the enclave's clock says {now_ms}"
+    )]
+    DelegationExpired {
+        /// The key's end of validity.
+        not_after_ms: u64,
+        /// The enclave's time.
+        now_ms: u64,
+    },
     /// A validly signed response for another attestation document (a replay,
     /// or a response to an earlier attempt).
     #[error("response is for attestation document {found}, expected {expected} (SHA-384)")]

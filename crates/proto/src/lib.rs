@@ -54,6 +54,7 @@ pub mod authorisation;
 pub mod binding;
 mod bounded;
 pub mod client;
+mod delegation;
 mod error;
 pub mod frame;
 mod hpke_p384;
@@ -71,6 +72,7 @@ pub use authorisation::{
     AuthorisationError, AuthorisationId, JobAuthorisation, SignedAuthorisation,
 };
 pub use binding::{hpke_info, request_hash, response_transcript};
+pub use delegation::{delegation_message, DelegatedKey, DELEGATION_CLOCK_SKEW_MS};
 pub use error::{
     ClientError, EphemeralKeyError, FrameError, FramePart, IdentityError, MessageError, OpenError,
     RequestError, SealError, WireError,
@@ -83,6 +85,8 @@ pub use identity::{IdentitySigner, VerifierIdentity, SHA384_LEN};
 pub use keys::{check_released_keys, PlaintextKey, ReleasedKey, ResponseMismatch, PAYLOAD_VERSION};
 pub use message::{
     read_message, read_message_sync, write_message, write_message_sync, ErrorCode, KeyOperation,
-    KeyRequest, Message, Request, Response, SealedKeys,
+    KeyRequest, Message, ReleaseDelegation, Request, Response, SealedKeys,
 };
-pub use seal::{open_keys, open_keys_for_request, seal_keys, EphemeralKeyPair};
+pub use seal::{
+    open_keys, open_keys_for_request, seal_keys, seal_keys_delegated, EphemeralKeyPair,
+};

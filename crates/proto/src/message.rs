@@ -329,6 +329,34 @@ pub struct SealedKeys {
         deserialize_with = "bounded::array::<_, SIGNATURE_LEN>"
     )]
     pub signature: [u8; SIGNATURE_LEN],
+    /// When the answer is signed not by the identity itself but by a
+    /// short-lived release key the identity certified (a verifier whose
+    /// identity lives in an HSM): that certificate. Absent otherwise, and
+    /// then not encoded at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<ReleaseDelegation>,
+}
+
+/// A release key certified by the verifier identity: the identity's
+/// signature over `lp("kluis-proto/v1 release-key delegation") || public_key
+/// || u64 not_after_ms` (big-endian). See [`crate::DelegatedKey`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseDelegation {
+    /// The release key (uncompressed SEC1 P-384).
+    #[serde(
+        serialize_with = "ser_bytes",
+        deserialize_with = "bounded::array::<_, P384_PUBLIC_KEY_LEN>"
+    )]
+    pub public_key: [u8; P384_PUBLIC_KEY_LEN],
+    /// Unix milliseconds after which the enclave refuses answers it signed.
+    pub not_after_ms: u64,
+    /// The identity's signature (raw `r || s`).
+    #[serde(
+        serialize_with = "ser_bytes",
+        deserialize_with = "bounded::array::<_, SIGNATURE_LEN>"
+    )]
+    pub signature: [u8; SIGNATURE_LEN],
 }
 
 /// A message that travels in a frame: [`Request`] or [`Response`].

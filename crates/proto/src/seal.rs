@@ -5,6 +5,7 @@
 //! ECDSA is AWS-LC's, both through `aws-lc-rs`.
 
 use crate::binding::{hpke_info, request_hash, transcript_bytes, TranscriptFields};
+use crate::delegation::{delegation_message, DelegatedKey, DELEGATION_CLOCK_SKEW_MS};
 use crate::error::{hex, EphemeralKeyError, OpenError, SealError};
 use crate::hpke_p384::{self, KeyPair, PublicKey};
 use crate::identity::VerifierIdentity;
@@ -55,6 +56,30 @@ pub fn seal_keys(
         identity,
         ephemeral,
     )
+}
+
+/// [`seal_keys`], signed by a release key the identity certified
+/// ([`DelegatedKey`]) instead of the identity itself; the answer carries the
+/// certificate.
+pub fn seal_keys_delegated(
+    recipient_public_key_sec1: &[u8],
+    document_sha384: &[u8; HASH_LEN],
+    request_hash: &[u8; HASH_LEN],
+    keys: &[ReleasedKey],
+    release_key: &DelegatedKey,
+) -> Result<SealedKeys, SealError> {
+    let (recipient, payload) = check_and_encode(recipient_public_key_sec1, keys)?;
+    let ephemeral = KeyPair::generate().map_err(|_| SealError::Randomness)?;
+    let mut sealed = seal_payload(
+        &recipient,
+        document_sha384,
+        request_hash,
+        payload,
+        release_key.key(),
+        ephemeral,
+    )?;
+    sealed.delegation = Some(release_key.delegation().clone());
+    Ok(sealed)
 }
 
 /// [`seal_keys`] with the KEM's ephemeral key made by RFC 9180
@@ -176,6 +201,7 @@ fn seal_payload(
         enc,
         ciphertext,
         signature,
+        delegation: None,
     })
 }
 
@@ -272,6 +298,36 @@ pub fn open_keys(
 ) -> Result<Vec<ReleasedKey>, OpenError> {
     check_lengths(sealed)?;
     let pinned = pinned_key(pinned_verifier_public_key_sec1)?;
+    // The answer's signer: the pinned identity, or a release key it
+    // certified and that is still valid by this enclave's clock.
+    let signer = match &sealed.delegation {
+        None => pinned,
+        Some(delegation) => {
+            pinned
+                .verify_sig(
+                    &delegation_message(&delegation.public_key, delegation.not_after_ms),
+                    &delegation.signature,
+                )
+                .map_err(|_| OpenError::BadDelegation)?;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0);
+            if now_ms
+                > delegation
+                    .not_after_ms
+                    .saturating_add(DELEGATION_CLOCK_SKEW_MS)
+            {
+                return Err(OpenError::DelegationExpired {
+                    not_after_ms: delegation.not_after_ms,
+                    now_ms,
+                });
+            }
+            UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, &delegation.public_key)
+                .parse()
+                .map_err(|_| OpenError::BadDelegation)?
+        }
+    };
     let transcript = transcript_bytes(&TranscriptFields {
         document_sha384: &sealed.document_sha384,
         request_hash: &sealed.request_hash,
@@ -279,7 +335,7 @@ pub fn open_keys(
         enc: &sealed.enc,
         ciphertext: &sealed.ciphertext,
     });
-    pinned
+    signer
         .verify_sig(&transcript, &sealed.signature)
         .map_err(|_| OpenError::BadSignature)?;
 

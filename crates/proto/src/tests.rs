@@ -914,3 +914,77 @@ async fn client_refuses_an_unexpected_response() {
         })
     ));
 }
+
+/// A verifier whose identity is in an HSM signs answers with a release key
+/// the identity certified: the enclave opens them under its pinned identity,
+/// and refuses a certificate by another key, an altered or stripped one, and
+/// an expired one.
+#[test]
+fn answers_signed_by_a_certified_release_key() {
+    use crate::{seal_keys_delegated, DelegatedKey, ReleaseDelegation, DELEGATION_CLOCK_SKEW_MS};
+    let ephemeral = EphemeralKeyPair::generate().unwrap();
+    let identity = VerifierIdentity::generate().unwrap();
+    let pinned = identity.public_key_sec1();
+    let req = request();
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let seal = |key: &DelegatedKey| {
+        seal_keys_delegated(
+            &ephemeral.public_key_sec1(),
+            &doc_hash(),
+            &request_hash(&req),
+            &released(),
+            key,
+        )
+        .unwrap()
+    };
+    let open =
+        |sealed: &SealedKeys| open_keys_for_request(sealed, &ephemeral, &pinned, &doc_hash(), &req);
+    let key = DelegatedKey::issue(&identity, now + 3_600_000).unwrap();
+    let sealed = seal(&key);
+    assert_eq!(sealed.delegation.as_ref(), Some(key.delegation()));
+    assert_released_ok(&open(&sealed).unwrap());
+    // The release key's signature alone, without the certificate, is not the
+    // identity's.
+    let mut stripped = sealed.clone();
+    stripped.delegation = None;
+    assert_eq!(open(&stripped).unwrap_err(), OpenError::BadSignature);
+    // A certificate by another identity (a parent's own key), or with any
+    // field changed, does not verify.
+    let other = VerifierIdentity::generate().unwrap();
+    let forged = seal(&DelegatedKey::issue(&other, now + 3_600_000).unwrap());
+    assert_eq!(open(&forged).unwrap_err(), OpenError::BadDelegation);
+    let mut later = sealed.clone();
+    if let Some(d) = later.delegation.as_mut() {
+        d.not_after_ms += 86_400_000;
+    }
+    assert_eq!(open(&later).unwrap_err(), OpenError::BadDelegation);
+    let mut swapped: SealedKeys = sealed.clone();
+    let another = DelegatedKey::issue(&identity, now + 3_600_000).unwrap();
+    swapped.delegation = Some(ReleaseDelegation {
+        public_key: another.delegation().public_key,
+        ..key.delegation().clone()
+    });
+    assert_eq!(open(&swapped).unwrap_err(), OpenError::BadDelegation);
+    // A certified key of the right identity whose certificate is for another
+    // key does not sign this answer.
+    let mut mixed = seal(&another);
+    mixed.delegation = Some(key.delegation().clone());
+    assert_eq!(open(&mixed).unwrap_err(), OpenError::BadSignature);
+    // Expired beyond the allowed clock skew: refused; within it: accepted.
+    let expired =
+        seal(&DelegatedKey::issue(&identity, now - DELEGATION_CLOCK_SKEW_MS - 60_000).unwrap());
+    assert!(matches!(
+        open(&expired).unwrap_err(),
+        OpenError::DelegationExpired { .. }
+    ));
+    let just = seal(&DelegatedKey::issue(&identity, now - 1_000).unwrap());
+    assert_released_ok(&open(&just).unwrap());
+    // The release key never shows its private half.
+    assert!(format!("{key:?}").contains("<redacted>"));
+}

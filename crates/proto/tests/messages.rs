@@ -137,8 +137,18 @@ fn every_message_round_trips_through_a_frame() {
         enc: [4; 97],
         ciphertext: vec![5; 200],
         signature: [6; 96],
+        delegation: None,
+    };
+    let delegated = SealedKeys {
+        delegation: Some(kluis_proto::ReleaseDelegation {
+            public_key: [8; 97],
+            not_after_ms: 1_767_225_600_000,
+            signature: [9; 96],
+        }),
+        ..sealed.clone()
     };
     let responses = vec![
+        Response::KeyRelease(Box::new(delegated)),
         Response::Challenge {
             nonce: [7; 32],
             expires_at_ms: u64::MAX,
