@@ -930,7 +930,7 @@ fn a_bundle_carries_the_authorisation_its_record_names() {
         evidence::build_bundle(kms, world.broker.audit(), &world.identity, anchor.seq).unwrap();
     let carried = bundle.authorisation.clone().unwrap();
     assert_eq!(carried.id, id);
-    let bytes = serde_json::to_vec(&bundle).unwrap();
+    let bytes = evidence::encode_evidence(&bundle).unwrap();
     let report = evidence::verify_evidence(&bytes, &public, anchor_root()).unwrap();
     assert_eq!(report["authorisation"], id);
     assert_eq!(report["purpose"], "benefit entitlement check");
@@ -938,19 +938,32 @@ fn a_bundle_carries_the_authorisation_its_record_names() {
     assert!(report["module_id"].is_null());
 
     // Another authorisation in its place — even one this verifier signed —
-    // is refused; none is reported as named but not bundled.
+    // or none at all is refused.
     let other = issue("CASE-2");
     let mut swapped = bundle.clone();
     swapped.authorisation = Some(evidence::BundledAuthorisation {
         id: other.id().to_hex(),
         signed: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, other.bytes()),
     });
-    let bytes = serde_json::to_vec(&swapped).unwrap();
+    let bytes = evidence::encode_evidence(&swapped).unwrap();
     assert!(evidence::verify_evidence(&bytes, &public, anchor_root()).is_err());
     let mut without = bundle;
     without.authorisation = None;
-    let bytes = serde_json::to_vec(&without).unwrap();
-    let report = evidence::verify_evidence(&bytes, &public, anchor_root()).unwrap();
-    assert_eq!(report["authorisation"]["named"], id);
-    assert_eq!(report["authorisation"]["bundled"], false);
+    let bytes = evidence::encode_evidence(&without).unwrap();
+    let err = evidence::verify_evidence(&bytes, &public, anchor_root()).unwrap_err();
+    assert!(err.to_string().contains("does not carry"), "{err}");
+    // Whitespace added to the file is a change too.
+    let mut spaced = evidence::encode_evidence(&bundle_again(&world, anchor.seq)).unwrap();
+    spaced.insert(1, b' ');
+    assert!(evidence::verify_evidence(&spaced, &public, anchor_root()).is_err());
+}
+
+fn bundle_again(world: &World, seq: u64) -> evidence::EvidenceBundle {
+    evidence::build_bundle(
+        world.broker.kms(),
+        world.broker.audit(),
+        &world.identity,
+        seq,
+    )
+    .unwrap()
 }

@@ -57,9 +57,7 @@ pub(crate) fn write_new_file(path: &Path, contents: &[u8]) -> Result<(), Failure
 }
 
 fn to_json_line<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
-    let mut bytes = serde_json::to_vec(value).map_err(|e| anyhow!(e))?;
-    bytes.push(b'\n');
-    Ok(bytes)
+    evidence::encode_evidence(value).map_err(|e| Failure::Usage(anyhow!(e)))
 }
 
 /// `audit checkpoint`: prints the signed note.

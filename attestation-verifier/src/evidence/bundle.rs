@@ -263,7 +263,11 @@ pub fn build_bundle(
                 .authorisation(&parsed)
                 .map_err(|e| EvidenceError::Unavailable(format!("the store: {e}")))?;
             match stored {
-                None => None,
+                None => {
+                    return Err(EvidenceError::Unavailable(format!(
+                        "the store no longer holds authorisation {id}, which the record names"
+                    )))
+                }
                 Some(stored) => Some(BundledAuthorisation {
                     id,
                     signed: STANDARD.encode(stored.signed_bytes().map_err(|e| {
@@ -440,18 +444,53 @@ pub fn verify_evidence(
     }
     let head: Head =
         serde_json::from_slice(bytes).map_err(|e| invalid(format!("not an evidence file: {e}")))?;
+    // One encoding per file (compact JSON and one newline, as
+    // `encode_evidence` writes it): whitespace added or removed anywhere is
+    // a changed file, and refused like any other change.
+    let canonical = |value: &dyn erased::Encode| -> Result<(), EvidenceError> {
+        if value.encode()? == bytes {
+            Ok(())
+        } else {
+            Err(invalid(
+                "not in its one encoding (compact JSON followed by one newline): the file was changed",
+            ))
+        }
+    };
     match head.format.as_str() {
         BUNDLE_FORMAT => {
             let bundle: EvidenceBundle = serde_json::from_slice(bytes)
                 .map_err(|e| invalid(format!("malformed bundle: {e}")))?;
+            canonical(&bundle)?;
             verify_bundle(&bundle, identity, anchor)
         }
         RECEIPT_FORMAT => {
             let receipt: ShreddingReceipt = serde_json::from_slice(bytes)
                 .map_err(|e| invalid(format!("malformed receipt: {e}")))?;
+            canonical(&receipt)?;
             verify_receipt(&receipt, identity)
         }
         other => Err(invalid(format!("unknown evidence format {other:?}"))),
+    }
+}
+
+/// The bytes of an evidence file (bundle or receipt): compact JSON and one
+/// newline. [`verify_evidence`] accepts exactly these bytes.
+pub fn encode_evidence<T: Serialize>(value: &T) -> Result<Vec<u8>, EvidenceError> {
+    let mut bytes = serde_json::to_vec(value)
+        .map_err(|e| EvidenceError::Unavailable(format!("encoding evidence: {e}")))?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+mod erased {
+    /// A value [`super::encode_evidence`] can encode, as a trait object.
+    pub(super) trait Encode {
+        fn encode(&self) -> Result<Vec<u8>, super::EvidenceError>;
+    }
+    impl<T: serde::Serialize> Encode for T {
+        fn encode(&self) -> Result<Vec<u8>, super::EvidenceError> {
+            super::encode_evidence(self)
+        }
     }
 }
 
@@ -544,7 +583,23 @@ pub fn verify_bundle(
             let parsed = KeyPolicy::from_json_str(&policy.text)
                 .or_else(|_| KeyPolicy::from_toml_str(&policy.text))
                 .map_err(|e| invalid(format!("the bundled policy does not parse: {e}")))?;
-            match parsed.evaluate(verified, op, UnixMillis(record.time_ms)) {
+            let evaluated = parsed
+                .evaluate(verified, op, UnixMillis(record.time_ms))
+                .map_err(|r| (r.rule.as_str().to_owned(), r.detail));
+            // A policy that requires an authorisation allows only a job
+            // that ran under one (the record's hashed `job` field).
+            let evaluated = evaluated.and_then(|m| {
+                if parsed.require_authorisation() && record.job.is_none() {
+                    Err((
+                        "authorisation_required".to_owned(),
+                        "the policy requires a job authorisation and the record names none"
+                            .to_owned(),
+                    ))
+                } else {
+                    Ok(m)
+                }
+            });
+            match evaluated {
                 Ok(m) => {
                     if let Some(reason) = &record.reason {
                         if let Some(rest) = reason.strip_prefix("measurement set ") {
@@ -559,8 +614,8 @@ pub fn verify_bundle(
                     }
                     recomputed = json!("allowed");
                 }
-                Err(r) => {
-                    recomputed = json!({ "refused": r.rule.as_str(), "detail": r.detail });
+                Err((rule, detail)) => {
+                    recomputed = json!({ "refused": rule, "detail": detail });
                 }
             }
             if record.decision == Decision::Allowed && recomputed != json!("allowed") {
@@ -597,6 +652,30 @@ pub fn verify_bundle(
                 kluis_proto::SignedAuthorisation::verify(&bytes, identity).map_err(|_| {
                     invalid("the bundled authorisation is not signed by the verifier identity")
                 })?;
+            // The record's key in its role, at a time the authorisation
+            // was valid.
+            let a_ = signed.authorisation();
+            let key = record.key_id.as_deref().unwrap_or_default();
+            let named_in_role = match release_operation(&record) {
+                Some(Operation::Generate) => a_.output_key == key,
+                Some(Operation::Decrypt) => {
+                    a_.input_key == key || a_.secret_keys.iter().any(|k| k == key)
+                }
+                // An authorised job asks for no other operation.
+                Some(Operation::DeriveSecret) => false,
+                None => true,
+            };
+            if !named_in_role {
+                return Err(invalid(format!(
+                    "the bundled authorisation does not name key {key:?} for {}",
+                    record.operation
+                )));
+            }
+            if record.time_ms > a_.expires_at_ms {
+                return Err(invalid(
+                    "the record is later than the bundled authorisation's expiry",
+                ));
+            }
             let job = record.job.as_ref();
             if job.map(|j| (j.purpose.as_str(), j.case.as_str()))
                 != Some((
@@ -610,7 +689,11 @@ pub fn verify_bundle(
             }
             authorisation = json!(a.id);
         }
-        (None, Some(id)) => authorisation = json!({ "named": id, "bundled": false }),
+        (None, Some(id)) => {
+            return Err(invalid(format!(
+                "the record names authorisation {id}, which the bundle does not carry"
+            )))
+        }
         (None, None) => {}
     }
 

@@ -349,9 +349,12 @@ pub fn verify_consistency(
         return Ok(());
     }
     if old == 0 {
-        // The empty tree is a prefix of every tree.
+        // The empty tree is a prefix of every tree, and has one root.
         if !proof.is_empty() {
             return Err(MerkleError::WrongLength { found: proof.len() });
+        }
+        if *old_root != empty_root() {
+            return Err(MerkleError::RootMismatch);
         }
         return Ok(());
     }
@@ -578,6 +581,10 @@ mod tests {
 
     #[test]
     fn consistency_proofs_match_and_verify_against_the_vectors() {
+        // The empty tree is a prefix of every tree, under its one root only.
+        let r3 = h(ROOTS[3]);
+        verify_consistency(0, 3, &empty_root(), &r3, &[]).unwrap();
+        assert!(verify_consistency(0, 3, &r3, &r3, &[]).is_err());
         for (old, new, proof) in consistency_vectors() {
             let made = make_proof(&consistency_ranges(old, new).unwrap(), new);
             assert_eq!(made, proof, "consistency {old} -> {new}");
