@@ -12,82 +12,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        let (code, out, err) = env.run(
-            None,
-            &[
-                "init",
-                "--generate-root-key",
-                "--credentials-out",
-                &env.path("creds"),
-            ],
-        );
-        assert_eq!(code, 0, "{err}");
-        assert_eq!(out["verifier_public_key"].as_str().unwrap().len(), 194);
-        env
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    fn cred(&self, role: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join("creds")
-            .join(format!("{role}.credential"))
-    }
-
-    fn run(&self, credential: Option<&Path>, args: &[&str]) -> (i32, serde_json::Value, String) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_attestation-verifier"));
-        cmd.env("KLUIS_STORE", self.dir.path().join("store"))
-            .env("KLUIS_ROOT_KEY_FILE", self.dir.path().join("root.key"))
-            .env_remove("KLUIS_CREDENTIAL_FILE")
-            .env_remove("KLUIS_STORE_PASSPHRASE")
-            .args(args);
-        if let Some(c) = credential {
-            cmd.env("KLUIS_CREDENTIAL_FILE", c);
-        }
-        let out = cmd.output().unwrap();
-        let code = out.status.code().expect("killed by a signal");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let json = stdout
-            .lines()
-            .last()
-            .and_then(|l| serde_json::from_str(l).ok())
-            .unwrap_or(serde_json::Value::Null);
-        (
-            code,
-            json,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
+mod support;
+use support::{write_private, CliStore as Env};
 
 const KEY: &str = "agency-a/app-x/prod";
-
-/// A file of mode 0600, as credentials must be.
-fn write_private(path: &str, contents: &str) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap()
-        .write_all(contents.as_bytes())
-        .unwrap();
-}
 
 #[test]
 fn separation_of_duties_and_authentication() {

@@ -30,31 +30,8 @@ use std::sync::Arc;
 const KEY: &str = "agency-a/app-x/prod";
 const DAY_MS: u64 = 86_400_000;
 
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_attestation-verifier"));
-    cmd.env_remove("KLUIS_CREDENTIAL_FILE")
-        .env_remove("KLUIS_STORE")
-        .env_remove("KLUIS_ROOT_KEY_FILE")
-        .env_remove("KLUIS_STORE_PASSPHRASE");
-    cmd
-}
-
-/// Runs the binary; exit code, stdout, last stdout line as JSON.
-fn run(cmd: &mut Command) -> (i32, String, serde_json::Value) {
-    let out = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let json = stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(serde_json::Value::Null);
-    assert!(
-        out.status.code().is_some(),
-        "killed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap(), stdout, json)
-}
+mod support;
+use support::{run_with_stdout as run, verifier_command as bin, CliStore};
 
 /// A store made by `init`, driven as an operator would.
 struct Env {
@@ -63,20 +40,9 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        let (code, _, out) = env.cli(
-            None,
-            &[
-                "init",
-                "--generate-root-key",
-                "--credentials-out",
-                &env.path("creds"),
-            ],
-        );
-        assert_eq!(code, 0, "{out}");
-        env
+        Env {
+            dir: CliStore::new().dir,
+        }
     }
 
     fn path(&self, name: &str) -> String {

@@ -15,6 +15,9 @@ use std::process::Command;
 
 use kluis_hsm::softhsm;
 
+mod support;
+use support::write_private;
+
 const KEY: &str = "agency-a/app-x/prod";
 
 struct Env {
@@ -46,29 +49,13 @@ impl Env {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_attestation-verifier"));
-        cmd.env("KLUIS_STORE", self.dir.path().join("store"))
-            .env_remove("KLUIS_ROOT_KEY_FILE")
-            .env_remove("KLUIS_CREDENTIAL_FILE")
-            .env_remove("KLUIS_STORE_PASSPHRASE")
-            .env_remove("KLUIS_HSM_PIN");
+        let mut cmd = support::verifier_command();
+        cmd.env("KLUIS_STORE", self.dir.path().join("store"));
         cmd
     }
 
     fn run(&self, cmd: &mut Command) -> (i32, serde_json::Value, String) {
-        let out = cmd.output().unwrap();
-        let code = out.status.code().expect("killed by a signal");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let json = stdout
-            .lines()
-            .last()
-            .and_then(|l| serde_json::from_str(l).ok())
-            .unwrap_or(serde_json::Value::Null);
-        (
-            code,
-            json,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        support::run(cmd)
     }
 
     /// A command with the PIN file and, if given, a credential.
@@ -84,18 +71,6 @@ impl Env {
         }
         self.run(&mut cmd)
     }
-}
-
-fn write_private(path: &str, contents: &str) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    f.write_all(contents.as_bytes()).unwrap();
 }
 
 #[test]

@@ -10,74 +10,20 @@
     clippy::indexing_slicing
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use kluis_proto::{AuthorisationId, SignedAuthorisation};
 
-struct Env {
-    dir: tempfile::TempDir,
+mod support;
+use support::CliStore as Env;
+
+/// What the tests ask of the store beyond the shared harness.
+trait EnvExt {
+    /// The audit records of `operation`, as JSON.
+    fn audit(&self, operation: &str) -> Vec<serde_json::Value>;
 }
 
-impl Env {
-    fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        let (code, _, err) = env.run(
-            None,
-            &[
-                "init",
-                "--generate-root-key",
-                "--credentials-out",
-                &env.path("creds"),
-            ],
-        );
-        assert_eq!(code, 0, "{err}");
-        env
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    fn cred(&self, role: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join("creds")
-            .join(format!("{role}.credential"))
-    }
-
-    fn command(&self, credential: Option<&Path>, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_attestation-verifier"));
-        cmd.env("KLUIS_STORE", self.dir.path().join("store"))
-            .env("KLUIS_ROOT_KEY_FILE", self.dir.path().join("root.key"))
-            .env_remove("KLUIS_CREDENTIAL_FILE")
-            .env_remove("KLUIS_STORE_PASSPHRASE")
-            .args(args);
-        if let Some(c) = credential {
-            cmd.env("KLUIS_CREDENTIAL_FILE", c);
-        }
-        cmd
-    }
-
-    fn run(&self, credential: Option<&Path>, args: &[&str]) -> (i32, serde_json::Value, String) {
-        let out = self.command(credential, args).output().unwrap();
-        let code = out.status.code().expect("killed by a signal");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let json = stdout
-            .lines()
-            .last()
-            .and_then(|l| serde_json::from_str(l).ok())
-            .unwrap_or(serde_json::Value::Null);
-        (
-            code,
-            json,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    /// The audit records of `operation`, as JSON.
+impl EnvExt for Env {
     fn audit(&self, operation: &str) -> Vec<serde_json::Value> {
         let out = self
             .command(

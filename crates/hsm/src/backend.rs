@@ -96,13 +96,7 @@ impl Pkcs11Backend {
     }
 
     fn check_guard(&self, guard: &StoreGuard<'_>) -> Result<(), StoreError> {
-        if std::ptr::eq(guard.store(), Arc::as_ptr(&self.store)) {
-            Ok(())
-        } else {
-            Err(StoreError::ForeignGuard {
-                path: self.store.path().to_owned(),
-            })
-        }
+        guard.check_locks(&self.store)
     }
 
     fn state(&self, material_id: &str) -> Result<Option<State>, StoreError> {
@@ -133,22 +127,7 @@ impl Pkcs11Backend {
 }
 
 fn wrap_aad(material_id: &str, aad: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let id_len = u16::try_from(material_id.len()).map_err(|_| StoreError::InvalidId {
-        id: material_id.chars().take(64).collect(),
-        reason: "too long",
-    })?;
-    let mut out = Vec::with_capacity(
-        WRAP_AAD_LABEL
-            .len()
-            .saturating_add(2)
-            .saturating_add(material_id.len())
-            .saturating_add(aad.len()),
-    );
-    out.extend_from_slice(WRAP_AAD_LABEL);
-    out.extend_from_slice(&id_len.to_be_bytes());
-    out.extend_from_slice(material_id.as_bytes());
-    out.extend_from_slice(aad);
-    Ok(out)
+    kluis_keystore::material_aad(WRAP_AAD_LABEL, material_id, aad)
 }
 
 impl KeyBackend for Pkcs11Backend {

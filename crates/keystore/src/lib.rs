@@ -38,7 +38,7 @@ mod meta;
 mod secret;
 mod store;
 
-pub use backend::{KeyBackend, LocalBackend, MATERIAL_KIND, MAX_WRAP_PLAINTEXT};
+pub use backend::{material_aad, KeyBackend, LocalBackend, MATERIAL_KIND, MAX_WRAP_PLAINTEXT};
 pub use error::StoreError;
 pub use secret::{Argon2Params, RootSecret, KEY_LEN};
 pub use store::{Store, StoreGuard, MAX_ID_LEN, MAX_KIND_LEN, MAX_LIST_LEN, MAX_RECORD_LEN};

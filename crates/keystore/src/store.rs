@@ -102,6 +102,18 @@ impl StoreGuard<'_> {
     pub fn store(&self) -> &Store {
         self.store
     }
+
+    /// Fails with [`StoreError::ForeignGuard`] unless this guard locks
+    /// `store` (a backend checks the guard it is handed is its own store's).
+    pub fn check_locks(&self, store: &Store) -> Result<(), StoreError> {
+        if std::ptr::eq(self.store, store) {
+            Ok(())
+        } else {
+            Err(StoreError::ForeignGuard {
+                path: store.path().to_owned(),
+            })
+        }
+    }
 }
 
 impl Store {
