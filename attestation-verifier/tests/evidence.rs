@@ -933,3 +933,78 @@ fn bundle_again(world: &World, seq: u64) -> evidence::EvidenceBundle {
     )
     .unwrap()
 }
+
+/// A release the bundled policy forbade — allowed under a policy that
+/// requires a job authorisation, by a record that names none (what someone
+/// holding the root secret could write) — is refused by the offline check,
+/// which recomputes the decision with the authorisation rule too.
+#[test]
+fn a_release_without_the_authorisation_its_policy_requires_is_invalid_offline() {
+    use attestation_verifier::audit::{Decision, NewRecord};
+    let world = World::new();
+    world.set_policy(&image_pcr0(b"v1"));
+    assert!(matches!(
+        world.release(b"v1", 1, T0 + 1_000),
+        Response::KeyRelease(_)
+    ));
+    let released = world.seq_of("key.release.generate");
+    let genuine = world
+        .broker
+        .audit()
+        .records(&Default::default())
+        .unwrap()
+        .into_iter()
+        .find(|r| r.seq == released[0])
+        .unwrap();
+    // The same policy, now requiring an authorisation.
+    let text = format!(
+        "operations = [\"generate\", \"decrypt\"]\nmax_document_age_seconds = 120\n\
+         require_authorisation = true\n\
+         [[measurements]]\nname = \"v1\"\npcr0 = \"{}\"\n",
+        hex::encode(image_pcr0(b"v1"))
+    );
+    let kms = world.broker.kms();
+    kms.set_policy(
+        &KeyName::parse(KEY).unwrap(),
+        &StoredPolicy {
+            format: "toml".into(),
+            text: text.clone(),
+            set_by: "test".into(),
+            set_ms: T0 + 1_100,
+        },
+    )
+    .unwrap();
+    let forged = kms
+        .append_audit(NewRecord {
+            time_ms: T0 + 1_200,
+            actor: genuine.actor.clone(),
+            operation: genuine.operation.clone(),
+            key_id: genuine.key_id.clone(),
+            key_version: genuine.key_version,
+            decision: Decision::Allowed,
+            reason: Some(format!(
+                "measurement set v1; {}{}",
+                attestation_verifier::kms::POLICY_REASON_PREFIX,
+                attestation_verifier::kms::policy_sha256(&text)
+            )),
+            attestation_document: genuine.attestation_document.clone(),
+        })
+        .unwrap();
+    let anchor = TrustAnchor::dangerous_from_der(world.root.root_der()).unwrap();
+    let public = world.identity.public_key_sec1();
+    // The genuine release still verifies; the forged one is refused, naming
+    // the rule.
+    let genuine_bundle = evidence::encode_evidence(
+        &evidence::build_bundle(kms, world.broker.audit(), &world.identity, released[0]).unwrap(),
+    )
+    .unwrap();
+    evidence::verify_evidence(&genuine_bundle, &public, anchor.clone()).unwrap();
+    let forged_bundle = evidence::encode_evidence(
+        &evidence::build_bundle(kms, world.broker.audit(), &world.identity, forged.seq).unwrap(),
+    )
+    .unwrap();
+    let err = evidence::verify_evidence(&forged_bundle, &public, anchor)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("authorisation_required"), "{err}");
+}
