@@ -708,3 +708,71 @@ pub async fn serve(
     )
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use kluis_proto::message::{write_message_sync, Request};
+
+    fn target(port: u16) -> VerifierTarget {
+        VerifierTarget::plain(Address::Tcp(format!("127.0.0.1:{port}")))
+    }
+
+    #[test]
+    fn a_list_of_replicas_is_bounded_and_has_each_address_once() {
+        assert_eq!(
+            Verifiers::new(Vec::new()).map(|_| ()).unwrap_err(),
+            VerifiersError::Empty
+        );
+        let err = Verifiers::new(vec![target(1), target(2), target(1)])
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err, VerifiersError::Duplicate("tcp:127.0.0.1:1".into()));
+        assert!(err.to_string().contains("given twice"), "{err}");
+        let many = (1..=u16::try_from(MAX_REPLICAS).unwrap().saturating_add(1))
+            .map(target)
+            .collect();
+        assert_eq!(
+            Verifiers::new(many).map(|_| ()).unwrap_err(),
+            VerifiersError::TooMany(MAX_REPLICAS.saturating_add(1))
+        );
+        let two = Verifiers::new(vec![target(1), target(2)]).unwrap();
+        assert_eq!(two.len(), 2);
+        assert_eq!(two.stats(), vec![ReplicaStats::default(); 2]);
+    }
+
+    #[test]
+    fn the_preference_moves_past_a_failed_replica_and_stays_with_one_that_answered() {
+        let three = Verifiers::new(vec![target(1), target(2), target(3)]).unwrap();
+        assert_eq!(three.first(), 0);
+        three.failed(0);
+        assert_eq!(three.first(), 1);
+        // A failure of a replica that is no longer preferred changes nothing.
+        three.failed(0);
+        assert_eq!(three.first(), 1);
+        three.failed(1);
+        three.failed(2);
+        assert_eq!(three.first(), 0, "wraps around");
+        three.answered_by(2);
+        assert_eq!(three.first(), 2);
+    }
+
+    #[test]
+    fn only_a_challenge_request_counts_as_one() {
+        let mut challenge = Vec::new();
+        write_message_sync(&mut challenge, &Request::Challenge, MAX_RELAY_FRAME_LEN).unwrap();
+        assert!(is_challenge_request(&challenge));
+        // Trailing bytes, a cut frame, another kind of frame: not one.
+        let mut longer = challenge.clone();
+        longer.push(0);
+        assert!(!is_challenge_request(&longer));
+        assert!(!is_challenge_request(challenge.get(..challenge.len() - 1).unwrap()));
+        let data = kluis_proto::job::finish_data_frame(
+            [vec![0u8; kluis_proto::job::DATA_FRAME_HEADER_LEN], b"challenge".to_vec()].concat(),
+        )
+        .unwrap();
+        assert!(!is_challenge_request(&data));
+        assert!(!is_challenge_request(b""));
+    }
+}
