@@ -305,7 +305,10 @@ impl Verifiers {
     }
 
     fn first(&self) -> usize {
-        self.preferred.load(Ordering::Relaxed) % self.len().max(1)
+        self.preferred
+            .load(Ordering::Relaxed)
+            .checked_rem(self.len())
+            .unwrap_or(0)
     }
 
     fn answered_by(&self, index: usize) {
@@ -315,7 +318,7 @@ impl Verifiers {
     /// `index` failed: unless another exchange already moved the
     /// preference, the next exchange starts with the replica after it.
     fn failed(&self, index: usize) {
-        let next = index.saturating_add(1) % self.len().max(1);
+        let next = index.saturating_add(1).checked_rem(self.len()).unwrap_or(0);
         let _ = self
             .preferred
             .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed);
@@ -422,7 +425,10 @@ impl EnclaveSide {
     }
 }
 
-async fn write_frame(to: &mut tokio::io::WriteHalf<BoxStream>, frame: &[u8]) -> std::io::Result<()> {
+async fn write_frame(
+    to: &mut tokio::io::WriteHalf<BoxStream>,
+    frame: &[u8],
+) -> std::io::Result<()> {
     match tokio::time::timeout(RELAY_IDLE, async {
         to.write_all(frame).await?;
         to.flush().await
@@ -505,11 +511,7 @@ async fn open_exchange(
 
 /// Relay one enclave connection (one key-release exchange) to the first
 /// replica that answers, as the module documentation describes.
-pub async fn relay_connection(
-    enclave: BoxStream,
-    verifiers: &Verifiers,
-    hook: Arc<dyn FrameHook>,
-) {
+pub async fn relay_connection(enclave: BoxStream, verifiers: &Verifiers, hook: Arc<dyn FrameHook>) {
     let (enclave_read, enclave_write) = tokio::io::split(enclave);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -542,7 +544,10 @@ async fn carry(
     let first = verifiers.first();
     let count = verifiers.len();
     for attempt in 0..count {
-        let index = first.saturating_add(attempt) % count;
+        let index = first
+            .saturating_add(attempt)
+            .checked_rem(count)
+            .unwrap_or(0);
         let Some(replica) = verifiers.replicas.get(index) else {
             break;
         };
@@ -565,9 +570,14 @@ async fn carry(
                 }
             };
         let (mut from, mut to) = tokio::io::split(upstream);
-        let opening =
-            open_exchange(&mut enclave, replica, &mut from, &mut to, verifiers.answer_timeout)
-                .await;
+        let opening = open_exchange(
+            &mut enclave,
+            replica,
+            &mut from,
+            &mut to,
+            verifiers.answer_timeout,
+        )
+        .await;
         match opening {
             Opening::Answered(frame) => {
                 bump(&replica.counters.answered);
@@ -605,7 +615,10 @@ async fn carry(
             Opening::EnclaveGone => return,
         }
     }
-    tracing::warn!(replicas = count, "no verifier replica answered this exchange");
+    tracing::warn!(
+        replicas = count,
+        "no verifier replica answered this exchange"
+    );
     let _ = enclave_write.shutdown().await;
 }
 
@@ -767,9 +780,15 @@ mod tests {
         let mut longer = challenge.clone();
         longer.push(0);
         assert!(!is_challenge_request(&longer));
-        assert!(!is_challenge_request(challenge.get(..challenge.len() - 1).unwrap()));
+        assert!(!is_challenge_request(
+            challenge.get(..challenge.len() - 1).unwrap()
+        ));
         let data = kluis_proto::job::finish_data_frame(
-            [vec![0u8; kluis_proto::job::DATA_FRAME_HEADER_LEN], b"challenge".to_vec()].concat(),
+            [
+                vec![0u8; kluis_proto::job::DATA_FRAME_HEADER_LEN],
+                b"challenge".to_vec(),
+            ]
+            .concat(),
         )
         .unwrap();
         assert!(!is_challenge_request(&data));

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use clap::Args;
 use kluis_parent::connect::connect_patiently;
-use kluis_parent::hook::PassThrough;
 use kluis_parent::failover::run_job_failing_over;
+use kluis_parent::hook::PassThrough;
 use kluis_parent::job::{run_job_on, JobRun, Progress};
 use kluis_parent::relay::Verifiers;
 use kluis_proto::job::{JobSpec, WrappedSecret};
@@ -118,8 +118,7 @@ impl VerifierTls {
                 if a.is_empty() {
                     return Err(anyhow!("an empty --verifier address"));
                 }
-                self.target(a)
-                    .with_context(|| format!("--verifier {a}"))
+                self.target(a).with_context(|| format!("--verifier {a}"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Verifiers::new(targets)?

@@ -60,7 +60,12 @@ fn relay_refuses_bad_verifier_lists_clearly() {
             "given twice",
         ),
         (
-            vec!["--verifier", "127.0.0.1:7300", "--verifier", "tcp:127.0.0.1:7300"],
+            vec![
+                "--verifier",
+                "127.0.0.1:7300",
+                "--verifier",
+                "tcp:127.0.0.1:7300",
+            ],
             "given twice",
         ),
         (vec!["--verifier", "127.0.0.1:7300,"], "empty --verifier"),
@@ -91,7 +96,12 @@ fn run_takes_several_verifiers() {
     let out = Command::new(env!("CARGO_BIN_EXE_parent"))
         .args(["run", "--enclave", enclave.as_str()])
         .args(["--verifier", "127.0.0.1:7300,127.0.0.1:7301"])
-        .args(["--verifier", "127.0.0.1:7302", "--verifier-connect-timeout", "1"])
+        .args([
+            "--verifier",
+            "127.0.0.1:7302",
+            "--verifier-connect-timeout",
+            "1",
+        ])
         .args(["--relay-listen", relay.as_str()])
         .arg("--input")
         .arg(&input)

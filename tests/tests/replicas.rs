@@ -29,8 +29,8 @@ use kluis_parent::job::RunError;
 use kluis_parent::relay::{VerifierTarget, Verifiers};
 use kluis_proto::job::{FailureKind, WorkloadSpec};
 use kluis_proto::message::{read_message, write_message, Request, Response};
-use kluis_transport::Address;
 use kluis_tests::world::*;
+use kluis_transport::Address;
 
 fn replicas(addresses: &[&Address]) -> Verifiers {
     Verifiers::new(
@@ -65,7 +65,10 @@ fn allowed_releases(world: &World) -> usize {
         .unwrap()
         .into_iter()
         .filter(|r| r.operation.starts_with("key.release"))
-        .map(|r| r.attestation_document.expect("a release names its document"))
+        .map(|r| {
+            r.attestation_document
+                .expect("a release names its document")
+        })
         .collect::<std::collections::HashSet<_>>()
         .len()
 }
@@ -133,7 +136,10 @@ async fn later_exchanges_go_to_the_second_replica_once_the_first_is_gone() {
         .unwrap();
     let stats = verifiers.stats();
     assert_eq!(stats[0].answered, 1, "{stats:?}");
-    assert_eq!(stats[0].connect_failures, 1, "tried once, then avoided: {stats:?}");
+    assert_eq!(
+        stats[0].connect_failures, 1,
+        "tried once, then avoided: {stats:?}"
+    );
     assert_eq!(stats[1].answered, 2, "{stats:?}");
     assert_eq!(stats[1].key_requests, 2, "{stats:?}");
     assert_eq!(allowed_releases(&world), 3);
@@ -306,10 +312,16 @@ async fn a_replica_lost_after_the_challenge_restarts_the_whole_exchange_on_the_n
     let stats = verifiers.stats();
     assert_eq!(stats[0].answered, 1, "{stats:?}");
     assert_eq!(stats[0].failed_after_answer, 1, "{stats:?}");
-    assert_eq!(stats[0].key_requests, 0, "no request on its challenge: {stats:?}");
+    assert_eq!(
+        stats[0].key_requests, 0,
+        "no request on its challenge: {stats:?}"
+    );
     assert_eq!(stats[1].answered, 1, "{stats:?}");
     assert_eq!(stats[1].key_requests, 1, "{stats:?}");
-    assert_eq!(stats[1].replayed, 0, "a fresh exchange, not a replay: {stats:?}");
+    assert_eq!(
+        stats[1].replayed, 0,
+        "a fresh exchange, not a replay: {stats:?}"
+    );
     // Two challenge requests (one per exchange), two key requests seen by
     // the parent (the first held back), one release decided.
     assert_eq!(
