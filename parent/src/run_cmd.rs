@@ -89,7 +89,8 @@ pub(crate) struct RelayArgs {
     pub tls: VerifierTls,
 }
 
-/// TLS to the verifier (when it runs `serve --tls-cert ...`).
+/// How to reach the verifier replicas: TLS (when they run `serve
+/// --tls-cert ...`) and the connect timeout.
 #[derive(Debug, Args)]
 pub(crate) struct VerifierTls {
     /// Connect to the verifier with TLS, trusting the CA certificate(s) in
