@@ -79,6 +79,16 @@ pub enum RunError {
         /// The error.
         source: std::io::Error,
     },
+    /// The job failed after its key request reached a verifier replica whose
+    /// answer was lost: not run again automatically
+    /// ([`crate::failover`]).
+    #[error(
+        "{0}; the key request reached a verifier replica and its answer was lost, so the \
+         job is not run again automatically (the request may have been decided and audited \
+         there, and counted as a run of its authorisation): check the verifier's audit log \
+         before running it again"
+    )]
+    AnswerLost(Box<RunError>),
 }
 
 impl RunError {
@@ -86,6 +96,7 @@ impl RunError {
     pub fn enclave_kind(&self) -> Option<FailureKind> {
         match self {
             RunError::Failed { kind, .. } => Some(*kind),
+            RunError::AnswerLost(inner) => inner.enclave_kind(),
             _ => None,
         }
     }

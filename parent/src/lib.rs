@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod connect;
+pub mod failover;
 pub mod hook;
 pub mod job;
 pub mod relay;

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use clap::Args;
 use kluis_parent::connect::connect_patiently;
+use kluis_parent::failover::run_job_failing_over;
 use kluis_parent::hook::PassThrough;
 use kluis_parent::job::{run_job_on, JobRun, Progress};
+use kluis_parent::relay::Verifiers;
 use kluis_proto::job::{JobSpec, WrappedSecret};
 use kluis_transport::{Address, Listener};
 
@@ -21,9 +23,12 @@ pub(crate) struct RunArgs {
     pub enclave: String,
     /// The controller's verifier (host:port). With it, the relay for the
     /// enclave's key request runs for the job's duration; without it, a
-    /// `parent relay` service must be running.
-    #[arg(long, value_name = "ADDR")]
-    pub verifier: Option<String>,
+    /// `parent relay` service must be running. Several replicas: repeat the
+    /// flag or separate addresses with commas; they are tried in order, and
+    /// the job runs again on the next one only when a replica failed before
+    /// any key request reached it.
+    #[arg(long, value_name = "ADDR", value_delimiter = ',')]
+    pub verifier: Vec<String>,
     /// Where the relay listens for the enclave.
     #[arg(long, value_name = "ADDR", default_value = "vsock:any:8001")]
     pub relay_listen: String,
@@ -75,14 +80,17 @@ pub(crate) struct RelayArgs {
     /// Where to listen for the enclave.
     #[arg(long, value_name = "ADDR", default_value = "vsock:any:8001")]
     pub listen: String,
-    /// The controller's verifier.
-    #[arg(long, value_name = "ADDR")]
-    pub verifier: String,
+    /// The controller's verifier (host:port). Several replicas: repeat the
+    /// flag or separate addresses with commas; each exchange goes to the
+    /// first that answers, starting with the last one that did.
+    #[arg(long, value_name = "ADDR", value_delimiter = ',', required = true)]
+    pub verifier: Vec<String>,
     #[command(flatten)]
     pub tls: VerifierTls,
 }
 
-/// TLS to the verifier (when it runs `serve --tls-cert ...`).
+/// How to reach the verifier replicas: TLS (when they run `serve
+/// --tls-cert ...`) and the connect timeout.
 #[derive(Debug, Args)]
 pub(crate) struct VerifierTls {
     /// Connect to the verifier with TLS, trusting the CA certificate(s) in
@@ -93,9 +101,31 @@ pub(crate) struct VerifierTls {
     /// --verifier].
     #[arg(long, value_name = "NAME", requires = "verifier_ca")]
     pub verifier_name: Option<String>,
+    /// How long a connection to one verifier replica may take before the
+    /// relay moves on to the next.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub verifier_connect_timeout: u64,
 }
 
 impl VerifierTls {
+    /// The replicas named by `--verifier` (each address once, at most
+    /// [`kluis_parent::relay::MAX_REPLICAS`]).
+    fn verifiers(&self, addresses: &[String]) -> anyhow::Result<Verifiers> {
+        let targets = addresses
+            .iter()
+            .map(|a| {
+                let a = a.trim();
+                if a.is_empty() {
+                    return Err(anyhow!("an empty --verifier address"));
+                }
+                self.target(a).with_context(|| format!("--verifier {a}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Verifiers::new(targets)?
+            .with_connect_timeout(Duration::from_secs(self.verifier_connect_timeout)))
+    }
+
     fn target(&self, verifier: &str) -> anyhow::Result<kluis_parent::relay::VerifierTarget> {
         let address: Address = verifier.parse()?;
         let Some(ca) = &self.verifier_ca else {
@@ -235,10 +265,15 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
         hook: Arc::new(PassThrough),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
     };
-    let relay = match &args.verifier {
-        Some(v) => Some((args.relay_listen.parse::<Address>()?, args.tls.target(v)?)),
-        None => None,
+    let relay = if args.verifier.is_empty() {
+        None
+    } else {
+        Some((
+            args.relay_listen.parse::<Address>()?,
+            args.tls.verifiers(&args.verifier)?,
+        ))
     };
+    let verifiers = relay.as_ref().map(|(_, v)| v.clone());
     runtime()?.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         if let Some((listen, verifier)) = relay {
@@ -276,8 +311,29 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
             }
         };
         let mut reporter = Reporter::new();
+        let run = async {
+            match &verifiers {
+                // The relay runs here: a job whose exchange a replica lost
+                // before any key request reached it runs again.
+                Some(verifiers) => {
+                    let mut first_input = Some(input);
+                    let path = args.input.clone();
+                    let open = move || -> std::io::Result<tokio::fs::File> {
+                        match first_input.take() {
+                            Some(file) => Ok(file),
+                            None => std::fs::File::open(&path).map(tokio::fs::File::from_std),
+                        }
+                    };
+                    run_job_failing_over(&job, verifiers, Some(stream), open, &args.output, |p| {
+                        reporter.update(p);
+                    })
+                    .await
+                }
+                None => run_job_on(&job, stream, input, &args.output, |p| reporter.update(p)).await,
+            }
+        };
         let result = tokio::select! {
-            r = run_job_on(&job, stream, input, &args.output, |p| reporter.update(p)) => r,
+            r = run => r,
             _ = tokio::signal::ctrl_c() => {
                 reporter.finish();
                 let _ = stop_tx.send(());
@@ -303,16 +359,18 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
 
 pub(crate) fn relay(args: &RelayArgs) -> anyhow::Result<()> {
     let listen: Address = args.listen.parse()?;
-    let verifier = args.tls.target(&args.verifier)?;
+    let verifier = args.tls.verifiers(&args.verifier)?;
     runtime()?.block_on(async {
         let listener = Listener::bind(&listen)
             .await
             .with_context(|| format!("listening on {listen}"))?;
-        eprintln!(
-            "relaying {} -> {}",
-            listener.local_address()?,
-            verifier.address
-        );
+        let replicas = verifier
+            .addresses()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        eprintln!("relaying {} -> {replicas}", listener.local_address()?);
         kluis_parent::relay::serve(listener, verifier, Arc::new(PassThrough), async {
             let _ = tokio::signal::ctrl_c().await;
         })

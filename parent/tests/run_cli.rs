@@ -36,3 +36,97 @@ fn run_waits_for_the_enclave_then_fails_clearly() {
     assert!(stderr.contains("nitro-cli describe-enclaves"), "{stderr}");
     assert!(!output.exists());
 }
+
+fn parent(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_parent"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Bad `--verifier` lists are refused with a clear message, before
+/// anything listens (exit 1, never a panic).
+#[test]
+fn relay_refuses_bad_verifier_lists_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("unix:{}", dir.path().join("relay.sock").display());
+    let many = (1..=17)
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (verifiers, expected) in [
+        (
+            vec!["--verifier", "127.0.0.1:7300,127.0.0.1:7300"],
+            "given twice",
+        ),
+        (
+            vec![
+                "--verifier",
+                "127.0.0.1:7300",
+                "--verifier",
+                "tcp:127.0.0.1:7300",
+            ],
+            "given twice",
+        ),
+        (vec!["--verifier", "127.0.0.1:7300,"], "empty --verifier"),
+        (vec!["--verifier", many.as_str()], "at most 16"),
+    ] {
+        let mut args = vec!["relay", "--listen", listen.as_str()];
+        args.extend(verifiers);
+        let out = parent(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // No --verifier at all: a usage error.
+    let out = parent(&["relay", "--listen", listen.as_str()]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// `parent run` takes several replicas (repeated and comma-separated) and
+/// starts its relay with them; here the enclave never listens.
+#[test]
+fn run_takes_several_verifiers() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.kenv");
+    std::fs::write(&input, b"not read").unwrap();
+    let output = dir.path().join("output.kenv");
+    let enclave = format!("unix:{}", dir.path().join("enclave.sock").display());
+    let relay = format!("unix:{}", dir.path().join("relay.sock").display());
+    let out = Command::new(env!("CARGO_BIN_EXE_parent"))
+        .args(["run", "--enclave", enclave.as_str()])
+        .args(["--verifier", "127.0.0.1:7300,127.0.0.1:7301"])
+        .args([
+            "--verifier",
+            "127.0.0.1:7302",
+            "--verifier-connect-timeout",
+            "1",
+        ])
+        .args(["--relay-listen", relay.as_str()])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .args(["--output-key", "a/b/c", "--enclave-wait", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("did not accept a connection within"),
+        "{stderr}"
+    );
+    assert!(!output.exists());
+
+    // A connect timeout of 0 is refused by the parser.
+    let out = parent(&[
+        "relay",
+        "--listen",
+        relay.as_str(),
+        "--verifier",
+        "127.0.0.1:7300",
+        "--verifier-connect-timeout",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -21,7 +21,7 @@ use kluis_keystore::RootSecret;
 use kluis_nsm::sim::{SimConfig, SimRoot, SimulatedNsm};
 use kluis_parent::hook::{Channel, Direction, FrameHook, PassThrough};
 use kluis_parent::job::{run_job, JobReport, JobRun, RunError};
-use kluis_parent::relay::VerifierTarget;
+use kluis_parent::relay::{VerifierTarget, Verifiers};
 use kluis_proto::job::{JobSpec, WorkloadSpec, WrappedSecret};
 use kluis_proto::VerifierIdentity;
 use kluis_transport::{Address, Listener};
@@ -376,15 +376,16 @@ pub async fn start_relay(verifier: &Address, hook: Arc<dyn FrameHook>) -> Runnin
     start_relay_to(VerifierTarget::plain(verifier.clone()), hook).await
 }
 
-/// Start the parent's relay to `verifier` (plain or TLS) with `hook`.
-pub async fn start_relay_to(verifier: VerifierTarget, hook: Arc<dyn FrameHook>) -> Running {
+/// Start the parent's relay to `verifier` (plain or TLS, one replica or
+/// several) with `hook`.
+pub async fn start_relay_to(verifier: impl Into<Verifiers>, hook: Arc<dyn FrameHook>) -> Running {
     let listener = Listener::bind(&Address::Tcp("127.0.0.1:0".into()))
         .await
         .unwrap();
     let address = listener.local_address().unwrap();
     let stop = Arc::new(Notify::new());
     let stopped = Arc::clone(&stop);
-    let verifier = verifier.clone();
+    let verifier: Verifiers = verifier.into();
     let task =
         tokio::spawn(async move {
             kluis_parent::relay::serve(listener, verifier, hook, async move {
