@@ -88,6 +88,9 @@ struct Change<'a> {
     operation: &'a str,
     key: Option<&'a KeyName>,
     reason: Option<String>,
+    /// For a change to a job authorisation: its id, purpose and case, in
+    /// the record's hashed `job` field.
+    job: Option<crate::audit::JobContext>,
 }
 
 /// A backend that does nothing: transitions are planned with it before
@@ -316,16 +319,19 @@ impl Kms {
             time_ms,
         };
         self.put_json(guard, KIND_SYSTEM, ID_INTENT, &intent)?;
-        let appended = binding.log.append_anchor(NewRecord {
-            time_ms,
-            actor: binding.actor.clone(),
-            operation: change.operation.to_owned(),
-            key_id: intent.key_id.clone(),
-            key_version: version,
-            decision: Decision::Allowed,
-            reason: change.reason,
-            attestation_document: None,
-        });
+        let appended = binding.log.append_job(
+            NewRecord {
+                time_ms,
+                actor: binding.actor.clone(),
+                operation: change.operation.to_owned(),
+                key_id: intent.key_id.clone(),
+                key_version: version,
+                decision: Decision::Allowed,
+                reason: change.reason,
+                attestation_document: None,
+            },
+            change.job,
+        );
         match appended {
             Ok(anchor) => self.advance_anchor(guard, &binding.log, &anchor),
             Err(e) => {
@@ -507,6 +513,7 @@ impl Kms {
                 operation,
                 key: Some(name),
                 reason,
+                job: None,
             };
             self.journal(&guard, KIND_CMK, name.as_str(), what, version(&out))?;
         }
@@ -544,6 +551,7 @@ impl Kms {
             operation: "key.create",
             key: Some(name),
             reason: None,
+            job: None,
         };
         self.journal(&guard, KIND_CMK, name.as_str(), change, Some(1))?;
         let result = keys::create(
@@ -736,6 +744,7 @@ impl Kms {
             operation: "policy.set",
             key: Some(name),
             reason: Some(format!("{POLICY_REASON_PREFIX}{digest}")),
+            job: None,
         };
         let version_id = format!("{}@{digest}", name.as_str());
         if self.store.get(KIND_POLICY_VERSION, &version_id)?.is_none() {
@@ -796,6 +805,7 @@ impl Kms {
             operation: "admin.create",
             key: None,
             reason: (!reason.is_empty()).then(|| reason.to_owned()),
+            job: None,
         };
         self.journal(&guard, KIND_ADMIN, &record.name, change, None)?;
         match then().and_then(|()| self.put_json(&guard, KIND_ADMIN, &record.name, record)) {
@@ -890,6 +900,7 @@ impl Kms {
             operation: "identity.create",
             key: None,
             reason: None,
+            job: None,
         };
         self.journal(&guard, KIND_SYSTEM, id, change, None)?;
         match self.store.put(&guard, KIND_SYSTEM, id, value) {

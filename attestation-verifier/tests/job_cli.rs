@@ -163,11 +163,21 @@ fn authorise_list_show_and_revoke() {
     let reason = allowed[0]["reason"].as_str().unwrap();
     assert!(reason.contains(&id), "{reason}");
     assert!(reason.contains("CASE-2026-0042"), "{reason}");
+    // The issue and the revocation carry the authorisation in the record's
+    // hashed job field too, like every record of a job run under it.
+    assert_eq!(allowed[0]["job"]["authorisation"], id.as_str());
+    assert_eq!(allowed[0]["job"]["case"], "CASE-2026-0042");
+    assert_eq!(allowed[0]["job"]["purpose"], "benefit entitlement check");
     assert!(issued.iter().any(|r| r["decision"] == "refused"));
     let revoked = env.audit("job.revoke");
-    assert!(revoked.iter().any(
-        |r| r["decision"] == "allowed" && r["reason"].as_str().unwrap().contains("case closed")
-    ));
+    let revocation = revoked
+        .iter()
+        .find(|r| {
+            r["decision"] == "allowed" && r["reason"].as_str().unwrap().contains("case closed")
+        })
+        .expect("the revocation is audited");
+    assert_eq!(revocation["job"]["authorisation"], id.as_str());
+    assert_eq!(revocation["job"]["case"], "CASE-2026-0042");
     assert!(revoked.iter().any(|r| r["decision"] == "refused"));
     let (code, _, err) = env.run(Some(&app_admin), &["audit", "verify"]);
     assert_eq!(code, 0, "{err}");

@@ -165,6 +165,15 @@ pub fn admit_run(
     Ok(())
 }
 
+/// The audit `job` field of a record about authorisation `id`.
+fn job_context(id: &str, signed: &SignedAuthorisation) -> crate::audit::JobContext {
+    crate::audit::JobContext {
+        authorisation: id.to_owned(),
+        purpose: signed.authorisation().purpose.clone(),
+        case: signed.authorisation().case.clone(),
+    }
+}
+
 impl Kms {
     /// Store a newly issued authorisation, after its audit record
     /// (`job.authorise`, with `summary` as the reason).
@@ -190,6 +199,7 @@ impl Kms {
             operation: "job.authorise",
             key: None,
             reason: Some(summary),
+            job: Some(job_context(&id, signed)),
         };
         self.put_audited(&guard, KIND_AUTHORISATION, &id, &record, change)
     }
@@ -239,10 +249,18 @@ impl Kms {
             time_ms: now_ms,
             reason: reason.to_owned(),
         });
+        // Its purpose and case go into the record, from the authorisation as
+        // issued (checked under this verifier's identity).
+        let public = self.identity()?.map(|identity| identity.public_key_sec1());
+        let signed = match (record.signed_bytes(), public) {
+            (Ok(bytes), Some(public)) => SignedAuthorisation::verify(&bytes, &public).ok(),
+            _ => None,
+        };
         let change = Change {
             operation: "job.revoke",
             key: None,
             reason: Some(format!("authorisation {hex}: {reason}")),
+            job: signed.as_ref().map(|signed| job_context(&hex, signed)),
         };
         self.put_audited(&guard, KIND_AUTHORISATION, &hex, &record, change)?;
         Ok(record)
