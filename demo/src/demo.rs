@@ -103,6 +103,11 @@ fn detail(text: impl AsRef<str>) {
 }
 
 impl Demo {
+    /// A file in the demo's directory.
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
     fn step(&mut self, who: &str, what: &str) {
         self.step = self.step.saturating_add(1);
         println!("[{:>2}] {who:<10} {what}", self.step);
@@ -382,11 +387,77 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         "Kluis local demo: confidential processing end to end on the SIMULATED Nitro Secure Module"
     );
     println!("(in production the enclave runs in a Nitro Enclave with /dev/nsm, and the verifier trusts only the AWS root)\n");
+    let keys = controller_setup(demo)?;
+    let (stage, relay_listener) = start_relay(demo)?;
+    let enclave = start_enclave(demo, &stage, &keys)?;
+    let root_pem = set_policies(demo, &enclave)?;
+    start_verifier(demo, &stage, relay_listener, &root_pem)?;
+    let dataset = encrypt_dataset(demo, records)?;
+    let authorisation = authorise_job(demo)?;
+    let ran = run_pseudonymisation(demo, &stage, &enclave, &dataset, &authorisation)?;
+    let output = check_result(demo, &dataset, &ran)?;
+    parent_view(demo, &stage, &dataset, &output)?;
+    attacks(demo, &stage, &keys, &enclave, &dataset, &ran.job)?;
+    let shown = audit_summary(demo, &stage, &authorisation)?;
     let dir = demo.dir.clone();
     let path = |name: &str| dir.join(name);
-    let p = |p: &Path| p.display().to_string();
+    evidence_steps(demo, &shown, &keys.verifier_key, &root_pem, &path)?;
+    println!("\ndemo OK: data was readable only inside the attested enclave; the parent carried ciphertext only");
+    Ok(())
+}
 
-    // Controller: store, keys.
+/// A path as a command-line argument.
+fn arg(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// What the controller's set-up hands on: the verifier's identity key.
+struct Keys {
+    verifier_key: String,
+}
+
+/// What the phases share once the parent's relay is bound: the runtime, the
+/// recorder of every byte the parent carries, and the relay's address.
+struct Stage {
+    runtime: tokio::runtime::Runtime,
+    recorder: Arc<Recorder>,
+    relay_address: Address,
+    /// Stops the relay (which starts with the verifier).
+    stop_relay: Arc<tokio::sync::Notify>,
+}
+
+/// The admitted enclave: where it listens, its measurements, and what a
+/// modified enclave needs to start the same way.
+struct Enclave {
+    address: Address,
+    pcrs: Value,
+    config: PathBuf,
+    sim_state: PathBuf,
+}
+
+/// The sample dataset: its plaintext, the people in it, and the encrypted
+/// input and wrapped secret the job takes.
+struct Dataset {
+    plaintext: String,
+    people: Vec<String>,
+    encrypted: PathBuf,
+    secret_file: PathBuf,
+}
+
+/// The controller's authorisation of the job: its file and its id.
+struct Authorisation {
+    file: PathBuf,
+    id: String,
+}
+
+/// The job as run, and where its (encrypted) output is.
+struct Ran {
+    job: JobRun,
+    output: PathBuf,
+}
+
+/// Controller: the verifier's store, its identity key and the master keys.
+fn controller_setup(demo: &mut Demo) -> Result<Keys> {
     let mut init_args = vec!["init".to_owned()];
     if demo.hsm_init.is_empty() {
         demo.step(
@@ -402,7 +473,7 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         init_args.extend(demo.hsm_init.iter().cloned());
     }
     init_args.push("--credentials-out".to_owned());
-    init_args.push(p(&demo.creds.clone()));
+    init_args.push(arg(&demo.creds));
     let init = demo.verifier(
         None,
         &init_args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -434,8 +505,12 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
                 .unwrap_or(Value::from(1))
         ));
     }
+    Ok(Keys { verifier_key })
+}
 
-    // The enclave, on the simulated NSM; the parent's relay first.
+/// Parent: the runtime and the relay's listener, for the enclave's key
+/// requests (the relay itself starts with the verifier).
+fn start_relay(demo: &mut Demo) -> Result<(Stage, Listener)> {
     demo.step(
         "parent",
         "starts its relay for the enclave's key requests (recording every byte it carries)",
@@ -448,15 +523,28 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     let relay_listener = runtime.block_on(Listener::bind(&Address::Tcp("127.0.0.1:0".into())))?;
     let relay_address = relay_listener.local_address()?;
     detail(format!("relay at {relay_address}"));
+    let stage = Stage {
+        runtime,
+        recorder,
+        relay_address,
+        stop_relay: Arc::new(tokio::sync::Notify::new()),
+    };
+    Ok((stage, relay_listener))
+}
 
+/// The enclave, on the simulated NSM, with the verifier key and its allowed
+/// jobs in its configuration.
+fn start_enclave(demo: &mut Demo, stage: &Stage, keys: &Keys) -> Result<Enclave> {
     demo.step(
         "enclave",
         "starts on the SIMULATED NSM with the verifier key and its allowed jobs built in",
     );
-    let sim_state = path("nsm-sim");
+    let sim_state = demo.path("nsm-sim");
     // The enclave's configuration: in a real image it is built in and
     // measured with the binary (here the simulator measures the binary only).
-    let config = path("enclave.toml");
+    let config = demo.path("enclave.toml");
+    let relay_address = &stage.relay_address;
+    let verifier_key = &keys.verifier_key;
     std::fs::write(
         &config,
         format!(
@@ -475,41 +563,50 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
             "enclave",
             "run",
             "--config",
-            &p(&config),
+            &arg(&config),
             "--simulate-nsm",
             "--sim-state",
-            &p(&sim_state),
+            &arg(&sim_state),
         ],
     )?;
-    let enclave_address: Address = enclave
+    let address: Address = enclave
         .get("listening")
         .and_then(Value::as_str)
         .ok_or_else(|| anyhow!("the enclave did not say where it listens"))?
         .parse()?;
     let pcrs = enclave.get("pcrs").cloned().unwrap_or(Value::Null);
-    detail(format!("listening at {enclave_address}"));
+    detail(format!("listening at {address}"));
     for i in ["0", "1", "2"] {
         detail(format!(
             "PCR{i} {}",
             pcrs.get(i).and_then(Value::as_str).unwrap_or("?")
         ));
     }
+    Ok(Enclave {
+        address,
+        pcrs,
+        config,
+        sim_state,
+    })
+}
 
-    // Policies: exactly this enclave's measurements.
+/// Policies: exactly this enclave's measurements. Returns the simulated
+/// NSM root (PEM) the verifier is to trust.
+fn set_policies(demo: &mut Demo, enclave: &Enclave) -> Result<PathBuf> {
     demo.step(
         "controller",
         "application administrator sets policies admitting exactly these PCRs",
     );
-    let root_pem = path("nsm-sim-root.pem");
+    let root_pem = demo.path("nsm-sim-root.pem");
     let out = Command::new(&demo.exe)
         .args([
             "enclave",
             "nsm-sim",
             "export-root",
             "--state",
-            &p(&sim_state),
+            &arg(&enclave.sim_state),
             "--out",
-            &p(&root_pem),
+            &arg(&root_pem),
         ])
         .output()
         .context("exporting the simulated root")?;
@@ -519,7 +616,7 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         (SECRET_KEY, &["decrypt"][..]),
         (OUTPUT_KEY, &["generate"][..]),
     ] {
-        let file = path(&format!("policy-{}.toml", key.replace('/', "_")));
+        let file = demo.path(&format!("policy-{}.toml", key.replace('/', "_")));
         // The personal data is released only to jobs the controller
         // authorised.
         let require = if key == INPUT_KEY {
@@ -527,8 +624,8 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         } else {
             ""
         };
-        std::fs::write(&file, format!("{require}{}", policy(&pcrs, ops)))?;
-        demo.verifier(Some("app-admin"), &["policy", "set", key, &p(&file)])?;
+        std::fs::write(&file, format!("{require}{}", policy(&enclave.pcrs, ops)))?;
+        demo.verifier(Some("app-admin"), &["policy", "set", key, &arg(&file)])?;
         detail(format!(
             "{key}: {} for PCR0/1/2 of the demo enclave{}",
             ops.join(", "),
@@ -539,7 +636,16 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
             }
         ));
     }
+    Ok(root_pem)
+}
 
+/// The verifier's key-release service, and the parent's relay to it.
+fn start_verifier(
+    demo: &mut Demo,
+    stage: &Stage,
+    relay_listener: Listener,
+    root_pem: &Path,
+) -> Result<()> {
     demo.step(
         "verifier",
         "starts its key-release service (trusting the simulated NSM root, explicitly)",
@@ -547,16 +653,16 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     let mut serve_args: Vec<String> = vec![
         "verifier".into(),
         "--store".into(),
-        p(&demo.store),
+        arg(&demo.store),
         demo.secret_args[0].clone(),
         demo.secret_args[1].clone(),
         "--credential".into(),
-        p(&demo.creds.join("app-admin.credential")),
+        arg(&demo.creds.join("app-admin.credential")),
         "serve".into(),
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--dangerous-nsm-root".into(),
-        p(&root_pem),
+        arg(root_pem),
     ];
     let served = demo.spawn(
         "verifier",
@@ -569,28 +675,28 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         .ok_or_else(|| anyhow!("the verifier did not say where it listens"))?
         .parse()?;
     detail(format!("listening at {verifier_address}"));
-    let stop_relay = Arc::new(tokio::sync::Notify::new());
-    {
-        let stop = Arc::clone(&stop_relay);
-        let hook: Arc<dyn kluis_parent::hook::FrameHook> = recorder.clone();
-        let verifier_address = verifier_address.clone();
-        runtime.spawn(async move {
-            kluis_parent::relay::serve(relay_listener, verifier_address, hook, async move {
-                stop.notified().await
-            })
-            .await;
-        });
-    }
+    let stop = Arc::clone(&stage.stop_relay);
+    let hook: Arc<dyn kluis_parent::hook::FrameHook> = stage.recorder.clone();
+    stage.runtime.spawn(async move {
+        kluis_parent::relay::serve(relay_listener, verifier_address, hook, async move {
+            stop.notified().await
+        })
+        .await;
+    });
+    Ok(())
+}
 
-    // Controller: data.
+/// Controller: the sample dataset, encrypted, and a wrapped
+/// pseudonymisation secret.
+fn encrypt_dataset(demo: &mut Demo, records: u32) -> Result<Dataset> {
     demo.step(
         "controller",
         &format!("encrypts a sample dataset of {records} benefit records"),
     );
-    let (dataset, people) = sample_dataset(records);
-    let plain_in = path("benefits.csv");
-    std::fs::write(&plain_in, &dataset)?;
-    let enc_in = path("benefits.kenv");
+    let (plaintext, people) = sample_dataset(records);
+    let plain_in = demo.path("benefits.csv");
+    std::fs::write(&plain_in, &plaintext)?;
+    let encrypted = demo.path("benefits.kenv");
     demo.verifier(
         Some("app-admin"),
         &[
@@ -598,28 +704,42 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
             "encrypt",
             "--key",
             INPUT_KEY,
-            &p(&plain_in),
-            &p(&enc_in),
+            &arg(&plain_in),
+            &arg(&encrypted),
         ],
     )?;
     detail(format!(
         "{} bytes of plaintext -> {} bytes of envelope under {INPUT_KEY}",
-        dataset.len(),
-        std::fs::metadata(&enc_in)?.len()
+        plaintext.len(),
+        std::fs::metadata(&encrypted)?.len()
     ));
-    let secret_file = path("pseudonym.secret.wrapped");
+    let secret_file = demo.path("pseudonym.secret.wrapped");
     demo.verifier(
         Some("app-admin"),
-        &["data", "new-secret", "--key", SECRET_KEY, &p(&secret_file)],
+        &[
+            "data",
+            "new-secret",
+            "--key",
+            SECRET_KEY,
+            &arg(&secret_file),
+        ],
     )?;
     detail(format!("a pseudonymisation secret, wrapped under {SECRET_KEY} (nobody outside an admitted enclave ever sees it)"));
+    Ok(Dataset {
+        plaintext,
+        people,
+        encrypted,
+        secret_file,
+    })
+}
 
-    // The controller authorises the job.
+/// The controller authorises the job.
+fn authorise_job(demo: &mut Demo) -> Result<Authorisation> {
     demo.step(
         "controller",
         "application administrator authorises the pseudonymisation job, once",
     );
-    let auth_file = path("pseudonymise.auth");
+    let file = demo.path("pseudonymise.auth");
     let authorised = demo.verifier(
         Some("app-admin"),
         &[
@@ -642,26 +762,35 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
             "--max-runs",
             "1",
             "--out",
-            &p(&auth_file),
+            &arg(&file),
         ],
     )?;
-    let auth_id = authorised
+    let id = authorised
         .get("id")
         .and_then(Value::as_str)
         .unwrap_or("?")
         .to_owned();
     detail(format!(
         "authorisation {}… signed by the verifier identity: purpose, case DEMO-2026-001, 1 run, expires in an hour",
-        auth_id.get(..16).unwrap_or(&auth_id)
+        id.get(..16).unwrap_or(&id)
     ));
+    Ok(Authorisation { file, id })
+}
 
-    // The job.
+/// The job: the parent runs it under the authorisation.
+fn run_pseudonymisation(
+    demo: &mut Demo,
+    stage: &Stage,
+    enclave: &Enclave,
+    dataset: &Dataset,
+    authorisation: &Authorisation,
+) -> Result<Ran> {
     demo.step(
         "parent",
         "runs the pseudonymisation job under it: streams ciphertext in, takes ciphertext out",
     );
     let job = JobRun {
-        enclave: enclave_address.clone(),
+        enclave: enclave.address.clone(),
         spec: JobSpec {
             job_id: "demo-pseudonymise".into(),
             workload: WorkloadSpec::Pseudonymise {
@@ -672,16 +801,16 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
                 check_national_number: true,
             },
             output_key: OUTPUT_KEY.into(),
-            secrets: vec![WrappedSecret(std::fs::read(&secret_file)?)],
-            authorisation: Some(std::fs::read(&auth_file)?),
+            secrets: vec![WrappedSecret(std::fs::read(&dataset.secret_file)?)],
+            authorisation: Some(std::fs::read(&authorisation.file)?),
         },
-        hook: recorder.clone(),
+        hook: stage.recorder.clone(),
         idle_timeout: Duration::from_secs(60),
     };
-    let enc_out = path("pseudonymised.kenv");
-    let report = runtime.block_on(async {
-        let input = tokio::fs::File::open(&enc_in).await?;
-        run_job(&job, input, &enc_out, |_| {})
+    let output = demo.path("pseudonymised.kenv");
+    let report = stage.runtime.block_on(async {
+        let input = tokio::fs::File::open(&dataset.encrypted).await?;
+        run_job(&job, input, &output, |_| {})
             .await
             .map_err(anyhow::Error::from)
     })?;
@@ -701,16 +830,21 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         report.output_bytes,
         report.elapsed.as_secs_f64() * 1000.0
     ));
+    Ok(Ran { job, output })
+}
 
-    // Controller: result.
+/// Controller: decrypts the result and checks it. Returns the plaintext
+/// output.
+fn check_result(demo: &mut Demo, dataset: &Dataset, ran: &Ran) -> Result<String> {
     demo.step("controller", "decrypts the result and checks it");
-    let plain_out = path("pseudonymised.csv");
+    let plain_out = demo.path("pseudonymised.csv");
     demo.verifier(
         Some("app-admin"),
-        &["data", "decrypt", &p(&enc_out), &p(&plain_out)],
+        &["data", "decrypt", &arg(&ran.output), &arg(&plain_out)],
     )?;
     let output = std::fs::read_to_string(&plain_out)?;
-    check_output(&dataset, &output)?;
+    let dataset = &dataset.plaintext;
+    check_output(dataset, &output)?;
     let distinct: BTreeSet<&str> = output
         .lines()
         .skip(1)
@@ -725,23 +859,28 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     if let Some(line) = output.lines().nth(1) {
         detail(format!("e.g. {}…", line.get(..40).unwrap_or(line)));
     }
+    Ok(output)
+}
 
-    // What the parent saw.
+/// What the parent saw: no national register number, input record or
+/// output pseudonym in the clear.
+fn parent_view(demo: &mut Demo, stage: &Stage, dataset: &Dataset, output: &str) -> Result<()> {
     demo.step("parent", "what it saw: ciphertext only");
-    let job_bytes = recorder.bytes(Channel::Job);
-    let relay_bytes = recorder.bytes(Channel::Verifier);
+    let job_bytes = stage.recorder.bytes(Channel::Job);
+    let relay_bytes = stage.recorder.bytes(Channel::Verifier);
     let seen: Vec<u8> = job_bytes
         .iter()
         .chain(relay_bytes.iter())
         .copied()
         .collect();
-    let nrns: Vec<&[u8]> = people.iter().map(|p| p.as_bytes()).collect();
+    let nrns: Vec<&[u8]> = dataset.people.iter().map(|p| p.as_bytes()).collect();
     let found = occurring(&seen, &nrns).len();
     ensure!(
         found == 0,
         "{found} national register numbers crossed the parent in the clear"
     );
     let records: Vec<&[u8]> = dataset
+        .plaintext
         .lines()
         .skip(1)
         .take(50)
@@ -763,25 +902,36 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     );
     detail(format!(
         "{} frames: {} bytes of job traffic and {} bytes of key-release traffic",
-        recorder.frames(),
+        stage.recorder.frames(),
         job_bytes.len(),
         relay_bytes.len()
     ));
     detail(format!(
         "none of the {} people's national register numbers, no input record and no output pseudonym appears in it",
-        people.len()
+        dataset.people.len()
     ));
+    Ok(())
+}
 
+/// The attacker's attempts: each must be refused.
+fn attacks(
+    demo: &mut Demo,
+    stage: &Stage,
+    keys: &Keys,
+    enclave: &Enclave,
+    dataset: &Dataset,
+    job: &JobRun,
+) -> Result<()> {
     // The parent runs the authorised job again.
     demo.step(
         "attacker",
         "runs the authorised job a second time (the authorisation allows one run)",
     );
     expect_refused(
-        &runtime,
-        &job,
-        &enc_in,
-        &path("again.kenv"),
+        &stage.runtime,
+        job,
+        &dataset.encrypted,
+        &demo.path("again.kenv"),
         FailureKind::KeyReleaseRefused,
         "the second run",
     )?;
@@ -801,21 +951,31 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         ..job.clone()
     };
     expect_refused(
-        &runtime,
+        &stage.runtime,
         &identity_job,
-        &enc_in,
-        &path("raw.kenv"),
+        &dataset.encrypted,
+        &demo.path("raw.kenv"),
         FailureKind::JobNotAllowed,
         "the identity job",
     )?;
     detail("refused by the enclave itself, before it asked for any key (job_not_allowed)");
+    rogue_enclave(demo, stage, keys, enclave, dataset, job)
+}
 
-    // An enclave the policy does not admit.
+/// An enclave the policy does not admit asks for the same job.
+fn rogue_enclave(
+    demo: &mut Demo,
+    stage: &Stage,
+    keys: &Keys,
+    enclave: &Enclave,
+    dataset: &Dataset,
+    job: &JobRun,
+) -> Result<()> {
     demo.step(
         "attacker",
         "starts a modified enclave (other measurements) and asks for the same job",
     );
-    let other_image = path("modified-enclave.img");
+    let other_image = demo.path("modified-enclave.img");
     std::fs::write(&other_image, b"a modified enclave image")?;
     let rogue = demo.spawn(
         "rogue-enclave",
@@ -824,18 +984,18 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
             "run",
             // The same configuration (allowed jobs); other code.
             "--config",
-            &p(&config),
+            &arg(&enclave.config),
             "--simulate-nsm",
             "--sim-state",
-            &p(&sim_state),
+            &arg(&enclave.sim_state),
             "--sim-image",
-            &p(&other_image),
+            &arg(&other_image),
             "--listen",
             "tcp:127.0.0.1:0",
             "--verifier",
-            &relay_address.to_string(),
+            &stage.relay_address.to_string(),
             "--verifier-key",
-            &verifier_key,
+            &keys.verifier_key,
         ],
     )?;
     let rogue_address: Address = rogue
@@ -848,18 +1008,26 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         ..job.clone()
     };
     expect_refused(
-        &runtime,
+        &stage.runtime,
         &rogue_job,
-        &enc_in,
-        &path("rogue.kenv"),
+        &dataset.encrypted,
+        &demo.path("rogue.kenv"),
         FailureKind::KeyReleaseRefused,
         "the modified enclave's job",
     )?;
     detail("refused: the verifier released no key (the reason is in the audit log, not told to the enclave)");
     demo.children.stop("rogue-enclave");
+    Ok(())
+}
 
-    // Stop the service, verify the audit log.
-    stop_relay.notify_waiters();
+/// Stop the service, verify the audit log and summarise it. Returns the
+/// audit records, for the evidence steps.
+fn audit_summary(
+    demo: &mut Demo,
+    stage: &Stage,
+    authorisation: &Authorisation,
+) -> Result<Vec<Value>> {
+    stage.stop_relay.notify_waiters();
     demo.children.stop("verifier");
     demo.children.stop("enclave");
     demo.step(
@@ -872,13 +1040,7 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
         "the audit log does not verify: {verified}"
     );
     let shown = demo.verifier_lines(Some("app-admin"), &["audit", "show", "--json"])?;
-    let mut ops: BTreeMap<String, usize> = BTreeMap::new();
-    for r in &shown {
-        let op = r.get("operation").and_then(Value::as_str).unwrap_or("?");
-        let decision = r.get("decision").and_then(Value::as_str).unwrap_or("?");
-        let n = ops.entry(format!("{op} {decision}")).or_default();
-        *n = n.saturating_add(1);
-    }
+    let ops = operation_counts(&shown);
     let refusals: Vec<String> = shown
         .iter()
         .filter(|r| r.get("decision").and_then(Value::as_str) == Some("refused"))
@@ -921,13 +1083,24 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
             .any(|r| r.starts_with("authorisation_exhausted")),
         "the second run's refusal is not in the audit log"
     );
+    let id = &authorisation.id;
     detail(format!(
         "{under_authorisation} records name authorisation {}… (purpose and case DEMO-2026-001)",
-        auth_id.get(..16).unwrap_or(&auth_id)
+        id.get(..16).unwrap_or(id)
     ));
-    evidence_steps(demo, &shown, &verifier_key, &root_pem, &path)?;
-    println!("\ndemo OK: data was readable only inside the attested enclave; the parent carried ciphertext only");
-    Ok(())
+    Ok(shown)
+}
+
+/// How many audit records there are of each operation and decision.
+fn operation_counts(shown: &[Value]) -> BTreeMap<String, usize> {
+    let mut ops: BTreeMap<String, usize> = BTreeMap::new();
+    for r in shown {
+        let op = r.get("operation").and_then(Value::as_str).unwrap_or("?");
+        let decision = r.get("decision").and_then(Value::as_str).unwrap_or("?");
+        let n = ops.entry(format!("{op} {decision}")).or_default();
+        *n = n.saturating_add(1);
+    }
+    ops
 }
 
 /// Evidence a supervisor checks offline (`docs/evidence.md`): the bundle of
