@@ -1008,3 +1008,90 @@ fn a_release_without_the_authorisation_its_policy_requires_is_invalid_offline() 
         .to_string();
     assert!(err.contains("authorisation_required"), "{err}");
 }
+
+/// A release record that names an authorisation for other keys — or one
+/// that expired before the record — is refused offline, even though the
+/// authorisation itself is genuine.
+#[test]
+fn an_authorisation_that_does_not_cover_the_release_is_invalid_offline() {
+    use attestation_verifier::audit::{Decision, JobContext, NewRecord};
+    let world = World::new();
+    world.set_policy(&image_pcr0(b"v1"));
+    assert!(matches!(
+        world.release(b"v1", 1, T0 + 1_000),
+        Response::KeyRelease(_)
+    ));
+    let released = world.seq_of("key.release.generate");
+    let genuine = world
+        .broker
+        .audit()
+        .records(&Default::default())
+        .unwrap()
+        .into_iter()
+        .find(|r| r.seq == released[0])
+        .unwrap();
+    let kms = world.broker.kms();
+    let issue = |output_key: &str, expires_at_ms: u64| {
+        let mut nonce = [0u8; kluis_proto::authorisation::AUTHORISATION_NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce).unwrap();
+        let signed = kluis_proto::JobAuthorisation {
+            version: kluis_proto::authorisation::AUTHORISATION_VERSION,
+            nonce,
+            issuer: "app-admin".into(),
+            issued_at_ms: T0,
+            expires_at_ms,
+            workload: kluis_proto::job::WorkloadSpec::Identity,
+            input_key: KEY.into(),
+            output_key: output_key.into(),
+            secret_keys: Vec::new(),
+            purpose: "benefit entitlement check".into(),
+            case: "CASE-9".into(),
+            max_runs: None,
+        }
+        .sign(&world.identity)
+        .unwrap();
+        kms.store_authorisation(&signed, "test".into()).unwrap();
+        signed
+    };
+    let anchor = TrustAnchor::dangerous_from_der(world.root.root_der()).unwrap();
+    let public = world.identity.public_key_sec1();
+    // The genuine release as if made under `signed` (what someone holding
+    // the root secret could append).
+    let verify_under = |signed: &kluis_proto::SignedAuthorisation| {
+        let forged = world
+            .broker
+            .audit()
+            .append_job(
+                NewRecord {
+                    time_ms: T0 + 1_200,
+                    actor: genuine.actor.clone(),
+                    operation: genuine.operation.clone(),
+                    key_id: genuine.key_id.clone(),
+                    key_version: genuine.key_version,
+                    decision: Decision::Allowed,
+                    reason: genuine.reason.clone(),
+                    attestation_document: genuine.attestation_document.clone(),
+                },
+                Some(JobContext {
+                    authorisation: signed.id().to_hex(),
+                    purpose: "benefit entitlement check".into(),
+                    case: "CASE-9".into(),
+                }),
+            )
+            .unwrap();
+        let bundle = evidence::encode_evidence(
+            &evidence::build_bundle(kms, world.broker.audit(), &world.identity, forged.seq)
+                .unwrap(),
+        )
+        .unwrap();
+        evidence::verify_evidence(&bundle, &public, anchor.clone()).map_err(|e| e.to_string())
+    };
+    // Covering the key, in its role, in time: valid.
+    verify_under(&issue(KEY, T0 + DAY_MS)).unwrap();
+    // Another output key: the generate is not this authorisation's.
+    let err = verify_under(&issue("agency-a/other/prod", T0 + DAY_MS)).unwrap_err();
+    assert!(err.contains("does not name key"), "{err}");
+    // Expired before the record.
+    let err = verify_under(&issue(KEY, T0 + 1_100)).unwrap_err();
+    assert!(err.contains("expiry"), "{err}");
+}
