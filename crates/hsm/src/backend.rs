@@ -3,9 +3,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use kluis_keystore::{KeyBackend, Store, StoreError, StoreGuard, Zeroizing, MAX_WRAP_PLAINTEXT};
+use kluis_keystore::{KeyBackend, Store, StoreError, StoreGuard, Zeroizing};
 
-use crate::token::{Token, GCM_IV_LEN, GCM_TAG_LEN};
+use crate::token::Token;
 use crate::HsmError;
 
 /// Record kind under which [`Pkcs11Backend`] keeps the state of each
@@ -18,8 +18,6 @@ const BACKEND_NAME: &str = "pkcs11";
 const WRAP_VERSION: u8 = 2;
 /// Domain label of the wrap's associated data.
 const WRAP_AAD_LABEL: &[u8] = b"kluis-pkcs11-wrap-v1\0";
-/// Largest wrapped blob looked at.
-const MAX_WRAPPED_LEN: usize = 1 + GCM_IV_LEN + MAX_WRAP_PLAINTEXT + GCM_TAG_LEN;
 /// Material record: version 1, state.
 const RECORD_VERSION: u8 = 1;
 const STATE_DESTROYED: u8 = 0;
@@ -173,13 +171,7 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     fn wrap(&self, material_id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, StoreError> {
-        if plaintext.len() > MAX_WRAP_PLAINTEXT {
-            return Err(StoreError::TooLarge {
-                what: "plaintext to wrap",
-                limit: MAX_WRAP_PLAINTEXT as u64,
-                found: u64::try_from(plaintext.len()).unwrap_or(u64::MAX),
-            });
-        }
+        kluis_keystore::check_wrap_input(material_id, plaintext)?;
         self.require_active(material_id)?;
         let sealed = self
             .token
@@ -201,23 +193,11 @@ impl KeyBackend for Pkcs11Backend {
         wrapped: &[u8],
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        if wrapped.len() > MAX_WRAPPED_LEN {
-            return Err(StoreError::TooLarge {
-                what: "wrapped key",
-                limit: MAX_WRAPPED_LEN as u64,
-                found: u64::try_from(wrapped.len()).unwrap_or(u64::MAX),
-            });
-        }
+        let sealed = kluis_keystore::wrapped_body(material_id, wrapped, WRAP_VERSION)?;
         let failed = |reason: &'static str| StoreError::UnwrapFailed {
             id: material_id.to_owned(),
             reason,
         };
-        let Some((&version, sealed)) = wrapped.split_first() else {
-            return Err(failed("empty"));
-        };
-        if version != WRAP_VERSION {
-            return Err(failed("not a PKCS#11 wrap (unknown format version byte)"));
-        }
         self.require_active(material_id)?;
         match self
             .token

@@ -63,8 +63,53 @@ pub const MAX_WRAP_PLAINTEXT: usize = 64 * 1024;
 
 /// Version byte of [`LocalBackend`]'s wrapped format.
 const WRAP_VERSION: u8 = 1;
-/// Largest wrapped blob [`LocalBackend::unwrap`] looks at.
+/// Largest wrapped blob a backend looks at: version byte, 12-byte nonce,
+/// the largest plaintext, tag.
 const MAX_WRAPPED_LEN: usize = 1 + 12 + MAX_WRAP_PLAINTEXT + TAG_LEN;
+
+/// The checks every backend makes before wrapping: a valid material id and
+/// at most [`MAX_WRAP_PLAINTEXT`] bytes.
+pub fn check_wrap_input(material_id: &str, plaintext: &[u8]) -> Result<(), StoreError> {
+    check_id(material_id)?;
+    if plaintext.len() > MAX_WRAP_PLAINTEXT {
+        return Err(StoreError::TooLarge {
+            what: "plaintext to wrap",
+            limit: MAX_WRAP_PLAINTEXT as u64,
+            found: u64::try_from(plaintext.len()).unwrap_or(u64::MAX),
+        });
+    }
+    Ok(())
+}
+
+/// The sealed part of a blob a backend wrapped under `material_id` in its
+/// format `version` (`version || sealed`, at most one nonce, the largest
+/// plaintext and a tag long), after checking the id, the length and the
+/// version byte.
+pub fn wrapped_body<'a>(
+    material_id: &str,
+    wrapped: &'a [u8],
+    version: u8,
+) -> Result<&'a [u8], StoreError> {
+    check_id(material_id)?;
+    if wrapped.len() > MAX_WRAPPED_LEN {
+        return Err(StoreError::TooLarge {
+            what: "wrapped key",
+            limit: MAX_WRAPPED_LEN as u64,
+            found: u64::try_from(wrapped.len()).unwrap_or(u64::MAX),
+        });
+    }
+    let failed = |reason: &'static str| StoreError::UnwrapFailed {
+        id: material_id.to_owned(),
+        reason,
+    };
+    match wrapped.split_first() {
+        None => Err(failed("empty")),
+        Some((&found, sealed)) if found == version => Ok(sealed),
+        Some(_) => Err(failed(
+            "unknown format version byte (wrapped by another backend or format)",
+        )),
+    }
+}
 /// Domain label of the wrap's associated data.
 const WRAP_AAD_LABEL: &[u8] = b"kluis-local-wrap-v1\0";
 
@@ -211,14 +256,7 @@ impl KeyBackend for LocalBackend {
     }
 
     fn wrap(&self, material_id: &str, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, StoreError> {
-        check_id(material_id)?;
-        if plaintext.len() > MAX_WRAP_PLAINTEXT {
-            return Err(StoreError::TooLarge {
-                what: "plaintext to wrap",
-                limit: MAX_WRAP_PLAINTEXT as u64,
-                found: u64::try_from(plaintext.len()).unwrap_or(u64::MAX),
-            });
-        }
+        check_wrap_input(material_id, plaintext)?;
         let key = self.active_key(material_id)?;
         let mut buffer = Zeroizing::new(plaintext.to_vec());
         key.seal(&[WRAP_VERSION], &wrap_aad(material_id, aad)?, &mut buffer)
@@ -230,24 +268,11 @@ impl KeyBackend for LocalBackend {
         wrapped: &[u8],
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-        check_id(material_id)?;
-        if wrapped.len() > MAX_WRAPPED_LEN {
-            return Err(StoreError::TooLarge {
-                what: "wrapped key",
-                limit: MAX_WRAPPED_LEN as u64,
-                found: u64::try_from(wrapped.len()).unwrap_or(u64::MAX),
-            });
-        }
+        let sealed = wrapped_body(material_id, wrapped, WRAP_VERSION)?;
         let failed = |reason: &'static str| StoreError::UnwrapFailed {
             id: material_id.to_owned(),
             reason,
         };
-        let Some((&version, sealed)) = wrapped.split_first() else {
-            return Err(failed("empty"));
-        };
-        if version != WRAP_VERSION {
-            return Err(failed("unknown format version byte"));
-        }
         let key = self.active_key(material_id)?;
         key.open(&wrap_aad(material_id, aad)?, sealed)
             .ok_or_else(|| {

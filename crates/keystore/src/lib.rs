@@ -38,7 +38,10 @@ mod meta;
 mod secret;
 mod store;
 
-pub use backend::{material_aad, KeyBackend, LocalBackend, MATERIAL_KIND, MAX_WRAP_PLAINTEXT};
+pub use backend::{
+    check_wrap_input, material_aad, wrapped_body, KeyBackend, LocalBackend, MATERIAL_KIND,
+    MAX_WRAP_PLAINTEXT,
+};
 pub use error::StoreError;
 pub use secret::{Argon2Params, RootSecret, KEY_LEN};
 pub use store::{Store, StoreGuard, MAX_ID_LEN, MAX_KIND_LEN, MAX_LIST_LEN, MAX_RECORD_LEN};
