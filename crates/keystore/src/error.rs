@@ -38,6 +38,31 @@ pub enum StoreError {
         reason: &'static str,
     },
 
+    /// The store's database could not be reached, or refused a statement.
+    #[error("could not {action} {target}: {reason}")]
+    Database {
+        /// The database, `postgresql://user@host:port/dbname` (no password).
+        target: String,
+        /// What was being done ("connect to", "write a record to", …).
+        action: &'static str,
+        /// The server's message and SQLSTATE, or the client's error.
+        reason: String,
+    },
+
+    /// The database's schema is not the one this build knows.
+    #[error(
+        "the database {target} has schema version {found}, this build knows version {known}{}",
+        if found < known { " (run `attestation-verifier migrate --database URL`)" } else { " (upgrade this replica)" }
+    )]
+    SchemaVersion {
+        /// The database.
+        target: String,
+        /// The version found.
+        found: i32,
+        /// The version this build reads and writes.
+        known: i32,
+    },
+
     /// `store.meta` could not be parsed or breaks a rule.
     #[error("invalid store metadata in {}: {reason}", path.display())]
     InvalidMeta {

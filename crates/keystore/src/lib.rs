@@ -35,6 +35,7 @@ mod crypto;
 mod error;
 mod fsutil;
 mod meta;
+pub mod pg;
 mod secret;
 mod store;
 
@@ -43,6 +44,7 @@ pub use backend::{
     MAX_WRAP_PLAINTEXT,
 };
 pub use error::StoreError;
+pub use pg::Database;
 pub use secret::{Argon2Params, RootSecret, KEY_LEN};
 pub use store::{Store, StoreGuard, MAX_ID_LEN, MAX_KIND_LEN, MAX_LIST_LEN, MAX_RECORD_LEN};
 pub use zeroize::Zeroizing;

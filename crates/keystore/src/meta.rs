@@ -189,7 +189,24 @@ impl Meta {
             }
             Err(ReadError::Io(err)) => return Err(StoreError::io("read", &path, err)),
         };
-        let json: MetaJson = serde_json::from_slice(&text)
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and validates the text of `store.meta` (kept at `path`, a file
+    /// or, for a database store, the database's name in messages).
+    pub(crate) fn parse(text: &[u8], path: &Path) -> Result<Self, StoreError> {
+        let invalid = |reason: String| StoreError::InvalidMeta {
+            path: path.to_owned(),
+            reason,
+        };
+        if u64::try_from(text.len()).unwrap_or(u64::MAX) > MAX_META_LEN {
+            return Err(StoreError::TooLarge {
+                what: "store.meta",
+                limit: MAX_META_LEN,
+                found: u64::try_from(text.len()).unwrap_or(u64::MAX),
+            });
+        }
+        let json: MetaJson = serde_json::from_slice(text)
             .map_err(|err| invalid(format!("not the expected JSON: {err}")))?;
         Self::from_json(json).map_err(|err| match err {
             MetaFieldError::Store(err) => err,

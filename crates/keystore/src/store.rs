@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 use crate::crypto::{StoreKeys, NAME_TAG_LEN};
 use crate::fsutil::{self, Existing, FileIdentity, ReadError};
 use crate::meta::{Meta, META_FILE};
+use crate::pg::{Database, DbLock};
 use crate::secret::RootSecret;
 use crate::StoreError;
 
@@ -64,15 +65,24 @@ const MAX_RECORD_FILE_LEN: u64 = (1 + 12 + 2 + MAX_ID_LEN + MAX_RECORD_LEN + 16)
 /// Reading needs no lock: records are replaced by rename, so a reader sees the
 /// old or the new one. Every mutation takes a [`StoreGuard`] from
 /// [`Store::lock`], an exclusive lock on `dir/lock` that serialises processes.
+///
+/// A store can live in a PostgreSQL database instead ([`Store::init_database`],
+/// [`Store::open_database`]): the same records, sealed the same way, in
+/// table rows keyed by kind and name tag, with the lock an advisory lock
+/// (see [`crate::pg`]).
 pub struct Store {
+    /// The directory, or for a database store its target
+    /// (`postgresql://user@host:port/dbname`), as messages name it.
     dir: PathBuf,
     keys: StoreKeys,
+    db: Option<Database>,
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
             .field("dir", &self.dir)
+            .field("database", &self.db.is_some())
             .field("keys", &"<redacted>")
             .finish()
     }
@@ -84,9 +94,20 @@ impl fmt::Debug for Store {
 /// other processes and other handles in this process alike. It is not
 /// re-entrant: taking a second guard on the same store from the thread that
 /// holds one blocks forever (`lock`) or fails (`try_lock`).
+///
+/// For a database store, the lock is a PostgreSQL advisory lock held by a
+/// connection of its own, through which every write under the guard goes.
 pub struct StoreGuard<'a> {
     store: &'a Store,
-    _file: File,
+    held: Held,
+}
+
+/// What holds a [`StoreGuard`]'s lock.
+enum Held {
+    /// The `flock(2)`ed lock file (released when closed).
+    File(#[allow(dead_code)] File),
+    /// The database connection holding the advisory lock.
+    Database(DbLock),
 }
 
 impl fmt::Debug for StoreGuard<'_> {
@@ -160,7 +181,11 @@ impl Store {
             return Err(StoreError::NotEmpty { path: dir });
         }
         drop(lock_file);
-        Ok(Self { dir, keys })
+        Ok(Self {
+            dir,
+            keys,
+            db: None,
+        })
     }
 
     /// Opens the store in `dir` with `secret`.
@@ -191,7 +216,11 @@ impl Store {
             }
             Err(err) => return Err(StoreError::io("inspect", &records, err)),
         }
-        let store = Self { dir, keys };
+        let store = Self {
+            dir,
+            keys,
+            db: None,
+        };
         // Creates the lock file if it went missing.
         drop(open_lock_file(&store.dir.join(LOCK_FILE), true)?);
         match store.try_lock() {
@@ -202,32 +231,98 @@ impl Store {
         Ok(store)
     }
 
-    /// The store directory (absolute).
+    /// Creates a new store in the database `db` (applying its schema
+    /// migrations first), for `secret`, and opens it. Refuses a database
+    /// that already holds a store ([`StoreError::NotEmpty`]).
+    pub fn init_database(db: Database, secret: RootSecret) -> Result<Self, StoreError> {
+        db.migrate()?;
+        let dir = db.target_path();
+        let lock = db.lock(true)?.ok_or_else(|| StoreError::Locked { path: dir.clone() })?;
+        if lock.holds_a_store()? {
+            return Err(StoreError::NotEmpty { path: dir });
+        }
+        let (meta, keys) = Meta::create(&secret)?;
+        drop(secret);
+        lock.insert_meta(&meta.to_json()?)?;
+        drop(lock);
+        Ok(Self {
+            dir,
+            keys,
+            db: Some(db),
+        })
+    }
+
+    /// Opens the store in the database `db` with `secret`; refuses a schema
+    /// version this build does not know ([`StoreError::SchemaVersion`]).
+    pub fn open_database(db: Database, secret: RootSecret) -> Result<Self, StoreError> {
+        db.check_schema()?;
+        let dir = db.target_path();
+        let text = db.meta()?.ok_or_else(|| StoreError::NotAStore {
+            path: dir.clone(),
+            reason: "the database holds no store (run `attestation-verifier init --database URL`)",
+        })?;
+        let meta = Meta::parse(&text, &dir)?;
+        let keys = meta.unlock(&secret)?;
+        drop(secret);
+        Ok(Self {
+            dir,
+            keys,
+            db: Some(db),
+        })
+    }
+
+    /// The store directory (absolute), or for a database store its target
+    /// `postgresql://user@host:port/dbname`.
     pub fn path(&self) -> &Path {
         &self.dir
     }
 
+    /// The database of a database store.
+    pub fn database(&self) -> Option<&Database> {
+        self.db.as_ref()
+    }
+
     /// Takes the store's exclusive lock, waiting for other holders.
     pub fn lock(&self) -> Result<StoreGuard<'_>, StoreError> {
+        if let Some(db) = &self.db {
+            let lock = db.lock(true)?.ok_or_else(|| StoreError::Locked {
+                path: self.dir.clone(),
+            })?;
+            return Ok(StoreGuard {
+                store: self,
+                held: Held::Database(lock),
+            });
+        }
         let path = self.dir.join(LOCK_FILE);
         let file = open_lock_file(&path, false)?;
         file.lock()
             .map_err(|err| StoreError::io("lock", &path, err))?;
         Ok(StoreGuard {
             store: self,
-            _file: file,
+            held: Held::File(file),
         })
     }
 
     /// Takes the store's exclusive lock if it is free; otherwise
     /// [`StoreError::Locked`].
     pub fn try_lock(&self) -> Result<StoreGuard<'_>, StoreError> {
+        if let Some(db) = &self.db {
+            return match db.lock(false)? {
+                Some(lock) => Ok(StoreGuard {
+                    store: self,
+                    held: Held::Database(lock),
+                }),
+                None => Err(StoreError::Locked {
+                    path: self.dir.clone(),
+                }),
+            };
+        }
         let path = self.dir.join(LOCK_FILE);
         let file = open_lock_file(&path, false)?;
         match file.try_lock() {
             Ok(()) => Ok(StoreGuard {
                 store: self,
-                _file: file,
+                held: Held::File(file),
             }),
             Err(TryLockError::WouldBlock) => Err(StoreError::Locked { path }),
             Err(TryLockError::Error(err)) => Err(StoreError::io("lock", &path, err)),
@@ -243,8 +338,24 @@ impl Store {
         check_kind(kind)?;
         check_id(id)?;
         let tag = self.keys.name_tag(kind, id)?;
-        let path = self.record_path(kind, &tag);
-        let Some((stored_id, value)) = self.read_record(kind, &tag, &path)? else {
+        let (path, record) = match &self.db {
+            Some(db) => {
+                let record = match db.get_record(kind, &tag)? {
+                    Some(body) => {
+                        check_row_len(&body)?;
+                        Some(self.decode_record(kind, &tag, &body, &self.dir)?)
+                    }
+                    None => None,
+                };
+                (self.dir.clone(), record)
+            }
+            None => {
+                let path = self.record_path(kind, &tag);
+                let record = self.read_record(kind, &tag, &path)?;
+                (path, record)
+            }
+        };
+        let Some((stored_id, value)) = record else {
             return Ok(None);
         };
         if stored_id != id {
@@ -295,6 +406,9 @@ impl Store {
             self.keys
                 .records()
                 .seal(&[RECORD_VERSION], &record_aad(kind, &tag), &mut plain)?;
+        if let Held::Database(lock) = &guard.held {
+            return lock.put(kind, &tag, &sealed);
+        }
         let kind_dir = self.kind_dir(kind);
         fsutil::ensure_private_dir(&kind_dir)?;
         let name = record_file_name(&tag);
@@ -319,6 +433,9 @@ impl Store {
         check_kind(kind)?;
         check_id(id)?;
         let tag = self.keys.name_tag(kind, id)?;
+        if let Held::Database(lock) = &guard.held {
+            return lock.delete(kind, &tag);
+        }
         let kind_dir = self.kind_dir(kind);
         let name = record_file_name(&tag);
         let path = kind_dir.join(&name);
@@ -344,6 +461,9 @@ impl Store {
     /// record makes this fail rather than go unnoticed.
     pub fn list(&self, kind: &str) -> Result<Vec<String>, StoreError> {
         check_kind(kind)?;
+        if let Some(db) = &self.db {
+            return self.list_database(db, kind);
+        }
         let kind_dir = self.kind_dir(kind);
         let entries = match fs::read_dir(&kind_dir) {
             Ok(entries) => entries,
@@ -370,6 +490,30 @@ impl Store {
             if let Some((id, _value)) = self.read_record(kind, &tag, &entry.path())? {
                 ids.push(id);
             }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    fn list_database(&self, db: &Database, kind: &str) -> Result<Vec<String>, StoreError> {
+        let rows = db.list_records(kind, MAX_LIST_LEN.saturating_add(1))?;
+        if rows.len() > MAX_LIST_LEN {
+            return Err(StoreError::TooLarge {
+                what: "record list",
+                limit: MAX_LIST_LEN as u64,
+                found: u64::try_from(rows.len()).unwrap_or(u64::MAX),
+            });
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        for (tag, body) in rows {
+            let tag: [u8; NAME_TAG_LEN] =
+                tag.try_into().map_err(|_| StoreError::CorruptRecord {
+                    path: self.dir.clone(),
+                    reason: "a record row's name tag has the wrong length",
+                })?;
+            check_row_len(&body)?;
+            let (id, _value) = self.decode_record(kind, &tag, &body, &self.dir)?;
+            ids.push(id);
         }
         ids.sort_unstable();
         Ok(ids)
@@ -484,6 +628,19 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Refuses a record row longer than a record can be.
+fn check_row_len(body: &[u8]) -> Result<(), StoreError> {
+    let found = u64::try_from(body.len()).unwrap_or(u64::MAX);
+    if found > MAX_RECORD_FILE_LEN {
+        return Err(StoreError::TooLarge {
+            what: "record row",
+            limit: MAX_RECORD_FILE_LEN,
+            found,
+        });
+    }
+    Ok(())
 }
 
 /// Reads a record file with the record bound; `None` if it does not exist.

@@ -1,0 +1,262 @@
+//! The store in PostgreSQL (KLUIS_TEST_DATABASE_URL; SKIPPED without it,
+//! a failure with KLUIS_REQUIRE_DATABASE=1 as in CI). Each test has a
+//! database of its own.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use kluis_keystore::pg::scratch::{self, ScratchDatabase};
+use kluis_keystore::{Database, RootSecret, Store, StoreError};
+
+fn scratch(test: &str) -> Option<ScratchDatabase> {
+    let server = scratch::server(test).expect("PostgreSQL is required here")?;
+    Some(ScratchDatabase::create(&server).expect("a scratch database"))
+}
+
+fn key() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("root.key");
+    drop(RootSecret::generate_key_file(&path).unwrap());
+    (dir, path)
+}
+
+fn sql(db: &ScratchDatabase) -> postgres::Client {
+    postgres::Client::connect(db.url(), postgres::NoTls).unwrap()
+}
+
+#[test]
+fn records_round_trip_and_the_database_sees_only_ciphertext() {
+    let Some(db) = scratch("records_round_trip_and_the_database_sees_only_ciphertext") else {
+        return;
+    };
+    let (_keys, key) = key();
+    let store = Store::init_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(&key).unwrap(),
+    )
+    .unwrap();
+    let value = b"wrapped-material-do-not-leak-0123456789";
+    {
+        let guard = store.lock().unwrap();
+        store
+            .put(&guard, "cmk", "agency-a/app-x/prod", value)
+            .unwrap();
+        store.put(&guard, "cmk", "agency-b/app-y/test", b"other").unwrap();
+        store.put(&guard, "policy", "agency-a/app-x/prod", b"p").unwrap();
+    }
+    assert_eq!(
+        store.get("cmk", "agency-a/app-x/prod").unwrap().map(|v| v.to_vec()),
+        Some(value.to_vec())
+    );
+    assert_eq!(
+        store.list("cmk").unwrap(),
+        vec!["agency-a/app-x/prod", "agency-b/app-y/test"]
+    );
+    assert_eq!(store.get("cmk", "nobody/none/x").unwrap(), None);
+
+    // What a database administrator reads: kinds, name tags, ciphertext.
+    let rows = sql(&db)
+        .query("SELECT kind, tag, body FROM kluis_records", &[])
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        let tag: Vec<u8> = row.get(1);
+        let body: Vec<u8> = row.get(2);
+        for haystack in [&tag, &body] {
+            assert!(!haystack
+                .windows(value.len())
+                .any(|w| w == value.as_slice()));
+            assert!(!haystack.windows(8).any(|w| w == b"agency-a"));
+        }
+    }
+
+    // Another handle (another replica) sees the same records; a wrong
+    // secret opens nothing.
+    let other = Store::open_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(&key).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(other.list("policy").unwrap(), vec!["agency-a/app-x/prod"]);
+    let (_k2, wrong) = self::key();
+    let err = Store::open_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(&wrong).unwrap(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, StoreError::WrongRootSecret), "{err}");
+
+    {
+        let guard = other.lock().unwrap();
+        assert!(other.delete(&guard, "cmk", "agency-b/app-y/test").unwrap());
+        assert!(!other.delete(&guard, "cmk", "agency-b/app-y/test").unwrap());
+    }
+    assert_eq!(store.list("cmk").unwrap(), vec!["agency-a/app-x/prod"]);
+
+    // A second init on the same database is refused and changes nothing.
+    let err = Store::init_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(&key).unwrap(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, StoreError::NotEmpty { .. }), "{err}");
+    assert_eq!(store.list("cmk").unwrap(), vec!["agency-a/app-x/prod"]);
+}
+
+#[test]
+fn a_row_moved_or_altered_by_the_administrator_fails_to_open() {
+    let Some(db) = scratch("a_row_moved_or_altered_by_the_administrator_fails_to_open") else {
+        return;
+    };
+    let (_keys, key) = key();
+    let store = Store::init_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(&key).unwrap(),
+    )
+    .unwrap();
+    {
+        let guard = store.lock().unwrap();
+        store.put(&guard, "cmk", "a/b/c", b"one").unwrap();
+        store.put(&guard, "cmk", "a/b/d", b"two").unwrap();
+    }
+    let mut client = sql(&db);
+    // Swap the two bodies: each now sits under the other's tag.
+    client
+        .batch_execute(
+            "UPDATE kluis_records r SET body = o.body FROM kluis_records o \
+             WHERE r.kind = 'cmk' AND o.kind = 'cmk' AND r.tag <> o.tag",
+        )
+        .unwrap();
+    let err = store.get("cmk", "a/b/c").unwrap_err();
+    assert!(matches!(err, StoreError::CorruptRecord { .. }), "{err}");
+    assert!(store.list("cmk").is_err());
+    // Moved to another kind.
+    client
+        .batch_execute("UPDATE kluis_records SET kind = 'policy'")
+        .unwrap();
+    // The name tag binds the kind: the row is not found under the new kind
+    // by name, and listing that kind fails to open it.
+    assert!(store.get("policy", "a/b/c").unwrap().is_none());
+    let err = store.list("policy").unwrap_err();
+    assert!(matches!(err, StoreError::CorruptRecord { .. }), "{err}");
+    // A row far larger than a record is refused before it is decrypted.
+    client
+        .batch_execute("UPDATE kluis_records SET body = decode(repeat('00', 2100000), 'hex')")
+        .unwrap();
+    let err = store.list("policy").unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+}
+
+#[test]
+fn the_lock_excludes_other_replicas_and_dies_with_its_connection() {
+    let Some(db) = scratch("the_lock_excludes_other_replicas_and_dies_with_its_connection")
+    else {
+        return;
+    };
+    let (_keys, key) = key();
+    let a = Store::init_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(&key).unwrap(),
+    )
+    .unwrap();
+    let b = Store::open_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(&key).unwrap(),
+    )
+    .unwrap();
+    let guard = a.lock().unwrap();
+    let err = b.try_lock().unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    drop(guard);
+    let guard_b = b.try_lock().unwrap();
+    b.put(&guard_b, "cmk", "x/y/z", b"v").unwrap();
+
+    // The server ends the lock's session (a replica cut off, or killed):
+    // its writes fail, and another replica can take the lock.
+    sql(&db)
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    let err = b.put(&guard_b, "cmk", "x/y/z", b"late").unwrap_err();
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    let guard_a = a.try_lock().unwrap();
+    a.put(&guard_a, "cmk", "x/y/z", b"new").unwrap();
+    drop(guard_a);
+    drop(guard_b);
+    assert_eq!(b.get("cmk", "x/y/z").unwrap().map(|v| v.to_vec()), Some(b"new".to_vec()));
+}
+
+#[test]
+fn a_schema_the_build_does_not_know_is_refused() {
+    let Some(db) = scratch("a_schema_the_build_does_not_know_is_refused") else {
+        return;
+    };
+    let (_keys, key) = key();
+    // No schema at all: not a store.
+    let err = Store::open_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(&key).unwrap(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
+
+    // Replicas migrating at once: one applies, the others find it done.
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let url = db.url().to_owned();
+            std::thread::spawn(move || Database::connect(&url).unwrap().migrate().unwrap())
+        })
+        .collect();
+    let applied: Vec<Vec<i32>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        applied.iter().filter(|a| !a.is_empty()).count(),
+        1,
+        "{applied:?}"
+    );
+    let database = Database::connect(db.url()).unwrap();
+    assert_eq!(
+        database.schema_version().unwrap(),
+        Some(kluis_keystore::pg::SCHEMA_VERSION)
+    );
+    database.check_schema().unwrap();
+
+    drop(
+        Store::init_database(
+            Database::connect(db.url()).unwrap(),
+            RootSecret::from_key_file(&key).unwrap(),
+        )
+        .unwrap(),
+    );
+    // A newer replica migrated past this build.
+    sql(&db)
+        .batch_execute(
+            "INSERT INTO kluis_schema (version, description) VALUES (99, 'from the future')",
+        )
+        .unwrap();
+    let err = Store::open_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(&key).unwrap(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaVersion { found: 99, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade"), "{err}");
+    let err = database.migrate().unwrap_err();
+    assert!(matches!(err, StoreError::SchemaVersion { .. }), "{err}");
+}
+
+#[test]
+fn an_unreachable_database_is_a_clear_error() {
+    // Port 1 on loopback: nothing listens there.
+    let err = Database::connect("postgresql://kluis:pw-secret@127.0.0.1:1/none").unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Database { .. }), "{text}");
+    assert!(
+        text.contains("postgresql://kluis@127.0.0.1:1/none"),
+        "{text}"
+    );
+    assert!(!text.contains("pw-secret"), "{text}");
+}
