@@ -27,7 +27,8 @@
 use crate::audit::{Actor, AuditLog, Decision, JobContext, NewRecord};
 use crate::keys::{KeyError, KeyName, WrappedDataKey};
 use crate::kms::{Kms, RunRefusal};
-use crate::nonce::{NonceStore, NONCE_LEN};
+use crate::nonce::{NonceError, NonceStore, NONCE_LEN};
+use crate::nonce_db::DbNonces;
 use crate::policy::{KeyPolicy, Operation};
 use kluis_attestation::{UnixMillis, VerifiedAttestation, Verifier, VerifyOptions};
 use kluis_proto::{
@@ -70,6 +71,10 @@ pub struct Broker {
     identity: VerifierIdentity,
     audit: Arc<AuditLog>,
     nonces: Mutex<NonceStore>,
+    /// With a store in a database: the nonce table every replica shares,
+    /// which decides redemption (`nonces` then only bounds what this
+    /// replica has outstanding).
+    shared_nonces: Option<DbNonces>,
     config: BrokerConfig,
     /// Why the broker stopped, once it has.
     halted: Mutex<Option<String>>,
@@ -147,12 +152,14 @@ impl Broker {
             millis(config.nonce_lifetime),
             config.nonce_capacity,
         ));
+        let shared_nonces = kms.store().database().cloned().map(DbNonces::new);
         Broker {
             kms,
             verifier,
             identity,
             audit: audit.into(),
             nonces,
+            shared_nonces,
             config,
             halted: Mutex::new(None),
             noise: Mutex::new(Noise::default()),
@@ -366,6 +373,18 @@ impl Broker {
                 }
             }
         };
+        let issued = match (issued, &self.shared_nonces) {
+            (Ok(expires_at_ms), Some(shared)) => {
+                match shared.issue(&nonce, expires_at_ms, now_ms) {
+                    Ok(()) => Ok(expires_at_ms),
+                    Err(e) => {
+                        self.withdraw_local(&[nonce]);
+                        Err(e)
+                    }
+                }
+            }
+            (issued, _) => issued,
+        };
         match issued {
             Ok(expires_at_ms) => Response::Challenge {
                 nonce,
@@ -390,13 +409,27 @@ impl Broker {
             .map(|_| ())
             .map_err(|e| {
                 tracing::error!(error = %e, "audit append failed; refusing the request");
-                ErrorCode::Internal
+                // A database that cannot be reached is a passing outage
+                // (the client may retry, or fail over); anything else is
+                // this verifier's fault.
+                if self.audit.is_database() && matches!(e, crate::audit::AuditError::Io { .. }) {
+                    ErrorCode::Unavailable
+                } else {
+                    ErrorCode::Internal
+                }
             })
     }
 
     /// Withdraw challenges that were issued but never used (their
     /// connection closed), freeing their room in the nonce store.
     pub fn withdraw_challenges(&self, nonces: &[[u8; NONCE_LEN]]) {
+        self.withdraw_local(nonces);
+        if let Some(shared) = &self.shared_nonces {
+            shared.withdraw(nonces);
+        }
+    }
+
+    fn withdraw_local(&self, nonces: &[[u8; NONCE_LEN]]) {
         if let Ok(mut store) = self.nonces.lock() {
             for nonce in nonces {
                 store.withdraw(nonce);
@@ -502,14 +535,30 @@ impl Broker {
         job: &mut Option<JobContext>,
     ) -> Result<Response, Refused> {
         let doc = attestation.document();
-        self.nonces
+        let mut local = self
+            .nonces
             .lock()
-            .map_err(|_| Refused::denied("internal", "nonce store poisoned"))?
-            .consume(doc.nonce.as_deref(), now_ms)
-            .map_err(|e| Refused {
+            .map_err(|_| Refused::denied("internal", "nonce store poisoned"))?;
+        let redeemed = match &self.shared_nonces {
+            Some(shared) => {
+                // The database decides; the local slot (if this replica
+                // issued it) is only freed.
+                let _ = local.consume(doc.nonce.as_deref(), now_ms);
+                drop(local);
+                shared.consume(doc.nonce.as_deref(), now_ms)
+            }
+            None => local.consume(doc.nonce.as_deref(), now_ms),
+        };
+        redeemed.map_err(|e| match e {
+            NonceError::Unavailable => Refused {
+                code: ErrorCode::Unavailable,
+                ..Refused::denied(e.as_str(), e.to_string())
+            },
+            e => Refused {
                 noise: true,
                 ..Refused::denied(e.as_str(), e.to_string())
-            })?;
+            },
+        })?;
 
         let hash = request_hash(request);
         if doc.user_data.as_deref() != Some(hash.as_slice()) {
@@ -750,14 +799,16 @@ impl Broker {
         let key_refusal = |e: KeyError| match e {
             // The token failed (a lost session, a lost object): not a
             // decision about this enclave; fail closed as unavailable.
-            KeyError::Hsm(_) | KeyError::Store(kluis_keystore::StoreError::Backend { .. }) => {
-                Refused {
-                    rule: "key_backend_unavailable",
-                    detail: format!("{}: {e}", step.key),
-                    code: ErrorCode::Unavailable,
-                    noise: false,
-                }
-            }
+            KeyError::Hsm(_)
+            | KeyError::Store(
+                kluis_keystore::StoreError::Backend { .. }
+                | kluis_keystore::StoreError::Database { .. },
+            ) => Refused {
+                rule: "key_backend_unavailable",
+                detail: format!("{}: {e}", step.key),
+                code: ErrorCode::Unavailable,
+                noise: false,
+            },
             e => Refused::denied("key_unusable", format!("{}: {e}", step.key)),
         };
         let (plain, wrapped) = match &step.wrapped {

@@ -193,6 +193,25 @@ impl Kms {
         Ok(Self::with_local_backend(store))
     }
 
+    /// Create a new store in the PostgreSQL database `db` (applying its
+    /// schema migrations first), shared by every replica that opens it.
+    pub fn init_database(
+        db: kluis_keystore::Database,
+        secret: RootSecret,
+    ) -> Result<Self, KeyError> {
+        let store = Arc::new(Store::init_database(db, secret)?);
+        Ok(Self::with_local_backend(store))
+    }
+
+    /// Open the store in the PostgreSQL database `db`.
+    pub fn open_database(
+        db: kluis_keystore::Database,
+        secret: RootSecret,
+    ) -> Result<Self, KeyError> {
+        let store = Arc::new(Store::open_database(db, secret)?);
+        Ok(Self::with_local_backend(store))
+    }
+
     fn with_local_backend(store: Arc<Store>) -> Self {
         let backend: Arc<dyn KeyBackend> = Arc::new(LocalBackend::new(Arc::clone(&store)));
         Kms {
@@ -934,10 +953,19 @@ impl Kms {
         if let Some(current) = current {
             // Checked even when the anchor stays: this is how a running
             // service notices a log damaged under it.
-            log.check_anchor(&current).map_err(|e| {
-                KeyError::Audit(format!(
+            log.check_anchor(&current).map_err(|e| match e {
+                // A database log that cannot be read now is an outage, not
+                // a damaged log.
+                crate::audit::AuditError::Io { .. } if log.is_database() => {
+                    KeyError::Store(StoreError::Database {
+                        target: log.path().display().to_string(),
+                        action: "read the audit log in",
+                        reason: e.to_string(),
+                    })
+                }
+                e => KeyError::Audit(format!(
                     "the audit log does not continue from the anchored head {current}: {e}"
-                ))
+                )),
             })?;
             if current.seq >= new.seq {
                 return Ok(());

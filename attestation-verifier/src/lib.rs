@@ -12,5 +12,6 @@ pub mod evidence;
 pub mod keys;
 pub mod kms;
 pub mod nonce;
+pub mod nonce_db;
 pub mod policy;
 pub mod service;

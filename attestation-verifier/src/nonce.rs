@@ -32,6 +32,10 @@ pub enum NonceError {
     /// Too many outstanding challenges.
     #[error("too many outstanding challenges")]
     Full,
+    /// The shared nonce table (a replicated verifier's database) cannot be
+    /// reached: nothing is issued or redeemed.
+    #[error("the shared nonce store is unavailable")]
+    Unavailable,
 }
 
 impl NonceError {
@@ -43,6 +47,7 @@ impl NonceError {
             NonceError::Expired => "nonce_expired",
             NonceError::Reused => "nonce_reused",
             NonceError::Full => "nonce_capacity",
+            NonceError::Unavailable => "nonce_store_unavailable",
         }
     }
 }

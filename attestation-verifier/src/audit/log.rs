@@ -8,9 +8,9 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-/// An open, append-only audit log. Share it between threads (`Arc`).
+/// The audit log in a file (see [`AuditLog`], which dispatches to it).
 #[derive(Debug)]
-pub struct AuditLog {
+pub(super) struct FileLog {
     path: PathBuf,
     file: File,
     /// Device and inode of `file`: each append checks that `path` still
@@ -39,18 +39,7 @@ pub(super) struct State {
     recovered_tail_bytes: u64,
 }
 
-impl AuditLog {
-    /// Opens the log at `path`, creating it (mode 0600) if it does not exist.
-    ///
-    /// Refuses a file that group or others may write; under the file lock,
-    /// removes an unfinished last line left by a crash (see the
-    /// [module documentation](crate::audit)) and reads the last record to learn the
-    /// head. It does not verify the whole chain; call [`AuditLog::verify`]
-    /// with the head kept elsewhere for that.
-    pub fn open(path: impl AsRef<Path>) -> Result<AuditLog, AuditError> {
-        Self::open_anchored(path, None)
-    }
-
+impl FileLog {
     /// Like [`AuditLog::open`], and with `anchor` (the head anchored in the
     /// key store) refuses a log that does not continue from it: the record
     /// must still be where it was anchored, and every record after it must
@@ -62,7 +51,7 @@ impl AuditLog {
     pub fn open_anchored(
         path: impl AsRef<Path>,
         anchor: Option<&AuditAnchor>,
-    ) -> Result<AuditLog, AuditError> {
+    ) -> Result<FileLog, AuditError> {
         let path = path.as_ref();
         let (file, created) = open_or_create(path)?;
         let meta = file.metadata().map_err(|e| AuditError::io(path, e))?;
@@ -90,7 +79,7 @@ impl AuditLog {
             file.sync_all().map_err(|e| AuditError::io(path, e))?;
         }
         drop(lock);
-        Ok(AuditLog {
+        Ok(FileLog {
             path: path.to_owned(),
             dev: meta.dev(),
             ino: meta.ino(),
@@ -182,22 +171,6 @@ impl AuditLog {
         // Nothing panics while the lock is held; should it ever, the state is
         // still consistent (each field is updated by one assignment).
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Appends a record and returns its head once it is on disk.
-    ///
-    /// Refuses (and keeps refusing, until reopened) when the path no longer
-    /// names the open file (checked before the write and again after the
-    /// fsync that covers it), when the file shrank, or when what other
-    /// handles appended does not chain onto this handle's head.
-    pub fn append(&self, new: NewRecord) -> Result<AuditHead, AuditError> {
-        self.append_anchor(new).map(|a| a.head())
-    }
-
-    /// [`AuditLog::append`], returning the new record as an anchor (with
-    /// the file length up to its line).
-    pub fn append_anchor(&self, new: NewRecord) -> Result<AuditAnchor, AuditError> {
-        self.append_job(new, None)
     }
 
     /// [`AuditLog::append_anchor`] for a record of a job run under a job

@@ -127,12 +127,15 @@
 //! `audit.tail_recovered` record.
 //! [`verify_file`] reports such a line instead.
 
+mod db;
 mod error;
+mod handle;
 mod log;
 mod record;
 mod verify;
 
+pub use db::MAX_BATCH;
 pub use error::*;
-pub use log::*;
+pub use handle::AuditLog;
 pub use record::*;
 pub use verify::*;

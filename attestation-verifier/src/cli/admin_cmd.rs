@@ -79,6 +79,9 @@ fn create_parents(path: &Path) -> anyhow::Result<()> {
 }
 
 pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
+    if store.database.is_some() {
+        return init_database(store, args);
+    }
     let dir = store.dir()?;
     let mut cleanup = InitCleanup::default();
     let roles = [Role::KeyAdmin, Role::AppAdmin];
@@ -145,7 +148,77 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
                 .with_context(|| format!("creating the store {}", dir.display()))?
         }
     };
-    let audit = Arc::new(store.audit_log(None)?);
+    let store_name = dir.display().to_string();
+    init_contents(store, args, &mut kms, &store_name, &mut cleanup)?;
+    cleanup.done = true;
+    eprintln!("store created; build the verifier public key above into the enclave image");
+    Ok(())
+}
+
+/// `init --database URL`: the store, its audit log and its nonces in a
+/// PostgreSQL database (schema migrations applied first).
+fn init_database(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
+    if args.hsm_module.is_some() || args.hsm_token.is_some() {
+        return Err(Failure::Usage(anyhow!(
+            "a store in a database keeps its master keys under its root secret in this version; \
+             an HSM-backed store is a store directory (drop --database or --hsm-module)"
+        )));
+    }
+    let mut cleanup = InitCleanup::default();
+    for role in [Role::KeyAdmin, Role::AppAdmin] {
+        let path = args
+            .credentials_out
+            .join(format!("{}.credential", role.as_str()));
+        if std::fs::symlink_metadata(&path).is_ok() {
+            return Err(Failure::Usage(anyhow!(
+                "{} exists; init writes new credentials and replaces nothing",
+                path.display()
+            )));
+        }
+    }
+    let Some(db) = store.database()? else {
+        return Err(Failure::Usage(anyhow!("no database")));
+    };
+    let secret = match (&store.root_key_file, args.generate_root_key) {
+        (Some(path), true) if !path.exists() => {
+            create_parents(path)?;
+            let secret = RootSecret::generate_key_file(path)
+                .with_context(|| format!("generating the root key file {}", path.display()))?;
+            cleanup.files.push(path.clone());
+            secret
+        }
+        _ => store.secret()?,
+    };
+    std::fs::create_dir_all(&args.credentials_out)
+        .with_context(|| format!("creating {}", args.credentials_out.display()))?;
+    let target = db.target().to_owned();
+    let mut kms = Kms::init_database(db, secret)
+        .with_context(|| format!("creating the store in {target}"))?;
+    // The store exists now: its root key must outlive any later failure.
+    cleanup
+        .files
+        .retain(|f| Some(f) != store.root_key_file.as_ref());
+    init_contents(store, args, &mut kms, &target, &mut cleanup)?;
+    cleanup.done = true;
+    eprintln!("store created; build the verifier public key above into the enclave image");
+    Ok(())
+}
+
+/// What `init` writes into a new store: the identity, the two first
+/// administrators and their credentials, each audited.
+fn init_contents(
+    store: &StoreArgs,
+    args: &InitArgs,
+    kms: &mut Kms,
+    store_name: &str,
+    cleanup: &mut InitCleanup,
+) -> Result<(), Failure> {
+    let roles = [Role::KeyAdmin, Role::AppAdmin];
+    let credential_path = |role: Role| {
+        args.credentials_out
+            .join(format!("{}.credential", role.as_str()))
+    };
+    let audit = Arc::new(store.audit_log(kms, None)?);
     kms.bind_audit(Arc::clone(&audit), Actor::System);
     let public_key = if kms.token().is_some() {
         kms.record_token_identity()?
@@ -164,7 +237,7 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
             auth::new_admin(role.as_str(), role, now).map_err(|e| anyhow!("{e}"))?;
         let path = credential_path(role);
         add_admin_with_credential(
-            &kms,
+            kms,
             &record,
             &format!("initial {} {}", role.as_str(), record.name),
             &path,
@@ -174,13 +247,29 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
         created.push(json!({ "name": record.name, "role": role.as_str(), "credential_file": path.display().to_string() }));
     }
     emit(&json!({
-        "store": dir.display().to_string(),
+        "store": store_name,
         "verifier_public_key": hex::encode(public_key),
         "key_backend": kms.backend_name(),
         "administrators": created,
     }));
-    cleanup.done = true;
-    eprintln!("store created; build the verifier public key above into the enclave image");
+    Ok(())
+}
+
+/// `migrate`: apply the schema migrations this build knows to the store's
+/// database (`init --database` does this too). Replicas of an older build
+/// refuse the migrated schema; upgrade them first or together.
+pub(crate) fn migrate(store: &StoreArgs) -> Result<(), Failure> {
+    let Some(db) = store.database()? else {
+        return Err(Failure::Usage(anyhow!(
+            "migrate works on a database: pass --database URL (or set KLUIS_DATABASE_URL)"
+        )));
+    };
+    let applied = db.migrate().map_err(|e| Failure::Usage(anyhow!(e)))?;
+    emit(&json!({
+        "database": db.target(),
+        "applied": applied,
+        "schema_version": kluis_keystore::pg::SCHEMA_VERSION,
+    }));
     Ok(())
 }
 

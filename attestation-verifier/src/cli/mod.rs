@@ -48,6 +48,9 @@ enum Command {
     /// Create a store: root secret, verifier identity, audit log, and the first
     /// key-admin and app-admin credentials.
     Init(admin_cmd::InitArgs),
+    /// Apply the schema migrations this build knows to the store's
+    /// database (--database URL); `init` does this for a new one.
+    Migrate,
     /// Administrators.
     #[command(subcommand)]
     Admin(admin_cmd::AdminCommand),
@@ -131,6 +134,7 @@ where
         Command::Verify(args) => verify_cmd::run(args),
         Command::Inspect { doc } => verify_cmd::inspect(doc),
         Command::Init(args) => session::finish(admin_cmd::init(store, args)),
+        Command::Migrate => session::finish(admin_cmd::migrate(store)),
         Command::Admin(c) => session::finish(admin_cmd::admin(store, c)),
         Command::Key(c) => session::finish(admin_cmd::key(store, c)),
         Command::Policy(c) => session::finish(admin_cmd::policy(store, c)),

@@ -27,6 +27,19 @@ pub(crate) struct StoreArgs {
     /// The store directory.
     #[arg(long, env = "KLUIS_STORE", value_name = "DIR", global = true)]
     pub store: Option<PathBuf>,
+    /// Keep the store, its audit log and the challenge nonces in this
+    /// PostgreSQL database instead of a directory, shared by every replica
+    /// (docs/deploy.md). A password in the URL is visible to other users
+    /// in the process list when given here: prefer KLUIS_DATABASE_URL.
+    #[arg(
+        long,
+        env = "KLUIS_DATABASE_URL",
+        value_name = "URL",
+        global = true,
+        hide_env_values = true,
+        conflicts_with = "store"
+    )]
+    pub database: Option<String>,
     /// The root key file (32 random bytes, mode 0600). Alternatively a
     /// passphrase (Argon2id): --passphrase-file, --passphrase-fd, or
     /// KLUIS_STORE_PASSPHRASE (short commands only: it stays readable in
@@ -136,9 +149,24 @@ pub(crate) fn finish(result: Result<(), Failure>) -> Outcome {
 
 impl StoreArgs {
     pub(crate) fn dir(&self) -> anyhow::Result<&Path> {
-        self.store
-            .as_deref()
-            .ok_or_else(|| anyhow!("no store: pass --store DIR or set KLUIS_STORE"))
+        if self.database.is_some() {
+            return Err(anyhow!(
+                "this command works on a store directory, and the store is in a database (--database)"
+            ));
+        }
+        self.store.as_deref().ok_or_else(|| {
+            anyhow!("no store: pass --store DIR (or set KLUIS_STORE), or --database URL (or KLUIS_DATABASE_URL)")
+        })
+    }
+
+    /// The store's database, connected, if the store is in one.
+    pub(crate) fn database(&self) -> Result<Option<kluis_keystore::Database>, Failure> {
+        let Some(url) = &self.database else {
+            return Ok(None);
+        };
+        kluis_keystore::Database::connect(url)
+            .map(Some)
+            .map_err(|e| Failure::Usage(anyhow!(e)))
     }
 
     pub(crate) fn secret(&self) -> anyhow::Result<RootSecret> {
@@ -206,6 +234,21 @@ impl StoreArgs {
 
     /// Open the store; a wrong root secret or HSM PIN is a refusal (exit 1).
     pub(crate) fn open(&self) -> Result<Kms, Failure> {
+        if let Some(db) = self.database()? {
+            let target = db.target().to_owned();
+            return match Kms::open_database(db, self.secret()?) {
+                Ok(kms) => Ok(kms),
+                Err(KeyError::Store(kluis_keystore::StoreError::WrongRootSecret)) => {
+                    Err(Failure::Refused(
+                        "root_secret_rejected".into(),
+                        format!("the root secret does not open the store in {target}"),
+                    ))
+                }
+                Err(e) => Err(Failure::Usage(
+                    anyhow!(e).context(format!("opening the store in {target}")),
+                )),
+            };
+        }
         let dir = self.dir()?;
         if Kms::is_hsm_store(dir).map_err(|e| Failure::Usage(anyhow!(e)))? {
             return Kms::open_hsm(dir, self.hsm_pin()?).map_err(|e| hsm_failure(dir, e));
@@ -228,10 +271,20 @@ impl StoreArgs {
         Ok(self.dir()?.join("audit.log"))
     }
 
-    /// The audit log, which must continue from `anchor` (the head anchored
-    /// in the store): a damaged log is refused (`audit_broken`, exit 1)
-    /// until an operator runs `audit recover`.
-    pub(crate) fn audit_log(&self, anchor: Option<&AuditAnchor>) -> Result<AuditLog, Failure> {
+    /// The audit log of `kms`'s store (its file, or its database), which
+    /// must continue from `anchor` (the head anchored in the store): a
+    /// damaged log is refused (`audit_broken`, exit 1) until an operator
+    /// runs `audit recover` (a file) or restores the database.
+    pub(crate) fn audit_log(
+        &self,
+        kms: &Kms,
+        anchor: Option<&AuditAnchor>,
+    ) -> Result<AuditLog, Failure> {
+        if let Some(db) = kms.store().database() {
+            let target = PathBuf::from(db.target());
+            return AuditLog::open_database(db.clone(), anchor)
+                .map_err(|e| audit_failure(&target, e));
+        }
         let path = self.audit_path()?;
         AuditLog::open_anchored(&path, anchor).map_err(|e| audit_failure(&path, e))
     }
@@ -347,7 +400,7 @@ pub(crate) struct Session {
 pub(crate) fn open_audited(args: &StoreArgs) -> Result<(Kms, Arc<AuditLog>), Failure> {
     let mut kms = args.open()?;
     let anchor = kms.audit_anchor()?;
-    let audit = Arc::new(args.audit_log(anchor.as_ref())?);
+    let audit = Arc::new(args.audit_log(&kms, anchor.as_ref())?);
     kms.bind_audit(Arc::clone(&audit), Actor::System);
     let removed = audit.recovered_tail_bytes();
     if removed > 0 {

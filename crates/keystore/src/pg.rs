@@ -295,7 +295,10 @@ impl Database {
                 &[&kind, &limit],
             )
             .map_err(|e| self.error("list the records of", &e))?;
-        Ok(rows.into_iter().map(|row| (row.get(0), row.get(1))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
     }
 
     /// Takes the store's advisory lock on a connection of its own, waiting

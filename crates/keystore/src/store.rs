@@ -237,7 +237,9 @@ impl Store {
     pub fn init_database(db: Database, secret: RootSecret) -> Result<Self, StoreError> {
         db.migrate()?;
         let dir = db.target_path();
-        let lock = db.lock(true)?.ok_or_else(|| StoreError::Locked { path: dir.clone() })?;
+        let lock = db
+            .lock(true)?
+            .ok_or_else(|| StoreError::Locked { path: dir.clone() })?;
         if lock.holds_a_store()? {
             return Err(StoreError::NotEmpty { path: dir });
         }

@@ -40,11 +40,18 @@ fn records_round_trip_and_the_database_sees_only_ciphertext() {
         store
             .put(&guard, "cmk", "agency-a/app-x/prod", value)
             .unwrap();
-        store.put(&guard, "cmk", "agency-b/app-y/test", b"other").unwrap();
-        store.put(&guard, "policy", "agency-a/app-x/prod", b"p").unwrap();
+        store
+            .put(&guard, "cmk", "agency-b/app-y/test", b"other")
+            .unwrap();
+        store
+            .put(&guard, "policy", "agency-a/app-x/prod", b"p")
+            .unwrap();
     }
     assert_eq!(
-        store.get("cmk", "agency-a/app-x/prod").unwrap().map(|v| v.to_vec()),
+        store
+            .get("cmk", "agency-a/app-x/prod")
+            .unwrap()
+            .map(|v| v.to_vec()),
         Some(value.to_vec())
     );
     assert_eq!(
@@ -62,9 +69,7 @@ fn records_round_trip_and_the_database_sees_only_ciphertext() {
         let tag: Vec<u8> = row.get(1);
         let body: Vec<u8> = row.get(2);
         for haystack in [&tag, &body] {
-            assert!(!haystack
-                .windows(value.len())
-                .any(|w| w == value.as_slice()));
+            assert!(!haystack.windows(value.len()).any(|w| w == value.as_slice()));
             assert!(!haystack.windows(8).any(|w| w == b"agency-a"));
         }
     }
@@ -148,8 +153,7 @@ fn a_row_moved_or_altered_by_the_administrator_fails_to_open() {
 
 #[test]
 fn the_lock_excludes_other_replicas_and_dies_with_its_connection() {
-    let Some(db) = scratch("the_lock_excludes_other_replicas_and_dies_with_its_connection")
-    else {
+    let Some(db) = scratch("the_lock_excludes_other_replicas_and_dies_with_its_connection") else {
         return;
     };
     let (_keys, key) = key();
@@ -184,7 +188,10 @@ fn the_lock_excludes_other_replicas_and_dies_with_its_connection() {
     a.put(&guard_a, "cmk", "x/y/z", b"new").unwrap();
     drop(guard_a);
     drop(guard_b);
-    assert_eq!(b.get("cmk", "x/y/z").unwrap().map(|v| v.to_vec()), Some(b"new".to_vec()));
+    assert_eq!(
+        b.get("cmk", "x/y/z").unwrap().map(|v| v.to_vec()),
+        Some(b"new".to_vec())
+    );
 }
 
 #[test]

@@ -1,0 +1,416 @@
+//! The audit log in PostgreSQL, shared by every replica of a verifier.
+//!
+//! The records are the lines of the file format (one row per record,
+//! `kluis_audit(seq, line)`), so a log read out of the database verifies
+//! with the same code and the same offline tools (`audit export` writes
+//! the file). The head of the chain is one row, `kluis_audit_head`; an
+//! append locks it (`SELECT … FOR UPDATE`), seals its records onto it,
+//! inserts them and moves it, in one transaction. That gives the records of
+//! every replica one total order, and a record is answered for only once
+//! that transaction has committed.
+//!
+//! Group commit: the threads of one process that append at once hand their
+//! records to whichever of them finds no transaction running; it commits
+//! them all in one transaction (at most [`MAX_BATCH`]). The head row is the
+//! one serialisation point of every replica's writes (docs/deploy.md says
+//! how far that goes and how it would be partitioned).
+//!
+//! Rows are append-only for the verifier's connections too (triggers refuse
+//! `UPDATE`, `DELETE` and `TRUNCATE`); a database superuser can still
+//! rewrite them, which the chain, the anchor in the store and the signed
+//! checkpoints (docs/evidence.md) show.
+
+use super::*;
+use kluis_keystore::pg::{reason, PooledClient};
+use kluis_keystore::Database;
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+/// Most records one transaction appends.
+pub const MAX_BATCH: usize = 256;
+/// Rows read per query when reading the log.
+const PAGE_ROWS: i64 = 512;
+
+/// The audit log in the store's database.
+pub(super) struct DbLog {
+    db: Database,
+    target: PathBuf,
+    state: Mutex<DbState>,
+    committed: Condvar,
+}
+
+impl std::fmt::Debug for DbLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbLog")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Pending {
+    ticket: u64,
+    new: NewRecord,
+    job: Option<JobContext>,
+}
+
+#[derive(Default)]
+struct DbState {
+    /// The last head this handle committed or read.
+    head: Option<AuditHead>,
+    queue: Vec<Pending>,
+    next_ticket: u64,
+    /// A thread is committing a batch now.
+    committing: bool,
+    results: HashMap<u64, Result<AuditAnchor, AuditError>>,
+}
+
+impl DbLog {
+    /// Opens the log in `db`; with `anchor`, refuses one that does not hold
+    /// the anchored record (see [`AuditLog::open_anchored`]).
+    pub(super) fn open(db: Database, anchor: Option<&AuditAnchor>) -> Result<Self, AuditError> {
+        let log = DbLog {
+            target: PathBuf::from(db.target()),
+            db,
+            state: Mutex::new(DbState::default()),
+            committed: Condvar::new(),
+        };
+        let head = log.read_head()?;
+        log.lock().head = Some(head);
+        if let Some(anchor) = anchor {
+            log.check_anchor(anchor)?;
+        }
+        Ok(log)
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.target
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DbState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn error(&self, e: &postgres::Error) -> AuditError {
+        AuditError::Io {
+            path: self.target.display().to_string(),
+            source: io::Error::other(reason(e)),
+        }
+    }
+
+    fn store_error(&self, e: &kluis_keystore::StoreError) -> AuditError {
+        AuditError::Io {
+            path: self.target.display().to_string(),
+            source: io::Error::other(e.to_string()),
+        }
+    }
+
+    fn client(&self) -> Result<PooledClient, AuditError> {
+        self.db.client().map_err(|e| self.store_error(&e))
+    }
+
+    /// The head row.
+    fn read_head(&self) -> Result<AuditHead, AuditError> {
+        let mut client = self.client()?;
+        let row = client
+            .query_one("SELECT seq, hash FROM kluis_audit_head", &[])
+            .map_err(|e| self.error(&e))?;
+        self.head_from(row.get(0), row.get(1))
+    }
+
+    fn head_from(&self, seq: i64, hash: Vec<u8>) -> Result<AuditHead, AuditError> {
+        let broken = |problem: &str| AuditError::Failed(format!("the head row {problem}"));
+        let seq = u64::try_from(seq).map_err(|_| broken("has a negative sequence number"))?;
+        let hash: [u8; HASH_LEN] = hash
+            .try_into()
+            .map_err(|_| broken("has a hash of the wrong length"))?;
+        Ok(AuditHead { seq, hash })
+    }
+
+    /// The last head this handle committed or read.
+    pub(super) fn head(&self) -> AuditHead {
+        self.lock().head.unwrap_or(AuditHead::GENESIS)
+    }
+
+    /// The current head (every committed record is durable), as an anchor.
+    pub(super) fn durable_anchor(&self) -> AuditAnchor {
+        let head = self.head();
+        AuditAnchor {
+            seq: head.seq,
+            hash: head.hash,
+            len: None,
+        }
+    }
+
+    /// Checks that the log holds `anchor`'s record, unchanged.
+    pub(super) fn check_anchor(&self, anchor: &AuditAnchor) -> Result<(), AuditError> {
+        let head = self.snapshot()?;
+        if head.seq < anchor.seq {
+            return Err(AuditError::TruncatedTail {
+                expected: anchor.head(),
+                last: head,
+            });
+        }
+        if anchor.seq == 0 {
+            if anchor.hash != AuditHead::GENESIS.hash {
+                return Err(AuditError::HeadMismatch {
+                    expected: anchor.head(),
+                    found: AuditHead::GENESIS,
+                });
+            }
+            return Ok(());
+        }
+        let seq = i64::try_from(anchor.seq).map_err(|_| AuditError::AnchorNotFound {
+            expected: anchor.head(),
+            at: 0,
+        })?;
+        let mut client = self.client()?;
+        let row = client
+            .query_opt("SELECT line FROM kluis_audit WHERE seq = $1", &[&seq])
+            .map_err(|e| self.error(&e))?;
+        let Some(row) = row else {
+            return Err(AuditError::AnchorNotFound {
+                expected: anchor.head(),
+                at: anchor.seq,
+            });
+        };
+        let line: Vec<u8> = row.get(0);
+        let record: AuditRecord =
+            serde_json::from_slice(&line).map_err(|_| AuditError::AnchorNotFound {
+                expected: anchor.head(),
+                at: anchor.seq,
+            })?;
+        if record.head() != anchor.head() {
+            return Err(AuditError::HeadMismatch {
+                expected: anchor.head(),
+                found: record.head(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends a record; returns once the transaction holding it committed.
+    pub(super) fn append_job(
+        &self,
+        new: NewRecord,
+        job: Option<JobContext>,
+    ) -> Result<AuditAnchor, AuditError> {
+        let mut st = self.lock();
+        let ticket = st.next_ticket;
+        st.next_ticket = st.next_ticket.wrapping_add(1);
+        st.queue.push(Pending { ticket, new, job });
+        loop {
+            if let Some(result) = st.results.remove(&ticket) {
+                return result;
+            }
+            if st.committing {
+                st = self
+                    .committed
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // Lead: commit what is queued (this thread's record among it).
+            let take = st.queue.len().min(MAX_BATCH);
+            let batch: Vec<Pending> = st.queue.drain(..take).collect();
+            st.committing = true;
+            drop(st);
+            let tickets: Vec<u64> = batch.iter().map(|p| p.ticket).collect();
+            let outcome = self.commit(batch);
+            st = self.lock();
+            st.committing = false;
+            match outcome {
+                Ok((head, results)) => {
+                    st.head = Some(head);
+                    st.results.extend(results);
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for t in tickets {
+                        st.results.insert(
+                            t,
+                            Err(AuditError::Io {
+                                path: self.target.display().to_string(),
+                                source: io::Error::other(message.clone()),
+                            }),
+                        );
+                    }
+                }
+            }
+            self.committed.notify_all();
+        }
+    }
+
+    /// One transaction: lock the head row, seal `batch` onto it, insert,
+    /// move the head. A record that cannot be sealed (too long) is answered
+    /// with its error and takes no sequence number.
+    #[allow(clippy::type_complexity)]
+    fn commit(
+        &self,
+        batch: Vec<Pending>,
+    ) -> Result<(AuditHead, Vec<(u64, Result<AuditAnchor, AuditError>)>), AuditError> {
+        let mut client = self.client()?;
+        let mut tx = client.transaction().map_err(|e| self.error(&e))?;
+        let row = tx
+            .query_one("SELECT seq, hash FROM kluis_audit_head FOR UPDATE", &[])
+            .map_err(|e| self.error(&e))?;
+        let start = self.head_from(row.get(0), row.get(1))?;
+        let mut head = start;
+        let mut seqs: Vec<i64> = Vec::with_capacity(batch.len());
+        let mut lines: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
+        let mut results = Vec::with_capacity(batch.len());
+        for Pending { ticket, new, job } in batch {
+            let result = (|| {
+                validate_new(&new)?;
+                if let Some(job) = &job {
+                    validate_job(job)?;
+                }
+                let seq = head.seq.checked_add(1).ok_or_else(|| {
+                    AuditError::Failed("the sequence number is exhausted".to_owned())
+                })?;
+                let record = AuditRecord::seal(new, job, seq, head.hash);
+                let line = serde_json::to_vec(&record).map_err(|e| AuditError::InvalidRecord {
+                    field: "record",
+                    reason: e.to_string(),
+                })?;
+                if line.len() > MAX_LINE_LEN {
+                    return Err(AuditError::InvalidRecord {
+                        field: "record",
+                        reason: format!(
+                            "its line would be {} bytes, at most {MAX_LINE_LEN} are allowed",
+                            line.len()
+                        ),
+                    });
+                }
+                let seq_sql = i64::try_from(seq).map_err(|_| {
+                    AuditError::Failed("the sequence number is exhausted".to_owned())
+                })?;
+                Ok((record.head(), seq_sql, line))
+            })();
+            match result {
+                Ok((new_head, seq_sql, line)) => {
+                    head = new_head;
+                    seqs.push(seq_sql);
+                    lines.push(line);
+                    results.push((
+                        ticket,
+                        Ok(AuditAnchor {
+                            seq: new_head.seq,
+                            hash: new_head.hash,
+                            len: None,
+                        }),
+                    ));
+                }
+                Err(e) => results.push((ticket, Err(e))),
+            }
+        }
+        if head != start {
+            tx.execute(
+                "INSERT INTO kluis_audit (seq, line) \
+                 SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+                &[&seqs, &lines],
+            )
+            .map_err(|e| self.error(&e))?;
+            let seq = i64::try_from(head.seq)
+                .map_err(|_| AuditError::Failed("the sequence number is exhausted".to_owned()))?;
+            tx.execute(
+                "UPDATE kluis_audit_head SET seq = $1, hash = $2",
+                &[&seq, &head.hash.as_slice()],
+            )
+            .map_err(|e| self.error(&e))?;
+        }
+        tx.commit().map_err(|e| self.error(&e))?;
+        Ok((head, results))
+    }
+
+    /// The current head row (and remembers it).
+    pub(super) fn snapshot(&self) -> Result<AuditHead, AuditError> {
+        let head = self.read_head()?;
+        let mut st = self.lock();
+        if st.head.is_none_or(|known| known.seq <= head.seq) {
+            st.head = Some(head);
+        }
+        Ok(head)
+    }
+
+    /// A reader of the lines of records `after + 1 ..= through`.
+    pub(super) fn reader(
+        &self,
+        after: u64,
+        through: u64,
+    ) -> Result<BufReader<DbLines>, AuditError> {
+        Ok(BufReader::with_capacity(
+            TAIL_CHUNK,
+            DbLines {
+                client: self.client()?,
+                next: after.saturating_add(1),
+                through,
+                buf: Vec::new(),
+                pos: 0,
+            },
+        ))
+    }
+}
+
+/// The records of the database log as the lines of a log file, read a page
+/// of rows at a time. A gap in the sequence numbers ends the lines there, so
+/// the chain check reports what follows as broken or the tail as missing.
+pub(super) struct DbLines {
+    client: PooledClient,
+    next: u64,
+    through: u64,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl DbLines {
+    fn fill(&mut self) -> io::Result<()> {
+        self.buf.clear();
+        self.pos = 0;
+        if self.next > self.through {
+            return Ok(());
+        }
+        let from = i64::try_from(self.next).map_err(io::Error::other)?;
+        let through = i64::try_from(self.through).map_err(io::Error::other)?;
+        let rows = self
+            .client
+            .query(
+                "SELECT seq, line FROM kluis_audit WHERE seq >= $1 AND seq <= $2 \
+                 ORDER BY seq LIMIT $3",
+                &[&from, &through, &PAGE_ROWS],
+            )
+            .map_err(|e| io::Error::other(reason(&e)))?;
+        for row in rows {
+            let seq: i64 = row.get(0);
+            if u64::try_from(seq).ok() != Some(self.next) {
+                // A missing row: stop here.
+                self.through = 0;
+                break;
+            }
+            let line: Vec<u8> = row.get(1);
+            self.buf.extend_from_slice(&line);
+            self.buf.push(b'\n');
+            self.next = self.next.saturating_add(1);
+        }
+        if self.buf.is_empty() {
+            self.through = 0;
+        }
+        Ok(())
+    }
+}
+
+impl Read for DbLines {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.buf.len() {
+            self.fill()?;
+        }
+        let available = self.buf.get(self.pos..).unwrap_or_default();
+        let n = available.len().min(out.len());
+        if let (Some(dst), Some(src)) = (out.get_mut(..n), available.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        self.pos = self.pos.saturating_add(n);
+        Ok(n)
+    }
+}
