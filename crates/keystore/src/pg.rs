@@ -39,6 +39,9 @@ use crate::StoreError;
 /// The schema version this build reads and writes.
 pub const SCHEMA_VERSION: i32 = 1;
 
+/// A record row: its name tag and its sealed body.
+pub(crate) type RecordRow = (Vec<u8>, Vec<u8>);
+
 /// A pooled connection to the store's database.
 pub type PooledClient = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
 
@@ -286,7 +289,7 @@ impl Database {
         &self,
         kind: &str,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<RecordRow>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut client = self.client()?;
         let rows = client

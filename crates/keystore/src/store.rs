@@ -107,7 +107,7 @@ enum Held {
     /// The `flock(2)`ed lock file (released when closed).
     File(#[allow(dead_code)] File),
     /// The database connection holding the advisory lock.
-    Database(DbLock),
+    Database(Box<DbLock>),
 }
 
 impl fmt::Debug for StoreGuard<'_> {
@@ -292,7 +292,7 @@ impl Store {
             })?;
             return Ok(StoreGuard {
                 store: self,
-                held: Held::Database(lock),
+                held: Held::Database(Box::new(lock)),
             });
         }
         let path = self.dir.join(LOCK_FILE);
@@ -312,7 +312,7 @@ impl Store {
             return match db.lock(false)? {
                 Some(lock) => Ok(StoreGuard {
                     store: self,
-                    held: Held::Database(lock),
+                    held: Held::Database(Box::new(lock)),
                 }),
                 None => Err(StoreError::Locked {
                     path: self.dir.clone(),
