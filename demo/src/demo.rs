@@ -46,6 +46,26 @@ impl Children {
         list.clear();
     }
 
+    /// Whether `name` is still running (as far as this list knows).
+    fn has(&self, name: &str) -> bool {
+        self.0
+            .lock()
+            .map(|list| list.iter().any(|(n, _)| n == name))
+            .unwrap_or(false)
+    }
+
+    /// SIGKILL, no warning: as a machine dies.
+    fn kill(&self, name: &str) {
+        let Ok(mut list) = self.0.lock() else { return };
+        for (n, child) in list.iter_mut() {
+            if n == name {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        list.retain(|(n, _)| n != name);
+    }
+
     fn stop(&self, name: &str) {
         let Ok(mut list) = self.0.lock() else { return };
         for (n, child) in list.iter_mut() {
@@ -88,6 +108,12 @@ struct Demo {
     exe: PathBuf,
     dir: PathBuf,
     store: PathBuf,
+    /// The store in a PostgreSQL database (its URL) instead of `store`.
+    database: Option<String>,
+    /// Verifier replicas to serve (more than one needs `database`).
+    replicas: usize,
+    /// The verifier replicas the relay fails over between, once started.
+    verifiers: Option<kluis_parent::relay::Verifiers>,
     /// How every verifier command opens the store: the root key file, or
     /// the HSM PIN file.
     secret_args: [String; 2],
@@ -124,8 +150,7 @@ impl Demo {
     fn verifier_lines(&self, role: Option<&str>, args: &[&str]) -> Result<Vec<Value>> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("verifier")
-            .arg("--store")
-            .arg(&self.store)
+            .args(self.store_args())
             .args(&self.secret_args);
         if let Some(role) = role {
             cmd.arg("--credential")
@@ -151,6 +176,15 @@ impl Demo {
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).context("verifier output"))
             .collect()
+    }
+
+    /// Where every verifier command finds the store: `--store DIR` or
+    /// `--database URL`.
+    fn store_args(&self) -> [String; 2] {
+        match &self.database {
+            Some(url) => ["--database".to_owned(), url.clone()],
+            None => ["--store".to_owned(), arg(&self.store)],
+        }
     }
 
     /// Start `kluis-demo SUBCOMMAND ARGS` as a child and read its first stdout
@@ -297,7 +331,28 @@ fn expect_refused(
     Ok(())
 }
 
-pub(crate) fn run(keep: Option<&Path>, records: u32, hsm_module: Option<&Path>) -> Result<()> {
+/// Where the demo's verifier keeps its state, and how many replicas serve.
+pub(crate) struct Deployment<'a> {
+    /// A PKCS#11 module for the master keys (SoftHSM2), if any.
+    pub hsm_module: Option<&'a Path>,
+    /// A PostgreSQL server (URL) on which the demo makes a database of its
+    /// own for the store, the audit log and the nonces.
+    pub database: Option<&'a str>,
+    /// Verifier replicas (several need `database`).
+    pub replicas: usize,
+}
+
+pub(crate) fn run(keep: Option<&Path>, records: u32, deployment: &Deployment<'_>) -> Result<()> {
+    let hsm_module = deployment.hsm_module;
+    if deployment.replicas == 0 || deployment.replicas > 8 {
+        bail!("--replicas takes 1 to 8");
+    }
+    if deployment.replicas > 1 && deployment.database.is_none() {
+        bail!("several replicas share their state in PostgreSQL: pass --database URL too");
+    }
+    if deployment.database.is_some() && hsm_module.is_some() {
+        bail!("--database and --hsm-module together are not supported yet: choose one");
+    }
     let temp;
     let dir = match keep {
         Some(dir) => {
@@ -361,9 +416,21 @@ pub(crate) fn run(keep: Option<&Path>, records: u32, hsm_module: Option<&Path>) 
             }
         });
     }
+    // A database of the demo's own on the server, dropped at the end (kept,
+    // with its name printed, under --keep).
+    let scratch = match deployment.database {
+        Some(server) => Some(
+            kluis_keystore::pg::scratch::ScratchDatabase::create(server)
+                .map_err(|e| anyhow!("making the demo's database: {e}"))?,
+        ),
+        None => None,
+    };
     let mut demo = Demo {
         exe: std::env::current_exe().context("finding this program")?,
         store: dir.join("verifier-store"),
+        database: scratch.as_ref().map(|db| db.url().to_owned()),
+        replicas: deployment.replicas,
+        verifiers: None,
         secret_args,
         hsm_init,
         creds: dir.join("credentials"),
@@ -373,6 +440,10 @@ pub(crate) fn run(keep: Option<&Path>, records: u32, hsm_module: Option<&Path>) 
     };
     let result = run_steps(&mut demo, records);
     children.stop_all();
+    if let (Some(db), Some(_)) = (&scratch, keep) {
+        println!("(the demo's database {} is kept)", db.name());
+        std::mem::forget(scratch);
+    }
     if let Err(e) = &result {
         eprintln!("\ndemo FAILED: {e:#}");
         if keep.is_none() {
@@ -395,6 +466,15 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     let dataset = encrypt_dataset(demo, records)?;
     let authorisation = authorise_job(demo)?;
     let ran = run_pseudonymisation(demo, &stage, &enclave, &dataset, &authorisation)?;
+    if demo.replicas > 1 {
+        let victim = replica_name(demo.replicas, 1);
+        if demo.children.has(&victim) {
+            bail!("{victim} should have been killed after the first key release");
+        }
+        detail(format!(
+            "{victim} was killed with SIGKILL right after the first key release; the job completed"
+        ));
+    }
     let output = check_result(demo, &dataset, &ran)?;
     parent_view(demo, &stage, &dataset, &output)?;
     attacks(demo, &stage, &keys, &enclave, &dataset, &ran.job)?;
@@ -402,6 +482,7 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     let dir = demo.dir.clone();
     let path = |name: &str| dir.join(name);
     evidence_steps(demo, &shown, &keys.verifier_key, &root_pem, &path)?;
+    replica_report(demo)?;
     println!("\ndemo OK: data was readable only inside the attested enclave; the parent carried ciphertext only");
     Ok(())
 }
@@ -519,7 +600,15 @@ fn start_relay(demo: &mut Demo) -> Result<(Stage, Listener)> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let recorder = Arc::new(Recorder::new());
+    let recorder = Arc::new(if demo.replicas > 1 {
+        Recorder::wrapping(Arc::new(KillAfterFirstRelease {
+            children: demo.children.clone(),
+            victim: replica_name(demo.replicas, 1),
+            done: std::sync::atomic::AtomicBool::new(false),
+        }))
+    } else {
+        Recorder::new()
+    });
     let relay_listener = runtime.block_on(Listener::bind(&Address::Tcp("127.0.0.1:0".into())))?;
     let relay_address = relay_listener.local_address()?;
     detail(format!("relay at {relay_address}"));
@@ -650,10 +739,11 @@ fn start_verifier(
         "verifier",
         "starts its key-release service (trusting the simulated NSM root, explicitly)",
     );
-    let mut serve_args: Vec<String> = vec![
+    let [store_flag, store_value] = demo.store_args();
+    let serve_args: Vec<String> = vec![
         "verifier".into(),
-        "--store".into(),
-        arg(&demo.store),
+        store_flag,
+        store_value,
         demo.secret_args[0].clone(),
         demo.secret_args[1].clone(),
         "--credential".into(),
@@ -664,26 +754,121 @@ fn start_verifier(
         "--dangerous-nsm-root".into(),
         arg(root_pem),
     ];
-    let served = demo.spawn(
-        "verifier",
-        &serve_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )?;
-    serve_args.clear();
-    let verifier_address: Address = served
-        .get("listening")
-        .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("the verifier did not say where it listens"))?
-        .parse()?;
-    detail(format!("listening at {verifier_address}"));
+    let mut targets = Vec::new();
+    for n in 1..=demo.replicas {
+        let name = replica_name(demo.replicas, n);
+        let served = demo.spawn(
+            &name,
+            &serve_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
+        let address: Address = served
+            .get("listening")
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow!("the {name} did not say where it listens"))?
+            .parse()?;
+        detail(format!("{name} listening at {address}"));
+        targets.push(kluis_parent::relay::VerifierTarget::plain(address));
+    }
+    let verifiers = kluis_parent::relay::Verifiers::new(targets)
+        .map_err(|e| anyhow!("{e}"))?
+        .with_connect_timeout(Duration::from_secs(2));
+    if demo.replicas > 1 {
+        detail(format!(
+            "{} replicas on one PostgreSQL database; the relay fails over between them in order",
+            demo.replicas
+        ));
+    }
+    demo.verifiers = Some(verifiers.clone());
     let stop = Arc::clone(&stage.stop_relay);
     let hook: Arc<dyn kluis_parent::hook::FrameHook> = stage.recorder.clone();
     stage.runtime.spawn(async move {
-        kluis_parent::relay::serve(relay_listener, verifier_address, hook, async move {
+        kluis_parent::relay::serve(relay_listener, verifiers, hook, async move {
             stop.notified().await
         })
         .await;
     });
     Ok(())
+}
+
+/// With several replicas: what each served, as the parent's relay counted.
+fn replica_report(demo: &mut Demo) -> Result<()> {
+    let Some(verifiers) = &demo.verifiers else {
+        return Ok(());
+    };
+    if demo.replicas < 2 {
+        return Ok(());
+    }
+    let stats = verifiers.stats();
+    demo.step(
+        "parent",
+        "counts what each verifier replica served (its relay's figures)",
+    );
+    let mut served_after_kill = 0u64;
+    for (n, s) in stats.iter().enumerate() {
+        let name = replica_name(demo.replicas, n.saturating_add(1));
+        detail(format!(
+            "{name}: {} key request(s), {} exchange(s) answered, {} connection(s) refused",
+            s.key_requests, s.answered, s.connect_failures
+        ));
+        if n > 0 {
+            served_after_kill = served_after_kill.saturating_add(s.key_requests);
+        }
+    }
+    let first = stats.first().copied().unwrap_or_default();
+    if first.key_requests == 0 {
+        bail!("the first replica served no key request before it was killed");
+    }
+    if served_after_kill == 0 {
+        bail!("no other replica served a key request after the first was killed");
+    }
+    detail("one audit chain across the replicas, verified above from the shared database");
+    Ok(())
+}
+
+/// The name of replica `n` of `count` (just "verifier" when there is one).
+fn replica_name(count: usize, n: usize) -> String {
+    if count > 1 {
+        format!("verifier-{n}")
+    } else {
+        "verifier".to_owned()
+    }
+}
+
+/// With several replicas: the inner hook of the parent's recorder, which
+/// kills the first replica with SIGKILL as soon as the first key release
+/// has passed through the relay on its way to the enclave. The frame is
+/// already read from that replica, so the job goes on; everything after it
+/// is served by the replicas left.
+struct KillAfterFirstRelease {
+    children: Children,
+    victim: String,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl kluis_parent::hook::FrameHook for KillAfterFirstRelease {
+    fn on_frame(
+        &self,
+        channel: kluis_parent::hook::Channel,
+        direction: kluis_parent::hook::Direction,
+        frame: Vec<u8>,
+    ) -> Vec<Vec<u8>> {
+        use std::sync::atomic::Ordering;
+        if channel == kluis_parent::hook::Channel::Verifier
+            && direction == kluis_parent::hook::Direction::ToEnclave
+            && !self.done.load(Ordering::SeqCst)
+        {
+            let response = kluis_proto::message::read_message_sync::<
+                kluis_proto::message::Response,
+                _,
+            >(&mut frame.as_slice(), frame.len());
+            if matches!(response, Ok(kluis_proto::message::Response::KeyRelease(_)))
+                && !self.done.swap(true, Ordering::SeqCst)
+            {
+                self.children.kill(&self.victim);
+            }
+        }
+        vec![frame]
+    }
 }
 
 /// Controller: the sample dataset, encrypted, and a wrapped
@@ -1201,7 +1386,10 @@ fn backdate_deletion(demo: &Demo, key: &str) -> Result<()> {
     use attestation_verifier::kms::Kms;
     const EIGHT_DAYS_MS: u64 = 8 * 86_400_000;
     let [how, file] = &demo.secret_args;
-    let mut kms = if how == "--hsm-pin-file" {
+    let mut kms = if let Some(url) = &demo.database {
+        let secret = kluis_keystore::RootSecret::from_key_file(Path::new(file))?;
+        Kms::open_database(kluis_keystore::Database::connect(url)?, secret)?
+    } else if how == "--hsm-pin-file" {
         let pin = kluis_keystore::Zeroizing::new(std::fs::read_to_string(file)?);
         Kms::open_hsm(
             &demo.store,
@@ -1212,7 +1400,10 @@ fn backdate_deletion(demo: &Demo, key: &str) -> Result<()> {
         Kms::open(&demo.store, secret)?
     };
     let anchor = kms.audit_anchor()?;
-    let log = AuditLog::open_anchored(demo.store.join("audit.log"), anchor.as_ref())?;
+    let log = match kms.store().database() {
+        Some(db) => AuditLog::open_database(db.clone(), anchor.as_ref())?,
+        None => AuditLog::open_anchored(demo.store.join("audit.log"), anchor.as_ref())?,
+    };
     kms.bind_audit(Arc::new(log), Actor::System);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?

@@ -39,6 +39,16 @@ struct Cli {
     /// in its own directory.
     #[arg(long, value_name = "PATH")]
     hsm_module: Option<std::path::PathBuf>,
+    /// Keep the verifier's store, audit log and challenge nonces in
+    /// PostgreSQL: a server URL (e.g. postgresql://postgres@127.0.0.1:5432/test)
+    /// on which the demo makes a database of its own, dropped at the end.
+    #[arg(long, value_name = "URL")]
+    database: Option<String>,
+    /// Run this many verifier replicas on that database (needs --database);
+    /// the first is killed with SIGKILL right after the first key release,
+    /// and the rest of the demo is served by the others.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    replicas: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,7 +76,15 @@ fn main() -> ExitCode {
         Some(Command::Enclave { args }) => kluis_enclave::cli::run_from(
             std::iter::once(std::ffi::OsString::from("enclave")).chain(args),
         ),
-        None => match demo::run(cli.keep.as_deref(), cli.records, cli.hsm_module.as_deref()) {
+        None => match demo::run(
+            cli.keep.as_deref(),
+            cli.records,
+            &demo::Deployment {
+                hsm_module: cli.hsm_module.as_deref(),
+                database: cli.database.as_deref(),
+                replicas: cli.replicas,
+            },
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {}", format!("{e:#}").replace('\n', " "));

@@ -85,3 +85,81 @@ fn the_demo_runs_on_a_pkcs11_token() {
         .join("hsm.json")
         .is_file());
 }
+
+/// `--replicas 3 --database URL`: three verifier processes on one
+/// PostgreSQL database, the first killed with SIGKILL after the first key
+/// release; the job completes, the others serve the rest, the audit
+/// verifies, and the demo's database is dropped at the end.
+#[test]
+fn the_demo_survives_a_replica_killed_mid_run() {
+    let Some(server) =
+        kluis_keystore::pg::scratch::server("the_demo_survives_a_replica_killed_mid_run")
+            .expect("PostgreSQL is required here")
+    else {
+        return;
+    };
+    let databases = |server: &str| -> Vec<String> {
+        let mut client = postgres::Client::connect(server, postgres::NoTls).unwrap();
+        client
+            .query(
+                "SELECT datname::text FROM pg_database WHERE datname LIKE 'kluis\\_t\\_%'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    };
+    let before = databases(&server);
+    let out = Command::new(env!("CARGO_BIN_EXE_kluis-demo"))
+        .args(["--records", "100", "--replicas", "3", "--database", &server])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    for expected in [
+        "verifier-1 was killed with SIGKILL right after the first key release; the job completed",
+        "verifier-1: 1 key request(s)",
+        "intact:",
+        "demo OK",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    // The database the demo made is gone (no other test of this binary
+    // makes one, and cargo runs test binaries one at a time).
+    let after = databases(&server);
+    assert!(
+        after.iter().all(|d| before.contains(d)),
+        "left behind: {after:?}"
+    );
+}
+
+/// Several replicas without a database, or a nonsense count: refused at
+/// once with a clear message, nothing started.
+#[test]
+fn replicas_without_a_database_are_refused() {
+    for args in [
+        &["--replicas", "2"][..],
+        &[
+            "--replicas",
+            "0",
+            "--database",
+            "postgresql://nobody@127.0.0.1:1/x",
+        ][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kluis-demo"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("--database") || stderr.contains("1 to 8"),
+            "{stderr}"
+        );
+    }
+}
