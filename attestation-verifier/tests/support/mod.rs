@@ -16,6 +16,7 @@ pub fn verifier_command() -> Command {
         "KLUIS_STORE_PASSPHRASE_FILE",
         "KLUIS_HSM_PIN",
         "KLUIS_HSM_PIN_FILE",
+        "KLUIS_DATABASE_URL",
     ] {
         cmd.env_remove(var);
     }
