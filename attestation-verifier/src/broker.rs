@@ -422,10 +422,22 @@ impl Broker {
 
     /// Withdraw challenges that were issued but never used (their
     /// connection closed), freeing their room in the nonce store.
+    ///
+    /// Blocking (with a store in a database, it deletes their rows): call
+    /// it off the async runtime's threads, as [`Broker::handle`].
     pub fn withdraw_challenges(&self, nonces: &[[u8; NONCE_LEN]]) {
-        self.withdraw_local(nonces);
+        let now = crate::service::now_ms();
+        let still_open: Vec<[u8; NONCE_LEN]> = match self.nonces.lock() {
+            Ok(store) => nonces
+                .iter()
+                .filter(|n| store.is_open(n, now))
+                .copied()
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        self.withdraw_local(&still_open);
         if let Some(shared) = &self.shared_nonces {
-            shared.withdraw(nonces);
+            shared.withdraw(&still_open);
         }
     }
 

@@ -76,7 +76,7 @@ impl Default for ServiceConfig {
 /// Optional TLS for the listener.
 pub type TlsAcceptor = tokio_rustls::TlsAcceptor;
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -295,7 +295,12 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await;
     if !open_challenges.is_empty() {
-        broker.withdraw_challenges(&open_challenges);
+        // May reach the store's database: not on the runtime's threads.
+        let broker = Arc::clone(&broker);
+        let _ = tokio::task::spawn_blocking(move || {
+            broker.withdraw_challenges(&open_challenges);
+        })
+        .await;
     }
     result
 }

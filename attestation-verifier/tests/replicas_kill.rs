@@ -327,4 +327,34 @@ fn a_replica_killed_under_load_loses_and_duplicates_nothing() {
             );
         }
     }
+
+    // A challenge its connection never used is withdrawn when the
+    // connection closes: its row leaves the shared table.
+    let nonce = {
+        let mut stream = TcpStream::connect(&addresses[1]).unwrap();
+        write_message_sync(&mut stream, &Request::Challenge, MAX_FRAME).unwrap();
+        match read_message_sync(&mut stream, MAX_FRAME).unwrap() {
+            Response::Challenge { nonce, .. } => nonce,
+            other => panic!("{other:?}"),
+        }
+    };
+    let mut sql = postgres::Client::connect(&setup.url, postgres::NoTls).unwrap();
+    let rows = |sql: &mut postgres::Client| -> i64 {
+        sql.query_one(
+            "SELECT count(*) FROM kluis_nonces WHERE nonce = $1",
+            &[&nonce.as_slice()],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rows(&mut sql) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rows(&mut sql), 0, "the unused challenge was withdrawn");
+    // And the replica still serves.
+    assert!(matches!(
+        release(&addresses[1], &nsm),
+        Some((Response::KeyRelease(_), _, _))
+    ));
 }
