@@ -40,6 +40,18 @@ pub(crate) struct StoreArgs {
         conflicts_with = "store"
     )]
     pub database: Option<String>,
+    /// Reach the database over TLS, verified against the CA certificates in
+    /// FILE (PEM): the server's certificate must name the URL's host. Without
+    /// it, only a database on this machine is reached unencrypted (or one
+    /// whose URL says sslmode=disable).
+    #[arg(
+        long,
+        env = "KLUIS_DATABASE_CA_FILE",
+        value_name = "FILE",
+        global = true,
+        requires = "database"
+    )]
+    pub database_ca: Option<PathBuf>,
     /// The root key file (32 random bytes, mode 0600). Alternatively a
     /// passphrase (Argon2id): --passphrase-file, --passphrase-fd, or
     /// KLUIS_STORE_PASSPHRASE (short commands only: it stays readable in
@@ -164,7 +176,15 @@ impl StoreArgs {
         let Some(url) = &self.database else {
             return Ok(None);
         };
-        kluis_keystore::Database::connect(url)
+        let ca = match &self.database_ca {
+            Some(path) => Some(
+                crate::cli::input::read_bounded(path, 256 * 1024)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .ok_or_else(|| anyhow!("{} is too large for a CA file", path.display()))?,
+            ),
+            None => None,
+        };
+        kluis_keystore::Database::connect_tls(url, ca.as_deref())
             .map(Some)
             .map_err(|e| Failure::Usage(anyhow!(e)))
     }

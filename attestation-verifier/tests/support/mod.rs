@@ -17,6 +17,7 @@ pub fn verifier_command() -> Command {
         "KLUIS_HSM_PIN",
         "KLUIS_HSM_PIN_FILE",
         "KLUIS_DATABASE_URL",
+        "KLUIS_DATABASE_CA_FILE",
     ] {
         cmd.env_remove(var);
     }

@@ -30,9 +30,10 @@ use std::str::FromStr as _;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use postgres::config::Host;
-use postgres::{Client, Config, NoTls};
+use postgres::config::{Host, SslMode};
+use postgres::{Client, Config};
 use r2d2_postgres::PostgresConnectionManager;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::StoreError;
 
@@ -43,7 +44,7 @@ pub const SCHEMA_VERSION: i32 = 1;
 pub(crate) type RecordRow = (Vec<u8>, Vec<u8>);
 
 /// A pooled connection to the store's database.
-pub type PooledClient = r2d2::PooledConnection<PostgresConnectionManager<NoTls>>;
+pub type PooledClient = r2d2::PooledConnection<PostgresConnectionManager<MakeRustlsConnect>>;
 
 /// Advisory lock keys (any 64-bit constants, fixed forever): the store's
 /// mutation lock and the migration lock.
@@ -87,8 +88,9 @@ pub struct Database {
 }
 
 struct Inner {
-    pool: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    pool: r2d2::Pool<PostgresConnectionManager<MakeRustlsConnect>>,
     config: Config,
+    tls: MakeRustlsConnect,
     target: String,
 }
 
@@ -105,12 +107,75 @@ impl Database {
     /// `key=value` connection string), checking that it answers. The URL's
     /// own settings win; otherwise a 5 s connect timeout, a 5 s TCP user
     /// timeout with keepalives, and a 30 s statement timeout apply.
+    ///
+    /// Without `ca_pem`, only a server on this machine (loopback or a Unix
+    /// socket) is reached unencrypted; any other needs TLS, or
+    /// `sslmode=disable` in the URL to accept an unencrypted connection
+    /// knowingly. See [`Database::connect_tls`].
     pub fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_tls(url, None)
+    }
+
+    /// [`Database::connect`] over TLS verified against the CA
+    /// certificates in `ca_pem` (PEM): the server's certificate must chain
+    /// to one of them and name the host of the URL (`host`; `hostaddr` may
+    /// give the address to connect to). TLS is then required, whatever the
+    /// URL's `sslmode` (`disable` is refused).
+    pub fn connect_tls(url: &str, ca_pem: Option<&[u8]>) -> Result<Self, StoreError> {
         let mut config = Config::from_str(url).map_err(|e| StoreError::Database {
             target: "the database URL".to_owned(),
             action: "parse",
             reason: e.to_string(),
         })?;
+        let target = describe(&config);
+        let refuse = |reason: String| StoreError::Database {
+            target: target.clone(),
+            action: "connect to",
+            reason,
+        };
+        let roots = match ca_pem {
+            Some(pem) => {
+                if config.get_ssl_mode() == SslMode::Disable {
+                    return Err(refuse(
+                        "a CA file was given for TLS, and the URL says sslmode=disable".to_owned(),
+                    ));
+                }
+                config.ssl_mode(SslMode::Require);
+                ca_roots(pem).map_err(refuse)?
+            }
+            None => {
+                match config.get_ssl_mode() {
+                    SslMode::Require => {
+                        return Err(refuse(
+                            "sslmode=require needs the CA that signed the server's certificate \
+                             (--database-ca FILE)"
+                                .to_owned(),
+                        ))
+                    }
+                    SslMode::Disable => {}
+                    _ if is_local(&config) => {}
+                    _ => {
+                        return Err(refuse(
+                            "the server is not on this machine: pass --database-ca FILE for \
+                             TLS, or put sslmode=disable in the URL to accept an unencrypted \
+                             connection"
+                                .to_owned(),
+                        ))
+                    }
+                }
+                // On this machine, or knowingly unencrypted.
+                config.ssl_mode(SslMode::Disable);
+                rustls::RootCertStore::empty()
+            }
+        };
+        let tls_config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| refuse(format!("TLS configuration: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tls = MakeRustlsConnect::new(tls_config);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -127,16 +192,17 @@ impl Database {
             config.get_options().unwrap_or_default()
         );
         config.options(options.trim());
-        let target = describe(&config);
         // One connection first, for a clear error (the pool would retry
         // until its timeout and keep only the last message).
-        let probe = config.connect(NoTls).map_err(|e| StoreError::Database {
-            target: target.clone(),
-            action: "connect to",
-            reason: reason(&e),
-        })?;
+        let probe = config
+            .connect(tls.clone())
+            .map_err(|e| StoreError::Database {
+                target: target.clone(),
+                action: "connect to",
+                reason: reason(&e),
+            })?;
         drop(probe);
-        let manager = PostgresConnectionManager::new(config.clone(), NoTls);
+        let manager = PostgresConnectionManager::new(config.clone(), tls.clone());
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
@@ -147,6 +213,7 @@ impl Database {
             inner: Arc::new(Inner {
                 pool,
                 config,
+                tls,
                 target,
             }),
         })
@@ -311,7 +378,7 @@ impl Database {
         let mut client = self
             .inner
             .config
-            .connect(NoTls)
+            .connect(self.inner.tls.clone())
             .map_err(|e| self.error("connect to", &e))?;
         if wait {
             client
@@ -409,6 +476,42 @@ impl Drop for DbLock {
     }
 }
 
+/// The CA certificates of a PEM bundle.
+fn ca_roots(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("the database CA file: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("the database CA file: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("the database CA file holds no certificate".to_owned());
+    }
+    Ok(roots)
+}
+
+/// Whether every host of `config` is on this machine: a Unix socket, or a
+/// loopback address (`hostaddr` when given, else `host`).
+fn is_local(config: &Config) -> bool {
+    let addrs = config.get_hostaddrs();
+    if !addrs.is_empty() {
+        return addrs.iter().all(std::net::IpAddr::is_loopback);
+    }
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(|host| match host {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        })
+}
+
 /// A database error for a message: the server's message and SQLSTATE
 /// (never its DETAIL, which can quote row values), or the client's error.
 pub fn reason(e: &postgres::Error) -> String {
@@ -488,7 +591,7 @@ pub mod scratch {
             let mut random = [0u8; 8];
             aws_lc_rs::rand::fill(&mut random).map_err(|_| "no randomness".to_owned())?;
             let name = format!("kluis_t_{}", hex::encode(random));
-            let mut client = Client::connect(server, NoTls)
+            let mut client = Client::connect(server, postgres::NoTls)
                 .map_err(|e| format!("connecting to the test server: {}", reason(&e)))?;
             client
                 .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -514,7 +617,7 @@ pub mod scratch {
 
     impl Drop for ScratchDatabase {
         fn drop(&mut self) {
-            if let Ok(mut client) = Client::connect(&self.server, NoTls) {
+            if let Ok(mut client) = Client::connect(&self.server, postgres::NoTls) {
                 let _ = client.batch_execute(&format!(
                     "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                     self.name

@@ -267,3 +267,97 @@ fn an_unreachable_database_is_a_clear_error() {
     );
     assert!(!text.contains("pw-secret"), "{text}");
 }
+
+/// The server's certificate for the TLS tests: the one the local server
+/// presents (Debian's default is the snakeoil certificate for
+/// `localhost`), read from the server's own settings.
+fn server_certificate(db: &ScratchDatabase) -> Option<(Vec<u8>, String)> {
+    let mut client = sql(db);
+    let ssl: String = client.query_one("SHOW ssl", &[]).unwrap().get(0);
+    if ssl != "on" {
+        eprintln!("SKIPPED: the test server does not offer TLS (ssl = {ssl})");
+        return None;
+    }
+    let file: String = client.query_one("SHOW ssl_cert_file", &[]).unwrap().get(0);
+    let Ok(pem) = std::fs::read(&file) else {
+        eprintln!("SKIPPED: the server's certificate {file} is not readable here");
+        return None;
+    };
+    // The name it is issued to: the first DNS name of its PEM, found by the
+    // TLS stack below; the Debian default is localhost.
+    Some((pem, "localhost".to_owned()))
+}
+
+#[test]
+fn tls_to_the_database_is_verified_against_the_given_ca() {
+    let Some(db) = scratch("tls_to_the_database_is_verified_against_the_given_ca") else {
+        return;
+    };
+    let Some((pem, name)) = server_certificate(&db) else {
+        return;
+    };
+    let url: postgres::Config = db.url().parse().unwrap();
+    let user = url.get_user().unwrap().to_owned();
+    let port = url.get_ports().first().copied().unwrap_or(5432);
+    // The certificate's name as host, the loopback address to connect to.
+    let tls_url = format!(
+        "host={name} hostaddr=127.0.0.1 port={port} user={user} dbname={}",
+        db.name()
+    );
+    let database = match Database::connect_tls(&tls_url, Some(&pem)) {
+        Ok(database) => database,
+        Err(e) if e.to_string().contains("NotValidForName") => {
+            eprintln!("SKIPPED: the server's certificate does not name {name}: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let encrypted: bool = database
+        .client()
+        .unwrap()
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(encrypted, "the pooled connection is TLS");
+
+    // The right CA but another name: refused.
+    let wrong_name = format!(
+        "host=127.0.0.1 port={port} user={user} dbname={}",
+        db.name()
+    );
+    let err = Database::connect_tls(&wrong_name, Some(&pem)).unwrap_err();
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+
+    // Another CA: refused.
+    let other = another_self_signed_certificate();
+    let err = Database::connect_tls(&tls_url, Some(other.as_bytes())).unwrap_err();
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+
+    // A CA file and sslmode=disable contradict each other.
+    let err = Database::connect_tls(&format!("{tls_url} sslmode=disable"), Some(&pem)).unwrap_err();
+    assert!(err.to_string().contains("sslmode=disable"), "{err}");
+    // A CA file that holds no certificate.
+    let err = Database::connect_tls(&tls_url, Some(b"not a certificate")).unwrap_err();
+    assert!(err.to_string().contains("no certificate"), "{err}");
+}
+
+/// A self-signed certificate for `localhost` that is not the server's.
+fn another_self_signed_certificate() -> String {
+    rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .unwrap()
+        .cert
+        .pem()
+}
+
+#[test]
+fn a_remote_database_without_tls_is_refused_unless_asked_for() {
+    // Nothing is sent: the decision is made before connecting.
+    let err = Database::connect("postgresql://kluis@db.example:5432/state").unwrap_err();
+    assert!(err.to_string().contains("--database-ca"), "{err}");
+    let err =
+        Database::connect("postgresql://kluis@db.example:5432/state?sslmode=require").unwrap_err();
+    assert!(err.to_string().contains("--database-ca"), "{err}");
+}
