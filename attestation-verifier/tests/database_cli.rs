@@ -5,7 +5,12 @@
 //! Needs KLUIS_TEST_DATABASE_URL (SKIPPED without it; a failure with
 //! KLUIS_REQUIRE_DATABASE=1, as in CI).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod support;
 
