@@ -382,7 +382,11 @@ impl Database {
             .map_err(|e| self.error("connect to", &e))?;
         if wait {
             client
-                .batch_execute(&format!("SET lock_timeout = {LOCK_TIMEOUT_MS}"))
+                .batch_execute(&format!(
+                    "SET lock_timeout = {LOCK_TIMEOUT_MS}; \
+                     SET statement_timeout = {}",
+                    LOCK_TIMEOUT_MS.saturating_add(STATEMENT_TIMEOUT_MS)
+                ))
                 .map_err(|e| self.error("configure a lock on", &e))?;
             if let Err(e) = client.execute("SELECT pg_advisory_lock($1)", &[&STORE_LOCK_KEY]) {
                 if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
