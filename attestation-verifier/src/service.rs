@@ -55,6 +55,12 @@ pub struct ServiceConfig {
     /// A new connection must finish its TLS handshake and send its first
     /// complete frame within this.
     pub first_frame_timeout: Duration,
+    /// A request not decided within this (waiting for a slot included) is
+    /// answered `unavailable`: a store that hangs (a database cut off
+    /// behind a proxy that still acknowledges) stops releases within a
+    /// bounded time. The decision may still finish later; its keys are then
+    /// never sent, and its audit record, if written, stands.
+    pub decision_timeout: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -69,6 +75,7 @@ impl Default for ServiceConfig {
             max_connections_per_peer: 16,
             reserved_connections: 32,
             first_frame_timeout: Duration::from_secs(5),
+            decision_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -357,20 +364,36 @@ async fn connection_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 continue;
             }
         }
-        let response = {
+        let decided = tokio::time::timeout(config.decision_timeout, async {
             let Ok(permit) = Arc::clone(in_flight).acquire_owned().await else {
                 return Err(ConnectionEnd::Closed);
             };
             let broker = Arc::clone(broker);
+            // The permit goes with the blocking work: a decision that hangs
+            // keeps its slot, so hung decisions never exceed max_in_flight.
             let joined = tokio::task::spawn_blocking(move || {
                 let response = broker.handle(request, now_ms(), &random_nonce);
                 drop(permit);
                 response
             })
             .await;
-            joined.unwrap_or(Response::Error {
+            Ok(joined.unwrap_or(Response::Error {
                 code: ErrorCode::Internal,
-            })
+            }))
+        })
+        .await;
+        let response = match decided {
+            Ok(Ok(response)) => response,
+            Ok(Err(end)) => return Err(end),
+            Err(_) => {
+                tracing::error!(
+                    timeout = ?config.decision_timeout,
+                    "a request was not decided in time; answering unavailable"
+                );
+                Response::Error {
+                    code: ErrorCode::Unavailable,
+                }
+            }
         };
         if let Response::Challenge { nonce, .. } = &response {
             open_challenges.push(*nonce);

@@ -54,7 +54,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x6b6c_7569_7300_0002;
 /// Most connections one process keeps to the database.
 const POOL_SIZE: u32 = 16;
 /// How long a command waits for a connection from the pool.
-const POOL_WAIT: Duration = Duration::from_secs(10);
+const POOL_WAIT: Duration = Duration::from_secs(3);
 /// Defaults applied when the URL does not set them.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unacknowledged data on the socket for this long ends the connection: a
