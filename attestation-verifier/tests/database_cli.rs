@@ -212,3 +212,70 @@ fn the_command_line_reaches_the_database_over_verified_tls() {
         run(verifier_command().args(["--database", &tls_url, "--database-ca", &other, "migrate"]));
     assert_eq!(code, 2, "{out}");
 }
+
+#[test]
+fn administrative_commands_on_several_replicas_serialise() {
+    let Some(env) = Env::new("administrative_commands_on_several_replicas_serialise") else {
+        return;
+    };
+    env.init();
+    // Twelve processes at once: six create distinct keys, six race to
+    // create the same one.
+    let children: Vec<(String, std::process::Child)> = (0..12)
+        .map(|i| {
+            let name = if i % 2 == 0 {
+                format!("t/app/k{i}")
+            } else {
+                "t/app/contended".to_owned()
+            };
+            let child = env
+                .command(Some("key-admin"), &["key", "create", &name])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (name, child)
+        })
+        .collect();
+    let mut contended_wins = 0;
+    for (name, child) in children {
+        let out = child.wait_with_output().unwrap();
+        let code = out.status.code().unwrap();
+        if name == "t/app/contended" {
+            if code == 0 {
+                contended_wins += 1;
+            } else {
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                assert!(stdout.contains("key_exists"), "{stdout}");
+            }
+        } else {
+            assert_eq!(code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    assert_eq!(contended_wins, 1, "the same key is created once");
+    let (code, out, _) = env.run(Some("key-admin"), &["key", "list"]);
+    assert_eq!(code, 0);
+    let listed = out.to_string();
+    for i in (0..12).step_by(2) {
+        assert!(listed.contains(&format!("t/app/k{i}")), "{listed}");
+    }
+    // One chain holding one key.create per key made, in one order.
+    let (code, out, err) = env.run(Some("key-admin"), &["audit", "verify"]);
+    assert_eq!(
+        (code, out["status"].as_str()),
+        (0, Some("intact")),
+        "{out} {err}"
+    );
+    let db = kluis_keystore::Database::connect(env.db.url()).unwrap();
+    let log = attestation_verifier::audit::AuditLog::open_database(db, None).unwrap();
+    let creates = log
+        .records(&attestation_verifier::audit::AuditFilter::default())
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r.operation == "key.create"
+                && r.decision == attestation_verifier::audit::Decision::Allowed
+        })
+        .count();
+    assert_eq!(creates, 7);
+}

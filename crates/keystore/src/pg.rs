@@ -207,7 +207,10 @@ impl Database {
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
             .connection_timeout(POOL_WAIT)
-            .test_on_check_out(false)
+            // One round trip per checkout: a connection that died while
+            // idle (a database restart, a partition) is replaced before it
+            // fails a request, so service resumes cleanly after an outage.
+            .test_on_check_out(true)
             .build_unchecked(manager);
         Ok(Database {
             inner: Arc::new(Inner {
