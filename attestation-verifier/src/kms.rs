@@ -208,8 +208,66 @@ impl Kms {
         db: kluis_keystore::Database,
         secret: RootSecret,
     ) -> Result<Self, KeyError> {
+        if Self::database_hsm_config(&db)?.is_some() {
+            return Err(KeyError::InvalidArgument(format!(
+                "the store in {} keeps its keys in an HSM: open it with the token's PIN \
+                 (--hsm-pin-file FILE or KLUIS_HSM_PIN), not a root secret",
+                db.target()
+            )));
+        }
         let store = Arc::new(Store::open_database(db, secret)?);
         Ok(Self::with_local_backend(store))
+    }
+
+    /// Create a new store in the database `db` whose master keys, record
+    /// root and identity key live in `token` (as [`Kms::init_hsm`]; the
+    /// token settings are kept in the database). Every replica reaches the
+    /// same token (a network HSM partition).
+    pub fn init_hsm_database(
+        db: kluis_keystore::Database,
+        token: Arc<Token>,
+    ) -> Result<Self, KeyError> {
+        let (config, root) = HsmStoreConfig::create(&token)?;
+        let json = config.to_json()?;
+        let store = Arc::new(Store::init_database_with(
+            db,
+            RootSecret::from_key_bytes(root),
+            Some((HsmStoreConfig::DATABASE_SETTING, &json)),
+        )?);
+        Ok(Self::with_token(store, token, config))
+    }
+
+    /// Whether the store in `db` keeps its keys in an HSM.
+    pub fn is_hsm_database(db: &kluis_keystore::Database) -> Result<bool, KeyError> {
+        Ok(Self::database_hsm_config(db)?.is_some())
+    }
+
+    fn database_hsm_config(
+        db: &kluis_keystore::Database,
+    ) -> Result<Option<HsmStoreConfig>, KeyError> {
+        db.check_schema()?;
+        match db.config(HsmStoreConfig::DATABASE_SETTING)? {
+            Some(text) => Ok(Some(HsmStoreConfig::parse(&text, db.target())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Open a store in the database `db` whose keys are in an HSM: the token
+    /// its settings name, logged in with `pin`, unwraps the store's root.
+    pub fn open_hsm_database(
+        db: kluis_keystore::Database,
+        pin: zeroize::Zeroizing<String>,
+    ) -> Result<Self, KeyError> {
+        let config = Self::database_hsm_config(&db)?.ok_or_else(|| {
+            KeyError::InvalidArgument(format!(
+                "the store in {} is not in HSM mode: open it with its root secret",
+                db.target()
+            ))
+        })?;
+        let token = Arc::new(Token::open(&config.token_config(), pin)?);
+        let root = config.unwrap_root(&token)?;
+        let store = Arc::new(Store::open_database(db, RootSecret::from_key_bytes(root))?);
+        Ok(Self::with_token(store, token, config))
     }
 
     fn with_local_backend(store: Arc<Store>) -> Self {

@@ -205,3 +205,102 @@ fn a_store_in_the_token_end_to_end() {
         "{out}"
     );
 }
+
+/// A store in PostgreSQL whose keys are in the token: replicas reach the
+/// same token and the same database (KLUIS_TEST_DATABASE_URL; SKIPPED
+/// without it or without SoftHSM2).
+#[test]
+fn a_store_in_a_database_with_its_keys_in_the_token() {
+    let Some(server) =
+        kluis_keystore::pg::scratch::server("a_store_in_a_database_with_its_keys_in_the_token")
+            .expect("PostgreSQL is required here")
+    else {
+        return;
+    };
+    let Some(env) = Env::new() else { return };
+    let db = kluis_keystore::pg::scratch::ScratchDatabase::create(&server).unwrap();
+    let module = env.config.module.display().to_string();
+    let with_db = |credential: Option<&Path>, args: &[&str]| {
+        let mut cmd = support::verifier_command();
+        cmd.env("KLUIS_DATABASE_URL", db.url())
+            .env("KLUIS_HSM_PIN_FILE", env.path("pin"))
+            .args(args);
+        if let Some(c) = credential {
+            cmd.env("KLUIS_CREDENTIAL_FILE", c);
+        }
+        support::run(&mut cmd)
+    };
+    let (code, init, err) = with_db(
+        None,
+        &[
+            "init",
+            "--hsm-module",
+            &module,
+            "--hsm-token",
+            &env.config.token,
+            "--credentials-out",
+            &env.path("creds"),
+        ],
+    );
+    assert_eq!(code, 0, "{init} {err}");
+    assert_eq!(init["key_backend"], "pkcs11");
+    let key_admin = env.cred("key-admin");
+    let app_admin = env.cred("app-admin");
+    let (code, out, err) = with_db(Some(&key_admin), &["key", "create", KEY]);
+    assert_eq!(code, 0, "{out} {err}");
+    let plain = b"a record of personal data".repeat(100);
+    std::fs::write(env.path("plain"), &plain).unwrap();
+    let (code, out, err) = with_db(
+        Some(&app_admin),
+        &[
+            "data",
+            "encrypt",
+            "--key",
+            KEY,
+            &env.path("plain"),
+            &env.path("sealed"),
+        ],
+    );
+    assert_eq!(code, 0, "{out} {err}");
+    let (code, out, err) = with_db(
+        Some(&app_admin),
+        &["data", "decrypt", &env.path("sealed"), &env.path("back")],
+    );
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(std::fs::read(env.path("back")).unwrap(), plain);
+    let (code, shown, _) = with_db(Some(&key_admin), &["identity"]);
+    assert_eq!(code, 0);
+    assert_eq!(shown["verifier_public_key"], init["verifier_public_key"]);
+
+    // The database holds the token's settings and no key: the store root
+    // there is wrapped by a token key, the master keys are token objects.
+    let mut sql = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
+    let setting: Vec<u8> = sql
+        .query_one(
+            "SELECT value FROM kluis_store_config WHERE name = 'hsm'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let setting: serde_json::Value = serde_json::from_slice(&setting).unwrap();
+    assert_eq!(setting["token"], env.config.token.as_str());
+    let kinds: Vec<String> = sql
+        .query("SELECT DISTINCT kind FROM kluis_records ORDER BY kind", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(kinds.contains(&"pkcs11-material".to_owned()), "{kinds:?}");
+    assert!(!kinds.contains(&"material".to_owned()), "{kinds:?}");
+
+    // A root secret does not open it, and says why.
+    write_private(&env.path("some.key"), &"k".repeat(32));
+    let mut cmd = support::verifier_command();
+    cmd.env("KLUIS_DATABASE_URL", db.url())
+        .env("KLUIS_ROOT_KEY_FILE", env.path("some.key"))
+        .env("KLUIS_CREDENTIAL_FILE", &key_admin)
+        .args(["key", "list"]);
+    let (code, out, _) = support::run(&mut cmd);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.to_string().contains("PIN"), "{out}");
+}

@@ -350,9 +350,6 @@ pub(crate) fn run(keep: Option<&Path>, records: u32, deployment: &Deployment<'_>
     if deployment.replicas > 1 && deployment.database.is_none() {
         bail!("several replicas share their state in PostgreSQL: pass --database URL too");
     }
-    if deployment.database.is_some() && hsm_module.is_some() {
-        bail!("--database and --hsm-module together are not supported yet: choose one");
-    }
     let temp;
     let dir = match keep {
         Some(dir) => {
@@ -1387,8 +1384,17 @@ fn backdate_deletion(demo: &Demo, key: &str) -> Result<()> {
     const EIGHT_DAYS_MS: u64 = 8 * 86_400_000;
     let [how, file] = &demo.secret_args;
     let mut kms = if let Some(url) = &demo.database {
-        let secret = kluis_keystore::RootSecret::from_key_file(Path::new(file))?;
-        Kms::open_database(kluis_keystore::Database::connect(url)?, secret)?
+        let db = kluis_keystore::Database::connect(url)?;
+        if how == "--hsm-pin-file" {
+            let pin = kluis_keystore::Zeroizing::new(std::fs::read_to_string(file)?);
+            Kms::open_hsm_database(
+                db,
+                kluis_keystore::Zeroizing::new(pin.trim_end().to_owned()),
+            )?
+        } else {
+            let secret = kluis_keystore::RootSecret::from_key_file(Path::new(file))?;
+            Kms::open_database(db, secret)?
+        }
     } else if how == "--hsm-pin-file" {
         let pin = kluis_keystore::Zeroizing::new(std::fs::read_to_string(file)?);
         Kms::open_hsm(

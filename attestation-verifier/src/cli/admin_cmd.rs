@@ -103,26 +103,7 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
         create_parents(dir)?;
         cleanup.store = Some(dir.to_path_buf());
     }
-    let hsm = match (&args.hsm_module, &args.hsm_token) {
-        (Some(module), Some(token)) => {
-            if store.root_key_file.is_some()
-                || store.passphrase_file.is_some()
-                || store.passphrase_fd.is_some()
-            {
-                return Err(Failure::Usage(anyhow!(
-                    "a store in an HSM has no root key file or passphrase: drop them, or drop --hsm-module"
-                )));
-            }
-            let config = kluis_hsm::TokenConfig {
-                module: module.clone(),
-                token: token.clone(),
-            };
-            let token = kluis_hsm::Token::open(&config, store.hsm_pin()?)
-                .map_err(|e| crate::cli::session::hsm_failure(dir, e.into()))?;
-            Some(Arc::new(token))
-        }
-        _ => None,
-    };
+    let hsm = open_init_token(store, args, dir)?;
     let mut kms = match hsm {
         Some(token) => {
             std::fs::create_dir_all(&args.credentials_out)
@@ -155,15 +136,35 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// For `init --hsm-module PATH --hsm-token LABEL`: the token, logged in.
+fn open_init_token(
+    store: &StoreArgs,
+    args: &InitArgs,
+    location: &Path,
+) -> Result<Option<Arc<kluis_hsm::Token>>, Failure> {
+    let (Some(module), Some(token)) = (&args.hsm_module, &args.hsm_token) else {
+        return Ok(None);
+    };
+    if store.root_key_file.is_some()
+        || store.passphrase_file.is_some()
+        || store.passphrase_fd.is_some()
+    {
+        return Err(Failure::Usage(anyhow!(
+            "a store in an HSM has no root key file or passphrase: drop them, or drop --hsm-module"
+        )));
+    }
+    let config = kluis_hsm::TokenConfig {
+        module: module.clone(),
+        token: token.clone(),
+    };
+    let token = kluis_hsm::Token::open(&config, store.hsm_pin()?)
+        .map_err(|e| crate::cli::session::hsm_failure(location, e.into()))?;
+    Ok(Some(Arc::new(token)))
+}
+
 /// `init --database URL`: the store, its audit log and its nonces in a
 /// PostgreSQL database (schema migrations applied first).
 fn init_database(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
-    if args.hsm_module.is_some() || args.hsm_token.is_some() {
-        return Err(Failure::Usage(anyhow!(
-            "a store in a database keeps its master keys under its root secret in this version; \
-             an HSM-backed store is a store directory (drop --database or --hsm-module)"
-        )));
-    }
     let mut cleanup = InitCleanup::default();
     for role in [Role::KeyAdmin, Role::AppAdmin] {
         let path = args
@@ -179,6 +180,17 @@ fn init_database(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
     let Some(db) = store.database()? else {
         return Err(Failure::Usage(anyhow!("no database")));
     };
+    let target = db.target().to_owned();
+    if let Some(token) = open_init_token(store, args, Path::new(&target))? {
+        std::fs::create_dir_all(&args.credentials_out)
+            .with_context(|| format!("creating {}", args.credentials_out.display()))?;
+        let mut kms = Kms::init_hsm_database(db, token)
+            .with_context(|| format!("creating the store in {target} with its keys in the HSM"))?;
+        init_contents(store, args, &mut kms, &target, &mut cleanup)?;
+        cleanup.done = true;
+        eprintln!("store created; build the verifier public key above into the enclave image");
+        return Ok(());
+    }
     let secret = match (&store.root_key_file, args.generate_root_key) {
         (Some(path), true) if !path.exists() => {
             create_parents(path)?;
@@ -191,7 +203,6 @@ fn init_database(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
     };
     std::fs::create_dir_all(&args.credentials_out)
         .with_context(|| format!("creating {}", args.credentials_out.display()))?;
-    let target = db.target().to_owned();
     let mut kms = Kms::init_database(db, secret)
         .with_context(|| format!("creating the store in {target}"))?;
     // The store exists now: its root key must outlive any later failure.

@@ -256,6 +256,10 @@ impl StoreArgs {
     pub(crate) fn open(&self) -> Result<Kms, Failure> {
         if let Some(db) = self.database()? {
             let target = db.target().to_owned();
+            if Kms::is_hsm_database(&db).map_err(|e| Failure::Usage(anyhow!(e)))? {
+                return Kms::open_hsm_database(db, self.hsm_pin()?)
+                    .map_err(|e| hsm_failure(Path::new(&target), e));
+            }
             return match Kms::open_database(db, self.secret()?) {
                 Ok(kms) => Ok(kms),
                 Err(KeyError::Store(kluis_keystore::StoreError::WrongRootSecret)) => {

@@ -166,25 +166,41 @@ impl HsmStoreConfig {
         else {
             return Ok(None);
         };
-        let config: Self = serde_json::from_slice(&text)
-            .map_err(|e| HsmError::Config(format!("{}: {e}", path.display())))?;
+        Self::parse(&text, &path.display().to_string()).map(Some)
+    }
+
+    /// The name under which a store in a database keeps this setting.
+    pub const DATABASE_SETTING: &'static str = "hsm";
+
+    /// Parses the JSON of `hsm.json` (from `source`, for messages).
+    pub fn parse(text: &[u8], source: &str) -> Result<Self, HsmError> {
+        if u64::try_from(text.len()).unwrap_or(u64::MAX) > MAX_CONFIG_LEN {
+            return Err(HsmError::Config(format!("{source}: too large")));
+        }
+        let config: Self =
+            serde_json::from_slice(text).map_err(|e| HsmError::Config(format!("{source}: {e}")))?;
         if config.format != FORMAT_NAME || config.version != FORMAT_VERSION {
             return Err(HsmError::Config(format!(
-                "{}: expected format {FORMAT_NAME:?} version {FORMAT_VERSION}, found {:?} version {}",
-                path.display(),
+                "{source}: expected format {FORMAT_NAME:?} version {FORMAT_VERSION}, found {:?} version {}",
                 config.format,
                 config.version
             )));
         }
-        Ok(Some(config))
+        Ok(config)
+    }
+
+    /// The JSON of `hsm.json`.
+    pub fn to_json(&self) -> Result<Vec<u8>, HsmError> {
+        let mut text = serde_json::to_vec_pretty(self)
+            .map_err(|e| HsmError::Config(format!("encoding hsm.json: {e}")))?;
+        text.push(b'\n');
+        Ok(text)
     }
 
     /// Writes `dir/hsm.json` (mode 0600) atomically and durably; refuses to
     /// replace one.
     pub fn write_new(&self, dir: &Path) -> Result<(), HsmError> {
-        let mut text = serde_json::to_vec_pretty(self)
-            .map_err(|e| HsmError::Config(format!("encoding hsm.json: {e}")))?;
-        text.push(b'\n');
+        let text = self.to_json()?;
         match kluis_keystore::write_new_file(dir, HSM_CONFIG_FILE, &text) {
             Ok(true) => Ok(()),
             Ok(false) => Err(HsmError::Config(format!(

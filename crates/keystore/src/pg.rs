@@ -341,6 +341,18 @@ impl Database {
         Ok(row.map(|row| row.get(0)))
     }
 
+    /// The store setting `name` (see `kluis_store_config`), if written.
+    pub fn config(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut client = self.client()?;
+        let row = client
+            .query_opt(
+                "SELECT value FROM kluis_store_config WHERE name = $1",
+                &[&name],
+            )
+            .map_err(|e| self.error("read the store settings of", &e))?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
     /// The body of record `(kind, tag)`.
     pub(crate) fn get_record(&self, kind: &str, tag: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let mut client = self.client()?;
@@ -434,11 +446,22 @@ impl DbLock {
             .client()
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM kluis_store_meta) \
-                     OR EXISTS (SELECT 1 FROM kluis_records)",
+                     OR EXISTS (SELECT 1 FROM kluis_records) \
+                     OR EXISTS (SELECT 1 FROM kluis_store_config)",
                 &[],
             )
             .map_err(|e| self.db.error("inspect", &e))?;
         Ok(row.get(0))
+    }
+
+    pub(crate) fn insert_config(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.client()
+            .execute(
+                "INSERT INTO kluis_store_config (name, value) VALUES ($1, $2)",
+                &[&name, &value],
+            )
+            .map_err(|e| self.db.error("write the store settings to", &e))?;
+        Ok(())
     }
 
     pub(crate) fn insert_meta(&self, meta: &[u8]) -> Result<(), StoreError> {

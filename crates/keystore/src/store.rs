@@ -235,6 +235,17 @@ impl Store {
     /// migrations first), for `secret`, and opens it. Refuses a database
     /// that already holds a store ([`StoreError::NotEmpty`]).
     pub fn init_database(db: Database, secret: RootSecret) -> Result<Self, StoreError> {
+        Self::init_database_with(db, secret, None)
+    }
+
+    /// [`Store::init_database`], writing the store setting `(name, value)`
+    /// in the same locked step (a store in an HSM keeps its token settings
+    /// so, see [`Database::config`]).
+    pub fn init_database_with(
+        db: Database,
+        secret: RootSecret,
+        setting: Option<(&str, &[u8])>,
+    ) -> Result<Self, StoreError> {
         db.migrate()?;
         let dir = db.target_path();
         let lock = db
@@ -245,6 +256,9 @@ impl Store {
         }
         let (meta, keys) = Meta::create(&secret)?;
         drop(secret);
+        if let Some((name, value)) = setting {
+            lock.insert_config(name, value)?;
+        }
         lock.insert_meta(&meta.to_json()?)?;
         drop(lock);
         Ok(Self {

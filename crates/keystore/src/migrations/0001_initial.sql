@@ -3,6 +3,9 @@
 -- What a database administrator can read here, in plaintext columns:
 --   kluis_store_meta  the store's format, KDF parameters, salt and key-check
 --                     value (as store.meta in a directory store: public);
+--   kluis_store_config for a store whose keys are in an HSM, the token's
+--                     module and label and the wrapped store root (as
+--                     hsm.json: the root is usable only inside the token);
 --   kluis_records     each record's kind (cmk, policy, admin, system, ...)
 --                     and name tag (HMAC-SHA256 under a key derived from the
 --                     root secret, not the key's name); the body is
@@ -17,6 +20,15 @@
 CREATE TABLE kluis_store_meta (
     singleton  BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
     meta       BYTEA NOT NULL CHECK (octet_length(meta) <= 65536)
+);
+
+-- Public settings of the store kept beside its metadata, by name: "hsm"
+-- holds what hsm.json holds in a store directory (the token's module and
+-- label, the store root wrapped by a token key, the identity key's id and
+-- public key), written once by init.
+CREATE TABLE kluis_store_config (
+    name   TEXT  PRIMARY KEY CHECK (octet_length(name) BETWEEN 1 AND 64),
+    value  BYTEA NOT NULL CHECK (octet_length(value) <= 65536)
 );
 
 CREATE TABLE kluis_records (
