@@ -35,7 +35,7 @@ impl DbNonces {
         }
     }
 
-    /// Records `nonce`, valid until `expires_ms`. Every [`SWEEP_EVERY`]
+    /// Records `nonce`, valid until `expires_ms`. Every 1024
     /// issues, removes the rows that expired before `now_ms`.
     pub fn issue(
         &self,
