@@ -153,3 +153,23 @@ where
         Outcome::Failed => ExitCode::from(2),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_debug_print_of_the_arguments_never_shows_the_database_password() {
+        let cli = Cli::try_parse_from([
+            "attestation-verifier",
+            "--database",
+            "postgresql://kluis:s3cr3t-pw@db.example/kluis",
+            "migrate",
+        ])
+        .unwrap();
+        let printed = format!("{cli:?}");
+        assert!(!printed.contains("s3cr3t-pw"), "{printed}");
+        assert!(printed.contains("DatabaseUrl(<redacted>)"), "{printed}");
+    }
+}

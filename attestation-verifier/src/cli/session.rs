@@ -39,7 +39,7 @@ pub(crate) struct StoreArgs {
         hide_env_values = true,
         conflicts_with = "store"
     )]
-    pub database: Option<String>,
+    pub database: Option<DatabaseUrl>,
     /// Reach the database over TLS, verified against the CA certificates in
     /// FILE (PEM): the server's certificate must name the URL's host. Without
     /// it, only a database on this machine is reached unencrypted (or one
@@ -92,6 +92,24 @@ pub(crate) struct StoreArgs {
         global = true
     )]
     pub credential: Option<PathBuf>,
+}
+
+/// A database URL, which may hold a password: `Debug` never shows it.
+#[derive(Clone)]
+pub(crate) struct DatabaseUrl(String);
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(DatabaseUrl(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(<redacted>)")
+    }
 }
 
 /// A command failure: refused (exit 1) or usage/I/O (exit 2).
@@ -173,7 +191,7 @@ impl StoreArgs {
 
     /// The store's database, connected, if the store is in one.
     pub(crate) fn database(&self) -> Result<Option<kluis_keystore::Database>, Failure> {
-        let Some(url) = &self.database else {
+        let Some(DatabaseUrl(url)) = &self.database else {
             return Ok(None);
         };
         let ca = match &self.database_ca {
