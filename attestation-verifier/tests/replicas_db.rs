@@ -13,6 +13,8 @@
     clippy::indexing_slicing
 )]
 
+mod support;
+
 use attestation_verifier::audit::{Actor, AuditFilter, AuditLog, Decision, NewRecord};
 use attestation_verifier::broker::{Broker, BrokerConfig};
 use attestation_verifier::keys::KeyName;
@@ -21,9 +23,7 @@ use kluis_attestation::{TrustAnchor, Verifier};
 use kluis_keystore::pg::scratch::{self, ScratchDatabase};
 use kluis_keystore::{Database, RootSecret};
 use kluis_nsm::sim::{FixedClock, SimConfig, SimRoot, SimulatedNsm};
-use kluis_proto::{
-    request_hash, EphemeralKeyPair, ErrorCode, KeyOperation, KeyRequest, Request, Response,
-};
+use kluis_proto::{ErrorCode, KeyRequest, Request, Response};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -112,19 +112,7 @@ fn challenge(broker: &Broker, seed: u8, now: u64) -> Result<[u8; 32], Response> 
 
 /// A release request and the document that carries its nonce.
 fn attested(nsm: &SimulatedNsm, nonce: [u8; 32]) -> (Vec<u8>, KeyRequest) {
-    let request = KeyRequest::new(vec![KeyOperation::GenerateDataKey {
-        key_id: KEY.to_owned(),
-    }])
-    .unwrap();
-    let ephemeral = EphemeralKeyPair::generate().unwrap();
-    let document = kluis_nsm::attest(
-        nsm,
-        Some(&request_hash(&request)),
-        Some(&nonce),
-        Some(&ephemeral.public_key_sec1()),
-    )
-    .unwrap();
-    (document, request)
+    support::attested_generate(nsm, KEY, nonce)
 }
 
 fn allowed_releases(audit: &AuditLog) -> usize {

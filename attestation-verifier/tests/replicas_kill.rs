@@ -23,7 +23,7 @@ use attestation_verifier::audit::{AuditFilter, AuditLog, Decision};
 use kluis_keystore::pg::scratch::{self, ScratchDatabase};
 use kluis_nsm::sim::{SimConfig, SimRoot, SimulatedNsm};
 use kluis_proto::message::{read_message_sync, write_message_sync, Request, Response};
-use kluis_proto::{request_hash, EphemeralKeyPair, ErrorCode, KeyOperation, KeyRequest};
+use kluis_proto::{ErrorCode, KeyRequest};
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -127,18 +127,7 @@ fn release(address: &str, nsm: &SimulatedNsm) -> Option<(Response, Vec<u8>, KeyR
     let Response::Challenge { nonce, .. } = read_message_sync(&mut stream, MAX_FRAME).ok()? else {
         return None;
     };
-    let request = KeyRequest::new(vec![KeyOperation::GenerateDataKey {
-        key_id: KEY.to_owned(),
-    }])
-    .unwrap();
-    let ephemeral = EphemeralKeyPair::generate().unwrap();
-    let document = kluis_nsm::attest(
-        nsm,
-        Some(&request_hash(&request)),
-        Some(&nonce),
-        Some(&ephemeral.public_key_sec1()),
-    )
-    .unwrap();
+    let (document, request) = support::attested_generate(nsm, KEY, nonce);
     write_message_sync(
         &mut stream,
         &Request::KeyRelease {

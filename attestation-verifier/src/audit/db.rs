@@ -266,24 +266,8 @@ impl DbLog {
                 if let Some(job) = &job {
                     validate_job(job)?;
                 }
-                let seq = head.seq.checked_add(1).ok_or_else(|| {
-                    AuditError::Failed("the sequence number is exhausted".to_owned())
-                })?;
-                let record = AuditRecord::seal(new, job, seq, head.hash);
-                let line = serde_json::to_vec(&record).map_err(|e| AuditError::InvalidRecord {
-                    field: "record",
-                    reason: e.to_string(),
-                })?;
-                if line.len() > MAX_LINE_LEN {
-                    return Err(AuditError::InvalidRecord {
-                        field: "record",
-                        reason: format!(
-                            "its line would be {} bytes, at most {MAX_LINE_LEN} are allowed",
-                            line.len()
-                        ),
-                    });
-                }
-                let seq_sql = i64::try_from(seq).map_err(|_| {
+                let (record, line) = AuditRecord::next_line(new, job, head)?;
+                let seq_sql = i64::try_from(record.seq).map_err(|_| {
                     AuditError::Failed("the sequence number is exhausted".to_owned())
                 })?;
                 Ok((record.head(), seq_sql, line))

@@ -195,25 +195,8 @@ impl FileLog {
             return Err(e);
         }
         self.refresh(&mut st)?;
-        let seq = st
-            .head
-            .seq
-            .checked_add(1)
-            .ok_or_else(|| AuditError::Failed("the sequence number is exhausted".to_owned()))?;
-        let record = AuditRecord::seal(new, job, seq, st.head.hash);
-        let mut line = serde_json::to_vec(&record).map_err(|e| AuditError::InvalidRecord {
-            field: "record",
-            reason: e.to_string(),
-        })?;
-        if line.len() > MAX_LINE_LEN {
-            return Err(AuditError::InvalidRecord {
-                field: "record",
-                reason: format!(
-                    "its line would be {} bytes, at most {MAX_LINE_LEN} are allowed",
-                    line.len()
-                ),
-            });
-        }
+        let (record, mut line) = AuditRecord::next_line(new, job, st.head)?;
+        let seq = record.seq;
         line.push(b'\n');
         if let Err(e) = (&self.file).write_all(&line) {
             // Remove a partial line so that the file stays a valid chain.

@@ -298,6 +298,35 @@ impl AuditRecord {
         record
     }
 
+    /// The record that follows `prev` (the head of the chain), and its
+    /// line (compact JSON, without the newline): what every log appends.
+    /// Refuses a line over [`MAX_LINE_LEN`] and an exhausted sequence.
+    pub(super) fn next_line(
+        new: NewRecord,
+        job: Option<JobContext>,
+        prev: AuditHead,
+    ) -> Result<(AuditRecord, Vec<u8>), AuditError> {
+        let seq = prev
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| AuditError::Failed("the sequence number is exhausted".to_owned()))?;
+        let record = AuditRecord::seal(new, job, seq, prev.hash);
+        let line = serde_json::to_vec(&record).map_err(|e| AuditError::InvalidRecord {
+            field: "record",
+            reason: e.to_string(),
+        })?;
+        if line.len() > MAX_LINE_LEN {
+            return Err(AuditError::InvalidRecord {
+                field: "record",
+                reason: format!(
+                    "its line would be {} bytes, at most {MAX_LINE_LEN} are allowed",
+                    line.len()
+                ),
+            });
+        }
+        Ok((record, line))
+    }
+
     /// The bytes `hash` is computed over (see the [module documentation](crate::audit)).
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let document_len = self.attestation_document.as_ref().map_or(0, Vec::len);

@@ -136,3 +136,26 @@ pub fn run_with_stdout(cmd: &mut Command) -> (i32, String, serde_json::Value) {
         .unwrap_or(serde_json::Value::Null);
     (code, stdout, json)
 }
+
+/// An attested request for a data key of `key` on the challenge `nonce`,
+/// signed by the simulated NSM `nsm`: the document and the request (the
+/// enclave's ephemeral key is thrown away: these tests do not open the keys).
+pub fn attested_generate(
+    nsm: &kluis_nsm::sim::SimulatedNsm,
+    key: &str,
+    nonce: [u8; 32],
+) -> (Vec<u8>, kluis_proto::KeyRequest) {
+    let request = kluis_proto::KeyRequest::new(vec![kluis_proto::KeyOperation::GenerateDataKey {
+        key_id: key.to_owned(),
+    }])
+    .unwrap();
+    let ephemeral = kluis_proto::EphemeralKeyPair::generate().unwrap();
+    let document = kluis_nsm::attest(
+        nsm,
+        Some(&kluis_proto::request_hash(&request)),
+        Some(&nonce),
+        Some(&ephemeral.public_key_sec1()),
+    )
+    .unwrap();
+    (document, request)
+}

@@ -19,6 +19,23 @@ fn key() -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, path)
 }
 
+/// A new store in `db` under the key file `key` (a replica's first start).
+fn init(db: &ScratchDatabase, key: &std::path::Path) -> Store {
+    Store::init_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(key).unwrap(),
+    )
+    .unwrap()
+}
+
+/// The store in `db` opened with the key file `key`.
+fn open(db: &ScratchDatabase, key: &std::path::Path) -> Result<Store, StoreError> {
+    Store::open_database(
+        Database::connect(db.url()).unwrap(),
+        RootSecret::from_key_file(key).unwrap(),
+    )
+}
+
 fn sql(db: &ScratchDatabase) -> postgres::Client {
     postgres::Client::connect(db.url(), postgres::NoTls).unwrap()
 }
@@ -29,11 +46,7 @@ fn records_round_trip_and_the_database_sees_only_ciphertext() {
         return;
     };
     let (_keys, key) = key();
-    let store = Store::init_database(
-        Database::connect(db.url()).unwrap(),
-        RootSecret::from_key_file(&key).unwrap(),
-    )
-    .unwrap();
+    let store = init(&db, &key);
     let value = b"wrapped-material-do-not-leak-0123456789";
     {
         let guard = store.lock().unwrap();
@@ -76,18 +89,10 @@ fn records_round_trip_and_the_database_sees_only_ciphertext() {
 
     // Another handle (another replica) sees the same records; a wrong
     // secret opens nothing.
-    let other = Store::open_database(
-        Database::connect(db.url()).unwrap(),
-        RootSecret::from_key_file(&key).unwrap(),
-    )
-    .unwrap();
+    let other = open(&db, &key).unwrap();
     assert_eq!(other.list("policy").unwrap(), vec!["agency-a/app-x/prod"]);
     let (_k2, wrong) = self::key();
-    let err = Store::open_database(
-        Database::connect(db.url()).unwrap(),
-        RootSecret::from_key_file(&wrong).unwrap(),
-    )
-    .unwrap_err();
+    let err = open(&db, &wrong).unwrap_err();
     assert!(matches!(err, StoreError::WrongRootSecret), "{err}");
 
     {
@@ -113,11 +118,7 @@ fn a_row_moved_or_altered_by_the_administrator_fails_to_open() {
         return;
     };
     let (_keys, key) = key();
-    let store = Store::init_database(
-        Database::connect(db.url()).unwrap(),
-        RootSecret::from_key_file(&key).unwrap(),
-    )
-    .unwrap();
+    let store = init(&db, &key);
     {
         let guard = store.lock().unwrap();
         store.put(&guard, "cmk", "a/b/c", b"one").unwrap();
@@ -157,16 +158,8 @@ fn the_lock_excludes_other_replicas_and_dies_with_its_connection() {
         return;
     };
     let (_keys, key) = key();
-    let a = Store::init_database(
-        Database::connect(db.url()).unwrap(),
-        RootSecret::from_key_file(&key).unwrap(),
-    )
-    .unwrap();
-    let b = Store::open_database(
-        Database::connect(db.url()).unwrap(),
-        RootSecret::from_key_file(&key).unwrap(),
-    )
-    .unwrap();
+    let a = init(&db, &key);
+    let b = open(&db, &key).unwrap();
     let guard = a.lock().unwrap();
     let err = b.try_lock().unwrap_err();
     assert!(matches!(err, StoreError::Locked { .. }), "{err}");
@@ -201,11 +194,7 @@ fn a_schema_the_build_does_not_know_is_refused() {
     };
     let (_keys, key) = key();
     // No schema at all: not a store.
-    let err = Store::open_database(
-        Database::connect(db.url()).unwrap(),
-        RootSecret::from_key_file(&key).unwrap(),
-    )
-    .unwrap_err();
+    let err = open(&db, &key).unwrap_err();
     assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
 
     // Replicas migrating at once: one applies, the others find it done.
@@ -228,24 +217,14 @@ fn a_schema_the_build_does_not_know_is_refused() {
     );
     database.check_schema().unwrap();
 
-    drop(
-        Store::init_database(
-            Database::connect(db.url()).unwrap(),
-            RootSecret::from_key_file(&key).unwrap(),
-        )
-        .unwrap(),
-    );
+    drop(init(&db, &key));
     // A newer replica migrated past this build.
     sql(&db)
         .batch_execute(
             "INSERT INTO kluis_schema (version, description) VALUES (99, 'from the future')",
         )
         .unwrap();
-    let err = Store::open_database(
-        Database::connect(db.url()).unwrap(),
-        RootSecret::from_key_file(&key).unwrap(),
-    )
-    .unwrap_err();
+    let err = open(&db, &key).unwrap_err();
     assert!(
         matches!(err, StoreError::SchemaVersion { found: 99, .. }),
         "{err}"
