@@ -120,9 +120,22 @@ pub(crate) async fn read_raw_frame<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
     max_frame_len: usize,
 ) -> std::io::Result<Option<Vec<u8>>> {
-    match kluis_proto::read_raw_frame(reader, max_frame_len).await {
-        Ok(frame) => Ok(Some(frame)),
-        Err(kluis_proto::FrameError::Closed) => Ok(None),
+    let mut frame = Vec::new();
+    Ok(read_raw_frame_into(reader, max_frame_len, &mut frame)
+        .await?
+        .then_some(frame))
+}
+
+/// [`read_raw_frame`] into `frame`, reusing its allocation; `false` at a
+/// clean end of stream.
+pub(crate) async fn read_raw_frame_into<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    max_frame_len: usize,
+    frame: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    match kluis_proto::read_raw_frame_into(reader, max_frame_len, frame).await {
+        Ok(()) => Ok(true),
+        Err(kluis_proto::FrameError::Closed) => Ok(false),
         Err(kluis_proto::FrameError::Io(e)) => Err(e),
         Err(kluis_proto::FrameError::Truncated { .. }) => {
             Err(std::io::ErrorKind::UnexpectedEof.into())

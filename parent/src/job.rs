@@ -21,7 +21,7 @@ use kluis_proto::job::{
 use kluis_transport::Address;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use crate::hook::{read_raw_frame, Channel, Direction, FrameHook};
+use crate::hook::{read_raw_frame_into, Channel, Direction, FrameHook};
 
 /// Input bytes per `Data` frame.
 pub const INPUT_CHUNK: usize = 512 * 1024;
@@ -178,9 +178,15 @@ async fn send_input<R: AsyncRead + Unpin>(
             .map_err(io("sending the job"))?;
     }
     let chunk = INPUT_CHUNK.min(MAX_CHUNK_LEN);
+    // One frame buffer, reused: a hook that passes frames through hands it
+    // back after each write, so the data path allocates (and faults in
+    // fresh pages) once, not once per frame.
+    let mut spare: Option<Vec<u8>> = None;
     loop {
         // Read a whole chunk straight into a frame buffer (big frames, one copy).
-        let mut buf = vec![0u8; DATA_FRAME_HEADER_LEN.saturating_add(chunk)];
+        let mut buf = spare.take().unwrap_or_default();
+        buf.clear();
+        buf.resize(DATA_FRAME_HEADER_LEN.saturating_add(chunk), 0);
         let mut n = 0usize;
         while n < chunk {
             let got = input
@@ -205,6 +211,7 @@ async fn send_input<R: AsyncRead + Unpin>(
                 .write_all(&f)
                 .await
                 .map_err(io("sending the input"))?;
+            spare = Some(f);
         }
         sent.fetch_add(
             u64::try_from(n).unwrap_or(u64::MAX),
@@ -268,11 +275,15 @@ where
     // The output is written by a blocking thread, straight from the data
     // frames (checked as such before they are sent here).
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    // Written frames come back for reuse (at most the channel's worth, plus
+    // the one being read, are ever allocated).
+    let (spare_tx, mut spare_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(9);
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write;
         let mut file = partial_file;
         while let Some(frame) = out_rx.blocking_recv() {
             file.write_all(frame.get(DATA_FRAME_HEADER_LEN..).unwrap_or_default())?;
+            let _ = spare_tx.try_send(frame);
         }
         file.sync_all()
     });
@@ -291,9 +302,10 @@ where
     let mut output_key = None;
     let result: Result<JobCounts, RunError> = async {
         loop {
-            let frame = tokio::time::timeout(
+            let mut frame = spare_rx.try_recv().unwrap_or_default();
+            let more = tokio::time::timeout(
                 job.idle_timeout,
-                read_raw_frame(&mut from_enclave, JOB_MAX_FRAME_LEN),
+                read_raw_frame_into(&mut from_enclave, JOB_MAX_FRAME_LEN, &mut frame),
             )
             .await
             .map_err(|_| RunError::Timeout(job.idle_timeout))?
@@ -302,8 +314,10 @@ where
                     RunError::Incomplete
                 }
                 _ => RunError::Protocol(format!("from the enclave: {e}")),
-            })?
-            .ok_or(RunError::Incomplete)?;
+            })?;
+            if !more {
+                return Err(RunError::Incomplete);
+            }
             for frame in job
                 .hook
                 .on_frame(Channel::Job, Direction::FromEnclave, frame)

@@ -235,6 +235,29 @@ pub async fn read_raw_frame<R: AsyncRead + Unpin>(
     Ok(frame)
 }
 
+/// [`read_raw_frame`] into `frame`, whose allocation is reused: a loop that
+/// reads many large frames (the parent's data path) then allocates, and
+/// faults in fresh pages, only when a frame is larger than any before.
+pub async fn read_raw_frame_into<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max_frame_len: usize,
+    frame: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    let got = read_full_async(reader, &mut head).await?;
+    let checked = after_head(&head, got, max_frame_len)?;
+    frame.clear();
+    frame.extend_from_slice(&head);
+    frame.resize(checked.frame_len(), 0);
+    let got = read_full_async(
+        reader,
+        frame.get_mut(FRAME_HEADER_LEN..).unwrap_or_default(),
+    )
+    .await?;
+    after_body(got, checked)?;
+    Ok(())
+}
+
 /// [`read_raw_frame`] over a blocking `std::io::Read`.
 pub fn read_raw_frame_sync<R: Read>(
     reader: &mut R,
@@ -434,6 +457,35 @@ mod tests {
             read_frame(&mut r, 64).await,
             Err(FrameError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_reused_buffer_holds_exactly_each_frame_read_into_it() {
+        let mut stream = Vec::new();
+        write_frame(&mut stream, &[7u8; 300], 1024).await.unwrap();
+        write_frame(&mut stream, b"ab", 1024).await.unwrap();
+        let mut r = stream.as_slice();
+        let mut buf = Vec::new();
+        let mut fresh = stream.as_slice();
+        read_raw_frame_into(&mut r, 1024, &mut buf).await.unwrap();
+        let big = read_raw_frame(&mut fresh, 1024).await.unwrap();
+        assert_eq!(buf, big);
+        let capacity = buf.capacity();
+        // A shorter frame after a longer one: no leftover bytes, same
+        // allocation.
+        read_raw_frame_into(&mut r, 1024, &mut buf).await.unwrap();
+        let small = read_raw_frame(&mut fresh, 1024).await.unwrap();
+        assert_eq!(buf, small);
+        assert_eq!(buf.capacity(), capacity);
+        assert!(matches!(
+            read_raw_frame_into(&mut r, 1024, &mut buf).await,
+            Err(FrameError::Closed)
+        ));
+        // A truncated body is an error, not a short frame.
+        let cut = stream.get(..stream.len().saturating_sub(1)).unwrap();
+        let mut r = cut;
+        read_raw_frame_into(&mut r, 1024, &mut buf).await.unwrap();
+        assert!(read_raw_frame_into(&mut r, 1024, &mut buf).await.is_err());
     }
 
     #[test]

@@ -78,8 +78,8 @@ pub use error::{
     RequestError, SealError, WireError,
 };
 pub use frame::{
-    read_frame, read_frame_sync, read_raw_frame, read_raw_frame_sync, write_frame,
-    write_frame_sync, FrameKind, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
+    read_frame, read_frame_sync, read_raw_frame, read_raw_frame_into, read_raw_frame_sync,
+    write_frame, write_frame_sync, FrameKind, DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 pub use identity::{IdentitySigner, VerifierIdentity, SHA384_LEN};
 pub use keys::{check_released_keys, PlaintextKey, ReleasedKey, ResponseMismatch, PAYLOAD_VERSION};
