@@ -24,6 +24,7 @@ use crate::broker::Broker;
 use kluis_proto::{
     read_message, write_message, ErrorCode, FrameError, Request, Response, WireError,
 };
+use kluis_transport::{Listener, Peer};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
@@ -31,8 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Limits of the service.
 #[derive(Debug, Clone)]
@@ -164,84 +164,61 @@ pub async fn run(
     let reserve = Arc::new(Semaphore::new(reserved));
     let peers = Arc::new(PeerTable::default());
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
-    let mut tasks = JoinSet::new();
-    // Tells idle connections to close; a request being processed finishes first.
-    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+    let per_peer = config.max_connections_per_peer.max(1);
+    // A connection is admitted when its address holds fewer than its share
+    // and a slot is free; the reserve is for addresses holding no other
+    // connection, so a few busy peers cannot take every slot. Refused
+    // connections are closed at once.
+    let gate = |peer: &Peer| -> Option<(PeerSlot, OwnedSemaphorePermit)> {
+        let Peer::Tcp(addr) = peer else {
+            return None;
         };
-        let Some((peer_slot, held)) = peers.take(peer.ip(), config.max_connections_per_peer.max(1))
-        else {
-            tracing::debug!(%peer, "connection refused: too many from this address");
-            drop(stream);
-            continue;
-        };
+        let (peer_slot, held) = peers.take(addr.ip(), per_peer)?;
         let permit = match Arc::clone(&general).try_acquire_owned() {
             Ok(p) => p,
-            // The reserve is for peers holding no other connection.
-            Err(_) if held == 0 => match Arc::clone(&reserve).try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    tracing::debug!(%peer, "connection refused: no free slot");
-                    continue;
-                }
-            },
-            Err(_) => {
-                tracing::debug!(%peer, "connection refused: no free slot");
-                continue;
-            }
+            Err(_) if held == 0 => Arc::clone(&reserve).try_acquire_owned().ok()?,
+            Err(_) => return None,
         };
-        let _ = stream.set_nodelay(true);
-        let broker = Arc::clone(&broker);
-        let in_flight = Arc::clone(&in_flight);
-        let config = config.clone();
-        let tls = tls.clone();
-        let closing = closing_rx.clone();
-        tasks.spawn(async move {
-            let result = match tls {
-                None => serve_connection(stream, broker, in_flight, &config, closing).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(config.first_frame_timeout, acceptor.accept(stream))
+        Some((peer_slot, permit))
+    };
+    let drain = config.shutdown_grace;
+    kluis_transport::serve_gated(
+        Listener::Tcp(listener),
+        shutdown,
+        drain,
+        gate,
+        |stream, peer, admitted, closing| {
+            let broker = Arc::clone(&broker);
+            let in_flight = Arc::clone(&in_flight);
+            let config = config.clone();
+            let tls = tls.clone();
+            async move {
+                let result = match tls {
+                    None => serve_connection(stream, broker, in_flight, &config, closing).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(
+                            config.first_frame_timeout,
+                            acceptor.accept(stream),
+                        )
                         .await
-                    {
-                        Ok(Ok(tls_stream)) => {
-                            serve_connection(tls_stream, broker, in_flight, &config, closing).await
+                        {
+                            Ok(Ok(tls_stream)) => {
+                                serve_connection(tls_stream, broker, in_flight, &config, closing)
+                                    .await
+                            }
+                            Ok(Err(e)) => Err(ConnectionEnd::Io(e.to_string())),
+                            Err(_) => Err(ConnectionEnd::Idle),
                         }
-                        Ok(Err(e)) => Err(ConnectionEnd::Io(e.to_string())),
-                        Err(_) => Err(ConnectionEnd::Idle),
                     }
+                };
+                if let Err(end) = result {
+                    tracing::debug!(%peer, "connection ended: {end:?}");
                 }
-            };
-            if let Err(end) = result {
-                tracing::debug!(%peer, "connection ended: {end:?}");
+                drop(admitted);
             }
-            drop(permit);
-            drop(peer_slot);
-        });
-        // Reap finished connection tasks so the set does not grow.
-        while tasks.try_join_next().is_some() {}
-    }
-    drop(listener);
-    let _ = closing_tx.send(true);
-    tracing::info!("shutting down: waiting for {} connection(s)", tasks.len());
-    let drained = tokio::time::timeout(config.shutdown_grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
+        },
+    )
     .await;
-    if drained.is_err() {
-        tasks.abort_all();
-    }
     Ok(())
 }
 

@@ -137,7 +137,7 @@ async fn serve_connection(
     stream: BoxStream,
     ctx: &Arc<EnclaveContext>,
     slots: Arc<Semaphore>,
-    starting: tokio::sync::OwnedSemaphorePermit,
+    starting: kluis_transport::Slot,
 ) -> Result<kluis_proto::job::JobCounts, JobError> {
     let _connection = Counted::up(&ctx.stats, |s| &s.connections);
     let accepted = tokio::time::Instant::now();

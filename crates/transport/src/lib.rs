@@ -22,7 +22,7 @@
 
 mod serve;
 
-pub use serve::serve;
+pub use serve::{serve, serve_gated, Closing, Slot};
 
 use std::fmt;
 use std::path::PathBuf;
@@ -142,6 +142,32 @@ impl fmt::Display for Address {
     }
 }
 
+/// Who is on the other end of an accepted connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A TCP peer's address and port.
+    Tcp(std::net::SocketAddr),
+    /// A Unix-socket peer, named by the listening path (peers are unnamed).
+    Unix(PathBuf),
+    /// A vsock peer's context id and port.
+    Vsock {
+        /// Context id.
+        cid: u32,
+        /// Port.
+        port: u32,
+    },
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => write!(f, "{addr}"),
+            Peer::Unix(path) => write!(f, "unix:{}", path.display()),
+            Peer::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+        }
+    }
+}
+
 /// A listener on any transport.
 #[derive(Debug)]
 pub enum Listener {
@@ -213,21 +239,27 @@ impl Listener {
         }
     }
 
-    /// Accept one connection; also returns a printable peer name.
-    pub async fn accept(&self) -> std::io::Result<(BoxStream, String)> {
+    /// Accept one connection; also returns who connected.
+    pub async fn accept(&self) -> std::io::Result<(BoxStream, Peer)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
-                Ok((Box::new(s), peer.to_string()))
+                Ok((Box::new(s), Peer::Tcp(peer)))
             }
             Listener::Unix(l, guard) => {
                 let (s, _) = l.accept().await?;
-                Ok((Box::new(s), format!("unix:{}", guard.0.display())))
+                Ok((Box::new(s), Peer::Unix(guard.0.clone())))
             }
             Listener::Vsock(l) => {
                 let (s, peer) = l.accept().await?;
-                Ok((Box::new(s), format!("vsock:{}:{}", peer.cid(), peer.port())))
+                Ok((
+                    Box::new(s),
+                    Peer::Vsock {
+                        cid: peer.cid(),
+                        port: peer.port(),
+                    },
+                ))
             }
         }
     }

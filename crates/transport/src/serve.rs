@@ -1,9 +1,19 @@
-//! The one accept loop of the project's stream services (the enclave's job
-//! service, the parent's relay): accept until shut down, at most `limit`
-//! connections handled at once (further ones wait in the listener's
-//! backlog, never in memory), a failed accept retried after a short pause,
-//! every connection's task aborted at shutdown.
+//! The one accept loop of the project's stream services: the enclave's job
+//! service, the parent's relay and the verifier's key-release service.
+//!
+//! It accepts until shut down and retries a failed accept after a short pause
+//! (out of file descriptors, say), so a persistent failure does not spin. How
+//! a connection is admitted is the caller's choice:
+//! - [`serve`]: at most `limit` connections at once. Further ones wait in the
+//!   listener's backlog, never in memory. Every connection still running at
+//!   shutdown is aborted.
+//! - [`serve_gated`]: each accepted connection is admitted or refused (closed
+//!   at once) by a gate that sees its peer, e.g. per-address limits with a
+//!   reserve for newcomers. At shutdown the listener is closed, the
+//!   connections are told through [`Closing`], and they get `drain` to finish
+//!   before they are aborted.
 
+use std::borrow::Borrow;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,53 +21,129 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::{BoxStream, Listener};
+use crate::{BoxStream, Listener, Peer};
 
-/// Pause after a failed accept (out of file descriptors, say), so a
-/// persistent failure does not spin.
+/// Pause after a failed accept, so a persistent failure does not spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
+/// A connection's place under [`serve`]'s limit. The connection counts until
+/// this is dropped, which the handler may do before it finishes, to hand the
+/// connection over to another bound.
+#[derive(Debug)]
+pub struct Slot(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+/// Becomes `true` when the service shuts down: a connection that is idle
+/// should close, and one in the middle of a request should finish it.
+pub type Closing = tokio::sync::watch::Receiver<bool>;
+
 /// Serve `listener` until `shutdown` completes. Each accepted connection is
-/// handed to `handler` with its peer's address and the permit that counts it
-/// against `limit` (at least 1); the connection counts until the handler
-/// drops the permit (it may do so before it finishes, to hand the
-/// connection over to another bound). Connections still running at
-/// shutdown are aborted.
+/// handed to `handler` with its peer and the [`Slot`] that counts it against
+/// `limit` (at least 1). Connections still running at shutdown are aborted.
 pub async fn serve<H, F>(
     listener: &Listener,
     limit: usize,
     shutdown: impl Future<Output = ()>,
     mut handler: H,
 ) where
-    H: FnMut(BoxStream, String, OwnedSemaphorePermit) -> F,
+    H: FnMut(BoxStream, Peer, Slot) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limit.max(1)));
+    accept_loop(
+        listener,
+        shutdown,
+        Duration::ZERO,
+        Some(slots),
+        |_: &Peer| Some(()),
+        |stream, peer, slot, (), _closing| handler(stream, peer, slot),
+    )
+    .await;
+}
+
+/// Serve `listener` until `shutdown` completes, admitting each accepted
+/// connection by `gate`. `gate` sees its peer and returns what the
+/// connection holds while it runs (its admission, dropped when it ends), or
+/// `None` to refuse it (it is closed at once). At shutdown the listener is
+/// closed, [`Closing`] turns `true`, and connections get `drain` to end
+/// before they are aborted.
+pub async fn serve_gated<G, P, H, F>(
+    listener: Listener,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+    gate: G,
+    mut handler: H,
+) where
+    G: FnMut(&Peer) -> Option<P>,
+    H: FnMut(BoxStream, Peer, P, Closing) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    accept_loop(
+        listener,
+        shutdown,
+        drain,
+        None,
+        gate,
+        |stream, peer, _slot, admitted, closing| handler(stream, peer, admitted, closing),
+    )
+    .await;
+}
+
+/// The loop itself. With `slots`, a slot is taken before each accept (so
+/// the excess waits in the backlog); then `gate` admits or refuses.
+async fn accept_loop<L, G, P, H, F>(
+    listener: L,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+    slots: Option<Arc<Semaphore>>,
+    mut gate: G,
+    mut handler: H,
+) where
+    L: Borrow<Listener>,
+    G: FnMut(&Peer) -> Option<P>,
+    H: FnMut(BoxStream, Peer, Slot, P, Closing) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
     let mut tasks = JoinSet::new();
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
+        let slot = match &slots {
+            None => Slot(None),
+            Some(slots) => tokio::select! {
+                () = &mut shutdown => break,
+                p = Arc::clone(slots).acquire_owned() => match p {
+                    Ok(p) => Slot(Some(p)),
+                    Err(_) => break,
+                },
             },
         };
         let accepted = tokio::select! {
             () = &mut shutdown => break,
-            a = listener.accept() => a,
+            a = listener.borrow().accept() => a,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                tasks.spawn(handler(stream, peer, permit));
-            }
+            Ok((stream, peer)) => match gate(&peer) {
+                Some(admitted) => {
+                    tasks.spawn(handler(stream, peer, slot, admitted, closing.clone()));
+                }
+                None => tracing::debug!(%peer, "connection refused"),
+            },
             Err(e) => {
-                drop(permit);
+                drop(slot);
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(ACCEPT_RETRY).await;
             }
         }
+        // Reap finished connections so the set does not grow.
         while tasks.try_join_next().is_some() {}
+    }
+    // New connections are refused from here on (for an owned listener).
+    drop(listener);
+    let _ = closing_tx.send(true);
+    if !drain.is_zero() && !tasks.is_empty() {
+        tracing::info!("shutting down: waiting for {} connection(s)", tasks.len());
+        let _ =
+            tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -91,7 +177,7 @@ mod tests {
                     &listener,
                     2,
                     stop.notified(),
-                    move |_stream, _peer, permit| {
+                    move |_stream, _peer, permit: Slot| {
                         let (live, most, started) =
                             (Arc::clone(&live), Arc::clone(&most), started_tx.clone());
                         async move {
