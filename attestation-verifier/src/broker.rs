@@ -124,6 +124,19 @@ struct Refused {
 }
 
 impl Refused {
+    /// A refusal because reading the store failed: `unavailable` when that
+    /// is an outage (see [`KeyError::is_outage`]), `denied` otherwise.
+    fn store(rule: &'static str, e: &KeyError) -> Self {
+        Refused {
+            code: if e.is_outage() {
+                ErrorCode::Unavailable
+            } else {
+                ErrorCode::Denied
+            },
+            ..Refused::denied(rule, e.to_string())
+        }
+    }
+
     fn denied(rule: &'static str, detail: impl Into<String>) -> Self {
         Refused {
             rule,
@@ -725,7 +738,7 @@ impl Broker {
         let stored = self
             .kms
             .policy(&key)
-            .map_err(|e| Refused::denied("store_error", e.to_string()))?;
+            .map_err(|e| Refused::store("store_error", &e))?;
         // Named in the record: the evidence bundle proves which policy decided.
         let policy_sha256 = stored
             .as_ref()
@@ -764,7 +777,7 @@ impl Broker {
         let record = self
             .kms
             .authorisation(id)
-            .map_err(|e| Refused::denied("authorisation_store_error", format!("{id}: {e}")))?
+            .map_err(|e| Refused::store("authorisation_store_error", &e))?
             .ok_or_else(|| {
                 Refused::denied(
                     "authorisation_unknown",
@@ -800,6 +813,12 @@ impl Broker {
                 tracing::debug!(authorisation = %id, run, "authorised run admitted");
                 Ok(())
             }
+            Err(RunRefusal::Authorisation(
+                r @ crate::kms::AuthorisationRefusal::Unavailable { .. },
+            )) => Err(Refused {
+                code: ErrorCode::Unavailable,
+                ..Refused::denied(r.rule(), r.to_string())
+            }),
             Err(RunRefusal::Authorisation(r)) => Err(Refused::denied(r.rule(), r.to_string())),
             Err(RunRefusal::Job(detail)) => {
                 Err(Refused::denied("authorisation_keys_mismatch", detail))
@@ -808,20 +827,20 @@ impl Broker {
     }
 
     fn perform(&self, step: &Step, now_ms: u64) -> Result<ReleasedKey, Refused> {
-        let key_refusal = |e: KeyError| match e {
-            // The token failed (a lost session, a lost object): not a
-            // decision about this enclave; fail closed as unavailable.
-            KeyError::Hsm(_)
-            | KeyError::Store(
-                kluis_keystore::StoreError::Backend { .. }
-                | kluis_keystore::StoreError::Database { .. },
-            ) => Refused {
-                rule: "key_backend_unavailable",
-                detail: format!("{}: {e}", step.key),
-                code: ErrorCode::Unavailable,
-                noise: false,
-            },
-            e => Refused::denied("key_unusable", format!("{}: {e}", step.key)),
+        let key_refusal = |e: KeyError| {
+            if e.is_outage() {
+                // The token or the database failed (a lost session, a lost
+                // object, an outage): not a decision about this enclave;
+                // fail closed as unavailable.
+                Refused {
+                    rule: "key_backend_unavailable",
+                    detail: format!("{}: {e}", step.key),
+                    code: ErrorCode::Unavailable,
+                    noise: false,
+                }
+            } else {
+                Refused::denied("key_unusable", format!("{}: {e}", step.key))
+            }
         };
         let (plain, wrapped) = match &step.wrapped {
             None => self

@@ -120,6 +120,24 @@ pub enum KeyError {
     Audit(String),
 }
 
+impl KeyError {
+    /// Whether this is an outage of where keys and records live (the
+    /// store's database, an HSM, the store lock not obtained in time)
+    /// rather than a fact about the request: a key release then fails
+    /// closed as `unavailable`, which a client may retry, not `denied`.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            KeyError::Hsm(_)
+                | KeyError::Store(
+                    kluis_keystore::StoreError::Backend { .. }
+                        | kluis_keystore::StoreError::Database { .. }
+                        | kluis_keystore::StoreError::Locked { .. }
+                )
+        )
+    }
+}
+
 /// A validated CMK name, `tenant/application/environment`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

@@ -112,6 +112,14 @@ pub enum AuthorisationRefusal {
         /// What failed.
         detail: String,
     },
+    /// The store could not be reached (see [`KeyError::is_outage`]).
+    #[error("authorisation {id}: the store is unavailable: {detail}")]
+    Unavailable {
+        /// Its id.
+        id: String,
+        /// What failed.
+        detail: String,
+    },
 }
 
 impl AuthorisationRefusal {
@@ -124,6 +132,7 @@ impl AuthorisationRefusal {
             AuthorisationRefusal::NotYetValid { .. } => "authorisation_not_yet_valid",
             AuthorisationRefusal::Exhausted { .. } => "authorisation_exhausted",
             AuthorisationRefusal::Store { .. } => "authorisation_store_error",
+            AuthorisationRefusal::Unavailable { .. } => "authorisation_store_unavailable",
         }
     }
 }
@@ -280,9 +289,16 @@ impl Kms {
     ) -> Result<(SignedAuthorisation, u64), RunRefusal<E>> {
         let hex = id.to_hex();
         let store_error = |e: KeyError| {
-            RunRefusal::Authorisation(AuthorisationRefusal::Store {
-                id: hex.clone(),
-                detail: e.to_string(),
+            RunRefusal::Authorisation(if e.is_outage() {
+                AuthorisationRefusal::Unavailable {
+                    id: hex.clone(),
+                    detail: e.to_string(),
+                }
+            } else {
+                AuthorisationRefusal::Store {
+                    id: hex.clone(),
+                    detail: e.to_string(),
+                }
             })
         };
         let guard = self.lock().map_err(store_error)?;
