@@ -212,4 +212,66 @@ mod tests {
             .unwrap();
         assert_eq!(most.load(Ordering::SeqCst), 2);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_gate_refuses_and_shutdown_drains_what_it_admitted() {
+        use tokio::io::AsyncReadExt;
+        let listener = Listener::bind(&Address::Tcp("127.0.0.1:0".into()))
+            .await
+            .unwrap();
+        let Address::Tcp(addr) = listener.local_address().unwrap() else {
+            panic!("tcp")
+        };
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let server = {
+            let (admitted, finished, stop) = (
+                Arc::clone(&admitted),
+                Arc::clone(&finished),
+                Arc::clone(&stop),
+            );
+            tokio::spawn(async move {
+                serve_gated(
+                    listener,
+                    stop.notified(),
+                    Duration::from_secs(5),
+                    // Only the first connection is admitted.
+                    move |_peer: &Peer| {
+                        (admitted.fetch_add(1, Ordering::SeqCst) == 0).then_some(())
+                    },
+                    move |mut stream, _peer, (), mut closing| {
+                        let finished = Arc::clone(&finished);
+                        async move {
+                            // Works until told the service is closing, then
+                            // finishes (the drain lets it).
+                            let _ = closing.changed().await;
+                            let _ = stream.write_all(b"bye").await;
+                            finished.fetch_add(1, Ordering::SeqCst);
+                        }
+                    },
+                )
+                .await;
+            })
+        };
+        let mut first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        // The refused one is closed at once.
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        stop.notify_one();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("shutdown ends the loop")
+            .unwrap();
+        // The admitted one was told, and finished before the loop returned.
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+        let mut got = Vec::new();
+        first.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+    }
 }
