@@ -665,14 +665,11 @@ fn measure_eif(eif: &Path, name: Option<&str>, out: Option<&Path>) -> Result<(),
     .map_err(|e| anyhow!("the computed entry is not a valid policy entry: {e}"))?;
     match out {
         Some(path) => {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
-            file.write_all(fragment.as_bytes())
-                .and_then(|()| file.sync_all())
-                .with_context(|| format!("writing {}", path.display()))?;
+            crate::cli::output::write_new(
+                path,
+                fragment.as_bytes(),
+                crate::cli::output::Access::Default,
+            )?;
             emit(&json!({
                 "eif": eif.display().to_string(),
                 "name": name,

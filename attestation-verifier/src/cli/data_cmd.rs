@@ -243,14 +243,7 @@ pub(crate) fn data(store: &StoreArgs, command: &DataCommand) -> Result<(), Failu
             // The plaintext is not needed here: drop (zeroize) it at once.
             drop(secret);
             let bytes = wrapped.to_bytes();
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(output)
-                .with_context(|| format!("creating {}", output.display()))?;
-            file.write_all(&bytes)
-                .and_then(|()| file.sync_all())
-                .with_context(|| format!("writing {}", output.display()))?;
+            crate::cli::output::write_new(output, &bytes, crate::cli::output::Access::Default)?;
             emit(
                 &json!({ "key": name.as_str(), "version": wrapped.version, "wrapped_secret": output.display().to_string() }),
             );

@@ -41,19 +41,11 @@ pub(crate) fn check_new_output(path: &Path) -> Result<(), Failure> {
 
 /// Writes a new file (never replacing one), synced.
 pub(crate) fn write_new_file(path: &Path, contents: &[u8]) -> Result<(), Failure> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
-    let written = file.write_all(contents).and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(path);
-        return Err(Failure::Usage(
-            anyhow!(e).context(format!("writing {}", path.display())),
-        ));
-    }
-    Ok(())
+    Ok(crate::cli::output::write_new(
+        path,
+        contents,
+        crate::cli::output::Access::Default,
+    )?)
 }
 
 fn to_json_line<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Failure> {

@@ -17,8 +17,7 @@ use clap::Subcommand;
 use kluis_proto::authorisation::{AUTHORISATION_NONCE_LEN, AUTHORISATION_VERSION};
 use kluis_proto::{AuthorisationId, JobAuthorisation, SignedAuthorisation};
 use serde_json::{json, Value};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::cli::session::*;
 
@@ -156,26 +155,6 @@ fn describe(signed: &SignedAuthorisation, record: Option<&AuthorisationRecord>) 
     v
 }
 
-/// Write `bytes` to a new file (never over an existing one), synced.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| {
-            Failure::Usage(
-                anyhow!(e).context(format!("creating {} (it must not exist)", path.display())),
-            )
-        })?;
-    if let Err(e) = file.write_all(bytes).and_then(|()| file.sync_all()) {
-        let _ = std::fs::remove_file(path);
-        return Err(Failure::Usage(
-            anyhow!(e).context(format!("writing {}", path.display())),
-        ));
-    }
-    Ok(())
-}
-
 pub(crate) fn job(store: &StoreArgs, command: &JobCommand) -> Result<(), Failure> {
     match command {
         JobCommand::Authorise {
@@ -259,7 +238,11 @@ pub(crate) fn job(store: &StoreArgs, command: &JobCommand) -> Result<(), Failure
             // The file first (a name that exists refuses before anything is
             // recorded), then the audited record; if that fails the file
             // goes, so no unrecorded authorisation is left.
-            write_new(out, signed.bytes())?;
+            crate::cli::output::write_new(
+                out,
+                signed.bytes(),
+                crate::cli::output::Access::Default,
+            )?;
             let summary = format!(
                 "authorisation {}: {} on input {} to output {}, secrets [{}], purpose {:?}, case {:?}, expires {}, max runs {}",
                 signed.id(),

@@ -12,6 +12,7 @@ mod data_cmd;
 mod evidence_cmd;
 mod input;
 mod job_cmd;
+mod output;
 mod report;
 mod serve_cmd;
 mod session;

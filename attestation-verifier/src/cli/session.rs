@@ -16,7 +16,6 @@ use clap::Args;
 use kluis_keystore::RootSecret;
 use kluis_proto::VerifierIdentity;
 use serde_json::json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -604,23 +603,10 @@ pub(crate) fn audit_refusal(
 }
 
 pub(crate) fn write_secret_file(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
-    let written = file
-        .write_all(contents.as_bytes())
-        .and_then(|()| file.write_all(b"\n"))
-        .and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        // No half-written credential is left behind.
-        let _ = std::fs::remove_file(path);
-        return Err(anyhow!(e).context(format!("writing {}", path.display())));
-    }
-    Ok(())
+    let mut line = Zeroizing::new(Vec::with_capacity(contents.len().saturating_add(1)));
+    line.extend_from_slice(contents.as_bytes());
+    line.push(b'\n');
+    crate::cli::output::write_new(path, &line, crate::cli::output::Access::OwnerOnly)
 }
 
 /// Add an administrator and write their credential to `path`: the audit
