@@ -115,6 +115,15 @@ fn attested(nsm: &SimulatedNsm, nonce: [u8; 32]) -> (Vec<u8>, KeyRequest) {
     support::attested_generate(nsm, KEY, nonce)
 }
 
+fn unavailable(answer: &Response) -> bool {
+    matches!(
+        answer,
+        Response::Error {
+            code: ErrorCode::Unavailable
+        }
+    )
+}
+
 fn allowed_releases(audit: &AuditLog) -> usize {
     audit
         .records(&AuditFilter {
@@ -438,25 +447,9 @@ fn an_outage_fails_closed_as_unavailable_then_releases_resume() {
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let answer = replica.release(&pending_doc, &pending_req, T0 + 1_000);
-    assert!(
-        matches!(
-            answer,
-            Response::Error {
-                code: ErrorCode::Unavailable
-            }
-        ),
-        "{answer:?}"
-    );
+    assert!(unavailable(&answer), "{answer:?}");
     let answer = replica.handle(Request::Challenge, T0, &|| Some([3; 32]));
-    assert!(
-        matches!(
-            answer,
-            Response::Error {
-                code: ErrorCode::Unavailable
-            }
-        ),
-        "{answer:?}"
-    );
+    assert!(unavailable(&answer), "{answer:?}");
     eprintln!("refused during the outage after {:?}", started.elapsed());
     assert!(
         started.elapsed() < Duration::from_secs(15),
@@ -508,14 +501,7 @@ fn an_outage_fails_closed_as_unavailable_then_releases_resume() {
         .collect();
     let unavailable = outcomes
         .iter()
-        .filter(|(answer, _)| {
-            matches!(
-                answer,
-                Response::Error {
-                    code: ErrorCode::Unavailable
-                }
-            )
-        })
+        .filter(|(answer, _)| unavailable(answer))
         .count();
     // The load saw both: releases, and the outage as `unavailable` only.
     assert!(!loaded.is_empty());
@@ -618,15 +604,7 @@ fn a_replica_silently_cut_off_from_the_database_stops_releasing_in_bounded_time(
     let started = Instant::now();
     let answer = ask(&Request::Challenge);
     let took = started.elapsed();
-    assert!(
-        matches!(
-            answer,
-            Response::Error {
-                code: ErrorCode::Unavailable
-            }
-        ),
-        "{answer:?}"
-    );
+    assert!(unavailable(&answer), "{answer:?}");
     assert!(
         took >= decision_timeout && took < decision_timeout + Duration::from_secs(3),
         "answered unavailable after {took:?}"
@@ -672,15 +650,7 @@ fn a_store_that_cannot_be_read_answers_unavailable_not_denied() {
     let answer = replica.release(&document, &request, T0 + 1_000);
     sql.batch_execute("ALTER TABLE kluis_records_away RENAME TO kluis_records")
         .unwrap();
-    assert!(
-        matches!(
-            answer,
-            Response::Error {
-                code: ErrorCode::Unavailable
-            }
-        ),
-        "{answer:?}"
-    );
+    assert!(unavailable(&answer), "{answer:?}");
     let refused = replica
         .audit()
         .records(&AuditFilter {
