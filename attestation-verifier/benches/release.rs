@@ -26,6 +26,9 @@
     clippy::cast_precision_loss
 )]
 
+#[path = "support/clients.rs"]
+mod clients;
+
 use attestation_verifier::audit::AuditLog;
 use attestation_verifier::broker::{Broker, BrokerConfig};
 use attestation_verifier::keys::KeyName;
@@ -35,7 +38,7 @@ use attestation_verifier::service::{self, ServiceConfig};
 use kluis_attestation::{TrustAnchor, Verifier};
 use kluis_keystore::RootSecret;
 use kluis_nsm::sim::{SimConfig, SimRoot, SimulatedNsm};
-use kluis_proto::{request_hash, EphemeralKeyPair, KeyOperation, KeyRequest, VerifierIdentity};
+use kluis_proto::VerifierIdentity;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,50 +170,11 @@ fn main() {
         let started = Instant::now();
         let clients = clients();
         let per_client = total / clients;
-        let mut handles = Vec::new();
-        for _ in 0..clients {
-            let nsm = Arc::clone(&nsm);
-            handles.push(tokio::spawn(async move {
-                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let max = 128 * 1024;
-                let mut latencies = Vec::with_capacity(per_client);
-                let mut without_nsm = Vec::with_capacity(per_client);
-                for _ in 0..per_client {
-                    let t0 = Instant::now();
-                    let challenge = kluis_proto::client::request_challenge(&mut stream, max).await.unwrap();
-                    let request = KeyRequest::new(vec![KeyOperation::GenerateDataKey { key_id: KEY.to_owned() }]).unwrap();
-                    let ephemeral = EphemeralKeyPair::generate().unwrap();
-                    let hash = request_hash(&request);
-                    let pk = ephemeral.public_key_sec1();
-                    let nsm2 = Arc::clone(&nsm);
-                    let nonce = challenge.nonce;
-                    let t_nsm = Instant::now();
-                    let doc = tokio::task::spawn_blocking(move || kluis_nsm::attest(nsm2.as_ref(), Some(&hash), Some(&nonce), Some(&pk)).unwrap())
-                        .await
-                        .unwrap();
-                    let nsm_time = t_nsm.elapsed();
-                    let keys = kluis_proto::client::request_keys(&mut stream, max, &doc, &request, &ephemeral, &pinned).await.unwrap();
-                    assert_eq!(keys.len(), 1);
-                    let elapsed = t0.elapsed();
-                    latencies.push(elapsed);
-                    without_nsm.push(elapsed.saturating_sub(nsm_time));
-                }
-                (latencies, without_nsm)
-            }));
-        }
-        let mut all = Vec::new();
-        let mut all_wo = Vec::new();
-        for h in handles {
-            let (l, w) = h.await.unwrap();
-            all.extend(l);
-            all_wo.extend(w);
-        }
+        let latencies = clients::run(&[addr], nsm, pinned, KEY, clients, per_client).await;
+        let (all, all_wo) = (latencies.total, latencies.without_nsm);
         let wall = started.elapsed();
         stop_tx.send(()).unwrap();
         server.await.unwrap().unwrap();
-        all.sort();
-        all_wo.sort();
         let n = all.len();
         println!("key release over loopback ({backend} backend): {n} releases, {clients} concurrent clients, 2 cores shared by clients and server");
         println!("  throughput        {:.0} releases/s", n as f64 / wall.as_secs_f64());

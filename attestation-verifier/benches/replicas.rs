@@ -23,6 +23,9 @@
     clippy::cast_precision_loss
 )]
 
+#[path = "support/clients.rs"]
+mod clients;
+
 use attestation_verifier::audit::{Actor, AuditLog, Decision, NewRecord};
 use attestation_verifier::broker::{Broker, BrokerConfig};
 use attestation_verifier::keys::KeyName;
@@ -33,7 +36,7 @@ use kluis_attestation::{TrustAnchor, UnixMillis, Verifier, VerifyOptions};
 use kluis_keystore::pg::scratch::{self, ScratchDatabase};
 use kluis_keystore::{Database, RootSecret};
 use kluis_nsm::sim::{SimConfig, SimRoot, SimulatedNsm};
-use kluis_proto::{request_hash, EphemeralKeyPair, KeyOperation, KeyRequest, VerifierIdentity};
+use kluis_proto::VerifierIdentity;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -155,7 +158,7 @@ fn releases(
     // The brokers hold blocking database clients: they are used on blocking
     // threads only, and dropped outside the runtime.
     let brokers: Vec<Arc<Broker>> = replicas.to_vec();
-    let (rate, mut all) = rt.block_on(async move {
+    let (rate, all) = rt.block_on(async move {
         let mut addresses = Vec::new();
         let mut stops = Vec::new();
         let mut servers = Vec::new();
@@ -184,59 +187,9 @@ fn releases(
         );
         let per_client = total / clients;
         let started = Instant::now();
-        let mut handles = Vec::new();
-        for c in 0..clients {
-            let nsm = Arc::clone(&nsm);
-            let addr = addresses[c % addresses.len()];
-            handles.push(tokio::spawn(async move {
-                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let max = 128 * 1024;
-                let mut latencies = Vec::with_capacity(per_client);
-                for _ in 0..per_client {
-                    let t0 = Instant::now();
-                    let challenge = kluis_proto::client::request_challenge(&mut stream, max)
-                        .await
-                        .unwrap();
-                    let request = KeyRequest::new(vec![KeyOperation::GenerateDataKey {
-                        key_id: KEY.to_owned(),
-                    }])
-                    .unwrap();
-                    let ephemeral = EphemeralKeyPair::generate().unwrap();
-                    let hash = request_hash(&request);
-                    let pk = ephemeral.public_key_sec1();
-                    let nsm2 = Arc::clone(&nsm);
-                    let nonce = challenge.nonce;
-                    let t_nsm = Instant::now();
-                    let doc = tokio::task::spawn_blocking(move || {
-                        kluis_nsm::attest(nsm2.as_ref(), Some(&hash), Some(&nonce), Some(&pk))
-                            .unwrap()
-                    })
-                    .await
-                    .unwrap();
-                    let nsm_time = t_nsm.elapsed();
-                    let keys = kluis_proto::client::request_keys(
-                        &mut stream,
-                        max,
-                        &doc,
-                        &request,
-                        &ephemeral,
-                        &pinned,
-                    )
-                    .await
-                    .unwrap();
-                    assert_eq!(keys.len(), 1);
-                    // The simulated NSM's signing is the client's cost (a
-                    // real NSM signs in hardware): not the verifier's.
-                    latencies.push(t0.elapsed().saturating_sub(nsm_time));
-                }
-                latencies
-            }));
-        }
-        let mut all = Vec::new();
-        for h in handles {
-            all.extend(h.await.unwrap());
-        }
+        let all = clients::run(&addresses, nsm, pinned, KEY, clients, per_client)
+            .await
+            .without_nsm;
         let rate = all.len() as f64 / started.elapsed().as_secs_f64();
         for stop in stops {
             let _ = stop.send(());
@@ -248,7 +201,6 @@ fn releases(
     });
     drop(rt);
     replicas[0].audit().verify(None).unwrap();
-    all.sort();
     (rate, all)
 }
 
