@@ -185,7 +185,9 @@ async fn send_input<R: AsyncRead + Unpin>(
     loop {
         // Read a whole chunk straight into a frame buffer (big frames, one copy).
         let mut buf = spare.take().unwrap_or_default();
-        buf.clear();
+        // Only a buffer that grows is zero-filled (the first): the bytes of
+        // a reused one are overwritten by the read, and only what was read
+        // is sent.
         buf.resize(DATA_FRAME_HEADER_LEN.saturating_add(chunk), 0);
         let mut n = 0usize;
         while n < chunk {

@@ -246,9 +246,13 @@ pub async fn read_raw_frame_into<R: AsyncRead + Unpin>(
     let mut head = [0u8; FRAME_HEADER_LEN];
     let got = read_full_async(reader, &mut head).await?;
     let checked = after_head(&head, got, max_frame_len)?;
-    frame.clear();
-    frame.extend_from_slice(&head);
+    // Shrinking or growing to the frame's length: only growth is
+    // zero-filled; what the buffer held before is overwritten by the read
+    // (or the frame is refused as truncated).
     frame.resize(checked.frame_len(), 0);
+    if let Some(slot) = frame.get_mut(..FRAME_HEADER_LEN) {
+        slot.copy_from_slice(&head);
+    }
     let got = read_full_async(
         reader,
         frame.get_mut(FRAME_HEADER_LEN..).unwrap_or_default(),
