@@ -148,7 +148,7 @@ impl Demo {
 
     /// As [`Demo::verifier`], for commands that print JSON lines.
     fn verifier_lines(&self, role: Option<&str>, args: &[&str]) -> Result<Vec<Value>> {
-        let mut cmd = Command::new(&self.exe);
+        let mut cmd = self.command();
         cmd.arg("verifier")
             .args(self.store_args())
             .args(&self.secret_args);
@@ -178,6 +178,24 @@ impl Demo {
             .collect()
     }
 
+    /// This program as a child: without the operator's `KLUIS_*` settings
+    /// of where a store is (the demo names its own on every command line,
+    /// and a store given by the environment too would conflict with it).
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.exe);
+        for var in [
+            "KLUIS_STORE",
+            "KLUIS_DATABASE_URL",
+            "KLUIS_DATABASE_CA_FILE",
+            "KLUIS_ROOT_KEY_FILE",
+            "KLUIS_CREDENTIAL_FILE",
+            "KLUIS_HSM_PIN_FILE",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd
+    }
+
     /// Where every verifier command finds the store: `--store DIR` or
     /// `--database URL`.
     fn store_args(&self) -> [String; 2] {
@@ -192,7 +210,8 @@ impl Demo {
     fn spawn(&self, name: &str, args: &[&str]) -> Result<Value> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
             .context("creating a log file")?;
-        let mut child = Command::new(&self.exe)
+        let mut child = self
+            .command()
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

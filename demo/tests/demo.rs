@@ -12,6 +12,10 @@ fn the_demo_runs_end_to_end_and_cleans_up() {
     let out = Command::new(env!("CARGO_BIN_EXE_kluis-demo"))
         .args(["--records", "300", "--keep"])
         .arg(keep.path())
+        // An operator's own settings in the environment do not leak into
+        // the demo's commands (it names its own store on each).
+        .env("KLUIS_STORE", "/nonexistent/kluis-store")
+        .env("KLUIS_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
