@@ -79,19 +79,12 @@ fn create_parents(path: &Path) -> anyhow::Result<()> {
 }
 
 pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
-    if store.database.is_some() {
-        return init_database(store, args);
-    }
-    let dir = store.dir()?;
     let mut cleanup = InitCleanup::default();
-    let roles = [Role::KeyAdmin, Role::AppAdmin];
-    let credential_path = |role: Role| {
-        args.credentials_out
-            .join(format!("{}.credential", role.as_str()))
-    };
     // Check every output before making anything.
-    for role in roles {
-        let path = credential_path(role);
+    for role in [Role::KeyAdmin, Role::AppAdmin] {
+        let path = args
+            .credentials_out
+            .join(format!("{}.credential", role.as_str()));
         if std::fs::symlink_metadata(&path).is_ok() {
             return Err(Failure::Usage(anyhow!(
                 "{} exists; init writes new credentials and replaces nothing",
@@ -99,38 +92,60 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
             )));
         }
     }
-    if std::fs::symlink_metadata(dir).is_err() {
-        create_parents(dir)?;
-        cleanup.store = Some(dir.to_path_buf());
-    }
-    let hsm = open_init_token(store, args, dir)?;
-    let mut kms = match hsm {
-        Some(token) => {
-            std::fs::create_dir_all(&args.credentials_out)
-                .with_context(|| format!("creating {}", args.credentials_out.display()))?;
-            Kms::init_hsm(dir, token)
-                .with_context(|| format!("creating the store {} in the HSM", dir.display()))?
-        }
+    // A directory, or a PostgreSQL database (schema migrations applied
+    // first) holding the store, its audit log and its nonces.
+    let db = store.database()?;
+    let dir = match &db {
+        Some(_) => None,
         None => {
-            let secret = match (&store.root_key_file, args.generate_root_key) {
-                (Some(path), true) if !path.exists() => {
-                    create_parents(path)?;
-                    let secret = RootSecret::generate_key_file(path).with_context(|| {
-                        format!("generating the root key file {}", path.display())
-                    })?;
-                    cleanup.files.push(path.clone());
-                    secret
-                }
-                _ => store.secret()?,
-            };
-            std::fs::create_dir_all(&args.credentials_out)
-                .with_context(|| format!("creating {}", args.credentials_out.display()))?;
-            Kms::init(dir, secret)
-                .with_context(|| format!("creating the store {}", dir.display()))?
+            let dir = store.dir()?;
+            if std::fs::symlink_metadata(dir).is_err() {
+                create_parents(dir)?;
+                cleanup.store = Some(dir.to_path_buf());
+            }
+            Some(dir)
         }
     };
-    let store_name = dir.display().to_string();
-    init_contents(store, args, &mut kms, &store_name, &mut cleanup)?;
+    let name = match (&db, dir) {
+        (Some(db), _) => db.target().to_owned(),
+        (None, Some(dir)) => dir.display().to_string(),
+        (None, None) => return Err(Failure::Usage(anyhow!("no store"))),
+    };
+    let token = open_init_token(store, args, Path::new(&name))?;
+    let secret = match token {
+        Some(_) => None,
+        None => Some(match (&store.root_key_file, args.generate_root_key) {
+            (Some(path), true) if !path.exists() => {
+                create_parents(path)?;
+                let secret = RootSecret::generate_key_file(path)
+                    .with_context(|| format!("generating the root key file {}", path.display()))?;
+                cleanup.files.push(path.clone());
+                secret
+            }
+            _ => store.secret()?,
+        }),
+    };
+    std::fs::create_dir_all(&args.credentials_out)
+        .with_context(|| format!("creating {}", args.credentials_out.display()))?;
+    let creating = || format!("creating the store {name}");
+    let mut kms = match (db, dir, token, secret) {
+        (Some(db), _, Some(token), _) => {
+            Kms::init_hsm_database(db, token).with_context(creating)?
+        }
+        (Some(db), _, None, Some(secret)) => {
+            let kms = Kms::init_database(db, secret).with_context(creating)?;
+            // A store in a database is not removed on a later failure: its
+            // root key must outlive it.
+            cleanup
+                .files
+                .retain(|f| Some(f) != store.root_key_file.as_ref());
+            kms
+        }
+        (None, Some(dir), Some(token), _) => Kms::init_hsm(dir, token).with_context(creating)?,
+        (None, Some(dir), None, Some(secret)) => Kms::init(dir, secret).with_context(creating)?,
+        _ => return Err(Failure::Usage(anyhow!("no store"))),
+    };
+    init_contents(store, args, &mut kms, &name, &mut cleanup)?;
     cleanup.done = true;
     eprintln!("store created; build the verifier public key above into the enclave image");
     Ok(())
@@ -160,59 +175,6 @@ fn open_init_token(
     let token = kluis_hsm::Token::open(&config, store.hsm_pin()?)
         .map_err(|e| crate::cli::session::hsm_failure(location, e.into()))?;
     Ok(Some(Arc::new(token)))
-}
-
-/// `init --database URL`: the store, its audit log and its nonces in a
-/// PostgreSQL database (schema migrations applied first).
-fn init_database(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
-    let mut cleanup = InitCleanup::default();
-    for role in [Role::KeyAdmin, Role::AppAdmin] {
-        let path = args
-            .credentials_out
-            .join(format!("{}.credential", role.as_str()));
-        if std::fs::symlink_metadata(&path).is_ok() {
-            return Err(Failure::Usage(anyhow!(
-                "{} exists; init writes new credentials and replaces nothing",
-                path.display()
-            )));
-        }
-    }
-    let Some(db) = store.database()? else {
-        return Err(Failure::Usage(anyhow!("no database")));
-    };
-    let target = db.target().to_owned();
-    if let Some(token) = open_init_token(store, args, Path::new(&target))? {
-        std::fs::create_dir_all(&args.credentials_out)
-            .with_context(|| format!("creating {}", args.credentials_out.display()))?;
-        let mut kms = Kms::init_hsm_database(db, token)
-            .with_context(|| format!("creating the store in {target} with its keys in the HSM"))?;
-        init_contents(store, args, &mut kms, &target, &mut cleanup)?;
-        cleanup.done = true;
-        eprintln!("store created; build the verifier public key above into the enclave image");
-        return Ok(());
-    }
-    let secret = match (&store.root_key_file, args.generate_root_key) {
-        (Some(path), true) if !path.exists() => {
-            create_parents(path)?;
-            let secret = RootSecret::generate_key_file(path)
-                .with_context(|| format!("generating the root key file {}", path.display()))?;
-            cleanup.files.push(path.clone());
-            secret
-        }
-        _ => store.secret()?,
-    };
-    std::fs::create_dir_all(&args.credentials_out)
-        .with_context(|| format!("creating {}", args.credentials_out.display()))?;
-    let mut kms = Kms::init_database(db, secret)
-        .with_context(|| format!("creating the store in {target}"))?;
-    // The store exists now: its root key must outlive any later failure.
-    cleanup
-        .files
-        .retain(|f| Some(f) != store.root_key_file.as_ref());
-    init_contents(store, args, &mut kms, &target, &mut cleanup)?;
-    cleanup.done = true;
-    eprintln!("store created; build the verifier public key above into the enclave image");
-    Ok(())
 }
 
 /// What `init` writes into a new store: the identity, the two first
