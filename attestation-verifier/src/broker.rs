@@ -425,7 +425,7 @@ impl Broker {
                 // A database that cannot be reached is a passing outage
                 // (the client may retry, or fail over); anything else is
                 // this verifier's fault.
-                if self.audit.is_database() && matches!(e, crate::audit::AuditError::Io { .. }) {
+                if matches!(e, crate::audit::AuditError::Unavailable { .. }) {
                     ErrorCode::Unavailable
                 } else {
                     ErrorCode::Internal

@@ -1014,11 +1014,11 @@ impl Kms {
             log.check_anchor(&current).map_err(|e| match e {
                 // A database log that cannot be read now is an outage, not
                 // a damaged log.
-                crate::audit::AuditError::Io { .. } if log.is_database() => {
+                crate::audit::AuditError::Unavailable { target, source } => {
                     KeyError::Store(StoreError::Database {
-                        target: log.path().display().to_string(),
+                        target,
                         action: "read the audit log in",
-                        reason: e.to_string(),
+                        reason: source.to_string(),
                     })
                 }
                 e => KeyError::Audit(format!(

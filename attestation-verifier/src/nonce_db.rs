@@ -86,8 +86,12 @@ impl DbNonces {
         let Some(row) = row else {
             return Err(NonceError::Unknown);
         };
-        let was_used: bool = row.get(0);
-        let expires_ms: i64 = row.get(1);
+        let was_used: bool = row
+            .try_get(0)
+            .map_err(|e| self.unavailable("redeem a nonce", &e))?;
+        let expires_ms: i64 = row
+            .try_get(1)
+            .map_err(|e| self.unavailable("redeem a nonce", &e))?;
         if was_used {
             return Err(NonceError::Reused);
         }

@@ -30,8 +30,15 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 /// Most records one transaction appends.
 pub const MAX_BATCH: usize = 256;
-/// Rows read per query when reading the log.
-const PAGE_ROWS: i64 = 512;
+/// Rows read per query when reading the log: with each line read as at
+/// most [`MAX_LINE_LEN`] bytes and one, a page holds at most 16 MiB.
+const PAGE_ROWS: i64 = 64;
+
+/// `MAX_LINE_LEN + 1` for `substring(line for …)`: a line longer than a
+/// line can be is read only that far, and the chain reader refuses it.
+fn line_bound() -> i32 {
+    i32::try_from(MAX_LINE_LEN.saturating_add(1)).unwrap_or(i32::MAX)
+}
 
 /// The audit log in the store's database.
 pub(super) struct DbLog {
@@ -93,15 +100,15 @@ impl DbLog {
     }
 
     fn error(&self, e: &postgres::Error) -> AuditError {
-        AuditError::Io {
-            path: self.target.display().to_string(),
+        AuditError::Unavailable {
+            target: self.target.display().to_string(),
             source: io::Error::other(reason(e)),
         }
     }
 
     fn store_error(&self, e: &kluis_keystore::StoreError) -> AuditError {
-        AuditError::Io {
-            path: self.target.display().to_string(),
+        AuditError::Unavailable {
+            target: self.target.display().to_string(),
             source: io::Error::other(e.to_string()),
         }
     }
@@ -116,7 +123,10 @@ impl DbLog {
         let row = client
             .query_one("SELECT seq, hash FROM kluis_audit_head", &[])
             .map_err(|e| self.error(&e))?;
-        self.head_from(row.get(0), row.get(1))
+        self.head_from(
+            row.try_get(0).map_err(|e| self.error(&e))?,
+            row.try_get(1).map_err(|e| self.error(&e))?,
+        )
     }
 
     fn head_from(&self, seq: i64, hash: Vec<u8>) -> Result<AuditHead, AuditError> {
@@ -167,7 +177,10 @@ impl DbLog {
         })?;
         let mut client = self.client()?;
         let row = client
-            .query_opt("SELECT line FROM kluis_audit WHERE seq = $1", &[&seq])
+            .query_opt(
+                "SELECT substring(line from 1 for $2) FROM kluis_audit WHERE seq = $1",
+                &[&seq, &line_bound()],
+            )
             .map_err(|e| self.error(&e))?;
         let Some(row) = row else {
             return Err(AuditError::AnchorNotFound {
@@ -175,7 +188,7 @@ impl DbLog {
                 at: anchor.seq,
             });
         };
-        let line: Vec<u8> = row.get(0);
+        let line: Vec<u8> = row.try_get(0).map_err(|e| self.error(&e))?;
         let record: AuditRecord =
             serde_json::from_slice(&line).map_err(|_| AuditError::AnchorNotFound {
                 expected: anchor.head(),
@@ -226,15 +239,8 @@ impl DbLog {
                     st.results.extend(results);
                 }
                 Err(e) => {
-                    let message = e.to_string();
                     for t in tickets {
-                        st.results.insert(
-                            t,
-                            Err(AuditError::Io {
-                                path: self.target.display().to_string(),
-                                source: io::Error::other(message.clone()),
-                            }),
-                        );
+                        st.results.insert(t, Err(e.again()));
                     }
                 }
             }
@@ -255,7 +261,10 @@ impl DbLog {
         let row = tx
             .query_one("SELECT seq, hash FROM kluis_audit_head FOR UPDATE", &[])
             .map_err(|e| self.error(&e))?;
-        let start = self.head_from(row.get(0), row.get(1))?;
+        let start = self.head_from(
+            row.try_get(0).map_err(|e| self.error(&e))?,
+            row.try_get(1).map_err(|e| self.error(&e))?,
+        )?;
         let mut head = start;
         let mut seqs: Vec<i64> = Vec::with_capacity(batch.len());
         let mut lines: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
@@ -360,19 +369,19 @@ impl DbLines {
         let rows = self
             .client
             .query(
-                "SELECT seq, line FROM kluis_audit WHERE seq >= $1 AND seq <= $2 \
-                 ORDER BY seq LIMIT $3",
-                &[&from, &through, &PAGE_ROWS],
+                "SELECT seq, substring(line from 1 for $4) FROM kluis_audit \
+                 WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                &[&from, &through, &PAGE_ROWS, &line_bound()],
             )
             .map_err(|e| io::Error::other(reason(&e)))?;
         for row in rows {
-            let seq: i64 = row.get(0);
+            let seq: i64 = row.try_get(0).map_err(|e| io::Error::other(reason(&e)))?;
             if u64::try_from(seq).ok() != Some(self.next) {
                 // A missing row: stop here.
                 self.through = 0;
                 break;
             }
-            let line: Vec<u8> = row.get(1);
+            let line: Vec<u8> = row.try_get(1).map_err(|e| io::Error::other(reason(&e)))?;
             self.buf.extend_from_slice(&line);
             self.buf.push(b'\n');
             self.next = self.next.saturating_add(1);

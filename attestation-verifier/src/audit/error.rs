@@ -87,6 +87,17 @@ pub enum AuditError {
         #[source]
         source: io::Error,
     },
+    /// The database that holds the log cannot be reached, or refused the
+    /// statement: an outage (a key release answers `unavailable`), not a
+    /// damaged log.
+    #[error("audit log in {target}: {source}")]
+    Unavailable {
+        /// The database (`postgresql://user@host:port/dbname`).
+        target: String,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
     /// The file is shorter than the records this handle knows: records were
     /// removed from its end while it was open.
     #[error(
@@ -188,6 +199,22 @@ impl AuditError {
         match self {
             AuditError::Broken { seq, .. } => Some(*seq),
             _ => None,
+        }
+    }
+
+    /// The same error again, for each of the appends a failed group
+    /// commit answers (an error is not `Clone`: its `io::Error` is not).
+    pub(super) fn again(&self) -> AuditError {
+        match self {
+            AuditError::Unavailable { target, source } => AuditError::Unavailable {
+                target: target.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            AuditError::Io { path, source } => AuditError::Io {
+                path: path.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            other => AuditError::Failed(other.to_string()),
         }
     }
 

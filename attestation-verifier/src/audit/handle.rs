@@ -65,11 +65,6 @@ impl AuditLog {
         })
     }
 
-    /// Whether the log is in a database.
-    pub fn is_database(&self) -> bool {
-        matches!(self.backing, Backing::Database(_))
-    }
-
     /// The file, or the database's `postgresql://user@host:port/dbname`.
     pub fn path(&self) -> &Path {
         match &self.backing {

@@ -380,7 +380,7 @@ pub(crate) fn hsm_failure(dir: &Path, e: KeyError) -> Failure {
 /// or unreadable (exit 2).
 pub(crate) fn audit_failure(path: &Path, e: AuditError) -> Failure {
     match e {
-        AuditError::Io { .. } => Failure::Usage(
+        AuditError::Io { .. } | AuditError::Unavailable { .. } => Failure::Usage(
             anyhow!(e).context(format!("opening the audit log {}", path.display())),
         ),
         e => Failure::Refused(

@@ -124,7 +124,7 @@ impl EvidenceError {
     /// A short machine-readable kind, for the command line's JSON errors.
     pub fn kind(&self) -> &'static str {
         match self {
-            EvidenceError::Audit(AuditError::Io { .. }) => "io",
+            EvidenceError::Audit(AuditError::Io { .. } | AuditError::Unavailable { .. }) => "io",
             EvidenceError::Audit(_) => "audit_broken",
             EvidenceError::Merkle(_) => "proof_invalid",
             EvidenceError::Note(_) => "checkpoint_invalid",

@@ -40,9 +40,6 @@ use crate::StoreError;
 /// The schema version this build reads and writes.
 pub const SCHEMA_VERSION: i32 = 1;
 
-/// A record row: its name tag and its sealed body.
-pub(crate) type RecordRow = (Vec<u8>, Vec<u8>);
-
 /// A pooled connection to the store's database.
 pub type PooledClient = r2d2::PooledConnection<PostgresConnectionManager<MakeRustlsConnect>>;
 
@@ -62,6 +59,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Server-side bound on one statement.
 const STATEMENT_TIMEOUT_MS: u32 = 30_000;
+/// Largest store setting or metadata read from the database.
+const MAX_SETTING_LEN: u64 = 64 * 1024;
+
+/// `limit + 1` as the `int4` a `substring(… for n)` takes: reading one byte
+/// more than allowed tells the reader the value is too long.
+fn bound(limit: u64) -> i32 {
+    i32::try_from(limit.saturating_add(1)).unwrap_or(i32::MAX)
+}
+
 /// How long [`Database::lock`] waits for another holder.
 const LOCK_TIMEOUT_MS: u32 = 60_000;
 
@@ -272,7 +278,8 @@ impl Database {
         let current: Option<i32> = tx
             .query_one("SELECT max(version) FROM kluis_schema", &[])
             .map_err(|e| self.error("read the schema version of", &e))?
-            .get(0);
+            .try_get(0)
+            .map_err(|e| self.error("read the schema version of", &e))?;
         let current = current.unwrap_or(0);
         if current > SCHEMA_VERSION {
             return Err(StoreError::SchemaVersion {
@@ -303,14 +310,16 @@ impl Database {
         let exists: bool = client
             .query_one("SELECT to_regclass('kluis_schema') IS NOT NULL", &[])
             .map_err(|e| self.error("inspect", &e))?
-            .get(0);
+            .try_get(0)
+            .map_err(|e| self.error("inspect", &e))?;
         if !exists {
             return Ok(None);
         }
         let version: Option<i32> = client
             .query_one("SELECT max(version) FROM kluis_schema", &[])
             .map_err(|e| self.error("read the schema version of", &e))?
-            .get(0);
+            .try_get(0)
+            .map_err(|e| self.error("read the schema version of", &e))?;
         Ok(version)
     }
 
@@ -333,57 +342,90 @@ impl Database {
     }
 
     /// The text of the store's metadata, if a store was initialised here.
+    ///
+    /// Every value is read through `substring(… for limit + 1)`: a row
+    /// someone made larger than it can be (the table's checks can be
+    /// dropped) is refused by its reader without being loaded whole.
     pub(crate) fn meta(&self) -> Result<Option<Vec<u8>>, StoreError> {
         let mut client = self.client()?;
         let row = client
-            .query_opt("SELECT meta FROM kluis_store_meta", &[])
+            .query_opt(
+                "SELECT substring(meta from 1 for $1) FROM kluis_store_meta",
+                &[&bound(MAX_SETTING_LEN)],
+            )
             .map_err(|e| self.error("read the store metadata of", &e))?;
-        Ok(row.map(|row| row.get(0)))
+        row.map(|row| row.try_get(0))
+            .transpose()
+            .map_err(|e| self.error("read the store metadata of", &e))
     }
 
     /// The store setting `name` (see `kluis_store_config`), if written.
+    /// At most 64 KiB and one byte are read (the caller refuses more).
     pub fn config(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut client = self.client()?;
         let row = client
             .query_opt(
-                "SELECT value FROM kluis_store_config WHERE name = $1",
-                &[&name],
+                "SELECT substring(value from 1 for $2) FROM kluis_store_config WHERE name = $1",
+                &[&name, &bound(MAX_SETTING_LEN)],
             )
             .map_err(|e| self.error("read the store settings of", &e))?;
-        Ok(row.map(|row| row.get(0)))
+        row.map(|row| row.try_get(0))
+            .transpose()
+            .map_err(|e| self.error("read the store settings of", &e))
     }
 
-    /// The body of record `(kind, tag)`.
-    pub(crate) fn get_record(&self, kind: &str, tag: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    /// The body of record `(kind, tag)`, at most `max_body` bytes and one
+    /// (the caller refuses more).
+    pub(crate) fn get_record(
+        &self,
+        kind: &str,
+        tag: &[u8],
+        max_body: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut client = self.client()?;
         let row = client
             .query_opt(
-                "SELECT body FROM kluis_records WHERE kind = $1 AND tag = $2",
-                &[&kind, &tag],
+                "SELECT substring(body from 1 for $3) FROM kluis_records \
+                 WHERE kind = $1 AND tag = $2",
+                &[&kind, &tag, &bound(max_body)],
             )
             .map_err(|e| self.error("read a record from", &e))?;
-        Ok(row.map(|row| row.get(0)))
+        row.map(|row| row.try_get(0))
+            .transpose()
+            .map_err(|e| self.error("read a record from", &e))
     }
 
-    /// The tags and bodies of at most `limit` records of `kind` (one more
-    /// than `limit` tells the caller the list is too long).
-    pub(crate) fn list_records(
+    /// Calls `each` with the tag and body (at most `max_body` bytes and one)
+    /// of every record of `kind`, one row in memory at a time, at most
+    /// `limit` rows and one (the caller refuses a list that long).
+    pub(crate) fn for_each_record(
         &self,
         kind: &str,
         limit: usize,
-    ) -> Result<Vec<RecordRow>, StoreError> {
+        max_body: u64,
+        mut each: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        use postgres::fallible_iterator::FallibleIterator as _;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let max_body = bound(max_body);
         let mut client = self.client()?;
-        let rows = client
-            .query(
-                "SELECT tag, body FROM kluis_records WHERE kind = $1 ORDER BY tag LIMIT $2",
-                &[&kind, &limit],
+        let params: [&(dyn postgres::types::ToSql + Sync); 3] = [&kind, &limit, &max_body];
+        let mut rows = client
+            .query_raw(
+                "SELECT tag, substring(body from 1 for $3) FROM kluis_records \
+                 WHERE kind = $1 ORDER BY tag LIMIT $2",
+                params,
             )
             .map_err(|e| self.error("list the records of", &e))?;
-        Ok(rows
-            .into_iter()
-            .map(|row| (row.get(0), row.get(1)))
-            .collect())
+        while let Some(row) = rows
+            .next()
+            .map_err(|e| self.error("list the records of", &e))?
+        {
+            let cells = row.try_get(0).and_then(|tag| Ok((tag, row.try_get(1)?)));
+            let (tag, body) = cells.map_err(|e| self.error("list the records of", &e))?;
+            each(tag, body)?;
+        }
+        Ok(())
     }
 
     /// Takes the store's advisory lock on a connection of its own, waiting
@@ -415,7 +457,8 @@ impl Database {
             let taken: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&STORE_LOCK_KEY])
                 .map_err(|e| self.error("lock the store in", &e))?
-                .get(0);
+                .try_get(0)
+                .map_err(|e| self.error("lock the store in", &e))?;
             if !taken {
                 return Ok(None);
             }
@@ -451,7 +494,7 @@ impl DbLock {
                 &[],
             )
             .map_err(|e| self.db.error("inspect", &e))?;
-        Ok(row.get(0))
+        row.try_get(0).map_err(|e| self.db.error("inspect", &e))
     }
 
     pub(crate) fn insert_config(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
@@ -551,12 +594,6 @@ pub fn reason(e: &postgres::Error) -> String {
     }
 }
 
-/// Whether `e` means the database could not be reached or the connection
-/// was lost (as opposed to a statement the server refused).
-pub fn is_connection_error(e: &postgres::Error) -> bool {
-    e.is_closed() || e.as_db_error().is_none()
-}
-
 fn describe(config: &Config) -> String {
     let host = match config.get_hosts().first() {
         Some(Host::Tcp(host)) => host.clone(),
@@ -567,13 +604,6 @@ fn describe(config: &Config) -> String {
     let user = config.get_user().unwrap_or("");
     let db = config.get_dbname().unwrap_or(user);
     format!("postgresql://{user}@{host}:{port}/{db}")
-}
-
-impl StoreError {
-    /// Whether this error means the store's database is unreachable.
-    pub fn is_database(&self) -> bool {
-        matches!(self, StoreError::Database { .. })
-    }
 }
 
 /// Throwaway databases for tests: each test gets a database of its own on

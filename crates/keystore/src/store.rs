@@ -356,7 +356,7 @@ impl Store {
         let tag = self.keys.name_tag(kind, id)?;
         let (path, record) = match &self.db {
             Some(db) => {
-                let record = match db.get_record(kind, &tag)? {
+                let record = match db.get_record(kind, &tag, MAX_RECORD_FILE_LEN)? {
                     Some(body) => {
                         check_row_len(&body)?;
                         Some(self.decode_record(kind, &tag, &body, &self.dir)?)
@@ -512,25 +512,32 @@ impl Store {
     }
 
     fn list_database(&self, db: &Database, kind: &str) -> Result<Vec<String>, StoreError> {
-        let rows = db.list_records(kind, MAX_LIST_LEN.saturating_add(1))?;
-        if rows.len() > MAX_LIST_LEN {
-            return Err(StoreError::TooLarge {
-                what: "record list",
-                limit: MAX_LIST_LEN as u64,
-                found: u64::try_from(rows.len()).unwrap_or(u64::MAX),
-            });
-        }
-        let mut ids = Vec::with_capacity(rows.len());
-        for (tag, body) in rows {
-            let tag: [u8; NAME_TAG_LEN] =
-                tag.try_into().map_err(|_| StoreError::CorruptRecord {
-                    path: self.dir.clone(),
-                    reason: "a record row's name tag has the wrong length",
-                })?;
-            check_row_len(&body)?;
-            let (id, _value) = self.decode_record(kind, &tag, &body, &self.dir)?;
-            ids.push(id);
-        }
+        let mut ids = Vec::new();
+        db.for_each_record(
+            kind,
+            MAX_LIST_LEN.saturating_add(1),
+            MAX_RECORD_FILE_LEN,
+            |tag, body| {
+                if ids.len() >= MAX_LIST_LEN {
+                    return Err(StoreError::TooLarge {
+                        what: "record list",
+                        limit: MAX_LIST_LEN as u64,
+                        found: u64::try_from(ids.len())
+                            .unwrap_or(u64::MAX)
+                            .saturating_add(1),
+                    });
+                }
+                let tag: [u8; NAME_TAG_LEN] =
+                    tag.try_into().map_err(|_| StoreError::CorruptRecord {
+                        path: self.dir.clone(),
+                        reason: "a record row's name tag has the wrong length",
+                    })?;
+                check_row_len(&body)?;
+                let (id, _value) = self.decode_record(kind, &tag, &body, &self.dir)?;
+                ids.push(id);
+                Ok(())
+            },
+        )?;
         ids.sort_unstable();
         Ok(ids)
     }
