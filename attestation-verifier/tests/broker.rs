@@ -11,29 +11,19 @@
 )]
 
 use attestation_verifier::audit::{Actor, AuditFilter, AuditLog, Decision};
-use attestation_verifier::broker::{Broker, BrokerConfig};
+use attestation_verifier::broker::Broker;
 use attestation_verifier::keys::{KeyName, WrappedDataKey};
-use attestation_verifier::kms::{Kms, StoredPolicy};
+use attestation_verifier::kms::StoredPolicy;
 use attestation_verifier::service::{self, ServiceConfig};
-use kluis_attestation::{TrustAnchor, Verifier};
-use kluis_keystore::RootSecret;
 use kluis_nsm::sim::{FixedClock, SimConfig, SimRoot, SimulatedNsm};
 use kluis_proto::{
     open_keys_for_request, request_hash, EphemeralKeyPair, ErrorCode, KeyOperation, KeyRequest,
     Request, Response, VerifierIdentity,
 };
+use kluis_testkit::{Backend, BrokerWorld as World, T0};
 use std::sync::Arc;
 
-const T0: u64 = 1_767_225_600_000;
 const KEY: &str = "agency-a/app-x/prod";
-
-struct World {
-    _dir: tempfile::TempDir,
-    broker: Broker,
-    root: Arc<SimRoot>,
-    pinned: [u8; 97],
-    nonce_counter: std::cell::Cell<u8>,
-}
 
 fn policy_toml(pcr0_sets: &[[u8; 48]], extra: &str) -> String {
     let mut s = format!(
@@ -49,184 +39,37 @@ fn policy_toml(pcr0_sets: &[[u8; 48]], extra: &str) -> String {
 }
 
 fn image_pcr0(image: &[u8]) -> [u8; 48] {
-    SimConfig::default()
-        .with_image(image.to_vec(), None)
-        .boot_pcr_values()[0]
-}
-
-/// Where the master keys live: the store, or a SoftHSM2 token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    Local,
-    Pkcs11,
+    kluis_testkit::image_pcrs(image)[0]
 }
 
 /// Runs `test` on both backends (the token one is skipped, loudly, when
 /// SoftHSM2 is not installed and not required).
 fn on_both_backends(test: fn(Backend)) {
-    test(Backend::Local);
-    test(Backend::Pkcs11);
+    test(Backend::Store);
+    test(Backend::Token);
 }
 
-impl World {
-    /// Unauthenticated refusals summarised one by one (so each is visible).
-    fn new() -> World {
-        World::build(false, std::time::Duration::ZERO)
-    }
-
-    /// As the service runs: changes audited first, the anchor kept.
-    fn bound() -> World {
-        World::build(true, std::time::Duration::ZERO)
-    }
-
-    /// A world whose master keys, store root and identity live in
-    /// `backend`; `None` when that is a token and SoftHSM2 is absent.
-    fn on(backend: Backend) -> Option<World> {
-        match backend {
-            Backend::Local => Some(World::new()),
-            Backend::Pkcs11 => {
-                let config = kluis_hsm::softhsm::throwaway_token("broker").unwrap()?;
-                let token = kluis_hsm::Token::open(
-                    &config,
-                    zeroize::Zeroizing::new(kluis_hsm::softhsm::THROWAWAY_PIN.to_owned()),
-                )
-                .unwrap();
-                let dir = tempfile::tempdir().unwrap();
-                let kms = Kms::init_hsm(&dir.path().join("store"), Arc::new(token)).unwrap();
-                assert_eq!(kms.backend_name(), "pkcs11");
-                kms.record_token_identity().unwrap();
-                let identity = kms.identity().unwrap().unwrap();
-                assert!(identity.is_external());
-                Some(World::assemble(
-                    dir,
-                    kms,
-                    identity,
-                    false,
-                    std::time::Duration::ZERO,
-                ))
-            }
-        }
-    }
-
-    fn build(bound: bool, noise_summary_interval: std::time::Duration) -> World {
-        let dir = tempfile::tempdir().unwrap();
-        let kms = Kms::init(
-            &dir.path().join("store"),
-            RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32])),
-        )
-        .unwrap();
-        let identity = VerifierIdentity::generate().unwrap();
-        kms.set_identity_pkcs8(&identity.to_pkcs8_der().unwrap())
-            .unwrap();
-        World::assemble(dir, kms, identity, bound, noise_summary_interval)
-    }
-
-    fn assemble(
-        dir: tempfile::TempDir,
-        mut kms: Kms,
-        identity: VerifierIdentity,
-        bound: bool,
-        noise_summary_interval: std::time::Duration,
-    ) -> World {
-        let name = KeyName::parse(KEY).unwrap();
-        kms.create_key(&name, 365, T0).unwrap();
-        let pinned = identity.public_key_sec1();
-        let root = Arc::new(SimRoot::generate_at(T0 - 86_400_000).unwrap());
-        let verifier = Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());
-        let audit = Arc::new(AuditLog::open(dir.path().join("audit.log")).unwrap());
-        if bound {
-            kms.bind_audit(Arc::clone(&audit), Actor::System);
-        }
-        let config = BrokerConfig {
-            noise_summary_interval,
-            ..BrokerConfig::default()
-        };
-        let broker = Broker::new(kms, verifier, identity, audit, config);
-        World {
-            _dir: dir,
-            broker,
-            root,
-            pinned,
-            nonce_counter: std::cell::Cell::new(0),
-        }
-    }
-
-    fn set_policy(&self, key: &str, text: &str) {
-        let policy = attestation_verifier::policy::KeyPolicy::from_toml_str(text).unwrap();
-        self.broker
-            .kms()
-            .set_policy(
-                &KeyName::parse(key).unwrap(),
-                &StoredPolicy {
-                    format: "json".into(),
-                    text: serde_json::to_string(&policy).unwrap(),
-                    set_by: "test".into(),
-                    set_ms: T0,
-                },
-            )
-            .unwrap();
-    }
-
-    fn nsm(&self, image: &[u8], debug: bool, at_ms: u64) -> SimulatedNsm {
-        SimulatedNsm::new(
-            SimConfig::default()
-                .with_root(self.root.clone())
-                .with_clock(Arc::new(FixedClock::new(at_ms)))
-                .with_image(image.to_vec(), None)
-                .with_debug(debug),
-        )
-        .unwrap()
-    }
-
-    fn challenge(&self, now: u64) -> [u8; 32] {
-        let n = self.nonce_counter.get().wrapping_add(1);
-        self.nonce_counter.set(n);
-        match self
-            .broker
-            .handle(Request::Challenge, now, &|| Some([n; 32]))
-        {
-            Response::Challenge { nonce, .. } => nonce,
-            other => panic!("no challenge: {other:?}"),
-        }
-    }
+/// The broker under test: key [`KEY`], unauthenticated refusals summarised
+/// one by one (so each is visible).
+fn world_builder() -> kluis_testkit::Builder {
+    World::builder(T0)
+        .key(KEY)
+        .noise_summary_interval(std::time::Duration::ZERO)
 }
 
-/// One attested request: returns the response and what the client needs to open it.
-struct Attempt {
-    response: Response,
-    ephemeral: EphemeralKeyPair,
-    document: Vec<u8>,
-    request: KeyRequest,
+fn new_world() -> World {
+    world_builder().build()
 }
 
-fn attempt(
-    world: &World,
-    nsm: &SimulatedNsm,
-    nonce: Option<[u8; 32]>,
-    ops: Vec<KeyOperation>,
-    now: u64,
-    tamper_hash: bool,
-) -> Attempt {
-    let request = KeyRequest::new(ops).unwrap();
-    let ephemeral = EphemeralKeyPair::generate().unwrap();
-    let mut hash = request_hash(&request);
-    if tamper_hash {
-        hash[0] ^= 1;
-    }
-    let document = kluis_nsm::attest(
-        nsm,
-        Some(&hash),
-        nonce.as_ref().map(|n| n.as_slice()),
-        Some(&ephemeral.public_key_sec1()),
-    )
-    .unwrap();
-    let response = world.broker.release(&document, &request, now);
-    Attempt {
-        response,
-        ephemeral,
-        document,
-        request,
-    }
+/// As the service runs: changes audited first, the anchor kept.
+fn bound_world() -> World {
+    world_builder().audit_first().build()
+}
+
+/// The world with its keys in `backend`; `None` when that is a token and
+/// SoftHSM2 is absent.
+fn world_on(backend: Backend) -> Option<World> {
+    world_builder().build_on(backend)
 }
 
 fn generate() -> Vec<KeyOperation> {
@@ -267,19 +110,19 @@ fn release_round_trip_generate_then_decrypt() {
 }
 
 fn release_round_trip_on(backend: Backend) {
-    let Some(world) = World::on(backend) else {
+    let Some(world) = world_on(backend) else {
         return;
     };
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
     let nsm = world.nsm(b"v1", false, T0);
     let nonce = world.challenge(T0);
-    let a = attempt(&world, &nsm, Some(nonce), generate(), T0 + 1_000, false);
+    let a = world.attempt(&nsm, Some(nonce), generate(), T0 + 1_000, false);
     let Response::KeyRelease(sealed) = &a.response else {
         panic!("{:?}", a.response)
     };
     // With the identity in a token, answers are signed by a release key it
     // certified (one token signature an hour), audited when made.
-    assert_eq!(sealed.delegation.is_some(), backend == Backend::Pkcs11);
+    assert_eq!(sealed.delegation.is_some(), backend == Backend::Token);
     let keys = open_keys_for_request(
         sealed,
         &a.ephemeral,
@@ -298,14 +141,13 @@ fn release_round_trip_on(backend: Backend) {
         .iter()
         .filter(|r| r.operation == "identity.delegate")
         .count();
-    assert_eq!(delegations, usize::from(backend == Backend::Pkcs11));
+    assert_eq!(delegations, usize::from(backend == Backend::Token));
     let wrapped = WrappedDataKey::from_bytes(&keys[0].wrapped).unwrap();
     assert_eq!(wrapped.key.as_str(), KEY);
 
     // The same data key comes back through DecryptDataKey.
     let nonce = world.challenge(T0 + 2_000);
-    let b = attempt(
-        &world,
+    let b = world.attempt(
         &nsm,
         Some(nonce),
         vec![KeyOperation::DecryptDataKey {
@@ -351,11 +193,11 @@ fn release_round_trip_on(backend: Backend) {
 
 #[test]
 fn a_parent_pinning_its_own_key_cannot_read_the_answer_and_a_wrong_pin_fails() {
-    let world = World::new();
+    let world = new_world();
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
     let nsm = world.nsm(b"v1", false, T0);
     let nonce = world.challenge(T0);
-    let a = attempt(&world, &nsm, Some(nonce), generate(), T0 + 1_000, false);
+    let a = world.attempt(&nsm, Some(nonce), generate(), T0 + 1_000, false);
     let Response::KeyRelease(sealed) = &a.response else {
         panic!()
     };
@@ -495,7 +337,7 @@ fn policy_matrix_on(backend: Backend) {
     ];
     let mut failures = Vec::new();
     for case in cases {
-        let Some(world) = World::on(backend) else {
+        let Some(world) = world_on(backend) else {
             return;
         };
         if let Some(p) = &case.policy {
@@ -508,7 +350,7 @@ fn policy_matrix_on(backend: Backend) {
             NonceChoice::Expired => Some(world.challenge(case.doc_time)),
             NonceChoice::Reused => {
                 let n = world.challenge(case.doc_time);
-                let first = attempt(&world, &nsm, Some(n), generate(), case.now, false);
+                let first = world.attempt(&nsm, Some(n), generate(), case.now, false);
                 assert!(
                     matches!(first.response, Response::KeyRelease(_)),
                     "{}: first use must succeed",
@@ -517,7 +359,7 @@ fn policy_matrix_on(backend: Backend) {
                 Some(n)
             }
         };
-        let a = attempt(&world, &nsm, nonce, generate(), case.now, case.tamper_hash);
+        let a = world.attempt(&nsm, nonce, generate(), case.now, case.tamper_hash);
         let outcome = match (&a.response, case.expect) {
             (Response::KeyRelease(_), Ok(())) => Ok(()),
             (Response::Error { code }, Err(rule)) => {
@@ -546,7 +388,7 @@ fn key_lifecycle_through_release() {
 }
 
 fn key_lifecycle_through_release_on(backend: Backend) {
-    let Some(world) = World::on(backend) else {
+    let Some(world) = world_on(backend) else {
         return;
     };
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
@@ -578,7 +420,7 @@ fn key_lifecycle_through_release_on(backend: Backend) {
     // Disabled: no release; enabled again: release.
     kms.disable_key(&name).unwrap();
     let n = world.challenge(T0);
-    let a = attempt(&world, &nsm, Some(n), generate(), T0 + 1_000, false);
+    let a = world.attempt(&nsm, Some(n), generate(), T0 + 1_000, false);
     assert!(matches!(
         a.response,
         Response::Error {
@@ -621,8 +463,7 @@ fn key_lifecycle_through_release_on(backend: Backend) {
     let err = kms.decrypt_data_key(&w1).unwrap_err().to_string();
     assert!(err.contains("destroyed") && err.contains(KEY), "{err}");
     let n = world.challenge(T0);
-    let b = attempt(
-        &world,
+    let b = world.attempt(
         &nsm,
         Some(n),
         vec![KeyOperation::DecryptDataKey {
@@ -680,12 +521,11 @@ where
 
 #[test]
 fn service_over_loopback() {
-    let world = World::new();
+    let world = new_world();
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
     let pinned = world.pinned;
     let root = world.root.clone();
-    let World { broker, _dir, .. } = world;
-    let broker = Arc::new(broker);
+    let broker = Arc::clone(&world.broker);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -744,12 +584,11 @@ fn service_over_loopback() {
 
 #[test]
 fn service_over_tls() {
-    let world = World::new();
+    let world = new_world();
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
     let pinned = world.pinned;
     let root = world.root.clone();
-    let World { broker, _dir, .. } = world;
-    let broker = Arc::new(broker);
+    let broker = Arc::clone(&world.broker);
 
     // A server certificate for "localhost", trusted by the test client only.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
@@ -851,9 +690,8 @@ fn runtime() -> tokio::runtime::Runtime {
 /// a summary with their count.
 #[test]
 fn challenge_slots_are_freed_only_by_their_own_nonce_and_noise_is_summarised() {
-    let world = World::build(false, BrokerConfig::default().noise_summary_interval);
-    let World { broker, _dir, .. } = world;
-    let broker = Arc::new(broker);
+    let world = World::builder(T0).key(KEY).build();
+    let broker = Arc::clone(&world.broker);
     runtime().block_on(async move {
         let (addr, stop, server) =
             start_service(Arc::clone(&broker), ServiceConfig::default()).await;
@@ -913,12 +751,11 @@ fn challenge_slots_are_freed_only_by_their_own_nonce_and_noise_is_summarised() {
 /// at most 3000 connections, loopback only.
 #[test]
 fn one_peer_cannot_starve_the_others() {
-    let world = World::new();
+    let world = new_world();
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
     let pinned = world.pinned;
     let root = world.root.clone();
-    let World { broker, _dir, .. } = world;
-    let broker = Arc::new(broker);
+    let broker = Arc::clone(&world.broker);
     let config = ServiceConfig {
         max_connections: 64,
         max_connections_per_peer: 8,
@@ -1014,15 +851,15 @@ fn one_peer_cannot_starve_the_others() {
 /// unlinked file.
 #[test]
 fn no_release_after_the_audit_log_is_deleted() {
-    let world = World::new();
+    let world = new_world();
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
     let nsm = world.nsm(b"v1", false, T0);
     let n = world.challenge(T0);
-    let first = attempt(&world, &nsm, Some(n), generate(), T0, false);
+    let first = world.attempt(&nsm, Some(n), generate(), T0, false);
     assert!(matches!(first.response, Response::KeyRelease(_)));
     std::fs::remove_file(world.broker.audit().path()).unwrap();
     let n = world.challenge(T0);
-    let second = attempt(&world, &nsm, Some(n), generate(), T0, false);
+    let second = world.attempt(&nsm, Some(n), generate(), T0, false);
     assert!(
         matches!(second.response, Response::Error { .. }),
         "{:?}",
@@ -1031,7 +868,7 @@ fn no_release_after_the_audit_log_is_deleted() {
     // Replaced by another file: refused too.
     std::fs::write(world.broker.audit().path(), b"").unwrap();
     let n = world.challenge(T0);
-    let third = attempt(&world, &nsm, Some(n), generate(), T0, false);
+    let third = world.attempt(&nsm, Some(n), generate(), T0, false);
     assert!(matches!(third.response, Response::Error { .. }));
 }
 
@@ -1039,12 +876,12 @@ fn no_release_after_the_audit_log_is_deleted() {
 /// releasing keys, and the anchor does not move past the gap.
 #[test]
 fn the_broker_stops_when_the_log_no_longer_continues_from_the_anchor() {
-    let world = World::bound();
+    let world = bound_world();
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
     let nsm = world.nsm(b"v1", false, T0);
     for _ in 0..3 {
         let n = world.challenge(T0);
-        let a = attempt(&world, &nsm, Some(n), generate(), T0, false);
+        let a = world.attempt(&nsm, Some(n), generate(), T0, false);
         assert!(matches!(a.response, Response::KeyRelease(_)));
     }
     world.broker.anchor_audit_head();
@@ -1091,7 +928,7 @@ fn the_broker_stops_when_the_log_no_longer_continues_from_the_anchor() {
 /// A change whose audit record cannot be written does not happen.
 #[test]
 fn no_change_without_its_audit_record() {
-    let world = World::bound();
+    let world = bound_world();
     let kms = world.broker.kms();
     let name = KeyName::parse(KEY).unwrap();
     let other = KeyName::parse("agency-a/app-x/test").unwrap();
@@ -1119,7 +956,7 @@ fn no_change_without_its_audit_record() {
 /// A change interrupted after its audit record is recorded as void.
 #[test]
 fn an_interrupted_change_is_audited_as_void() {
-    let world = World::bound();
+    let world = bound_world();
     let kms = world.broker.kms();
     let (record, _credential) = attestation_verifier::auth::new_admin(
         "alice",
@@ -1161,7 +998,7 @@ fn an_interrupted_change_is_audited_as_void() {
 /// `unavailable`, and the audit log names the backend.
 #[test]
 fn a_key_lost_from_the_token_fails_closed_as_unavailable() {
-    let Some(world) = World::on(Backend::Pkcs11) else {
+    let Some(world) = world_on(Backend::Token) else {
         return;
     };
     world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
@@ -1173,7 +1010,7 @@ fn a_key_lost_from_the_token_fails_closed_as_unavailable() {
         assert_eq!(token.destroy(version.material_id.as_bytes()).unwrap(), 1);
     }
     let nonce = world.challenge(T0);
-    let a = attempt(&world, &nsm, Some(nonce), generate(), T0 + 1_000, false);
+    let a = world.attempt(&nsm, Some(nonce), generate(), T0 + 1_000, false);
     assert!(
         matches!(
             a.response,

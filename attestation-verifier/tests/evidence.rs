@@ -13,16 +13,13 @@
 )]
 
 use attestation_verifier::audit::{Actor, AuditAnchor, AuditLog, AuditRecord};
-use attestation_verifier::broker::{Broker, BrokerConfig};
 use attestation_verifier::evidence::{self, merkle, note};
 use attestation_verifier::keys::KeyName;
 use attestation_verifier::kms::{Kms, StoredPolicy};
-use kluis_attestation::{TrustAnchor, Verifier};
+use kluis_attestation::TrustAnchor;
 use kluis_keystore::RootSecret;
-use kluis_nsm::sim::{FixedClock, SimConfig, SimRoot, SimulatedNsm};
-use kluis_proto::{
-    request_hash, EphemeralKeyPair, KeyOperation, KeyRequest, Request, Response, VerifierIdentity,
-};
+use kluis_proto::{KeyOperation, Response, VerifierIdentity};
+use kluis_testkit::{BrokerWorld as World, T0};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -510,148 +507,85 @@ fn a_shredding_receipt_verifies_offline_and_the_key_stays_a_tombstone() {
 
 // ------------------------------------------------------------------ bundles
 
-const T0: u64 = 1_767_225_600_000;
-
-struct World {
-    dir: tempfile::TempDir,
-    broker: Broker,
-    root: Arc<SimRoot>,
-    identity: VerifierIdentity,
+/// The broker under test, as `serve` runs it (changes audited first), with
+/// key [`KEY`].
+fn new_world() -> World {
+    World::builder(T0).key(KEY).audit_first().build()
 }
 
-impl World {
-    fn new() -> World {
-        let dir = tempfile::tempdir().unwrap();
-        let mut kms = Kms::init(
-            &dir.path().join("store"),
-            RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32])),
-        )
-        .unwrap();
-        let identity = VerifierIdentity::generate().unwrap();
-        let pkcs8 = identity.to_pkcs8_der().unwrap();
-        kms.set_identity_pkcs8(&pkcs8).unwrap();
-        let root = Arc::new(SimRoot::generate_at(T0 - DAY_MS).unwrap());
-        let verifier = Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());
-        let audit = Arc::new(AuditLog::open(dir.path().join("audit.log")).unwrap());
-        kms.bind_audit(Arc::clone(&audit), Actor::System);
-        kms.create_key(&KeyName::parse(KEY).unwrap(), 365, T0)
-            .unwrap();
-        let broker = Broker::new(
-            kms,
-            verifier,
-            VerifierIdentity::from_pkcs8_der(&pkcs8).unwrap(),
-            audit,
-            BrokerConfig::default(),
-        );
-        std::fs::write(dir.path().join("root.pem"), root.root_pem()).unwrap();
-        World {
-            dir,
-            broker,
-            root,
-            identity,
-        }
-    }
+/// Set [`KEY`]'s policy: generate and decrypt for an image with `pcr0`.
+fn set_policy(world: &World, pcr0: &[u8; 48]) {
+    let text = format!(
+        "operations = [\"generate\", \"decrypt\"]\nmax_document_age_seconds = 120\n\
+         [[measurements]]\nname = \"v1\"\npcr0 = \"{}\"\n",
+        hex::encode(pcr0)
+    );
+    world.set_policy(KEY, &text);
+}
 
-    fn set_policy(&self, pcr0: &[u8; 48]) {
-        let text = format!(
-            "operations = [\"generate\", \"decrypt\"]\nmax_document_age_seconds = 120\n\
-             [[measurements]]\nname = \"v1\"\npcr0 = \"{}\"\n",
-            hex::encode(pcr0)
-        );
-        self.broker
-            .kms()
-            .set_policy(
-                &KeyName::parse(KEY).unwrap(),
-                &StoredPolicy {
-                    format: "toml".into(),
-                    text,
-                    set_by: "test".into(),
-                    set_ms: T0,
-                },
-            )
-            .unwrap();
-    }
+/// One attested generate request from an enclave booted from `image`.
+fn release(world: &World, image: &[u8], now: u64) -> Response {
+    let ops = vec![KeyOperation::GenerateDataKey {
+        key_id: KEY.to_owned(),
+    }];
+    world.release(image, ops, now).response
+}
 
-    /// One attested generate request from an enclave booted from `image`.
-    fn release(&self, image: &[u8], n: u8, now: u64) -> Response {
-        let nsm = SimulatedNsm::new(
-            SimConfig::default()
-                .with_root(self.root.clone())
-                .with_clock(Arc::new(FixedClock::new(now - 500)))
-                .with_image(image.to_vec(), None),
-        )
-        .unwrap();
-        let Response::Challenge { nonce, .. } =
-            self.broker
-                .handle(Request::Challenge, now - 600, &|| Some([n; 32]))
-        else {
-            panic!("no challenge")
-        };
-        let request = KeyRequest::new(vec![KeyOperation::GenerateDataKey {
-            key_id: KEY.to_owned(),
-        }])
-        .unwrap();
-        let ephemeral = EphemeralKeyPair::generate().unwrap();
-        let document = kluis_nsm::attest(
-            &nsm,
-            Some(&request_hash(&request)),
-            Some(&nonce),
-            Some(&ephemeral.public_key_sec1()),
-        )
-        .unwrap();
-        self.broker.release(&document, &request, now)
-    }
+/// The evidence bundle of record `seq`, written to `name` in the world's
+/// directory.
+fn write_bundle(world: &World, seq: u64, name: &str) -> PathBuf {
+    let bundle = evidence::build_bundle(
+        world.broker.kms(),
+        world.broker.audit(),
+        &world.identity(),
+        seq,
+    )
+    .unwrap();
+    let path = world.path(name);
+    let mut text = serde_json::to_string(&bundle).unwrap();
+    text.push('\n');
+    std::fs::write(&path, text).unwrap();
+    path
+}
 
-    fn bundle(&self, seq: u64, name: &str) -> PathBuf {
-        let bundle =
-            evidence::build_bundle(self.broker.kms(), self.broker.audit(), &self.identity, seq)
-                .unwrap();
-        let path = self.dir.path().join(name);
-        let mut text = serde_json::to_string(&bundle).unwrap();
-        text.push('\n');
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    fn seq_of(&self, operation: &str) -> Vec<u64> {
-        self.broker
-            .audit()
-            .records(&Default::default())
-            .unwrap()
-            .iter()
-            .filter(|r| r.operation == operation)
-            .map(|r| r.seq)
-            .collect()
-    }
+/// The sequence numbers of the records of `operation`.
+fn seq_of(world: &World, operation: &str) -> Vec<u64> {
+    world
+        .broker
+        .audit()
+        .records(&Default::default())
+        .unwrap()
+        .iter()
+        .filter(|r| r.operation == operation)
+        .map(|r| r.seq)
+        .collect()
 }
 
 fn image_pcr0(image: &[u8]) -> [u8; 48] {
-    SimConfig::default()
-        .with_image(image.to_vec(), None)
-        .boot_pcr_values()[0]
+    kluis_testkit::image_pcrs(image)[0]
 }
 
 #[test]
 fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
-    let world = World::new();
-    let identity = hex::encode(world.identity.public_key_sec1());
-    let root = world.dir.path().join("root.pem").display().to_string();
-    world.set_policy(&image_pcr0(b"v1"));
+    let world = new_world();
+    let identity = hex::encode(world.identity().public_key_sec1());
+    let root = world.dir().join("root.pem").display().to_string();
+    set_policy(&world, &image_pcr0(b"v1"));
     assert!(matches!(
-        world.release(b"v1", 1, T0 + 1_000),
+        release(&world, b"v1", T0 + 1_000),
         Response::KeyRelease(_)
     ));
     // A refused release (another image), then a new policy that would
     // refuse the first enclave.
     assert!(matches!(
-        world.release(b"v2", 2, T0 + 2_000),
+        release(&world, b"v2", T0 + 2_000),
         Response::Error { .. }
     ));
-    world.set_policy(&image_pcr0(b"v2"));
+    set_policy(&world, &image_pcr0(b"v2"));
 
-    let allowed = world.seq_of("key.release.generate");
+    let allowed = seq_of(&world, "key.release.generate");
     assert_eq!(allowed.len(), 1);
-    let path = world.bundle(allowed[0], "allowed.json");
+    let path = write_bundle(&world, allowed[0], "allowed.json");
     let (code, report) = offline(&[
         "evidence",
         "verify",
@@ -688,7 +622,7 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
         .starts_with("measurement set v1; policy sha256 "));
     assert_eq!(
         report["policy_set_seq"].as_u64(),
-        world.seq_of("policy.set").first().copied()
+        seq_of(&world, "policy.set").first().copied()
     );
     assert_eq!(
         report["policy_sha256"],
@@ -711,8 +645,8 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
 
     // Swapping in the later policy (a valid policy.set of the same key, in
     // the same log) is refused: it does not allow the recorded release.
-    let sets = world.seq_of("policy.set");
-    let later = world.bundle(*sets.last().unwrap(), "later-set.json");
+    let sets = seq_of(&world, "policy.set");
+    let later = write_bundle(&world, *sets.last().unwrap(), "later-set.json");
     let later: evidence::EvidenceBundle =
         serde_json::from_slice(&std::fs::read(&later).unwrap()).unwrap();
     assert!(later.policy.is_none());
@@ -727,7 +661,7 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
         .unwrap()
         .unwrap()
         .text;
-    let swapped_path = world.dir.path().join("swapped.json");
+    let swapped_path = world.dir().join("swapped.json");
     std::fs::write(&swapped_path, serde_json::to_string(&swapped).unwrap()).unwrap();
     let (code, out) = offline(&[
         "evidence",
@@ -741,8 +675,8 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
     assert_eq!(code, 1, "{out}");
 
     // The refused request's record verifies too (its document re-checked).
-    let refused = world.seq_of("key.release");
-    let path_refused = world.bundle(*refused.last().unwrap(), "refused.json");
+    let refused = seq_of(&world, "key.release");
+    let path_refused = write_bundle(&world, *refused.last().unwrap(), "refused.json");
     let (code, report) = offline(&[
         "evidence",
         "verify",
@@ -843,7 +777,7 @@ fn checkpoint_cost_on_a_large_log() {
 #[test]
 fn a_bundle_carries_the_authorisation_its_record_names() {
     use attestation_verifier::audit::{Decision, JobContext, NewRecord};
-    let world = World::new();
+    let world = new_world();
     let kms = world.broker.kms();
     let issue = |case: &str| {
         let mut nonce = [0u8; kluis_proto::authorisation::AUTHORISATION_NONCE_LEN];
@@ -862,7 +796,7 @@ fn a_bundle_carries_the_authorisation_its_record_names() {
             case: case.into(),
             max_runs: Some(1),
         }
-        .sign(&world.identity)
+        .sign(&world.identity())
         .unwrap()
     };
     let signed = issue("CASE-1");
@@ -890,10 +824,10 @@ fn a_bundle_carries_the_authorisation_its_record_names() {
             Some(job),
         )
         .unwrap();
-    let public = world.identity.public_key_sec1();
+    let public = world.identity().public_key_sec1();
     let anchor_root = || TrustAnchor::dangerous_from_der(world.root.root_der()).unwrap();
     let bundle =
-        evidence::build_bundle(kms, world.broker.audit(), &world.identity, anchor.seq).unwrap();
+        evidence::build_bundle(kms, world.broker.audit(), &world.identity(), anchor.seq).unwrap();
     let carried = bundle.authorisation.clone().unwrap();
     assert_eq!(carried.id, id);
     let bytes = evidence::encode_evidence(&bundle).unwrap();
@@ -928,7 +862,7 @@ fn bundle_again(world: &World, seq: u64) -> evidence::EvidenceBundle {
     evidence::build_bundle(
         world.broker.kms(),
         world.broker.audit(),
-        &world.identity,
+        &world.identity(),
         seq,
     )
     .unwrap()
@@ -941,13 +875,13 @@ fn bundle_again(world: &World, seq: u64) -> evidence::EvidenceBundle {
 #[test]
 fn a_release_without_the_authorisation_its_policy_requires_is_invalid_offline() {
     use attestation_verifier::audit::{Decision, NewRecord};
-    let world = World::new();
-    world.set_policy(&image_pcr0(b"v1"));
+    let world = new_world();
+    set_policy(&world, &image_pcr0(b"v1"));
     assert!(matches!(
-        world.release(b"v1", 1, T0 + 1_000),
+        release(&world, b"v1", T0 + 1_000),
         Response::KeyRelease(_)
     ));
-    let released = world.seq_of("key.release.generate");
+    let released = seq_of(&world, "key.release.generate");
     let genuine = world
         .broker
         .audit()
@@ -991,16 +925,16 @@ fn a_release_without_the_authorisation_its_policy_requires_is_invalid_offline() 
         })
         .unwrap();
     let anchor = TrustAnchor::dangerous_from_der(world.root.root_der()).unwrap();
-    let public = world.identity.public_key_sec1();
+    let public = world.identity().public_key_sec1();
     // The genuine release still verifies; the forged one is refused, naming
     // the rule.
     let genuine_bundle = evidence::encode_evidence(
-        &evidence::build_bundle(kms, world.broker.audit(), &world.identity, released[0]).unwrap(),
+        &evidence::build_bundle(kms, world.broker.audit(), &world.identity(), released[0]).unwrap(),
     )
     .unwrap();
     evidence::verify_evidence(&genuine_bundle, &public, anchor.clone()).unwrap();
     let forged_bundle = evidence::encode_evidence(
-        &evidence::build_bundle(kms, world.broker.audit(), &world.identity, forged.seq).unwrap(),
+        &evidence::build_bundle(kms, world.broker.audit(), &world.identity(), forged.seq).unwrap(),
     )
     .unwrap();
     let err = evidence::verify_evidence(&forged_bundle, &public, anchor)
@@ -1015,13 +949,13 @@ fn a_release_without_the_authorisation_its_policy_requires_is_invalid_offline() 
 #[test]
 fn an_authorisation_that_does_not_cover_the_release_is_invalid_offline() {
     use attestation_verifier::audit::{Decision, JobContext, NewRecord};
-    let world = World::new();
-    world.set_policy(&image_pcr0(b"v1"));
+    let world = new_world();
+    set_policy(&world, &image_pcr0(b"v1"));
     assert!(matches!(
-        world.release(b"v1", 1, T0 + 1_000),
+        release(&world, b"v1", T0 + 1_000),
         Response::KeyRelease(_)
     ));
-    let released = world.seq_of("key.release.generate");
+    let released = seq_of(&world, "key.release.generate");
     let genuine = world
         .broker
         .audit()
@@ -1048,13 +982,13 @@ fn an_authorisation_that_does_not_cover_the_release_is_invalid_offline() {
             case: "CASE-9".into(),
             max_runs: None,
         }
-        .sign(&world.identity)
+        .sign(&world.identity())
         .unwrap();
         kms.store_authorisation(&signed, "test".into()).unwrap();
         signed
     };
     let anchor = TrustAnchor::dangerous_from_der(world.root.root_der()).unwrap();
-    let public = world.identity.public_key_sec1();
+    let public = world.identity().public_key_sec1();
     // The genuine release as if made under `signed` (what someone holding
     // the root secret could append).
     let verify_under = |signed: &kluis_proto::SignedAuthorisation| {
@@ -1080,7 +1014,7 @@ fn an_authorisation_that_does_not_cover_the_release_is_invalid_offline() {
             )
             .unwrap();
         let bundle = evidence::encode_evidence(
-            &evidence::build_bundle(kms, world.broker.audit(), &world.identity, forged.seq)
+            &evidence::build_bundle(kms, world.broker.audit(), &world.identity(), forged.seq)
                 .unwrap(),
         )
         .unwrap();

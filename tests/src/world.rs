@@ -3,27 +3,22 @@
 //! TCP, an enclave service on the simulated NSM, and the parent's relay with
 //! a frame hook between them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use attestation_verifier::audit::AuditLog;
-use attestation_verifier::broker::{Broker, BrokerConfig};
+use attestation_verifier::broker::Broker;
 use attestation_verifier::keys::{KeyName, WrappedDataKey};
-use attestation_verifier::kms::{Kms, StoredPolicy};
-use attestation_verifier::policy::KeyPolicy;
 use attestation_verifier::service::{self, ServiceConfig};
-use kluis_attestation::{TrustAnchor, Verifier};
 use kluis_enclave::EnclaveContext;
 use kluis_envelope::{DataKey, EnvelopeHeader, EnvelopeWriter, WrappedKey};
-use kluis_keystore::RootSecret;
-use kluis_nsm::sim::{SimConfig, SimRoot, SimulatedNsm};
+use kluis_nsm::sim::{SimConfig, SimulatedNsm};
 use kluis_parent::hook::{Channel, Direction, FrameHook, PassThrough};
 use kluis_parent::job::{run_job, JobReport, JobRun, RunError};
 use kluis_parent::relay::{VerifierTarget, Verifiers};
 use kluis_proto::job::{JobSpec, WorkloadSpec, WrappedSecret};
-use kluis_proto::VerifierIdentity;
+use kluis_testkit::BrokerWorld;
 use kluis_transport::{Address, Listener};
 use std::io::Write;
 use tokio::sync::Notify;
@@ -69,23 +64,22 @@ impl Running {
     }
 }
 
-/// The controller's side: store, broker, keys.
+/// The controller's side ([`BrokerWorld`], which it dereferences to: store,
+/// broker, keys, the simulated NSM root) with the three master keys of a job
+/// and policies admitting [`GOOD_IMAGE`], and what a job test needs around it.
 pub struct World {
-    /// Temporary files.
-    pub dir: tempfile::TempDir,
-    /// The broker (shared with the service).
-    pub broker: Arc<Broker>,
-    /// The simulated NSM root.
-    pub root: Arc<SimRoot>,
-    /// The verifier's public key, as built into the enclave image.
-    pub pinned: [u8; 97],
-    identity_pkcs8: Vec<u8>,
+    controller: BrokerWorld,
+}
+
+impl std::ops::Deref for World {
+    type Target = BrokerWorld;
+    fn deref(&self) -> &BrokerWorld {
+        &self.controller
+    }
 }
 
 fn policy_text(image: &[u8], operations: &[&str]) -> String {
-    let pcrs = SimConfig::default()
-        .with_image(image.to_vec(), None)
-        .boot_pcr_values();
+    let pcrs = kluis_testkit::image_pcrs(image);
     format!(
         "operations = [{}]\nmax_document_age_seconds = 300\n[[measurements]]\nname = \"enclave\"\npcr0 = \"{}\"\npcr1 = \"{}\"\npcr2 = \"{}\"\n",
         operations.iter().map(|o| format!("\"{o}\"")).collect::<Vec<_>>().join(", "),
@@ -98,72 +92,29 @@ fn policy_text(image: &[u8], operations: &[&str]) -> String {
 impl World {
     /// A store with the three master keys, policies admitting [`GOOD_IMAGE`].
     pub fn new() -> World {
-        let dir = tempfile::tempdir().unwrap();
-        let kms = Kms::init(
-            &dir.path().join("store"),
-            RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32])),
-        )
-        .unwrap();
-        let now = now_ms();
-        for key in [INPUT_KEY, OUTPUT_KEY, SECRET_KEY] {
-            kms.create_key(&KeyName::parse(key).unwrap(), 365, now)
-                .unwrap();
-        }
-        let identity = VerifierIdentity::generate().unwrap();
-        let identity_pkcs8 = identity.to_pkcs8_der().unwrap().to_vec();
-        kms.set_identity_pkcs8(&identity_pkcs8).unwrap();
-        let pinned = identity.public_key_sec1();
-        let root = Arc::new(SimRoot::generate_at(now - 86_400_000).unwrap());
-        let verifier = Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());
-        let audit = AuditLog::open(dir.path().join("audit.log")).unwrap();
-        let broker = Arc::new(Broker::new(
-            kms,
-            verifier,
-            identity,
-            audit,
-            BrokerConfig::default(),
-        ));
-        let world = World {
-            dir,
-            broker,
-            root,
-            pinned,
-            identity_pkcs8,
-        };
+        let controller = BrokerWorld::builder(now_ms())
+            .key(INPUT_KEY)
+            .key(OUTPUT_KEY)
+            .key(SECRET_KEY)
+            .build();
         for (key, ops) in [
             (INPUT_KEY, &["decrypt"][..]),
             (SECRET_KEY, &["decrypt"][..]),
             (OUTPUT_KEY, &["generate"][..]),
         ] {
-            world.set_policy(key, &policy_text(GOOD_IMAGE, ops));
+            controller.set_policy(key, &policy_text(GOOD_IMAGE, ops));
         }
-        world
+        World { controller }
     }
 
     /// The verifier identity's private scalar (48 bytes, from its PKCS#8
     /// ECPrivateKey: version 1, then an OCTET STRING of 48 bytes), to prove
     /// it never leaks.
     pub fn identity_private_scalar(&self) -> Vec<u8> {
+        let pkcs8 = self.identity().to_pkcs8_der().unwrap();
         let marker = [0x02, 0x01, 0x01, 0x04, 0x30];
-        let at = memchr::memmem::find(&self.identity_pkcs8, &marker).expect("an EC private key");
-        self.identity_pkcs8[at + marker.len()..at + marker.len() + 48].to_vec()
-    }
-
-    /// Set `key`'s policy from TOML.
-    pub fn set_policy(&self, key: &str, text: &str) {
-        let policy = KeyPolicy::from_toml_str(text).unwrap();
-        self.broker
-            .kms()
-            .set_policy(
-                &KeyName::parse(key).unwrap(),
-                &StoredPolicy {
-                    format: "json".into(),
-                    text: serde_json::to_string(&policy).unwrap(),
-                    set_by: "test".into(),
-                    set_ms: now_ms(),
-                },
-            )
-            .unwrap();
+        let at = memchr::memmem::find(&pkcs8, &marker).expect("an EC private key");
+        pkcs8[at + marker.len()..at + marker.len() + 48].to_vec()
     }
 
     /// Issue and store a job authorisation signed by this world's verifier
@@ -211,13 +162,7 @@ impl World {
             case: format!("CASE-{}", hex::encode(&nonce[..4])),
             max_runs,
         };
-        let identity = VerifierIdentity::from_pkcs8_der(&self.identity_pkcs8).unwrap();
-        authorisation.sign(&identity).unwrap()
-    }
-
-    /// A path in the temporary directory.
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        authorisation.sign(&self.identity()).unwrap()
     }
 
     /// Start the key-release service on `address` (a fresh port if `None`).

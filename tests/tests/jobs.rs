@@ -699,7 +699,7 @@ async fn enclave_killed_mid_job_leaves_no_output_and_the_job_runs_again() {
     );
     // The earlier file is untouched, and no partial file is left beside it.
     assert_eq!(std::fs::read(&out).unwrap(), b"an earlier result");
-    let leftovers = std::fs::read_dir(d.world.dir.path())
+    let leftovers = std::fs::read_dir(d.world.dir())
         .unwrap()
         .filter(|e| {
             e.as_ref()
