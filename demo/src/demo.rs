@@ -335,7 +335,7 @@ fn expect_refused(
     what: &str,
 ) -> Result<()> {
     let outcome = runtime.block_on(async {
-        let input = tokio::fs::File::open(input).await?;
+        let input = std::fs::File::open(input)?;
         Ok::<_, anyhow::Error>(run_job(job, input, output, |_| {}).await)
     })?;
     match outcome {
@@ -1010,7 +1010,7 @@ fn run_pseudonymisation(
     };
     let output = demo.path("pseudonymised.kenv");
     let report = stage.runtime.block_on(async {
-        let input = tokio::fs::File::open(&dataset.encrypted).await?;
+        let input = std::fs::File::open(&dataset.encrypted)?;
         run_job(&job, input, &output, |_| {})
             .await
             .map_err(anyhow::Error::from)

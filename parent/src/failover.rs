@@ -27,7 +27,6 @@ use std::path::Path;
 
 use kluis_proto::job::FailureKind;
 use kluis_transport::BoxStream;
-use tokio::io::AsyncRead;
 
 use crate::job::{run_job, run_job_on, JobReport, JobRun, Progress, RunError};
 use crate::relay::{ReplicaStats, Verifiers};
@@ -58,7 +57,7 @@ pub async fn run_job_failing_over<R>(
     mut progress: impl FnMut(&Progress),
 ) -> Result<JobReport, RunError>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: std::io::Read + Send + 'static,
 {
     let attempts = verifiers.len().max(1);
     let mut first = first;

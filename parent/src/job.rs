@@ -19,7 +19,7 @@ use kluis_proto::job::{
     JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
 };
 use kluis_transport::Address;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::hook::{read_raw_frame_into, Channel, Direction, FrameHook};
 
@@ -163,8 +163,75 @@ fn frame_of(message: &JobRequest) -> Result<Vec<u8>, RunError> {
     kluis_proto::job::encode_job_frame(message).map_err(|e| RunError::Protocol(e.to_string()))
 }
 
-async fn send_input<R: AsyncRead + Unpin>(
-    mut input: R,
+/// Frames of input handed from the reader thread to the sender at once: two,
+/// so that one is read while the other is sent.
+const INPUT_FRAMES_IN_FLIGHT: usize = 2;
+
+/// Reads `input` on a blocking thread straight into data-frame buffers (one
+/// copy, from the file into the frame; no runtime buffer between them, and
+/// no hand-off to the blocking pool per read, as an async file would make)
+/// and hands the frames over. Sent frames come back through the returned
+/// sender for reuse, so the data path allocates a few frame buffers once.
+/// The thread stops at the end of the input, at a read error (handed over
+/// as the last item), or when [`InputFrames::frames`] is dropped.
+fn spawn_input_reader<R: std::io::Read + Send + 'static>(mut input: R) -> InputFrames {
+    let chunk = INPUT_CHUNK.min(MAX_CHUNK_LEN);
+    let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(INPUT_FRAMES_IN_FLIGHT);
+    let (spare_tx, mut spare_rx) =
+        tokio::sync::mpsc::channel::<Vec<u8>>(INPUT_FRAMES_IN_FLIGHT.saturating_add(1));
+    tokio::task::spawn_blocking(move || {
+        let mut read_frame = |buf: &mut Vec<u8>| -> std::io::Result<usize> {
+            // Only a buffer that grows is zero-filled (a new one): the bytes
+            // of a reused one are overwritten by the read, and only what was
+            // read is sent.
+            buf.resize(DATA_FRAME_HEADER_LEN.saturating_add(chunk), 0);
+            let mut n = 0usize;
+            while n < chunk {
+                let into = buf
+                    .get_mut(DATA_FRAME_HEADER_LEN.saturating_add(n)..)
+                    .unwrap_or_default();
+                match input.read(into) {
+                    Ok(0) => break,
+                    Ok(got) => n = n.saturating_add(got),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            buf.truncate(DATA_FRAME_HEADER_LEN.saturating_add(n));
+            Ok(n)
+        };
+        loop {
+            let mut buf = spare_rx.try_recv().unwrap_or_default();
+            let item = match read_frame(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => finish_data_frame(buf).map_err(|e| RunError::Protocol(e.to_string())),
+                Err(e) => Err(RunError::Io {
+                    context: "reading the input".into(),
+                    source: e,
+                }),
+            };
+            let last = item.is_err();
+            if frames_tx.blocking_send(item).is_err() || last {
+                return;
+            }
+        }
+    });
+    InputFrames {
+        frames: frames_rx,
+        spare: spare_tx,
+    }
+}
+
+/// The two ends [`spawn_input_reader`] gives.
+struct InputFrames {
+    /// Data frames of the input, in order; an error is the last item.
+    frames: tokio::sync::mpsc::Receiver<Result<Vec<u8>, RunError>>,
+    /// Where sent frame buffers go back to the reader.
+    spare: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
+async fn send_input<R: std::io::Read + Send + 'static>(
+    input: R,
     mut to_enclave: tokio::io::WriteHalf<kluis_transport::BoxStream>,
     spec: JobSpec,
     hook: Arc<dyn FrameHook>,
@@ -177,43 +244,17 @@ async fn send_input<R: AsyncRead + Unpin>(
             .await
             .map_err(io("sending the job"))?;
     }
-    let chunk = INPUT_CHUNK.min(MAX_CHUNK_LEN);
-    // One frame buffer, reused: a hook that passes frames through hands it
-    // back after each write, so the data path allocates (and faults in
-    // fresh pages) once, not once per frame.
-    let mut spare: Option<Vec<u8>> = None;
-    loop {
-        // Read a whole chunk straight into a frame buffer (big frames, one copy).
-        let mut buf = spare.take().unwrap_or_default();
-        // Only a buffer that grows is zero-filled (the first): the bytes of
-        // a reused one are overwritten by the read, and only what was read
-        // is sent.
-        buf.resize(DATA_FRAME_HEADER_LEN.saturating_add(chunk), 0);
-        let mut n = 0usize;
-        while n < chunk {
-            let got = input
-                .read(
-                    buf.get_mut(DATA_FRAME_HEADER_LEN.saturating_add(n)..)
-                        .unwrap_or_default(),
-                )
-                .await
-                .map_err(io("reading the input"))?;
-            if got == 0 {
-                break;
-            }
-            n = n.saturating_add(got);
-        }
-        if n == 0 {
-            break;
-        }
-        buf.truncate(DATA_FRAME_HEADER_LEN.saturating_add(n));
-        let frame = finish_data_frame(buf).map_err(|e| RunError::Protocol(e.to_string()))?;
+    let InputFrames { mut frames, spare } = spawn_input_reader(input);
+    while let Some(frame) = frames.recv().await {
+        let frame = frame?;
+        let n = frame.len().saturating_sub(DATA_FRAME_HEADER_LEN);
         for f in write(frame) {
             to_enclave
                 .write_all(&f)
                 .await
                 .map_err(io("sending the input"))?;
-            spare = Some(f);
+            // A hook that passes frames through hands the buffer back.
+            let _ = spare.try_send(f);
         }
         sent.fetch_add(
             u64::try_from(n).unwrap_or(u64::MAX),
@@ -238,7 +279,7 @@ pub async fn run_job<R>(
     progress: impl FnMut(&Progress),
 ) -> Result<JobReport, RunError>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: std::io::Read + Send + 'static,
 {
     let stream = kluis_transport::connect(&job.enclave)
         .await
@@ -259,7 +300,7 @@ pub async fn run_job_on<R>(
     mut progress: impl FnMut(&Progress),
 ) -> Result<JobReport, RunError>
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: std::io::Read + Send + 'static,
 {
     let started = Instant::now();
     let dir = match output.parent() {
@@ -412,4 +453,124 @@ where
         output: output.to_path_buf(),
         elapsed: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::cast_possible_truncation
+    )]
+    use super::*;
+
+    /// Every frame the reader hands over, until it stops.
+    async fn drain(mut input: InputFrames) -> Vec<Result<Vec<u8>, RunError>> {
+        let mut out = Vec::new();
+        while let Some(item) = input.frames.recv().await {
+            out.push(item);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn the_input_becomes_data_frames_of_whole_chunks_in_order() {
+        let chunk = INPUT_CHUNK.min(MAX_CHUNK_LEN);
+        let input: Vec<u8> = (0..chunk * 5 / 2).map(|i| (i % 251) as u8).collect();
+        let frames = drain(spawn_input_reader(std::io::Cursor::new(input.clone()))).await;
+        let payloads: Vec<Vec<u8>> = frames
+            .into_iter()
+            .map(|f| {
+                kluis_proto::job::data_payload(&f.unwrap())
+                    .unwrap()
+                    .to_vec()
+            })
+            .collect();
+        let sizes: Vec<usize> = payloads.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![chunk, chunk, chunk / 2]);
+        assert_eq!(payloads.concat(), input);
+
+        // An empty input is no frame at all.
+        let none = drain(spawn_input_reader(std::io::Cursor::new(Vec::new()))).await;
+        assert!(none.is_empty());
+    }
+
+    /// Hands out `good` bytes in small reads (one of them interrupted),
+    /// then fails; says on a channel when it is dropped.
+    struct Flaky {
+        good: usize,
+        interrupted: bool,
+        dropped: std::sync::mpsc::Sender<()>,
+    }
+
+    impl std::io::Read for Flaky {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if !self.interrupted {
+                self.interrupted = true;
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            if self.good == 0 {
+                return Err(std::io::Error::other("disk on fire"));
+            }
+            let n = buf.len().min(self.good).min(1000);
+            buf[..n].fill(7);
+            self.good -= n;
+            Ok(n)
+        }
+    }
+
+    impl Drop for Flaky {
+        fn drop(&mut self) {
+            let _ = self.dropped.send(());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_error_is_the_last_item_and_names_the_input() {
+        let chunk = INPUT_CHUNK.min(MAX_CHUNK_LEN);
+        let (dropped, was_dropped) = std::sync::mpsc::channel();
+        let flaky = Flaky {
+            good: chunk + 10,
+            interrupted: false,
+            dropped,
+        };
+        let mut items = drain(spawn_input_reader(flaky)).await;
+        // The whole chunk read before the error is sent; the 10 bytes
+        // after it are not (the job fails, so nothing partial matters).
+        assert_eq!(items.len(), 2);
+        match items.pop().unwrap() {
+            Err(RunError::Io { context, source }) => {
+                assert_eq!(context, "reading the input");
+                assert_eq!(source.to_string(), "disk on fire");
+            }
+            other => panic!("expected the read error, got {other:?}"),
+        }
+        let first = items.pop().unwrap().unwrap();
+        assert_eq!(
+            kluis_proto::job::data_payload(&first).unwrap(),
+            vec![7u8; chunk]
+        );
+        // The thread has ended and let go of the input.
+        was_dropped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reader thread let go of the input");
+    }
+
+    #[tokio::test]
+    async fn the_reader_stops_when_nobody_takes_its_frames() {
+        let (dropped, was_dropped) = std::sync::mpsc::channel();
+        let endless = Flaky {
+            good: usize::MAX,
+            interrupted: true,
+            dropped,
+        };
+        let mut input = spawn_input_reader(endless);
+        assert!(input.frames.recv().await.unwrap().is_ok());
+        drop(input);
+        was_dropped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reader thread stopped after its receiver was dropped");
+    }
 }

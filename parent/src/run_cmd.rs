@@ -289,8 +289,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
                 },
             ));
         }
-        let input = tokio::fs::File::open(&args.input)
-            .await
+        let input = std::fs::File::open(&args.input)
             .with_context(|| format!("opening {}", args.input.display()))?;
         let patience = Duration::from_secs(args.enclave_wait);
         let mut last_notice: Option<Duration> = None;
@@ -318,10 +317,10 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
                 Some(verifiers) => {
                     let mut first_input = Some(input);
                     let path = args.input.clone();
-                    let open = move || -> std::io::Result<tokio::fs::File> {
+                    let open = move || -> std::io::Result<std::fs::File> {
                         match first_input.take() {
                             Some(file) => Ok(file),
-                            None => std::fs::File::open(&path).map(tokio::fs::File::from_std),
+                            None => std::fs::File::open(&path),
                         }
                     };
                     run_job_failing_over(&job, verifiers, Some(stream), open, &args.output, |p| {

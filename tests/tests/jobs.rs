@@ -558,38 +558,26 @@ async fn verifier_down_at_start_then_up_the_job_runs_again() {
     assert_eq!(world.decrypt(&std::fs::read(&out).unwrap()).unwrap(), plain);
 }
 
-/// Hands input out slowly, so that things can happen mid-job.
+/// Hands input out slowly (20 ms per read), so that things can happen
+/// mid-job.
 struct SlowInput {
     data: Vec<u8>,
     pos: usize,
     chunk: usize,
-    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl tokio::io::AsyncRead for SlowInput {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(20))));
-        if sleep.as_mut().poll(cx).is_pending() {
-            return std::task::Poll::Pending;
-        }
-        this.sleep = None;
-        let end = (this.pos + this.chunk)
-            .min(this.data.len())
-            .min(this.pos + buf.remaining());
-        buf.put_slice(&this.data[this.pos..end]);
-        this.pos = end;
-        std::task::Poll::Ready(Ok(()))
+impl std::io::Read for SlowInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::thread::sleep(Duration::from_millis(20));
+        let end = (self.pos + self.chunk)
+            .min(self.data.len())
+            .min(self.pos + buf.len());
+        buf[..end - self.pos].copy_from_slice(&self.data[self.pos..end]);
+        let n = end - self.pos;
+        self.pos = end;
+        Ok(n)
     }
 }
-
-use std::future::Future;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verifier_restarted_mid_job() {
@@ -604,7 +592,6 @@ async fn verifier_restarted_mid_job() {
         data: input.clone(),
         pos: 0,
         chunk: 16 * 1024,
-        sleep: None,
     };
     // The keys are released at the start of the job; a restart of the
     // verifier afterwards does not disturb it.
@@ -680,7 +667,6 @@ async fn enclave_killed_mid_job_leaves_no_output_and_the_job_runs_again() {
         data: input.clone(),
         pos: 0,
         chunk: 16 * 1024,
-        sleep: None,
     };
     let mut job1 = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
     let started = Arc::new(StartedSignal::default());
@@ -1000,7 +986,6 @@ async fn a_trickling_parent_meets_the_job_deadline() {
         data: input,
         pos: 0,
         chunk: 1024,
-        sleep: None,
     };
     let out = d.world.path("slow.kenv");
     let err = kluis_parent::job::run_job(
