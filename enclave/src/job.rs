@@ -76,6 +76,9 @@ struct ChannelReader {
     rx: mpsc::Receiver<Input>,
     chunk: Vec<u8>,
     pos: usize,
+    /// Consumed frames go back to the pump, which reads the next ones into
+    /// them (ciphertext only; a frame with no room there is freed).
+    spare: mpsc::Sender<Vec<u8>>,
 }
 
 impl Read for ChannelReader {
@@ -83,7 +86,8 @@ impl Read for ChannelReader {
         while self.pos >= self.chunk.len() {
             match self.rx.blocking_recv() {
                 Some(Input::Chunk(next)) => {
-                    self.chunk = next;
+                    let used = std::mem::replace(&mut self.chunk, next);
+                    let _ = self.spare.try_send(used);
                     self.pos = DATA_FRAME_HEADER_LEN;
                 }
                 Some(Input::End) => return Ok(0),
@@ -110,11 +114,33 @@ struct ChannelWriter {
     tx: mpsc::Sender<Outgoing>,
     buf: Vec<u8>,
     sent: u64,
+    /// Written frames come back here from the event writer.
+    spare_tx: mpsc::Sender<Vec<u8>>,
+    spare_rx: mpsc::Receiver<Vec<u8>>,
 }
 
 impl ChannelWriter {
-    fn fresh_buffer() -> Vec<u8> {
-        let mut buf = Vec::with_capacity(DATA_FRAME_HEADER_LEN.saturating_add(MAX_CHUNK_LEN));
+    fn new(tx: mpsc::Sender<Outgoing>) -> Self {
+        // Room for every frame that can be in flight, and the one written.
+        let (spare_tx, spare_rx) = mpsc::channel(CHANNEL_DEPTH.saturating_add(1));
+        let mut writer = ChannelWriter {
+            tx,
+            buf: Vec::new(),
+            sent: 0,
+            spare_tx,
+            spare_rx,
+        };
+        writer.buf = writer.next_buffer();
+        writer
+    }
+
+    /// An empty frame (header room only): a written one back from the event
+    /// writer, or a new one.
+    fn next_buffer(&mut self) -> Vec<u8> {
+        let mut buf = self.spare_rx.try_recv().unwrap_or_else(|_| {
+            Vec::with_capacity(DATA_FRAME_HEADER_LEN.saturating_add(MAX_CHUNK_LEN))
+        });
+        buf.clear();
         buf.resize(DATA_FRAME_HEADER_LEN, 0);
         buf
     }
@@ -124,13 +150,17 @@ impl ChannelWriter {
         if payload == 0 {
             return Ok(());
         }
-        let chunk = std::mem::replace(&mut self.buf, Self::fresh_buffer());
+        let next = self.next_buffer();
+        let chunk = std::mem::replace(&mut self.buf, next);
         self.sent = self
             .sent
             .saturating_add(u64::try_from(payload).unwrap_or(u64::MAX));
         let frame = finish_data_frame(chunk).map_err(std::io::Error::other)?;
         self.tx
-            .blocking_send(Outgoing::Frame(frame))
+            .blocking_send(Outgoing::Frame {
+                frame,
+                spare: self.spare_tx.clone(),
+            })
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "output closed"))
     }
 }
@@ -333,12 +363,13 @@ async fn write_events<W: AsyncWrite + Unpin>(
                 Outgoing::Event(event) => {
                     kluis_proto::job::write_job_message(&mut writer, &event).await
                 }
-                Outgoing::Frame(frame) => {
+                Outgoing::Frame { frame, spare } => {
                     writer
                         .write_all(&frame)
                         .await
                         .map_err(kluis_proto::FrameError::Io)?;
                     writer.flush().await.map_err(kluis_proto::FrameError::Io)?;
+                    let _ = spare.try_send(frame);
                     Ok(())
                 }
             }
@@ -378,36 +409,39 @@ enum PumpEnd {
 }
 
 /// Reads the rest of the input from the parent: `Data` until `End`.
+/// Frames are read into buffers the decryptor has finished with (`spare`),
+/// so the data path allocates and faults in a few frame buffers once.
 async fn pump_input<R: AsyncRead + Unpin>(
     mut reader: R,
     tx: mpsc::Sender<Input>,
+    mut spare: mpsc::Receiver<Vec<u8>>,
     idle: Duration,
     cancel: Cancel,
 ) -> Result<PumpEnd, JobError> {
     loop {
+        let mut message = spare.try_recv().unwrap_or_default();
         let read = tokio::time::timeout(
             idle,
-            kluis_proto::read_raw_frame(&mut reader, JOB_MAX_FRAME_LEN),
+            kluis_proto::read_raw_frame_into(&mut reader, JOB_MAX_FRAME_LEN, &mut message),
         );
-        let message = tokio::select! {
+        let read = tokio::select! {
             biased;
             () = cancel.cancelled() => return Ok(PumpEnd::Cancelled),
             m = read => m,
         };
-        let message = message
-            .map_err(|_| {
-                JobError::new(
-                    FailureKind::IdleTimeout,
-                    format!("no input from the parent for {}s", idle.as_secs()),
-                )
-            })?
-            .map_err(|e| match e {
-                kluis_proto::FrameError::Closed => JobError::new(
-                    FailureKind::InputClosed,
-                    "the parent closed the connection before the end of the input",
-                ),
-                e => JobError::new(FailureKind::Protocol, format!("from the parent: {e}")),
-            })?;
+        read.map_err(|_| {
+            JobError::new(
+                FailureKind::IdleTimeout,
+                format!("no input from the parent for {}s", idle.as_secs()),
+            )
+        })?
+        .map_err(|e| match e {
+            kluis_proto::FrameError::Closed => JobError::new(
+                FailureKind::InputClosed,
+                "the parent closed the connection before the end of the input",
+            ),
+            e => JobError::new(FailureKind::Protocol, format!("from the parent: {e}")),
+        })?;
         // Data frames go on whole (the decryptor skips their header); only
         // message frames are decoded.
         if kluis_proto::job::data_payload(&message).is_some() {
@@ -503,18 +537,27 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
     };
 
     let (input_tx, input_rx) = mpsc::channel::<Input>(CHANNEL_DEPTH);
+    // Room for every frame in flight, and the one being read.
+    let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_DEPTH.saturating_add(1));
     let pump = tokio::spawn(pump_input(
         reader,
         input_tx,
+        spare_rx,
         ctx.idle_timeout,
         cancel.clone(),
     ));
+    let input = ChannelReader {
+        rx: input_rx,
+        chunk: Vec::new(),
+        pos: 0,
+        spare: spare_tx,
+    };
     let outcome = process(
         &spec,
         authorisation.as_ref(),
         exec_plan,
         ctx,
-        input_rx,
+        input,
         events,
         &cancel,
     )
@@ -584,7 +627,7 @@ async fn process(
     authorisation: Option<&SignedAuthorisation>,
     exec_plan: Option<exec::ExecPlan>,
     ctx: &Arc<EnclaveContext>,
-    input_rx: mpsc::Receiver<Input>,
+    input: ChannelReader,
     events: mpsc::Sender<Outgoing>,
     cancel: &Cancel,
 ) -> Result<JobCounts, JobError> {
@@ -593,11 +636,7 @@ async fn process(
     let stats = Arc::clone(&ctx.stats);
     let (mut input, header) = tokio::task::spawn_blocking(move || {
         let _counted = crate::server::Counted::thread(&stats);
-        let mut input = ChannelReader {
-            rx: input_rx,
-            chunk: Vec::new(),
-            pos: 0,
-        };
+        let mut input = input;
         let header = EnvelopeHeader::read_from(&mut input);
         (input, header)
     })
@@ -880,11 +919,7 @@ fn seal_stage(
     events: mpsc::Sender<Outgoing>,
     cancel: &Cancel,
 ) -> Result<(u64, u64), JobError> {
-    let sink = ChannelWriter {
-        tx: events,
-        buf: ChannelWriter::fresh_buffer(),
-        sent: 0,
-    };
+    let sink = ChannelWriter::new(events);
     let mut writer = EnvelopeWriter::new(sink, key, wrapped)
         .map_err(|e| JobError::new(FailureKind::Output, format!("starting the output: {e}")))?;
     let mut plaintext = 0u64;

@@ -74,10 +74,16 @@ pub(crate) fn write_error(e: &std::io::Error) -> JobError {
 }
 
 /// What goes to the parent: an event, or an output `Data` frame already
-/// built in place ([`kluis_proto::job::finish_data_frame`]).
+/// built in place ([`kluis_proto::job::finish_data_frame`]) with where its
+/// buffer goes once written (back to the sealer, for the next frame: the
+/// data path allocates and faults in its frame buffers once, not once per
+/// megabyte; a buffer with no room there is freed).
 pub(crate) enum Outgoing {
     Event(JobEvent),
-    Frame(Vec<u8>),
+    Frame {
+        frame: Vec<u8>,
+        spare: mpsc::Sender<Vec<u8>>,
+    },
 }
 
 /// Cancels every part of one job at once: the input pump, the event writer,
