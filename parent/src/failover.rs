@@ -57,7 +57,7 @@ pub async fn run_job_failing_over<R>(
     mut progress: impl FnMut(&Progress),
 ) -> Result<JobReport, RunError>
 where
-    R: std::io::Read + Send + 'static,
+    R: Into<crate::job::JobInput>,
 {
     let attempts = verifiers.len().max(1);
     let mut first = first;

@@ -31,6 +31,13 @@ pub trait FrameHook: Send + Sync {
     /// `frame` is one whole frame (prefix, version, message); the frames
     /// returned are sent on in its place, in order.
     fn on_frame(&self, channel: Channel, direction: Direction, frame: Vec<u8>) -> Vec<Vec<u8>>;
+
+    /// True only for a hook that passes every frame on unchanged: then the
+    /// job's bulk bytes need not be shown to it, and move between files
+    /// and the socket in the kernel (`sendfile`, `splice`).
+    fn passes_through(&self) -> bool {
+        false
+    }
 }
 
 /// Passes every frame on unchanged.
@@ -40,6 +47,10 @@ pub struct PassThrough;
 impl FrameHook for PassThrough {
     fn on_frame(&self, _: Channel, _: Direction, frame: Vec<u8>) -> Vec<Vec<u8>> {
         vec![frame]
+    }
+
+    fn passes_through(&self) -> bool {
+        true
     }
 }
 

@@ -14,14 +14,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kluis_proto::frame::{check_head, FrameKind, FRAME_HEADER_LEN};
 use kluis_proto::job::{
-    finish_data_frame, JobCounts, JobEvent, JobRequest, JobSpec, DATA_FRAME_HEADER_LEN,
-    JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
+    data_frame_header, finish_data_frame, JobCounts, JobEvent, JobRequest, JobSpec,
+    DATA_FRAME_HEADER_LEN, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
 };
 use kluis_transport::Address;
 use tokio::io::AsyncWriteExt;
 
 use crate::hook::{read_raw_frame_into, Channel, Direction, FrameHook};
+use crate::zerocopy::{Pipe, Socket};
 
 /// Input bytes per `Data` frame.
 pub const INPUT_CHUNK: usize = 512 * 1024;
@@ -230,8 +232,55 @@ struct InputFrames {
     spare: tokio::sync::mpsc::Sender<Vec<u8>>,
 }
 
-async fn send_input<R: std::io::Read + Send + 'static>(
-    input: R,
+/// What a job reads its input from.
+pub enum JobInput {
+    /// A file: on a socket connection with no hook looking at the frames it
+    /// goes to the enclave with `sendfile` (the `zerocopy` module), otherwise
+    /// it is read like any reader.
+    File(std::fs::File),
+    /// Any other source, read on a blocking thread of its own.
+    Reader(Box<dyn std::io::Read + Send>),
+}
+
+impl JobInput {
+    /// Input from any reader.
+    pub fn reader(reader: impl std::io::Read + Send + 'static) -> Self {
+        JobInput::Reader(Box::new(reader))
+    }
+
+    fn into_reader(self) -> Box<dyn std::io::Read + Send> {
+        match self {
+            JobInput::File(file) => Box::new(file),
+            JobInput::Reader(reader) => reader,
+        }
+    }
+}
+
+impl From<std::fs::File> for JobInput {
+    fn from(file: std::fs::File) -> Self {
+        JobInput::File(file)
+    }
+}
+
+impl std::fmt::Debug for JobInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JobInput::File(_) => "JobInput::File",
+            JobInput::Reader(_) => "JobInput::Reader",
+        })
+    }
+}
+
+fn add_sent(sent: &std::sync::atomic::AtomicU64, n: usize) {
+    sent.fetch_add(
+        u64::try_from(n).unwrap_or(u64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The input through the stream, every frame shown to the hook.
+async fn send_input(
+    input: JobInput,
     mut to_enclave: tokio::io::WriteHalf<kluis_transport::BoxStream>,
     spec: JobSpec,
     hook: Arc<dyn FrameHook>,
@@ -244,7 +293,7 @@ async fn send_input<R: std::io::Read + Send + 'static>(
             .await
             .map_err(io("sending the job"))?;
     }
-    let InputFrames { mut frames, spare } = spawn_input_reader(input);
+    let InputFrames { mut frames, spare } = spawn_input_reader(input.into_reader());
     while let Some(frame) = frames.recv().await {
         let frame = frame?;
         let n = frame.len().saturating_sub(DATA_FRAME_HEADER_LEN);
@@ -256,10 +305,7 @@ async fn send_input<R: std::io::Read + Send + 'static>(
             // A hook that passes frames through hands the buffer back.
             let _ = spare.try_send(f);
         }
-        sent.fetch_add(
-            u64::try_from(n).unwrap_or(u64::MAX),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        add_sent(&sent, n);
     }
     for f in write(frame_of(&JobRequest::End)?) {
         to_enclave
@@ -271,16 +317,81 @@ async fn send_input<R: std::io::Read + Send + 'static>(
     Ok(to_enclave)
 }
 
-/// Run `job` on `input`; on success the output is at `output`.
-pub async fn run_job<R>(
+/// The input through the socket: a regular file with `sendfile` (only the
+/// frame headers pass through this process), anything else as frames read
+/// on a blocking thread.
+async fn send_input_zero_copy(
+    input: JobInput,
+    socket: Arc<Socket>,
+    spec: JobSpec,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(), RunError> {
+    socket
+        .write_all(&frame_of(&JobRequest::Start(spec))?)
+        .await
+        .map_err(io("sending the job"))?;
+    let chunk = INPUT_CHUNK.min(MAX_CHUNK_LEN);
+    // A regular file is sent from where its position stands (as a reader
+    // would read it) to its length now; a file that grows meanwhile is sent
+    // as it was, one that shrinks fails the job.
+    let extent = match &input {
+        JobInput::File(file) => match file.metadata() {
+            Ok(meta) if meta.is_file() => Some((
+                std::io::Seek::stream_position(&mut &*file).map_err(io("reading the input"))?,
+                meta.len(),
+            )),
+            Ok(_) => None,
+            Err(e) => return Err(io("reading the input")(e)),
+        },
+        JobInput::Reader(_) => None,
+    };
+    match (input, extent) {
+        (JobInput::File(file), Some((start, len))) => {
+            let mut offset = start;
+            while offset < len {
+                let n = usize::try_from(len.saturating_sub(offset))
+                    .unwrap_or(usize::MAX)
+                    .min(chunk);
+                let head = data_frame_header(n).map_err(|e| RunError::Protocol(e.to_string()))?;
+                socket
+                    .write_all(&head)
+                    .await
+                    .map_err(io("sending the input"))?;
+                socket
+                    .send_file(&file, &mut offset, n)
+                    .await
+                    .map_err(io("sending the input"))?;
+                add_sent(&sent, n);
+            }
+        }
+        (input, _) => {
+            let InputFrames { mut frames, spare } = spawn_input_reader(input.into_reader());
+            while let Some(frame) = frames.recv().await {
+                let frame = frame?;
+                socket
+                    .write_all(&frame)
+                    .await
+                    .map_err(io("sending the input"))?;
+                add_sent(&sent, frame.len().saturating_sub(DATA_FRAME_HEADER_LEN));
+                let _ = spare.try_send(frame);
+            }
+        }
+    }
+    socket
+        .write_all(&frame_of(&JobRequest::End)?)
+        .await
+        .map_err(io("ending the input"))?;
+    Ok(())
+}
+
+/// Run `job` on `input` (a file, or [`JobInput::reader`]); on success the
+/// output is at `output`.
+pub async fn run_job(
     job: &JobRun,
-    input: R,
+    input: impl Into<JobInput>,
     output: &Path,
     progress: impl FnMut(&Progress),
-) -> Result<JobReport, RunError>
-where
-    R: std::io::Read + Send + 'static,
-{
+) -> Result<JobReport, RunError> {
     let stream = kluis_transport::connect(&job.enclave)
         .await
         .map_err(|source| RunError::Connect {
@@ -290,18 +401,84 @@ where
     run_job_on(job, stream, input, output, progress).await
 }
 
+/// What the enclave's frames have said so far.
+struct Heard {
+    state: Progress,
+    output_key: Option<(String, u32)>,
+}
+
+impl Heard {
+    /// Take in one message frame; `Some` when it says the job is done.
+    fn message(&mut self, frame: &[u8]) -> Result<Option<JobCounts>, RunError> {
+        // A hook in a test may have made anything of a frame: decode it
+        // like any peer's.
+        let event = kluis_proto::job::decode_job_frame::<JobEvent>(frame)
+            .map_err(|e| RunError::Protocol(e.to_string()))?;
+        match event {
+            JobEvent::Started {
+                output_key_id,
+                output_key_version,
+            } => {
+                self.output_key = Some((output_key_id, output_key_version));
+                Ok(None)
+            }
+            // A data frame is never a message; one decoded as such is over
+            // the chunk limit.
+            JobEvent::Data(_) => Err(RunError::Protocol(
+                "a data frame over the chunk limit".into(),
+            )),
+            JobEvent::Progress(counts) => {
+                self.state.counts = counts;
+                Ok(None)
+            }
+            JobEvent::Done(counts) => Ok(Some(counts)),
+            JobEvent::Failed { kind, reason } => Err(RunError::Failed { kind, reason }),
+            _ => Err(RunError::Protocol("an unknown event".into())),
+        }
+    }
+
+    fn received(&mut self, n: usize) {
+        self.state.received = self
+            .state
+            .received
+            .saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+}
+
+/// What the enclave's side of the connection failing means for the job.
+fn enclave_side_error(e: std::io::Error) -> RunError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+            RunError::Incomplete
+        }
+        _ => RunError::Protocol(format!("from the enclave: {e}")),
+    }
+}
+
+/// Wait for the input sender after `Done` (the enclave read `End`, so it has
+/// finished or is about to).
+async fn join_sender<T>(
+    sender: tokio::task::JoinHandle<Result<T, RunError>>,
+    idle: Duration,
+) -> Result<(), RunError> {
+    match tokio::time::timeout(idle, sender).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e),
+        Ok(Err(_)) => Err(RunError::Protocol("the input sender failed".into())),
+        Err(_) => Err(RunError::Timeout(idle)),
+    }
+}
+
 /// [`run_job`] over a connection already made to `job.enclave` (by
 /// [`crate::connect::connect_patiently`], say).
-pub async fn run_job_on<R>(
+pub async fn run_job_on(
     job: &JobRun,
     stream: kluis_transport::BoxStream,
-    input: R,
+    input: impl Into<JobInput>,
     output: &Path,
     mut progress: impl FnMut(&Progress),
-) -> Result<JobReport, RunError>
-where
-    R: std::io::Read + Send + 'static,
-{
+) -> Result<JobReport, RunError> {
+    let input = input.into();
     let started = Instant::now();
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -315,6 +492,93 @@ where
             dir.display()
         )))?;
     let (partial_file, partial_path) = partial.into_parts();
+    // In production no hook looks at the frames, and the bulk bytes move in
+    // the kernel; a test's hook sees every frame whole.
+    let socket = match stream.socket() {
+        Some(fd) if job.hook.passes_through() => {
+            Some(Socket::duplicate(fd).map_err(io("using the connection to the enclave"))?)
+        }
+        _ => None,
+    };
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut heard = Heard {
+        state: Progress::default(),
+        output_key: None,
+    };
+    let outcome = match socket {
+        Some(socket) => {
+            let outcome = exchange_zero_copy(
+                job,
+                Arc::new(socket),
+                input,
+                partial_file,
+                &sent,
+                &mut heard,
+                started,
+                &mut progress,
+            )
+            .await;
+            // The stream's own descriptor stayed open until now.
+            drop(stream);
+            outcome
+        }
+        None => {
+            exchange_copying(
+                job,
+                stream,
+                input,
+                partial_file,
+                &sent,
+                &mut heard,
+                started,
+                &mut progress,
+            )
+            .await
+        }
+    };
+    let counts = match outcome {
+        Ok(counts) => counts,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial_path);
+            return Err(e);
+        }
+    };
+    partial_path.persist(output).map_err(|e| RunError::Io {
+        context: format!("moving the output into place at {}", output.display()),
+        source: e.error,
+    })?;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    let mut state = heard.state;
+    state.counts = counts;
+    state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    state.elapsed = started.elapsed();
+    progress(&state);
+    Ok(JobReport {
+        counts,
+        input_bytes: state.sent,
+        output_bytes: state.received,
+        output_key: heard.output_key,
+        output: output.to_path_buf(),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// The job with every frame read whole and shown to the hook; the output
+/// is written by a blocking thread. Returns once the output is on disk
+/// (fsync) and the input all sent.
+#[allow(clippy::too_many_arguments)]
+async fn exchange_copying(
+    job: &JobRun,
+    stream: kluis_transport::BoxStream,
+    input: JobInput,
+    partial_file: std::fs::File,
+    sent: &Arc<std::sync::atomic::AtomicU64>,
+    heard: &mut Heard,
+    started: Instant,
+    progress: &mut impl FnMut(&Progress),
+) -> Result<JobCounts, RunError> {
     // The output is written by a blocking thread, straight from the data
     // frames (checked as such before they are sent here).
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
@@ -332,78 +596,46 @@ where
     });
 
     let (mut from_enclave, to_enclave) = tokio::io::split(stream);
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sender = tokio::spawn(send_input(
         input,
         to_enclave,
         job.spec.clone(),
         Arc::clone(&job.hook),
-        Arc::clone(&sent),
+        Arc::clone(sent),
     ));
 
-    let mut state = Progress::default();
-    let mut output_key = None;
     let result: Result<JobCounts, RunError> = async {
         loop {
             let mut frame = spare_rx.try_recv().unwrap_or_default();
-            let more = tokio::time::timeout(
+            tokio::time::timeout(
                 job.idle_timeout,
                 read_raw_frame_into(&mut from_enclave, JOB_MAX_FRAME_LEN, &mut frame),
             )
             .await
             .map_err(|_| RunError::Timeout(job.idle_timeout))?
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-                    RunError::Incomplete
-                }
-                _ => RunError::Protocol(format!("from the enclave: {e}")),
-            })?;
-            if !more {
-                return Err(RunError::Incomplete);
-            }
+            .map_err(enclave_side_error)?
+            .then_some(())
+            .ok_or(RunError::Incomplete)?;
             for frame in job
                 .hook
                 .on_frame(Channel::Job, Direction::FromEnclave, frame)
             {
                 if let Some(payload) = kluis_proto::job::data_payload(&frame) {
                     // The data path: hand the frame to the writer as it is.
-                    state.received = state
-                        .received
-                        .saturating_add(u64::try_from(payload.len()).unwrap_or(u64::MAX));
+                    heard.received(payload.len());
                     out_tx.send(frame).await.map_err(|_| RunError::Io {
                         context: "writing the output".into(),
                         source: std::io::Error::other("the output writer stopped"),
                     })?;
                     continue;
                 }
-                // Everything else is a message frame (a hook in a test may
-                // have made anything of it: decode it like any peer's).
-                let event = kluis_proto::job::decode_job_frame::<JobEvent>(&frame)
-                    .map_err(|e| RunError::Protocol(e.to_string()))?;
-                match event {
-                    JobEvent::Started {
-                        output_key_id,
-                        output_key_version,
-                    } => {
-                        output_key = Some((output_key_id, output_key_version));
-                    }
-                    JobEvent::Data(_) => {
-                        // data_payload refused it: over the chunk limit.
-                        return Err(RunError::Protocol(
-                            "a data frame over the chunk limit".into(),
-                        ));
-                    }
-                    JobEvent::Progress(counts) => state.counts = counts,
-                    JobEvent::Done(counts) => return Ok(counts),
-                    JobEvent::Failed { kind, reason } => {
-                        return Err(RunError::Failed { kind, reason })
-                    }
-                    _ => return Err(RunError::Protocol("an unknown event".into())),
+                if let Some(counts) = heard.message(&frame)? {
+                    return Ok(counts);
                 }
             }
-            state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
-            state.elapsed = started.elapsed();
-            progress(&state);
+            heard.state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+            heard.state.elapsed = started.elapsed();
+            progress(&heard.state);
         }
     }
     .await;
@@ -413,7 +645,6 @@ where
             sender.abort();
             drop(out_tx);
             let _ = writer.await;
-            let _ = std::fs::remove_file(&partial_path);
             // An input error explains a failure better than its echo.
             return Err(e);
         }
@@ -423,36 +654,100 @@ where
         Ok(r) => r.map_err(io("writing the output")),
         Err(_) => Err(RunError::Protocol("the output writer failed".into())),
     };
-    // The enclave said Done, so it read End: the sender is finished or about to be.
-    let sent_all = match tokio::time::timeout(job.idle_timeout, sender).await {
-        Ok(Ok(Ok(_))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(e),
-        Ok(Err(_)) => Err(RunError::Protocol("the input sender failed".into())),
-        Err(_) => Err(RunError::Timeout(job.idle_timeout)),
+    join_sender(sender, job.idle_timeout).await.and(written)?;
+    Ok(counts)
+}
+
+/// The job with the bulk bytes moved in the kernel ([`crate::zerocopy`]):
+/// the output's data frames are spliced from the socket into the file, the
+/// enclave's messages are read whole. Returns once the output is on disk
+/// (fsync) and the input all sent.
+#[allow(clippy::too_many_arguments)]
+async fn exchange_zero_copy(
+    job: &JobRun,
+    socket: Arc<Socket>,
+    input: JobInput,
+    partial_file: std::fs::File,
+    sent: &Arc<std::sync::atomic::AtomicU64>,
+    heard: &mut Heard,
+    started: Instant,
+    progress: &mut impl FnMut(&Progress),
+) -> Result<JobCounts, RunError> {
+    let pipe = Pipe::new().map_err(io("making a pipe for the output"))?;
+    let sender = tokio::spawn(send_input_zero_copy(
+        input,
+        Arc::clone(&socket),
+        job.spec.clone(),
+        Arc::clone(sent),
+    ));
+    let idle = job.idle_timeout;
+    let result: Result<JobCounts, RunError> = async {
+        loop {
+            let mut raw_head = [0u8; FRAME_HEADER_LEN];
+            tokio::time::timeout(idle, socket.read_exact(&mut raw_head))
+                .await
+                .map_err(|_| RunError::Timeout(idle))?
+                .map_err(enclave_side_error)?;
+            let head = check_head(&raw_head, JOB_MAX_FRAME_LEN)
+                .map_err(|e| RunError::Protocol(format!("from the enclave: {e}")))?
+                .ok_or_else(|| RunError::Protocol("a short frame header".into()))?;
+            match head.kind {
+                FrameKind::Data if head.body_len <= MAX_CHUNK_LEN => {
+                    tokio::time::timeout(
+                        idle,
+                        socket.splice_to_file(&pipe, &partial_file, head.body_len),
+                    )
+                    .await
+                    .map_err(|_| RunError::Timeout(idle))?
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                            RunError::Incomplete
+                        }
+                        _ => io("writing the output")(e),
+                    })?;
+                    heard.received(head.body_len);
+                }
+                FrameKind::Data => {
+                    return Err(RunError::Protocol(
+                        "a data frame over the chunk limit".into(),
+                    ))
+                }
+                FrameKind::Message => {
+                    let mut frame = vec![0u8; head.frame_len()];
+                    if let Some(slot) = frame.get_mut(..FRAME_HEADER_LEN) {
+                        slot.copy_from_slice(&raw_head);
+                    }
+                    tokio::time::timeout(
+                        idle,
+                        socket.read_exact(frame.get_mut(FRAME_HEADER_LEN..).unwrap_or_default()),
+                    )
+                    .await
+                    .map_err(|_| RunError::Timeout(idle))?
+                    .map_err(enclave_side_error)?;
+                    if let Some(counts) = heard.message(&frame)? {
+                        return Ok(counts);
+                    }
+                }
+            }
+            heard.state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+            heard.state.elapsed = started.elapsed();
+            progress(&heard.state);
+        }
+    }
+    .await;
+    let counts = match result {
+        Ok(counts) => counts,
+        Err(e) => {
+            sender.abort();
+            return Err(e);
+        }
     };
-    if let Err(e) = sent_all.and(written) {
-        let _ = std::fs::remove_file(&partial_path);
-        return Err(e);
-    }
-    partial_path.persist(output).map_err(|e| RunError::Io {
-        context: format!("moving the output into place at {}", output.display()),
-        source: e.error,
-    })?;
-    if let Ok(d) = std::fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    state.counts = counts;
-    state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
-    state.elapsed = started.elapsed();
-    progress(&state);
-    Ok(JobReport {
-        counts,
-        input_bytes: state.sent,
-        output_bytes: state.received,
-        output_key,
-        output: output.to_path_buf(),
-        elapsed: started.elapsed(),
-    })
+    let written = match tokio::task::spawn_blocking(move || partial_file.sync_all()).await {
+        Ok(r) => r.map_err(io("writing the output")),
+        Err(_) => Err(RunError::Protocol("the output's fsync failed".into())),
+    };
+    join_sender(sender, idle).await.and(written)?;
+    Ok(counts)
 }
 
 #[cfg(test)]

@@ -14,3 +14,4 @@ pub mod hook;
 pub mod job;
 pub mod relay;
 pub mod spec;
+mod zerocopy;

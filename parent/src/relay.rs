@@ -127,8 +127,54 @@ impl VerifierTarget {
         let stream = kluis_transport::connect(&self.address).await?;
         match &self.tls {
             None => Ok(stream),
-            Some((connector, name)) => Ok(Box::new(connector.connect(name.clone(), stream).await?)),
+            Some((connector, name)) => Ok(Box::new(TlsToVerifier(
+                connector.connect(name.clone(), stream).await?,
+            ))),
         }
+    }
+}
+
+/// A TLS connection to a verifier replica, as a [`kluis_transport::Stream`]
+/// (whose bytes are not the socket's: it has none to offer).
+struct TlsToVerifier(tokio_rustls::client::TlsStream<BoxStream>);
+
+impl kluis_transport::Stream for TlsToVerifier {
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+}
+
+impl tokio::io::AsyncRead for TlsToVerifier {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsToVerifier {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 

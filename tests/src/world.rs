@@ -361,9 +361,18 @@ pub fn job(enclave: &Address, workload: WorkloadSpec, secrets: Vec<WrappedSecret
     }
 }
 
-/// Run `job` on `input` (in memory) to `output`.
+/// Run `job` on `input` to `output`, with the input in a file beside the
+/// output as `parent run` has it (so a job whose frames are not hooked
+/// sends it with `sendfile`).
 pub async fn run(job: &JobRun, input: Vec<u8>, output: &Path) -> Result<JobReport, RunError> {
-    run_job(job, std::io::Cursor::new(input), output, |_| {}).await
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".input");
+    let path = output.with_file_name(name);
+    std::fs::write(&path, &input).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let report = run_job(job, file, output, |_| {}).await;
+    std::fs::remove_file(&path).unwrap();
+    report
 }
 
 /// What a hostile parent does to one frame.

@@ -102,6 +102,65 @@ async fn identity_jobs_are_exact_for_many_sizes() {
     }
 }
 
+/// A file is read from its position (sent with `sendfile` when no hook
+/// looks at the frames, read like a reader otherwise); a reader and a pipe
+/// give the same job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_input_gives_the_same_job() {
+    use kluis_parent::job::{run_job, JobInput};
+    use std::io::{Seek, SeekFrom, Write};
+    for hook in [
+        Arc::new(kluis_parent::hook::PassThrough) as Arc<dyn FrameHook>,
+        Arc::new(Recorder::default()),
+    ] {
+        let d = deploy(hook).await;
+        let plain = records(40_000);
+        let input = d.world.encrypt(INPUT_KEY, &plain, 65_536);
+        let spec = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
+        let check = |name: &str, report: kluis_parent::job::JobReport| {
+            let envelope = std::fs::read(d.world.path(name)).unwrap();
+            assert_eq!(d.world.decrypt(&envelope).unwrap(), plain, "{name}");
+            assert_eq!(report.input_bytes, input.len() as u64, "{name}");
+        };
+
+        // A file whose first bytes are not the input, positioned past them.
+        let junk = b"not part of the input";
+        let path = d.world.path("positioned.input");
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(junk).unwrap();
+        file.write_all(&input).unwrap();
+        drop(file);
+        let mut file = std::fs::File::open(&path).unwrap();
+        file.seek(SeekFrom::Start(junk.len() as u64)).unwrap();
+        let out = d.world.path("from-file.kenv");
+        check(
+            "from-file.kenv",
+            run_job(&spec, file, &out, |_| {}).await.unwrap(),
+        );
+
+        let out = d.world.path("from-reader.kenv");
+        let reader = JobInput::reader(std::io::Cursor::new(input.clone()));
+        check(
+            "from-reader.kenv",
+            run_job(&spec, reader, &out, |_| {}).await.unwrap(),
+        );
+
+        // A pipe is a file that is not a regular file.
+        let (read_end, mut write_end) = std::io::pipe().unwrap();
+        let feeder = std::thread::spawn({
+            let input = input.clone();
+            move || write_end.write_all(&input).unwrap()
+        });
+        let out = d.world.path("from-pipe.kenv");
+        let pipe = std::fs::File::from(std::os::fd::OwnedFd::from(read_end));
+        check(
+            "from-pipe.kenv",
+            run_job(&spec, pipe, &out, |_| {}).await.unwrap(),
+        );
+        feeder.join().unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pseudonymise_aggregate_and_reencrypt_give_the_right_results() {
     let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
@@ -598,7 +657,15 @@ async fn verifier_restarted_mid_job() {
     let running = tokio::spawn({
         let job = job.clone();
         let out = out.clone();
-        async move { kluis_parent::job::run_job(&job, slow, &out, |_| {}).await }
+        async move {
+            kluis_parent::job::run_job(
+                &job,
+                kluis_parent::job::JobInput::reader(slow),
+                &out,
+                |_| {},
+            )
+            .await
+        }
     });
     started.wait(Duration::from_secs(10)).await;
     let address = d.verifier.address.clone();
@@ -673,7 +740,15 @@ async fn enclave_killed_mid_job_leaves_no_output_and_the_job_runs_again() {
     job1.hook = started.clone();
     let running = tokio::spawn({
         let out = out.clone();
-        async move { kluis_parent::job::run_job(&job1, slow, &out, |_| {}).await }
+        async move {
+            kluis_parent::job::run_job(
+                &job1,
+                kluis_parent::job::JobInput::reader(slow),
+                &out,
+                |_| {},
+            )
+            .await
+        }
     });
     // Killed mid-job: after its keys were released, before its input ended.
     started.wait(Duration::from_secs(10)).await;
@@ -990,7 +1065,7 @@ async fn a_trickling_parent_meets_the_job_deadline() {
     let out = d.world.path("slow.kenv");
     let err = kluis_parent::job::run_job(
         &job(&enclave.address, WorkloadSpec::Identity, vec![]),
-        slow,
+        kluis_parent::job::JobInput::reader(slow),
         &out,
         |_| {},
     )

@@ -295,7 +295,11 @@ async fn a_replica_lost_after_the_challenge_restarts_the_whole_exchange_on_the_n
                 &job,
                 &verifiers,
                 None,
-                || Ok(std::io::Cursor::new(input.clone())),
+                || {
+                    Ok(kluis_parent::job::JobInput::reader(std::io::Cursor::new(
+                        input.clone(),
+                    )))
+                },
                 &out,
                 |_| {},
             )
@@ -352,7 +356,11 @@ async fn a_key_request_whose_answer_was_lost_is_never_sent_again() {
         &job,
         &verifiers,
         None,
-        || Ok(std::io::Cursor::new(input.clone())),
+        || {
+            Ok(kluis_parent::job::JobInput::reader(std::io::Cursor::new(
+                input.clone(),
+            )))
+        },
         &out,
         |_| {},
     )

@@ -148,7 +148,7 @@ pub fn check_head(buf: &[u8], max_frame_len: usize) -> Result<Option<FrameHead>,
 }
 
 /// The header of a frame of `kind` with a body of `body_len` bytes.
-fn encode_head(
+pub(crate) fn encode_head(
     kind: FrameKind,
     body_len: usize,
     max_frame_len: usize,

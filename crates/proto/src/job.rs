@@ -366,6 +366,17 @@ pub fn finish_data_frame(buffer: Vec<u8>) -> Result<Vec<u8>, crate::FrameError> 
     crate::frame::finish_frame_in_place(FrameKind::Data, buffer, JOB_MAX_FRAME_LEN)
 }
 
+/// The header of a data frame of `payload_len` bytes, for a sender that
+/// moves the payload itself (the parent sends its input with `sendfile`).
+pub fn data_frame_header(
+    payload_len: usize,
+) -> Result<[u8; DATA_FRAME_HEADER_LEN], crate::FrameError> {
+    if payload_len > MAX_CHUNK_LEN {
+        return Err(chunk_too_large(payload_len));
+    }
+    crate::frame::encode_head(FrameKind::Data, payload_len, JOB_MAX_FRAME_LEN)
+}
+
 /// The payload of a whole data frame (header included), without copying;
 /// `None` for any other frame, or a payload over [`MAX_CHUNK_LEN`].
 pub fn data_payload(frame: &[u8]) -> Option<&[u8]> {
@@ -491,6 +502,11 @@ mod tests {
             let mut buffer = vec![0u8; DATA_FRAME_HEADER_LEN];
             buffer.extend_from_slice(&payload);
             assert_eq!(finish_data_frame(buffer).unwrap(), request, "len {len}");
+            assert_eq!(
+                data_frame_header(len).unwrap(),
+                request[..DATA_FRAME_HEADER_LEN],
+                "len {len}"
+            );
             assert_eq!(data_payload(&request), Some(payload.as_slice()));
             assert_eq!(
                 decode_job_frame::<JobRequest>(&request).unwrap(),
@@ -501,6 +517,7 @@ mod tests {
         let mut big = vec![0u8; DATA_FRAME_HEADER_LEN];
         big.extend_from_slice(&vec![0u8; MAX_CHUNK_LEN + 1]);
         assert!(finish_data_frame(big).is_err());
+        assert!(data_frame_header(MAX_CHUNK_LEN + 1).is_err());
         // Data never goes through CBOR.
         assert!(JobRequest::Data(vec![1]).encode().is_err());
         assert!(JobEvent::Data(vec![1]).encode().is_err());

@@ -25,6 +25,7 @@ mod serve;
 pub use serve::{serve, serve_gated, Closing, Slot};
 
 use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -42,8 +43,30 @@ const HANDSHAKE_MAX_LINE: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A bidirectional byte stream of any transport.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The socket beneath the stream, when its bytes are the socket's own
+    /// (none under TLS): for moving bulk bytes between it and a file in the
+    /// kernel (`sendfile`, `splice`) instead of through user memory.
+    fn socket(&self) -> Option<BorrowedFd<'_>>;
+}
+
+impl Stream for tokio::net::TcpStream {
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
+
+impl Stream for tokio::net::UnixStream {
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
+
+impl Stream for tokio_vsock::VsockStream {
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
 
 /// A boxed [`Stream`].
 pub type BoxStream = Box<dyn Stream>;
