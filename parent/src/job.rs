@@ -868,4 +868,201 @@ mod tests {
             .recv_timeout(Duration::from_secs(10))
             .expect("the reader thread stopped after its receiver was dropped");
     }
+
+    /// Passes frames on unchanged, but says it looks at them: the job runs
+    /// with every frame in user memory, as under a test's hook.
+    struct Looking;
+
+    impl FrameHook for Looking {
+        fn on_frame(&self, _: Channel, _: Direction, frame: Vec<u8>) -> Vec<Vec<u8>> {
+            vec![frame]
+        }
+    }
+
+    /// What the scripted enclave does after the parent's `End`.
+    #[derive(Clone, Copy, Debug)]
+    enum Script {
+        /// Started, two data frames, progress, Done.
+        Good,
+        /// Announces 1,000 bytes of data, sends 10, closes.
+        CutInData,
+        /// A whole data frame one byte over the chunk limit.
+        OverLimit,
+        /// A header of another protocol version.
+        OtherVersion,
+        /// Failed.
+        Fails,
+    }
+
+    const OUT_A: usize = 300 * 1024 + 5;
+    const OUT_B: usize = 3;
+
+    fn output_bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Reads the job and its whole input, answers as `script` says; returns
+    /// the input's data bytes.
+    async fn scripted_enclave(mut s: tokio::net::UnixStream, script: Script) -> Vec<u8> {
+        use kluis_proto::job::{data_frame, decode_job_frame, encode_job_frame};
+        let start = kluis_proto::frame::read_raw_frame(&mut s, JOB_MAX_FRAME_LEN)
+            .await
+            .unwrap();
+        assert!(matches!(
+            decode_job_frame::<JobRequest>(&start).unwrap(),
+            JobRequest::Start(_)
+        ));
+        let mut input = Vec::new();
+        loop {
+            let frame = kluis_proto::frame::read_raw_frame(&mut s, JOB_MAX_FRAME_LEN)
+                .await
+                .unwrap();
+            if let Some(payload) = kluis_proto::job::data_payload(&frame) {
+                input.extend_from_slice(payload);
+                continue;
+            }
+            assert_eq!(
+                decode_job_frame::<JobRequest>(&frame).unwrap(),
+                JobRequest::End
+            );
+            break;
+        }
+        let event = |e: &JobEvent| encode_job_frame(e).unwrap();
+        let counts = JobCounts {
+            records_in: 1,
+            records_out: 2,
+            bytes_in: 3,
+            bytes_out: 4,
+        };
+        s.write_all(&event(&JobEvent::Started {
+            output_key_id: "out".into(),
+            output_key_version: 7,
+        }))
+        .await
+        .unwrap();
+        match script {
+            Script::Good => {
+                s.write_all(&data_frame(&output_bytes(OUT_A, 1)).unwrap())
+                    .await
+                    .unwrap();
+                s.write_all(&event(&JobEvent::Progress(counts)))
+                    .await
+                    .unwrap();
+                s.write_all(&data_frame(&output_bytes(OUT_B, 2)).unwrap())
+                    .await
+                    .unwrap();
+                s.write_all(&event(&JobEvent::Done(counts))).await.unwrap();
+            }
+            Script::CutInData => {
+                let frame = data_frame(&[9u8; 1000]).unwrap();
+                s.write_all(&frame[..DATA_FRAME_HEADER_LEN + 10])
+                    .await
+                    .unwrap();
+            }
+            Script::OverLimit => {
+                let mut head = data_frame_header(MAX_CHUNK_LEN).unwrap();
+                // The length prefix counts version, kind and body: one more.
+                let len = u32::from_be_bytes(head[..4].try_into().unwrap()) + 1;
+                head[..4].copy_from_slice(&len.to_be_bytes());
+                // The parent may stop reading at the header.
+                let _ = s.write_all(&head).await;
+                let _ = s.write_all(&vec![0u8; MAX_CHUNK_LEN + 1]).await;
+            }
+            Script::OtherVersion => {
+                let mut head = data_frame_header(10).unwrap();
+                head[4] = head[4].wrapping_add(1);
+                s.write_all(&head).await.unwrap();
+                s.write_all(&[0u8; 10]).await.unwrap();
+            }
+            Script::Fails => {
+                s.write_all(&event(&JobEvent::Failed {
+                    kind: FailureKind::Workload,
+                    reason: "no".into(),
+                }))
+                .await
+                .unwrap();
+            }
+        }
+        let _ = s.shutdown().await;
+        input
+    }
+
+    /// The kernel's path (pass-through hook on a socket) and the copying
+    /// path (a hook that looks at frames) give the same output, report and
+    /// errors, and a failed job leaves nothing behind.
+    #[tokio::test]
+    async fn both_exchanges_agree_on_output_and_failures() {
+        for hook in [
+            Arc::new(crate::hook::PassThrough) as Arc<dyn FrameHook>,
+            Arc::new(Looking),
+        ] {
+            let zero_copy = hook.passes_through();
+            for script in [
+                Script::Good,
+                Script::CutInData,
+                Script::OverLimit,
+                Script::OtherVersion,
+                Script::Fails,
+            ] {
+                let dir = tempfile::tempdir().unwrap();
+                let input_path = dir.path().join("input");
+                let input = output_bytes(INPUT_CHUNK * 2 + 11, 5);
+                std::fs::write(&input_path, &input).unwrap();
+                let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+                let enclave = tokio::spawn(scripted_enclave(theirs, script));
+                let job = JobRun {
+                    enclave: "unix:/nonexistent".parse().unwrap(),
+                    spec: JobSpec {
+                        job_id: "t".into(),
+                        workload: kluis_proto::job::WorkloadSpec::Identity,
+                        output_key: "out".into(),
+                        secrets: vec![],
+                        authorisation: None,
+                    },
+                    hook: Arc::clone(&hook),
+                    idle_timeout: Duration::from_secs(20),
+                };
+                let output = dir.path().join("output");
+                let result = run_job_on(
+                    &job,
+                    Box::new(ours),
+                    std::fs::File::open(&input_path).unwrap(),
+                    &output,
+                    |_| {},
+                )
+                .await;
+                let what = format!("{script:?}, zero copy {zero_copy}");
+                assert_eq!(enclave.await.unwrap(), input, "{what}");
+                match (script, result) {
+                    (Script::Good, Ok(report)) => {
+                        let mut expected = output_bytes(OUT_A, 1);
+                        expected.extend_from_slice(&output_bytes(OUT_B, 2));
+                        assert_eq!(std::fs::read(&output).unwrap(), expected, "{what}");
+                        assert_eq!(report.input_bytes, input.len() as u64, "{what}");
+                        assert_eq!(report.output_bytes, expected.len() as u64, "{what}");
+                        assert_eq!(report.output_key, Some(("out".into(), 7)), "{what}");
+                        assert_eq!(report.counts.bytes_out, 4, "{what}");
+                    }
+                    (Script::CutInData, Err(RunError::Incomplete))
+                    | (Script::OverLimit | Script::OtherVersion, Err(RunError::Protocol(_)))
+                    | (
+                        Script::Fails,
+                        Err(RunError::Failed {
+                            kind: FailureKind::Workload,
+                            ..
+                        }),
+                    ) => {
+                        let left: Vec<_> = std::fs::read_dir(dir.path())
+                            .unwrap()
+                            .map(|e| e.unwrap().file_name())
+                            .collect();
+                        assert_eq!(left, vec![std::ffi::OsString::from("input")], "{what}");
+                    }
+                    (_, other) => panic!("{what}: {other:?}"),
+                }
+            }
+        }
+    }
 }
