@@ -437,6 +437,18 @@ impl Heard {
         }
     }
 
+    /// Report progress so far.
+    fn tell(
+        &mut self,
+        sent: &std::sync::atomic::AtomicU64,
+        started: Instant,
+        progress: &mut impl FnMut(&Progress),
+    ) {
+        self.state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+        self.state.elapsed = started.elapsed();
+        progress(&self.state);
+    }
+
     fn received(&mut self, n: usize) {
         self.state.received = self
             .state
@@ -633,9 +645,7 @@ async fn exchange_copying(
                     return Ok(counts);
                 }
             }
-            heard.state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
-            heard.state.elapsed = started.elapsed();
-            progress(&heard.state);
+            heard.tell(sent, started, progress);
         }
     }
     .await;
@@ -729,9 +739,7 @@ async fn exchange_zero_copy(
                     }
                 }
             }
-            heard.state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
-            heard.state.elapsed = started.elapsed();
-            progress(&heard.state);
+            heard.tell(sent, started, progress);
         }
     }
     .await;

@@ -375,6 +375,21 @@ pub async fn run(job: &JobRun, input: Vec<u8>, output: &Path) -> Result<JobRepor
     report
 }
 
+/// Run `job` on what `reader` gives (read as it comes, not from a file).
+pub async fn run_reader(
+    job: &JobRun,
+    reader: impl std::io::Read + Send + 'static,
+    output: &Path,
+) -> Result<JobReport, RunError> {
+    run_job(
+        job,
+        kluis_parent::job::JobInput::reader(reader),
+        output,
+        |_| {},
+    )
+    .await
+}
+
 /// What a hostile parent does to one frame.
 #[derive(Debug, Clone)]
 pub enum Tamper {

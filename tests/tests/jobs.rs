@@ -657,15 +657,7 @@ async fn verifier_restarted_mid_job() {
     let running = tokio::spawn({
         let job = job.clone();
         let out = out.clone();
-        async move {
-            kluis_parent::job::run_job(
-                &job,
-                kluis_parent::job::JobInput::reader(slow),
-                &out,
-                |_| {},
-            )
-            .await
-        }
+        async move { run_reader(&job, slow, &out).await }
     });
     started.wait(Duration::from_secs(10)).await;
     let address = d.verifier.address.clone();
@@ -740,15 +732,7 @@ async fn enclave_killed_mid_job_leaves_no_output_and_the_job_runs_again() {
     job1.hook = started.clone();
     let running = tokio::spawn({
         let out = out.clone();
-        async move {
-            kluis_parent::job::run_job(
-                &job1,
-                kluis_parent::job::JobInput::reader(slow),
-                &out,
-                |_| {},
-            )
-            .await
-        }
+        async move { run_reader(&job1, slow, &out).await }
     });
     // Killed mid-job: after its keys were released, before its input ended.
     started.wait(Duration::from_secs(10)).await;
@@ -1063,11 +1047,10 @@ async fn a_trickling_parent_meets_the_job_deadline() {
         chunk: 1024,
     };
     let out = d.world.path("slow.kenv");
-    let err = kluis_parent::job::run_job(
+    let err = run_reader(
         &job(&enclave.address, WorkloadSpec::Identity, vec![]),
-        kluis_parent::job::JobInput::reader(slow),
+        slow,
         &out,
-        |_| {},
     )
     .await
     .unwrap_err();
