@@ -401,13 +401,16 @@ pub async fn run_job(
     run_job_on(job, stream, input, output, progress).await
 }
 
-/// What the enclave's frames have said so far.
-struct Heard {
+/// What the job has sent and heard so far.
+struct Tally {
     state: Progress,
     output_key: Option<(String, u32)>,
+    /// Input bytes sent, counted by the input's sender task.
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    started: Instant,
 }
 
-impl Heard {
+impl Tally {
     /// Take in one message frame; `Some` when it says the job is done.
     fn message(&mut self, frame: &[u8]) -> Result<Option<JobCounts>, RunError> {
         // A hook in a test may have made anything of a frame: decode it
@@ -438,14 +441,9 @@ impl Heard {
     }
 
     /// Report progress so far.
-    fn tell(
-        &mut self,
-        sent: &std::sync::atomic::AtomicU64,
-        started: Instant,
-        progress: &mut impl FnMut(&Progress),
-    ) {
-        self.state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
-        self.state.elapsed = started.elapsed();
+    fn tell(&mut self, progress: &mut impl FnMut(&Progress)) {
+        self.state.sent = self.sent.load(std::sync::atomic::Ordering::Relaxed);
+        self.state.elapsed = self.started.elapsed();
         progress(&self.state);
     }
 
@@ -491,7 +489,12 @@ pub async fn run_job_on(
     mut progress: impl FnMut(&Progress),
 ) -> Result<JobReport, RunError> {
     let input = input.into();
-    let started = Instant::now();
+    let mut tally = Tally {
+        state: Progress::default(),
+        output_key: None,
+        sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        started: Instant::now(),
+    };
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -512,11 +515,6 @@ pub async fn run_job_on(
         }
         _ => None,
     };
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut heard = Heard {
-        state: Progress::default(),
-        output_key: None,
-    };
     let outcome = match socket {
         Some(socket) => {
             let outcome = exchange_zero_copy(
@@ -524,9 +522,7 @@ pub async fn run_job_on(
                 Arc::new(socket),
                 input,
                 partial_file,
-                &sent,
-                &mut heard,
-                started,
+                &mut tally,
                 &mut progress,
             )
             .await;
@@ -534,19 +530,7 @@ pub async fn run_job_on(
             drop(stream);
             outcome
         }
-        None => {
-            exchange_copying(
-                job,
-                stream,
-                input,
-                partial_file,
-                &sent,
-                &mut heard,
-                started,
-                &mut progress,
-            )
-            .await
-        }
+        None => exchange_copying(job, stream, input, partial_file, &mut tally, &mut progress).await,
     };
     let counts = match outcome {
         Ok(counts) => counts,
@@ -562,33 +546,27 @@ pub async fn run_job_on(
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
-    let mut state = heard.state;
-    state.counts = counts;
-    state.sent = sent.load(std::sync::atomic::Ordering::Relaxed);
-    state.elapsed = started.elapsed();
-    progress(&state);
+    tally.state.counts = counts;
+    tally.tell(&mut progress);
     Ok(JobReport {
         counts,
-        input_bytes: state.sent,
-        output_bytes: state.received,
-        output_key: heard.output_key,
+        input_bytes: tally.state.sent,
+        output_bytes: tally.state.received,
+        output_key: tally.output_key,
         output: output.to_path_buf(),
-        elapsed: started.elapsed(),
+        elapsed: tally.state.elapsed,
     })
 }
 
 /// The job with every frame read whole and shown to the hook; the output
 /// is written by a blocking thread. Returns once the output is on disk
 /// (fsync) and the input all sent.
-#[allow(clippy::too_many_arguments)]
 async fn exchange_copying(
     job: &JobRun,
     stream: kluis_transport::BoxStream,
     input: JobInput,
     partial_file: std::fs::File,
-    sent: &Arc<std::sync::atomic::AtomicU64>,
-    heard: &mut Heard,
-    started: Instant,
+    tally: &mut Tally,
     progress: &mut impl FnMut(&Progress),
 ) -> Result<JobCounts, RunError> {
     // The output is written by a blocking thread, straight from the data
@@ -613,7 +591,7 @@ async fn exchange_copying(
         to_enclave,
         job.spec.clone(),
         Arc::clone(&job.hook),
-        Arc::clone(sent),
+        Arc::clone(&tally.sent),
     ));
 
     let result: Result<JobCounts, RunError> = async {
@@ -634,18 +612,18 @@ async fn exchange_copying(
             {
                 if let Some(payload) = kluis_proto::job::data_payload(&frame) {
                     // The data path: hand the frame to the writer as it is.
-                    heard.received(payload.len());
+                    tally.received(payload.len());
                     out_tx.send(frame).await.map_err(|_| RunError::Io {
                         context: "writing the output".into(),
                         source: std::io::Error::other("the output writer stopped"),
                     })?;
                     continue;
                 }
-                if let Some(counts) = heard.message(&frame)? {
+                if let Some(counts) = tally.message(&frame)? {
                     return Ok(counts);
                 }
             }
-            heard.tell(sent, started, progress);
+            tally.tell(progress);
         }
     }
     .await;
@@ -672,15 +650,12 @@ async fn exchange_copying(
 /// the output's data frames are spliced from the socket into the file, the
 /// enclave's messages are read whole. Returns once the output is on disk
 /// (fsync) and the input all sent.
-#[allow(clippy::too_many_arguments)]
 async fn exchange_zero_copy(
     job: &JobRun,
     socket: Arc<Socket>,
     input: JobInput,
     partial_file: std::fs::File,
-    sent: &Arc<std::sync::atomic::AtomicU64>,
-    heard: &mut Heard,
-    started: Instant,
+    tally: &mut Tally,
     progress: &mut impl FnMut(&Progress),
 ) -> Result<JobCounts, RunError> {
     let pipe = Pipe::new().map_err(io("making a pipe for the output"))?;
@@ -688,7 +663,7 @@ async fn exchange_zero_copy(
         input,
         Arc::clone(&socket),
         job.spec.clone(),
-        Arc::clone(sent),
+        Arc::clone(&tally.sent),
     ));
     let idle = job.idle_timeout;
     let result: Result<JobCounts, RunError> = async {
@@ -715,7 +690,7 @@ async fn exchange_zero_copy(
                         }
                         _ => io("writing the output")(e),
                     })?;
-                    heard.received(head.body_len);
+                    tally.received(head.body_len);
                 }
                 FrameKind::Data => {
                     return Err(RunError::Protocol(
@@ -734,12 +709,12 @@ async fn exchange_zero_copy(
                     .await
                     .map_err(|_| RunError::Timeout(idle))?
                     .map_err(enclave_side_error)?;
-                    if let Some(counts) = heard.message(&frame)? {
+                    if let Some(counts) = tally.message(&frame)? {
                         return Ok(counts);
                     }
                 }
             }
-            heard.tell(sent, started, progress);
+            tally.tell(progress);
         }
     }
     .await;
