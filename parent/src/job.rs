@@ -23,6 +23,7 @@ use kluis_transport::Address;
 use tokio::io::AsyncWriteExt;
 
 use crate::hook::{read_raw_frame_into, Channel, Direction, FrameHook};
+use crate::writebehind::WriteBehind;
 use crate::zerocopy::{Pipe, Socket};
 
 /// Input bytes per `Data` frame.
@@ -578,10 +579,14 @@ async fn exchange_copying(
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write;
         let mut file = partial_file;
+        let mut behind = WriteBehind::start(&file)?;
         while let Some(frame) = out_rx.blocking_recv() {
-            file.write_all(frame.get(DATA_FRAME_HEADER_LEN..).unwrap_or_default())?;
+            let payload = frame.get(DATA_FRAME_HEADER_LEN..).unwrap_or_default();
+            file.write_all(payload)?;
+            behind.wrote(u64::try_from(payload.len()).unwrap_or(u64::MAX));
             let _ = spare_tx.try_send(frame);
         }
+        behind.finish()?;
         file.sync_all()
     });
 
@@ -659,6 +664,7 @@ async fn exchange_zero_copy(
     progress: &mut impl FnMut(&Progress),
 ) -> Result<JobCounts, RunError> {
     let pipe = Pipe::new().map_err(io("making a pipe for the output"))?;
+    let mut behind = WriteBehind::start(&partial_file).map_err(io("writing the output"))?;
     let sender = tokio::spawn(send_input_zero_copy(
         input,
         Arc::clone(&socket),
@@ -691,6 +697,7 @@ async fn exchange_zero_copy(
                         _ => io("writing the output")(e),
                     })?;
                     tally.received(head.body_len);
+                    behind.wrote(u64::try_from(head.body_len).unwrap_or(u64::MAX));
                 }
                 FrameKind::Data => {
                     return Err(RunError::Protocol(
@@ -725,7 +732,12 @@ async fn exchange_zero_copy(
             return Err(e);
         }
     };
-    let written = match tokio::task::spawn_blocking(move || partial_file.sync_all()).await {
+    let written = match tokio::task::spawn_blocking(move || {
+        behind.finish()?;
+        partial_file.sync_all()
+    })
+    .await
+    {
         Ok(r) => r.map_err(io("writing the output")),
         Err(_) => Err(RunError::Protocol("the output's fsync failed".into())),
     };
@@ -863,10 +875,13 @@ mod tests {
     }
 
     /// What the scripted enclave does after the parent's `End`.
-    #[derive(Clone, Copy, Debug)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     enum Script {
         /// Started, two data frames, progress, Done.
         Good,
+        /// As `Good`, with more output than the write-behind's step between
+        /// the two frames (as many full frames as that takes).
+        Long,
         /// Announces 1,000 bytes of data, sends 10, closes.
         CutInData,
         /// A whole data frame one byte over the chunk limit.
@@ -879,6 +894,20 @@ mod tests {
 
     const OUT_A: usize = 300 * 1024 + 5;
     const OUT_B: usize = 3;
+    /// The long script's middle: a little over one write-behind step.
+    const LONG_FRAMES: usize = crate::writebehind::STEP as usize / MAX_CHUNK_LEN + 1;
+
+    /// What the script sends as output, in order.
+    fn expected_output(script: Script) -> Vec<u8> {
+        let mut expected = output_bytes(OUT_A, 1);
+        if script == Script::Long {
+            for i in 0..LONG_FRAMES {
+                expected.extend_from_slice(&output_bytes(MAX_CHUNK_LEN, i as u8));
+            }
+        }
+        expected.extend_from_slice(&output_bytes(OUT_B, 2));
+        expected
+    }
 
     fn output_bytes(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
@@ -926,10 +955,17 @@ mod tests {
         .await
         .unwrap();
         match script {
-            Script::Good => {
+            Script::Good | Script::Long => {
                 s.write_all(&data_frame(&output_bytes(OUT_A, 1)).unwrap())
                     .await
                     .unwrap();
+                if script == Script::Long {
+                    for i in 0..LONG_FRAMES {
+                        s.write_all(&data_frame(&output_bytes(MAX_CHUNK_LEN, i as u8)).unwrap())
+                            .await
+                            .unwrap();
+                    }
+                }
                 s.write_all(&event(&JobEvent::Progress(counts)))
                     .await
                     .unwrap();
@@ -984,6 +1020,7 @@ mod tests {
             let zero_copy = hook.passes_through();
             for script in [
                 Script::Good,
+                Script::Long,
                 Script::CutInData,
                 Script::OverLimit,
                 Script::OtherVersion,
@@ -1019,9 +1056,8 @@ mod tests {
                 let what = format!("{script:?}, zero copy {zero_copy}");
                 assert_eq!(enclave.await.unwrap(), input, "{what}");
                 match (script, result) {
-                    (Script::Good, Ok(report)) => {
-                        let mut expected = output_bytes(OUT_A, 1);
-                        expected.extend_from_slice(&output_bytes(OUT_B, 2));
+                    (Script::Good | Script::Long, Ok(report)) => {
+                        let expected = expected_output(script);
                         assert_eq!(std::fs::read(&output).unwrap(), expected, "{what}");
                         assert_eq!(report.input_bytes, input.len() as u64, "{what}");
                         assert_eq!(report.output_bytes, expected.len() as u64, "{what}");

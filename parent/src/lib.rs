@@ -14,4 +14,5 @@ pub mod hook;
 pub mod job;
 pub mod relay;
 pub mod spec;
+mod writebehind;
 mod zerocopy;
