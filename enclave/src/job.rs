@@ -34,10 +34,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kluis_envelope::{
-    DataKey, DecryptError, EnvelopeHeader, EnvelopeReader, EnvelopeWriter, WrappedKey,
+    DataKey, DecryptError, EnvelopeHeader, EnvelopeReader, EnvelopeWriter, WrappedKey, WriteInPlace,
 };
 use kluis_proto::job::{
-    finish_data_frame, FailureKind, JobCounts, JobEvent, JobRequest, JobSpec, WorkloadSpec,
+    data_frame_header, FailureKind, JobCounts, JobEvent, JobRequest, JobSpec, WorkloadSpec,
     DATA_FRAME_HEADER_LEN, JOB_MAX_FRAME_LEN, MAX_CHUNK_LEN,
 };
 use kluis_proto::{KeyOperation, ReleasedKey, SignedAuthorisation, WireError};
@@ -109,10 +109,19 @@ impl Read for ChannelReader {
     }
 }
 
-/// Turns output ciphertext into `Data` frames (blocking), built in place.
+/// A data frame's whole buffer: its header, then room for the largest chunk.
+const FRAME_CAPACITY: usize = DATA_FRAME_HEADER_LEN.saturating_add(MAX_CHUNK_LEN);
+
+/// Turns output ciphertext into `Data` frames (blocking), built in place:
+/// the envelope writer seals each segment straight into the frame
+/// ([`WriteInPlace`]), and the header goes in front when the frame is sent.
 struct ChannelWriter {
     tx: mpsc::Sender<Outgoing>,
+    /// The frame being built. It is always [`FRAME_CAPACITY`] long (a reused
+    /// frame is never truncated, so never zero-filled again); its first
+    /// `used` bytes (header room, then output) are what gets sent.
     buf: Vec<u8>,
+    used: usize,
     sent: u64,
     /// Written frames come back here from the event writer.
     spare_tx: mpsc::Sender<Vec<u8>>,
@@ -126,6 +135,7 @@ impl ChannelWriter {
         let mut writer = ChannelWriter {
             tx,
             buf: Vec::new(),
+            used: DATA_FRAME_HEADER_LEN,
             sent: 0,
             spare_tx,
             spare_rx,
@@ -134,31 +144,33 @@ impl ChannelWriter {
         writer
     }
 
-    /// An empty frame (header room only): a written one back from the event
-    /// writer, or a new one.
+    /// A frame to fill: a written one back from the event writer (its old
+    /// ciphertext is overwritten before it is sent again), or a new one.
     fn next_buffer(&mut self) -> Vec<u8> {
-        let mut buf = self.spare_rx.try_recv().unwrap_or_else(|_| {
-            Vec::with_capacity(DATA_FRAME_HEADER_LEN.saturating_add(MAX_CHUNK_LEN))
-        });
-        buf.clear();
-        buf.resize(DATA_FRAME_HEADER_LEN, 0);
+        let mut buf = self.spare_rx.try_recv().unwrap_or_default();
+        buf.resize(FRAME_CAPACITY, 0);
         buf
     }
 
     fn send_buffer(&mut self) -> std::io::Result<()> {
-        let payload = self.buf.len().saturating_sub(DATA_FRAME_HEADER_LEN);
+        let payload = self.used.saturating_sub(DATA_FRAME_HEADER_LEN);
         if payload == 0 {
             return Ok(());
         }
+        let header = data_frame_header(payload).map_err(std::io::Error::other)?;
+        if let Some(slot) = self.buf.get_mut(..DATA_FRAME_HEADER_LEN) {
+            slot.copy_from_slice(&header);
+        }
         let next = self.next_buffer();
-        let chunk = std::mem::replace(&mut self.buf, next);
+        let frame = std::mem::replace(&mut self.buf, next);
+        let len = std::mem::replace(&mut self.used, DATA_FRAME_HEADER_LEN);
         self.sent = self
             .sent
             .saturating_add(u64::try_from(payload).unwrap_or(u64::MAX));
-        let frame = finish_data_frame(chunk).map_err(std::io::Error::other)?;
         self.tx
             .blocking_send(Outgoing::Frame {
                 frame,
+                len,
                 spare: self.spare_tx.clone(),
             })
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "output closed"))
@@ -167,12 +179,13 @@ impl ChannelWriter {
 
 impl Write for ChannelWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let full = DATA_FRAME_HEADER_LEN.saturating_add(MAX_CHUNK_LEN);
-        let room = full.saturating_sub(self.buf.len());
-        let n = room.min(data.len());
-        self.buf
-            .extend_from_slice(data.get(..n).unwrap_or_default());
-        if self.buf.len() >= full {
+        let free = self.buf.get_mut(self.used..).unwrap_or_default();
+        let n = free.len().min(data.len());
+        if let (Some(dst), Some(src)) = (free.get_mut(..n), data.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        self.used = self.used.saturating_add(n);
+        if self.used >= FRAME_CAPACITY {
             self.send_buffer()?;
         }
         Ok(n)
@@ -180,6 +193,28 @@ impl Write for ChannelWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.send_buffer()
+    }
+}
+
+impl WriteInPlace for ChannelWriter {
+    fn room(&mut self, len: usize) -> std::io::Result<Option<&mut [u8]>> {
+        if len > MAX_CHUNK_LEN {
+            return Ok(None);
+        }
+        // A segment is never split across frames: a frame that cannot take
+        // it whole goes now, a little short of full.
+        if self.used.saturating_add(len) > FRAME_CAPACITY {
+            self.send_buffer()?;
+        }
+        Ok(self.buf.get_mut(self.used..self.used.saturating_add(len)))
+    }
+
+    fn commit(&mut self, len: usize) -> std::io::Result<()> {
+        self.used = self.used.saturating_add(len).min(FRAME_CAPACITY);
+        if self.used >= FRAME_CAPACITY {
+            self.send_buffer()?;
+        }
+        Ok(())
     }
 }
 
@@ -363,9 +398,14 @@ async fn write_events<W: AsyncWrite + Unpin>(
                 Outgoing::Event(event) => {
                     kluis_proto::job::write_job_message(&mut writer, &event).await
                 }
-                Outgoing::Frame { frame, spare } => {
+                Outgoing::Frame { frame, len, spare } => {
+                    let whole = frame.get(..len).ok_or_else(|| {
+                        kluis_proto::FrameError::Io(std::io::Error::other(
+                            "a data frame longer than its buffer",
+                        ))
+                    })?;
                     writer
-                        .write_all(&frame)
+                        .write_all(whole)
                         .await
                         .map_err(kluis_proto::FrameError::Io)?;
                     writer.flush().await.map_err(kluis_proto::FrameError::Io)?;
@@ -921,7 +961,8 @@ fn seal_stage(
 ) -> Result<(u64, u64), JobError> {
     let sink = ChannelWriter::new(events);
     let mut writer = EnvelopeWriter::new(sink, key, wrapped)
-        .map_err(|e| JobError::new(FailureKind::Output, format!("starting the output: {e}")))?;
+        .map_err(|e| JobError::new(FailureKind::Output, format!("starting the output: {e}")))?
+        .in_place();
     let mut plaintext = 0u64;
     loop {
         match batches.recv() {
@@ -951,4 +992,60 @@ fn seal_stage(
         .map_err(|e| JobError::new(FailureKind::Output, format!("finishing the output: {e}")))?;
     sink.flush().map_err(|e| write_error(&e))?;
     Ok((plaintext, sink.sent))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects,
+        clippy::cast_possible_truncation
+    )]
+    use super::*;
+    use kluis_envelope::{decrypt_to_vec, DEFAULT_SEGMENT_SIZE, SEGMENT_OVERHEAD};
+
+    /// The sealer's frames: each segment sealed into a frame whole (none
+    /// split across two), no frame over the chunk limit, and together the
+    /// envelope of the plaintext.
+    #[test]
+    fn output_frames_carry_whole_segments_sealed_in_place() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let key = DataKey::generate().unwrap();
+        let wrapped = WrappedKey::new("t/app/prod", 1, vec![1; 32]).unwrap();
+        let plaintext: Vec<u8> = (0..3 * MAX_CHUNK_LEN + 123)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut writer = EnvelopeWriter::new(ChannelWriter::new(tx), &key, wrapped)
+            .unwrap()
+            .in_place();
+        let header_len = writer.header().as_bytes().len();
+        for piece in plaintext.chunks(READ_CHUNK) {
+            writer.write_all(piece).unwrap();
+        }
+        let mut sink = writer.finish().unwrap();
+        sink.flush().unwrap();
+        let sent = sink.sent;
+        drop(sink);
+
+        let segment = DEFAULT_SEGMENT_SIZE as usize + SEGMENT_OVERHEAD;
+        let mut payloads = Vec::new();
+        while let Ok(outgoing) = rx.try_recv() {
+            let Outgoing::Frame { frame, len, .. } = outgoing else {
+                panic!("an event from the sealer's sink");
+            };
+            let payload = kluis_proto::job::data_payload(&frame[..len]).unwrap();
+            assert!(payload.len() <= MAX_CHUNK_LEN);
+            payloads.push(payload.to_vec());
+        }
+        assert!(payloads.len() >= 4, "{} frames", payloads.len());
+        // Whole segments only, the header in front of the first.
+        assert_eq!((payloads[0].len() - header_len) % segment, 0);
+        for middle in &payloads[1..payloads.len() - 1] {
+            assert_eq!(middle.len() % segment, 0, "a segment split across frames");
+        }
+        let envelope = payloads.concat();
+        assert_eq!(envelope.len() as u64, sent);
+        assert_eq!(*decrypt_to_vec(&key, &envelope).unwrap(), plaintext);
+    }
 }

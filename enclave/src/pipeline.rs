@@ -73,15 +73,16 @@ pub(crate) fn write_error(e: &std::io::Error) -> JobError {
     }
 }
 
-/// What goes to the parent: an event, or an output `Data` frame already
-/// built in place ([`kluis_proto::job::finish_data_frame`]) with where its
-/// buffer goes once written (back to the sealer, for the next frame: the
-/// data path allocates and faults in its frame buffers once, not once per
-/// megabyte; a buffer with no room there is freed).
+/// What goes to the parent: an event, or an output `Data` frame built in
+/// place (its first `len` bytes; the buffer is longer) with where its buffer
+/// goes once written (back to the sealer, for the next frame: the data path
+/// allocates and faults in its frame buffers once, not once per megabyte; a
+/// buffer with no room there is freed).
 pub(crate) enum Outgoing {
     Event(JobEvent),
     Frame {
         frame: Vec<u8>,
+        len: usize,
         spare: mpsc::Sender<Vec<u8>>,
     },
 }

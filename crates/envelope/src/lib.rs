@@ -194,7 +194,7 @@ pub use header::{
     MAX_WRAPPED_KEY_LEN, MIN_HEADER_LEN, MIN_SEGMENT_SIZE, SALT_LEN,
 };
 pub use key::DataKey;
-pub use sync::{decrypt_to_vec, encrypt_to_vec, EnvelopeReader, EnvelopeWriter};
+pub use sync::{decrypt_to_vec, encrypt_to_vec, EnvelopeReader, EnvelopeWriter, WriteInPlace};
 #[cfg(feature = "tokio")]
 pub use tokio_io::{AsyncEnvelopeReader, AsyncEnvelopeWriter};
 

@@ -9,7 +9,7 @@ use crate::key::DataKey;
 use crate::{FINAL_FLAG, MAX_SEGMENTS, SEGMENT_WORD_LEN};
 use std::io;
 use std::task::{ready, Poll};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 #[derive(Debug, Clone, Copy)]
 enum State {
@@ -50,9 +50,70 @@ impl std::fmt::Debug for Encoder {
     }
 }
 
-/// A sink: offered bytes, writes some of them.
-pub(crate) trait Sink: FnMut(&[u8]) -> Poll<io::Result<usize>> {}
-impl<F: FnMut(&[u8]) -> Poll<io::Result<usize>>> Sink for F {}
+/// Where sealed bytes go: offered bytes, it writes some of them. A sink may
+/// also lend room at the end of its own buffer, for a segment to be sealed
+/// straight into it instead of into the encoder's buffer and then copied.
+pub(crate) trait Sink {
+    /// Writes some of `bytes`.
+    fn write(&mut self, bytes: &[u8]) -> Poll<io::Result<usize>>;
+
+    /// Exactly `len` bytes to seal a segment into, or `None` (the segment
+    /// then goes through [`write`](Self::write)).
+    fn room(&mut self, _len: usize) -> io::Result<Option<&mut [u8]>> {
+        Ok(None)
+    }
+
+    /// The room last lent now holds a sealed segment.
+    fn commit(&mut self, _len: usize) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<F: FnMut(&[u8]) -> Poll<io::Result<usize>>> Sink for F {
+    fn write(&mut self, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        self(bytes)
+    }
+}
+
+/// Where a sealed segment went.
+enum Sealed {
+    /// Into the sink's own room: nothing to write.
+    Lent,
+    /// Into `buf[..end]`, to be written.
+    Buffered { end: usize },
+}
+
+/// Seals `plaintext` as segment `counter` into `out`, which must be exactly
+/// `word || ciphertext || tag` long; the plaintext is left as it was.
+fn seal_out_of_place(
+    cipher: &SegmentCipher,
+    counter: u32,
+    is_final: bool,
+    plaintext: &[u8],
+    out: &mut [u8],
+) -> Result<(), EncryptError> {
+    let word = segment_word(is_final, plaintext.len())?;
+    let (word_slot, rest) = out
+        .split_at_mut_checked(SEGMENT_WORD_LEN)
+        .ok_or(EncryptError::Crypto)?;
+    let (body, tag_slot) = rest
+        .split_at_mut_checked(plaintext.len())
+        .ok_or(EncryptError::Crypto)?;
+    if tag_slot.len() != TAG_LEN {
+        return Err(EncryptError::Crypto);
+    }
+    cipher
+        .seal_into(counter, is_final, word, plaintext, body, tag_slot)
+        .map_err(|_| EncryptError::Crypto)?;
+    word_slot.copy_from_slice(&word);
+    Ok(())
+}
+
+/// The word of a segment of `len` plaintext bytes.
+fn segment_word(is_final: bool, len: usize) -> Result<[u8; SEGMENT_WORD_LEN], EncryptError> {
+    let len32 = u32::try_from(len).map_err(|_| EncryptError::Crypto)?;
+    Ok((if is_final { FINAL_FLAG } else { 0 } | len32).to_be_bytes())
+}
 
 impl Encoder {
     pub(crate) fn new(
@@ -108,7 +169,7 @@ impl Encoder {
                 continue;
             }
             let offered = pending.len();
-            let written = match ready!(sink(pending)) {
+            let written = match ready!(sink.write(pending)) {
                 Ok(0) => {
                     return Poll::Ready(Err(EncryptError::Io(io::Error::new(
                         io::ErrorKind::WriteZero,
@@ -128,8 +189,14 @@ impl Encoder {
     }
 
     /// Seals the buffered plaintext (or, with `direct`, a full segment of the
-    /// caller's input, saving a copy) as segment `next_index`.
-    fn seal(&mut self, is_final: bool, direct: Option<&[u8]>) -> Result<(), EncryptError> {
+    /// caller's input, saving a copy) as segment `next_index`: into room the
+    /// sink lends, if it does, or else into the buffer, to be written.
+    fn seal(
+        &mut self,
+        is_final: bool,
+        direct: Option<&[u8]>,
+        sink: &mut impl Sink,
+    ) -> Result<(), EncryptError> {
         let State::Filling { filled } = self.state else {
             return Err(EncryptError::Failed);
         };
@@ -147,12 +214,16 @@ impl Encoder {
             });
         }
         let len = direct.map_or(filled, <[u8]>::len);
-        match self.seal_segment(index, len, is_final, direct) {
-            Ok(end) => {
-                self.state = State::Draining {
-                    pos: 0,
-                    end,
-                    is_final,
+        match self.seal_segment(index, len, is_final, direct, sink) {
+            Ok(sealed) => {
+                self.state = match sealed {
+                    Sealed::Lent if is_final => State::Done,
+                    Sealed::Lent => State::Filling { filled: 0 },
+                    Sealed::Buffered { end } => State::Draining {
+                        pos: 0,
+                        end,
+                        is_final,
+                    },
                 };
                 self.next_index = index.saturating_add(1);
                 Ok(())
@@ -170,34 +241,53 @@ impl Encoder {
         len: usize,
         is_final: bool,
         direct: Option<&[u8]>,
-    ) -> Result<usize, EncryptError> {
+        sink: &mut impl Sink,
+    ) -> Result<Sealed, EncryptError> {
         let counter = u32::try_from(index).map_err(|_| EncryptError::TooManySegments {
             max_segments: self.max_segments,
         })?;
-        let len32 = u32::try_from(len).map_err(|_| EncryptError::Crypto)?;
-        let word = (if is_final { FINAL_FLAG } else { 0 } | len32).to_be_bytes();
-        let (word_slot, rest) = self
-            .buf
-            .split_at_mut_checked(SEGMENT_WORD_LEN)
-            .ok_or(EncryptError::Crypto)?;
-        let (body, rest) = rest.split_at_mut_checked(len).ok_or(EncryptError::Crypto)?;
-        let tag_slot = rest.get_mut(..TAG_LEN).ok_or(EncryptError::Crypto)?;
+        // word + len + tag: at most 16 MiB + 20, no overflow.
+        let total = SEGMENT_WORD_LEN.saturating_add(len).saturating_add(TAG_LEN);
+        let buffered = SEGMENT_WORD_LEN..SEGMENT_WORD_LEN.saturating_add(len);
+        if let Some(room) = sink.room(total).map_err(EncryptError::Io)? {
+            if room.len() != total {
+                return Err(EncryptError::Io(io::Error::other(
+                    "the sink lent room of the wrong length",
+                )));
+            }
+            let plaintext = match direct {
+                Some(plaintext) => plaintext,
+                None => self.buf.get(buffered.clone()).ok_or(EncryptError::Crypto)?,
+            };
+            seal_out_of_place(&self.cipher, counter, is_final, plaintext, room)?;
+            sink.commit(total).map_err(EncryptError::Io)?;
+            if direct.is_none() {
+                // Sealed out of place: the plaintext is still here.
+                if let Some(used) = self.buf.get_mut(buffered) {
+                    used.zeroize();
+                }
+            }
+            return Ok(Sealed::Lent);
+        }
+        let out = self.buf.get_mut(..total).ok_or(EncryptError::Crypto)?;
         match direct {
-            Some(plaintext) => self
-                .cipher
-                .seal_into(counter, is_final, word, plaintext, body, tag_slot)
-                .map_err(|_| EncryptError::Crypto)?,
+            Some(plaintext) => seal_out_of_place(&self.cipher, counter, is_final, plaintext, out)?,
             None => {
+                let word = segment_word(is_final, len)?;
+                let (word_slot, rest) = out
+                    .split_at_mut_checked(SEGMENT_WORD_LEN)
+                    .ok_or(EncryptError::Crypto)?;
+                let (body, tag_slot) =
+                    rest.split_at_mut_checked(len).ok_or(EncryptError::Crypto)?;
                 let tag = self
                     .cipher
                     .seal(counter, is_final, word, body)
                     .map_err(|_| EncryptError::Crypto)?;
                 tag_slot.copy_from_slice(&tag);
+                word_slot.copy_from_slice(&word);
             }
         }
-        word_slot.copy_from_slice(&word);
-        // word + len + tag: at most 16 MiB + 20, no overflow.
-        Ok(SEGMENT_WORD_LEN.saturating_add(len).saturating_add(TAG_LEN))
+        Ok(Sealed::Buffered { end: total })
     }
 
     /// Accepts a prefix of `input` (at least one byte unless it is empty or
@@ -217,7 +307,7 @@ impl Encoder {
                 State::Header { .. } | State::Draining { .. } => ready!(self.drain(&mut sink))?,
                 State::Filling { filled } if filled >= self.segment_size => {
                     // More input follows a full segment: it is not the last.
-                    self.seal(false, None)?;
+                    self.seal(false, None, &mut sink)?;
                 }
                 State::Filling { filled: 0 } if input.len() > self.segment_size => {
                     // A whole segment with more input after it: seal it
@@ -226,7 +316,7 @@ impl Encoder {
                         self.state = State::Failed;
                         return Poll::Ready(Err(EncryptError::Failed));
                     };
-                    self.seal(false, Some(segment))?;
+                    self.seal(false, Some(segment), &mut sink)?;
                     return Poll::Ready(Ok(self.segment_size));
                 }
                 State::Filling { filled } => {
@@ -265,7 +355,7 @@ impl Encoder {
                 State::Failed => return Poll::Ready(Err(EncryptError::Failed)),
                 State::Done => return Poll::Ready(Ok(())),
                 State::Header { .. } | State::Draining { .. } => ready!(self.drain(&mut sink))?,
-                State::Filling { .. } => self.seal(true, None)?,
+                State::Filling { .. } => self.seal(true, None, &mut sink)?,
             }
         }
     }

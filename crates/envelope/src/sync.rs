@@ -4,7 +4,7 @@ use crate::error::{DecryptError, EncryptError};
 use crate::header::{EnvelopeHeader, WrappedKey, DEFAULT_SEGMENT_SIZE};
 use crate::key::DataKey;
 use crate::open::Decoder;
-use crate::seal::Encoder;
+use crate::seal::{Encoder, Sink};
 use std::io::{self, Read, Write};
 use std::task::Poll;
 
@@ -12,6 +12,61 @@ use std::task::Poll;
 /// error, never a panic.
 fn pending_error() -> io::Error {
     io::Error::other("a blocking envelope operation reported Pending")
+}
+
+/// A writer that can lend the end of its own buffer, so that
+/// [`EnvelopeWriter::in_place`] seals segments straight into it rather
+/// than into its segment buffer and then `write`s them: one copy of every
+/// byte saved, where the output goes to a buffer anyway (a frame, a
+/// message).
+pub trait WriteInPlace: Write {
+    /// Exactly `len` bytes that follow everything written so far, to be
+    /// filled with the next output; or `None`, and the output comes through
+    /// `write` instead.
+    ///
+    /// # Errors
+    /// Whatever ends the writer (the output is then failed).
+    fn room(&mut self, len: usize) -> io::Result<Option<&mut [u8]>>;
+
+    /// The `len` bytes last lent by [`room`](Self::room) now hold output:
+    /// they count as written.
+    ///
+    /// # Errors
+    /// Whatever ends the writer (the output is then failed).
+    fn commit(&mut self, len: usize) -> io::Result<()>;
+}
+
+/// `W`'s [`WriteInPlace`] methods, kept by a writer made with
+/// [`EnvelopeWriter::in_place`].
+struct Lend<W> {
+    room: fn(&mut W, usize) -> io::Result<Option<&mut [u8]>>,
+    commit: fn(&mut W, usize) -> io::Result<()>,
+}
+
+/// The encoder's sink over `W`: `write`, and room when `W` lends it.
+struct Output<'a, W> {
+    inner: &'a mut W,
+    lend: Option<&'a Lend<W>>,
+}
+
+impl<W: Write> Sink for Output<'_, W> {
+    fn write(&mut self, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(self.inner.write(bytes))
+    }
+
+    fn room(&mut self, len: usize) -> io::Result<Option<&mut [u8]>> {
+        match self.lend {
+            Some(lend) => (lend.room)(self.inner, len),
+            None => Ok(None),
+        }
+    }
+
+    fn commit(&mut self, len: usize) -> io::Result<()> {
+        match self.lend {
+            Some(lend) => (lend.commit)(self.inner, len),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Encrypts everything written to it into an envelope on `W`.
@@ -25,10 +80,20 @@ fn pending_error() -> io::Error {
 ///
 /// `flush` writes sealed segments and flushes `W`, but cannot emit a partial
 /// segment (segments are sealed only when full or final).
-#[derive(Debug)]
 pub struct EnvelopeWriter<W: Write> {
     inner: W,
     core: Encoder,
+    lend: Option<Lend<W>>,
+}
+
+impl<W: Write + std::fmt::Debug> std::fmt::Debug for EnvelopeWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvelopeWriter")
+            .field("inner", &self.inner)
+            .field("core", &self.core)
+            .field("in_place", &self.lend.is_some())
+            .finish()
+    }
 }
 
 impl<W: Write> EnvelopeWriter<W> {
@@ -54,7 +119,33 @@ impl<W: Write> EnvelopeWriter<W> {
         Ok(Self {
             inner,
             core: Encoder::new(key, wrapped, segment_size)?,
+            lend: None,
         })
+    }
+
+    /// From now on, seal each segment straight into room `W` lends
+    /// ([`WriteInPlace`]), when it does. The envelope is the same.
+    #[must_use]
+    pub fn in_place(mut self) -> Self
+    where
+        W: WriteInPlace,
+    {
+        self.lend = Some(Lend {
+            room: W::room,
+            commit: W::commit,
+        });
+        self
+    }
+
+    /// The encoder's sink over `W`.
+    fn output(&mut self) -> (&mut Encoder, Output<'_, W>) {
+        (
+            &mut self.core,
+            Output {
+                inner: &mut self.inner,
+                lend: self.lend.as_ref(),
+            },
+        )
     }
 
     /// The envelope's header (already fixed, though perhaps not yet written).
@@ -74,11 +165,8 @@ impl<W: Write> EnvelopeWriter<W> {
     /// error.
     pub fn finish(mut self) -> Result<W, EncryptError> {
         loop {
-            let inner = &mut self.inner;
-            match self
-                .core
-                .poll_finish(|b: &[u8]| Poll::Ready(inner.write(b)))
-            {
+            let (core, output) = self.output();
+            match core.poll_finish(output) {
                 Poll::Ready(Ok(())) => break,
                 Poll::Ready(Err(EncryptError::Io(e))) if e.kind() == io::ErrorKind::Interrupted => {
                 }
@@ -98,19 +186,16 @@ impl<W: Write> EnvelopeWriter<W> {
 
 impl<W: Write> Write for EnvelopeWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let inner = &mut self.inner;
-        match self
-            .core
-            .poll_write(buf, |b: &[u8]| Poll::Ready(inner.write(b)))
-        {
+        let (core, output) = self.output();
+        match core.poll_write(buf, output) {
             Poll::Ready(result) => result.map_err(io::Error::from),
             Poll::Pending => Err(pending_error()),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let inner = &mut self.inner;
-        match self.core.poll_flush(|b: &[u8]| Poll::Ready(inner.write(b))) {
+        let (core, output) = self.output();
+        match core.poll_flush(output) {
             Poll::Ready(result) => result.map_err(io::Error::from)?,
             Poll::Pending => return Err(pending_error()),
         }

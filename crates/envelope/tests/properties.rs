@@ -1,5 +1,6 @@
-//! Property tests: random sizes, segment sizes and chunkings round-trip; any
-//! single change or truncation is rejected.
+//! Property tests: random sizes, segment sizes and chunkings round-trip, also
+//! when sealed into room the sink lends; any single change or truncation is
+//! rejected. Then the lending contract's edges.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -12,7 +13,7 @@
 mod common;
 use common::*;
 use kluis_envelope::{
-    DecryptError, EnvelopeHeader, EnvelopeReader, EnvelopeWriter, MIN_SEGMENT_SIZE,
+    DecryptError, EnvelopeHeader, EnvelopeReader, EnvelopeWriter, WriteInPlace, MIN_SEGMENT_SIZE,
 };
 use proptest::prelude::*;
 use std::io::{Read, Write};
@@ -39,8 +40,81 @@ fn read_in_chunks(envelope: &[u8], chunk: usize) -> Result<Vec<u8>, DecryptError
     }
 }
 
+/// A sink that lends room as `lends` says, in turn (and when asked for more
+/// than `most` bytes, never): what a frame-building writer does.
+struct Lender {
+    out: Vec<u8>,
+    lends: Vec<bool>,
+    asked: usize,
+    most: usize,
+    /// Room lent and not yet committed: (start, len).
+    lent: Option<(usize, usize)>,
+    committed: usize,
+}
+
+impl Write for Lender {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        assert!(self.lent.is_none(), "write while room is lent");
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl WriteInPlace for Lender {
+    fn room(&mut self, len: usize) -> std::io::Result<Option<&mut [u8]>> {
+        let lend = self.lends[self.asked % self.lends.len()] && len <= self.most;
+        self.asked += 1;
+        if !lend {
+            return Ok(None);
+        }
+        let start = self.out.len();
+        // Stale bytes, as in a reused buffer.
+        self.out.resize(start + len, 0xEE);
+        self.lent = Some((start, len));
+        Ok(Some(&mut self.out[start..]))
+    }
+    fn commit(&mut self, len: usize) -> std::io::Result<()> {
+        let (_, lent) = self.lent.take().expect("commit without room");
+        assert_eq!(lent, len);
+        self.committed += 1;
+        Ok(())
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Sealing into lent room gives an envelope of the same length that
+    /// reads back the same, however the lending and the writes fall.
+    #[test]
+    fn round_trip_in_place(
+        len in 0usize..40_000,
+        segment_size in MIN_SEGMENT_SIZE..=8192,
+        write_chunk in 1usize..20_000,
+        lends in prop::collection::vec(any::<bool>(), 1..8),
+        most in 0usize..10_000,
+    ) {
+        let plaintext = data(len);
+        let sink = Lender { out: Vec::new(), lends, asked: 0, most, lent: None, committed: 0 };
+        let mut writer = EnvelopeWriter::with_segment_size(sink, &key(), wrapped(), segment_size)
+            .unwrap()
+            .in_place();
+        for piece in plaintext.chunks(write_chunk) {
+            writer.write_all(piece).unwrap();
+        }
+        let sink = writer.finish().unwrap();
+        prop_assert!(sink.lent.is_none());
+        let envelope = sink.out;
+        let (_, header_len) = EnvelopeHeader::from_bytes(&envelope).unwrap();
+        prop_assert_eq!(
+            envelope.len() as u64,
+            kluis_envelope::envelope_len(header_len, segment_size, len as u64).unwrap()
+        );
+        prop_assert_eq!(read_in_chunks(&envelope, 4096).unwrap(), plaintext);
+    }
 
     #[test]
     fn round_trip(
@@ -87,5 +161,110 @@ proptest! {
             matches!(read_in_chunks(&longer, 4096), Err(DecryptError::TrailingData { .. })),
             "extension"
         );
+    }
+}
+
+fn lender(lends: bool, most: usize) -> Lender {
+    Lender {
+        out: Vec::new(),
+        lends: vec![lends],
+        asked: 0,
+        most,
+        lent: None,
+        committed: 0,
+    }
+}
+
+#[test]
+fn every_segment_goes_into_lent_room_when_there_is_room() {
+    let plaintext = data(5 * S + 100);
+    let mut writer =
+        EnvelopeWriter::with_segment_size(lender(true, usize::MAX), &key(), wrapped(), S32)
+            .unwrap()
+            .in_place();
+    writer.write_all(&plaintext).unwrap();
+    let header_len = writer.header().as_bytes().len();
+    let sink = writer.finish().unwrap();
+    // Five full segments and the final one; only the header was written.
+    assert_eq!(sink.committed, 6);
+    assert_eq!(sink.asked, 6);
+    let (_, parsed_len) = EnvelopeHeader::from_bytes(&sink.out).unwrap();
+    assert_eq!(parsed_len, header_len);
+    assert_eq!(read_in_chunks(&sink.out, 4096).unwrap(), plaintext);
+}
+
+#[test]
+fn without_in_place_no_room_is_asked_for() {
+    let mut writer =
+        EnvelopeWriter::with_segment_size(lender(true, usize::MAX), &key(), wrapped(), S32)
+            .unwrap();
+    writer.write_all(&data(3 * S)).unwrap();
+    let sink = writer.finish().unwrap();
+    assert_eq!((sink.asked, sink.committed), (0, 0));
+    assert_eq!(read_in_chunks(&sink.out, 4096).unwrap(), data(3 * S));
+}
+
+/// A sink whose lending goes wrong as `fault` says.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    RoomFails,
+    CommitFails,
+    WrongLength,
+}
+
+struct Faulty {
+    out: Vec<u8>,
+    fault: Fault,
+}
+
+impl Write for Faulty {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl WriteInPlace for Faulty {
+    fn room(&mut self, len: usize) -> std::io::Result<Option<&mut [u8]>> {
+        let start = self.out.len();
+        match self.fault {
+            Fault::RoomFails => Err(std::io::Error::other("no room today")),
+            Fault::CommitFails => {
+                self.out.resize(start + len, 0);
+                Ok(Some(&mut self.out[start..]))
+            }
+            Fault::WrongLength => {
+                self.out.resize(start + len - 1, 0);
+                Ok(Some(&mut self.out[start..]))
+            }
+        }
+    }
+    fn commit(&mut self, _len: usize) -> std::io::Result<()> {
+        match self.fault {
+            Fault::CommitFails => Err(std::io::Error::other("gone")),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[test]
+fn a_lending_failure_fails_the_output_for_good() {
+    for fault in [Fault::RoomFails, Fault::CommitFails, Fault::WrongLength] {
+        let sink = Faulty {
+            out: Vec::new(),
+            fault,
+        };
+        let mut writer = EnvelopeWriter::with_segment_size(sink, &key(), wrapped(), S32)
+            .unwrap()
+            .in_place();
+        // The first full segment followed by more input is sealed at once.
+        let first = writer.write(&data(2 * S));
+        assert!(first.is_err(), "{fault:?}: {first:?}");
+        // Nothing more is accepted, and the output never gets a final segment.
+        assert!(writer.write(b"more").is_err(), "{fault:?}");
+        assert!(writer.finish().is_err(), "{fault:?}");
     }
 }
