@@ -79,18 +79,26 @@ struct ChannelReader {
     /// Consumed frames go back to the pump, which reads the next ones into
     /// them (ciphertext only; a frame with no room there is freed).
     spare: mpsc::Sender<Vec<u8>>,
+    /// The parent's `End` came: the input stays at its end, however often
+    /// it is asked (the decryptor looks, then reads).
+    ended: bool,
 }
 
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+impl std::io::BufRead for ChannelReader {
+    /// The rest of the current frame's payload (the decryptor opens whole
+    /// segments there, in place); empty at the parent's `End`.
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.pos >= self.chunk.len() {
+            if self.ended {
+                return Ok(&[]);
+            }
             match self.rx.blocking_recv() {
                 Some(Input::Chunk(next)) => {
                     let used = std::mem::replace(&mut self.chunk, next);
                     let _ = self.spare.try_send(used);
                     self.pos = DATA_FRAME_HEADER_LEN;
                 }
-                Some(Input::End) => return Ok(0),
+                Some(Input::End) => self.ended = true,
                 None => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
@@ -99,12 +107,23 @@ impl Read for ChannelReader {
                 }
             }
         }
-        let available = self.chunk.get(self.pos..).unwrap_or_default();
+        Ok(self.chunk.get(self.pos..).unwrap_or_default())
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = self.pos.saturating_add(n).min(self.chunk.len());
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::BufRead;
+        let available = self.fill_buf()?;
         let n = available.len().min(buf.len());
         if let (Some(dst), Some(src)) = (buf.get_mut(..n), available.get(..n)) {
             dst.copy_from_slice(src);
         }
-        self.pos = self.pos.saturating_add(n);
+        self.consume(n);
         Ok(n)
     }
 }
@@ -591,6 +610,7 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
         chunk: Vec::new(),
         pos: 0,
         spare: spare_tx,
+        ended: false,
     };
     let outcome = process(
         &spec,
@@ -783,7 +803,8 @@ async fn process(
     let worker = tokio::task::spawn_blocking(move || -> Result<(Counts, u64), JobError> {
         let _counted = crate::server::Counted::thread(&work_stats);
         let mut reader = EnvelopeReader::with_header(&mut input, header, &input_key)
-            .map_err(|e| decrypt_error(&e))?;
+            .map_err(|e| decrypt_error(&e))?
+            .in_place();
         drop(input_key);
         let mut progress = ProgressReporter::new(&progress_events);
         let counts = match (workload, exec_plan) {
@@ -1004,6 +1025,61 @@ mod tests {
     )]
     use super::*;
     use kluis_envelope::{decrypt_to_vec, DEFAULT_SEGMENT_SIZE, SEGMENT_OVERHEAD};
+
+    /// The decryptor's input: frame payloads in order, then the end, which
+    /// stays the end however often it is looked at (the decryptor looks
+    /// with `fill_buf`, then reads) and is never taken for a pump that
+    /// stopped without `End`.
+    #[test]
+    fn the_input_reads_as_the_payloads_then_stays_at_its_end() {
+        use std::io::BufRead;
+        let (tx, rx) = mpsc::channel(4);
+        let (spare, _spares) = mpsc::channel(4);
+        let frame = |payload: &[u8]| {
+            let mut f = vec![0u8; DATA_FRAME_HEADER_LEN];
+            f.extend_from_slice(payload);
+            f
+        };
+        tx.try_send(Input::Chunk(frame(b"abc"))).unwrap();
+        tx.try_send(Input::Chunk(frame(b"defg"))).unwrap();
+        tx.try_send(Input::End).unwrap();
+        drop(tx);
+        let mut input = ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            spare,
+            ended: false,
+        };
+        assert_eq!(input.fill_buf().unwrap(), b"abc");
+        input.consume(2);
+        let mut buf = [0u8; 8];
+        assert_eq!(input.read(&mut buf).unwrap(), 1);
+        assert_eq!(&buf[..1], b"c");
+        assert_eq!(input.read(&mut buf).unwrap(), 4);
+        assert_eq!(&buf[..4], b"defg");
+        assert!(input.fill_buf().unwrap().is_empty());
+        assert!(input.fill_buf().unwrap().is_empty());
+        assert_eq!(input.read(&mut buf).unwrap(), 0);
+    }
+
+    /// A pump that stops without `End` is an error, not an end.
+    #[test]
+    fn an_input_without_end_is_an_error() {
+        use std::io::BufRead;
+        let (tx, rx) = mpsc::channel::<Input>(1);
+        let (spare, _spares) = mpsc::channel(1);
+        drop(tx);
+        let mut input = ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            spare,
+            ended: false,
+        };
+        let err = input.fill_buf().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
 
     /// The sealer's frames: each segment sealed into a frame whole (none
     /// split across two), no frame over the chunk limit, and together the

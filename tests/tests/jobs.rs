@@ -480,6 +480,7 @@ async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
     let input = d.world.encrypt(INPUT_KEY, &plain, 1024);
     // Each outcome is deterministic: frame 1 starts with the envelope's
     // header, frames 2.. are whole 1 MiB chunks from the middle.
+    let frames = input.len().div_ceil(kluis_parent::job::INPUT_CHUNK);
     for (tamper, index, kinds) in [
         (Tamper::Flip(-100), 2, &[FailureKind::InputTampered][..]),
         // A middle chunk missing: the segments after it are misaligned
@@ -491,6 +492,8 @@ async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
         (Tamper::SwapWithNext, 2, &[FailureKind::InputTampered][..]),
         // The header's frame missing: likewise.
         (Tamper::Drop, 1, &[FailureKind::InputHeader][..]),
+        // The last data frame missing, End sent: the envelope has no end.
+        (Tamper::Drop, frames, &[FailureKind::InputTruncated][..]),
     ] {
         let hostile = Arc::new(Hostile::new(j, ToEnclave, index, tamper.clone()));
         let mut job = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
@@ -507,7 +510,6 @@ async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
         assert!(!out.exists(), "{tamper:?}: an output was presented");
     }
     // Dropping End: the enclave waits for it and never says Done.
-    let frames = input.len().div_ceil(kluis_parent::job::INPUT_CHUNK);
     let hostile = Arc::new(Hostile::new(j, ToEnclave, frames + 1, Tamper::Drop));
     let mut job_no_end = job(&d.enclave.address, WorkloadSpec::Identity, vec![]);
     job_no_end.hook = hostile.clone();

@@ -34,9 +34,30 @@ enum State {
     Failed,
 }
 
-/// A source: fills some of the buffer, `Ok(0)` at end of input.
-pub(crate) trait Source: FnMut(&mut [u8]) -> Poll<io::Result<usize>> {}
-impl<F: FnMut(&mut [u8]) -> Poll<io::Result<usize>>> Source for F {}
+/// Where ciphertext comes from: it fills some of a buffer, `Ok(0)` at end of
+/// input. A source may also show input it already holds, for a whole
+/// segment there to be opened in place instead of copied into the decoder's
+/// buffer first.
+pub(crate) trait Source {
+    /// Fills some of `buf`.
+    fn read(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>>;
+
+    /// Input already held, to be read in place and then
+    /// [`consume`](Self::consume)d; empty when there is none (or at the
+    /// end, or on an error, which `read` then reports).
+    fn buffered(&mut self) -> &[u8] {
+        &[]
+    }
+
+    /// The first `n` bytes [`buffered`](Self::buffered) showed are used.
+    fn consume(&mut self, _n: usize) {}
+}
+
+impl<F: FnMut(&mut [u8]) -> Poll<io::Result<usize>>> Source for F {
+    fn read(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        self(buf)
+    }
+}
 
 pub(crate) struct Decoder {
     header: EnvelopeHeader,
@@ -137,7 +158,7 @@ impl Decoder {
             return Poll::Ready(Ok(true));
         }
         let room = dst.len();
-        match ready!(source(dst)) {
+        match ready!(source.read(dst)) {
             Ok(0) => Poll::Ready(Err(DecryptError::Truncated {
                 complete_segments: self.index,
             })),
@@ -149,9 +170,9 @@ impl Decoder {
         }
     }
 
-    fn parse_word(&self) -> Result<State, DecryptError> {
-        let word: [u8; SEGMENT_WORD_LEN] = self
-            .ct
+    /// The state after the word that starts `bytes`: the segment's body.
+    fn parse_word(&self, bytes: &[u8]) -> Result<State, DecryptError> {
+        let word: [u8; SEGMENT_WORD_LEN] = bytes
             .get(..SEGMENT_WORD_LEN)
             .and_then(|w| w.try_into().ok())
             .ok_or(DecryptError::Failed)?;
@@ -181,11 +202,17 @@ impl Decoder {
         Ok(State::Body { len, is_final })
     }
 
-    /// Authenticates and decrypts the buffered segment into `out` (exactly the
-    /// body length). On failure `out` is zeroed and the error classified.
-    fn open_into(&self, len: usize, is_final: bool, out: &mut [u8]) -> Result<(), DecryptError> {
-        let (word, rest) = self
-            .ct
+    /// Authenticates and decrypts `segment` (word, body, tag: the decoder's
+    /// buffer, or the source's) into `out` (exactly the body length). On
+    /// failure `out` is zeroed and the error classified.
+    fn open_into(
+        &self,
+        segment: &[u8],
+        len: usize,
+        is_final: bool,
+        out: &mut [u8],
+    ) -> Result<(), DecryptError> {
+        let (word, rest) = segment
             .split_at_checked(SEGMENT_WORD_LEN)
             .ok_or(DecryptError::Failed)?;
         let word: [u8; SEGMENT_WORD_LEN] = word.try_into().map_err(|_| DecryptError::Failed)?;
@@ -267,6 +294,33 @@ impl Decoder {
         DecryptError::Forged { index }
     }
 
+    /// At a segment's start: if the source holds the whole segment and `out`
+    /// has room for its plaintext, authenticates and decrypts it from there
+    /// into `out` and consumes it: `Some(plaintext length)`. `None` when it
+    /// cannot (the segment is then read into the buffer as usual).
+    fn open_in_place(
+        &mut self,
+        out: &mut [u8],
+        source: &mut impl Source,
+    ) -> Result<Option<usize>, DecryptError> {
+        let held = source.buffered();
+        if held.len() < SEGMENT_WORD_LEN {
+            return Ok(None);
+        }
+        let State::Body { len, is_final } = self.parse_word(held)? else {
+            return Err(DecryptError::Failed);
+        };
+        // word + len + tag: at most 16 MiB + 20, no overflow.
+        let need = SEGMENT_WORD_LEN.saturating_add(len).saturating_add(TAG_LEN);
+        let (Some(segment), Some(dst)) = (held.get(..need), out.get_mut(..len)) else {
+            return Ok(None);
+        };
+        self.open_into(segment, len, is_final, dst)?;
+        source.consume(need);
+        self.advance(is_final);
+        Ok(Some(len))
+    }
+
     /// Fills `out` with authenticated plaintext; `Ok(0)` only at the verified
     /// end of the envelope (or for an empty `out`).
     pub(crate) fn poll_read(
@@ -284,7 +338,7 @@ impl Decoder {
                 State::AtEnd => {
                     if self.require_eof {
                         let mut probe = [0u8; 1];
-                        match ready!(source(&mut probe)) {
+                        match ready!(source.read(&mut probe)) {
                             Ok(0) => {}
                             Ok(_) => {
                                 return self.fail(DecryptError::TrailingData {
@@ -318,8 +372,26 @@ impl Decoder {
                     }
                     return Poll::Ready(Ok(n));
                 }
+                State::Word if self.filled == 0 => {
+                    // A whole segment already in the source, and room for its
+                    // plaintext: opened where it lies.
+                    match self.open_in_place(out, &mut source) {
+                        Ok(Some(0)) => {}
+                        Ok(Some(n)) => return Poll::Ready(Ok(n)),
+                        Ok(None) => match ready!(self.fill(SEGMENT_WORD_LEN, &mut source)) {
+                            Ok(true) => match self.parse_word(&self.ct) {
+                                Ok(next) => self.state = next,
+                                Err(e) => return self.fail(e),
+                            },
+                            Ok(false) => {}
+                            Err(e @ DecryptError::Io(_)) => return Poll::Ready(Err(e)),
+                            Err(e) => return self.fail(e),
+                        },
+                        Err(e) => return self.fail(e),
+                    }
+                }
                 State::Word => match ready!(self.fill(SEGMENT_WORD_LEN, &mut source)) {
-                    Ok(true) => match self.parse_word() {
+                    Ok(true) => match self.parse_word(&self.ct) {
                         Ok(next) => self.state = next,
                         Err(e) => return self.fail(e),
                     },
@@ -339,7 +411,7 @@ impl Decoder {
                     if let Some(direct) = out.get_mut(..len) {
                         // The caller's buffer holds the whole segment: decrypt
                         // straight into it (AWS-LC zeroes it if the tag fails).
-                        if let Err(e) = self.open_into(len, is_final, direct) {
+                        if let Err(e) = self.open_into(&self.ct, len, is_final, direct) {
                             return self.fail(e);
                         }
                         self.advance(is_final);
@@ -352,7 +424,7 @@ impl Decoder {
                             pt.resize(self.segment_size, 0);
                         }
                         let result = match pt.get_mut(..len) {
-                            Some(dst) => self.open_into(len, is_final, dst),
+                            Some(dst) => self.open_into(&self.ct, len, is_final, dst),
                             None => Err(DecryptError::Failed),
                         };
                         self.pt = pt;

@@ -3,9 +3,9 @@
 use crate::error::{DecryptError, EncryptError};
 use crate::header::{EnvelopeHeader, WrappedKey, DEFAULT_SEGMENT_SIZE};
 use crate::key::DataKey;
-use crate::open::Decoder;
+use crate::open::{Decoder, Source};
 use crate::seal::{Encoder, Sink};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::task::Poll;
 
 /// A blocking call never returns `Pending`; should one (a bug), it becomes an
@@ -203,6 +203,39 @@ impl<W: Write> Write for EnvelopeWriter<W> {
     }
 }
 
+/// `R`'s [`BufRead`] methods, kept by a reader made with
+/// [`EnvelopeReader::in_place`].
+struct Peek<R> {
+    fill_buf: fn(&mut R) -> io::Result<&[u8]>,
+    consume: fn(&mut R, usize),
+}
+
+/// The decoder's source over `R`: `read`, and what `R` holds when it shows it.
+struct Input<'a, R> {
+    inner: &'a mut R,
+    peek: Option<&'a Peek<R>>,
+}
+
+impl<R: Read> Source for Input<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(self.inner.read(buf))
+    }
+
+    fn buffered(&mut self) -> &[u8] {
+        match self.peek {
+            // An error here comes back from `read`.
+            Some(peek) => (peek.fill_buf)(self.inner).unwrap_or_default(),
+            None => &[],
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        if let Some(peek) = self.peek {
+            (peek.consume)(self.inner, n);
+        }
+    }
+}
+
 /// Decrypts an envelope read from `R`, yielding plaintext only for segments
 /// that authenticated.
 ///
@@ -217,10 +250,20 @@ impl<W: Write> Write for EnvelopeWriter<W> {
 /// Errors from `read` are `io::Error`s wrapping a [`DecryptError`]
 /// ([`DecryptError::from_io`] gets it back), of kind `UnexpectedEof` for
 /// truncation and `InvalidData` for the rest; errors of `R` pass through.
-#[derive(Debug)]
 pub struct EnvelopeReader<R: Read> {
     inner: R,
     core: Decoder,
+    peek: Option<Peek<R>>,
+}
+
+impl<R: Read + std::fmt::Debug> std::fmt::Debug for EnvelopeReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvelopeReader")
+            .field("inner", &self.inner)
+            .field("core", &self.core)
+            .field("in_place", &self.peek.is_some())
+            .finish()
+    }
 }
 
 impl<R: Read> EnvelopeReader<R> {
@@ -248,7 +291,35 @@ impl<R: Read> EnvelopeReader<R> {
         Ok(Self {
             inner,
             core: Decoder::new(header, key)?,
+            peek: None,
         })
+    }
+
+    /// From now on, open each segment that `R` holds whole in its buffer
+    /// ([`BufRead`]) where it lies, instead of copying it into the reader's
+    /// buffer first (when the caller's buffer takes its whole plaintext).
+    /// The checks and the plaintext are the same.
+    #[must_use]
+    pub fn in_place(mut self) -> Self
+    where
+        R: BufRead,
+    {
+        self.peek = Some(Peek {
+            fill_buf: R::fill_buf,
+            consume: R::consume,
+        });
+        self
+    }
+
+    /// The decoder's source over `R`.
+    fn input(&mut self) -> (&mut Decoder, Input<'_, R>) {
+        (
+            &mut self.core,
+            Input {
+                inner: &mut self.inner,
+                peek: self.peek.as_ref(),
+            },
+        )
     }
 
     /// Stops at the end of the envelope instead of requiring `R` to end there,
@@ -278,11 +349,8 @@ impl<R: Read> EnvelopeReader<R> {
     pub fn finish(mut self) -> Result<R, DecryptError> {
         let mut scratch = zeroize::Zeroizing::new(vec![0u8; 4096]);
         loop {
-            let inner = &mut self.inner;
-            match self
-                .core
-                .poll_read(&mut scratch, |b: &mut [u8]| Poll::Ready(inner.read(b)))
-            {
+            let (core, input) = self.input();
+            match core.poll_read(&mut scratch, input) {
                 Poll::Ready(Ok(0)) => return Ok(self.inner),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(DecryptError::Io(e))) if e.kind() == io::ErrorKind::Interrupted => {
@@ -301,11 +369,8 @@ impl<R: Read> EnvelopeReader<R> {
 
 impl<R: Read> Read for EnvelopeReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let inner = &mut self.inner;
-        match self
-            .core
-            .poll_read(buf, |b: &mut [u8]| Poll::Ready(inner.read(b)))
-        {
+        let (core, input) = self.input();
+        match core.poll_read(buf, input) {
             Poll::Ready(result) => result.map_err(io::Error::from),
             Poll::Pending => Err(pending_error()),
         }

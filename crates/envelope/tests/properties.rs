@@ -16,7 +16,7 @@ use kluis_envelope::{
     DecryptError, EnvelopeHeader, EnvelopeReader, EnvelopeWriter, WriteInPlace, MIN_SEGMENT_SIZE,
 };
 use proptest::prelude::*;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 
 fn sealed_in_chunks(plaintext: &[u8], segment_size: u32, chunk: usize) -> Vec<u8> {
     let mut writer =
@@ -84,8 +84,89 @@ impl WriteInPlace for Lender {
     }
 }
 
+/// Reads `envelope` through a `BufReader` of `capacity` bytes, in reads of
+/// `chunk` bytes, opening segments in place; also returns how many bytes
+/// were consumed straight from the buffer.
+fn read_in_place(
+    envelope: &[u8],
+    capacity: usize,
+    chunk: usize,
+) -> (Result<Vec<u8>, String>, usize) {
+    struct Counting<R> {
+        inner: R,
+        consumed: usize,
+    }
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.inner.read(buf)
+        }
+    }
+    impl<R: BufRead> BufRead for Counting<R> {
+        fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+            self.inner.fill_buf()
+        }
+        fn consume(&mut self, n: usize) {
+            self.consumed += n;
+            self.inner.consume(n);
+        }
+    }
+    let mut input = Counting {
+        inner: std::io::BufReader::with_capacity(capacity, envelope),
+        consumed: 0,
+    };
+    let header = match EnvelopeHeader::read_from(&mut input) {
+        Ok(h) => h,
+        Err(e) => return (Err(format!("{:?}", DecryptError::Header(e))), 0),
+    };
+    let mut reader = match EnvelopeReader::with_header(&mut input, header, &key()) {
+        Ok(r) => r.in_place(),
+        Err(e) => return (Err(format!("{e:?}")), 0),
+    };
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; chunk];
+    let result = loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => {
+                break Err(format!(
+                    "{:?}",
+                    e.into_inner().unwrap().downcast::<DecryptError>().unwrap()
+                ))
+            }
+        }
+    };
+    drop(reader);
+    (result, input.consumed)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Opening segments where the source holds them gives the same
+    /// plaintext, or the same error, as reading them into the reader's
+    /// buffer: for intact, altered and cut envelopes, whatever the buffer
+    /// and read sizes.
+    #[test]
+    fn in_place_reading_agrees_with_buffered_reading(
+        len in 0usize..20_000,
+        capacity in 1usize..12_000,
+        chunk in 1usize..12_000,
+        change in prop::option::of((any::<prop::sample::Index>(), 1u8..=255)),
+        cut in prop::option::of(any::<prop::sample::Index>()),
+    ) {
+        let mut envelope = seal(&data(len), S32);
+        if let Some((at, delta)) = change {
+            let at = at.index(envelope.len());
+            envelope[at] = envelope[at].wrapping_add(delta);
+        }
+        if let Some(at) = cut {
+            envelope.truncate(at.index(envelope.len()));
+        }
+        let buffered = read_in_chunks(&envelope, chunk).map_err(|e| format!("{e:?}"));
+        let (in_place, _) = read_in_place(&envelope, capacity, chunk);
+        prop_assert_eq!(in_place, buffered);
+    }
 
     /// Sealing into lent room gives an envelope of the same length that
     /// reads back the same, however the lending and the writes fall.
@@ -267,4 +348,24 @@ fn a_lending_failure_fails_the_output_for_good() {
         assert!(writer.write(b"more").is_err(), "{fault:?}");
         assert!(writer.finish().is_err(), "{fault:?}");
     }
+}
+
+#[test]
+fn whole_segments_in_the_source_are_opened_where_they_lie() {
+    let plaintext = data(20 * S + 7);
+    let envelope = seal(&plaintext, S32);
+    // A buffer of four segments and reads of two: most segments lie whole
+    // in the buffer.
+    let (result, consumed) = read_in_place(&envelope, 4 * (S + 20), 2 * S);
+    assert_eq!(result.unwrap(), plaintext);
+    assert!(
+        consumed > envelope.len() / 2,
+        "{consumed} of {} bytes opened in place",
+        envelope.len()
+    );
+    // Reads smaller than a segment go through the reader's buffer; only the
+    // short final segment fits them.
+    let (result, consumed) = read_in_place(&envelope, 4 * (S + 20), S - 1);
+    assert_eq!(result.unwrap(), plaintext);
+    assert_eq!(consumed, kluis_envelope::SEGMENT_OVERHEAD + 7);
 }
