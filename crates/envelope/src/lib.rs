@@ -39,6 +39,13 @@
 //! default) do the same over tokio's `AsyncWrite`/`AsyncRead`. Both pairs drive
 //! one sans-IO encoder/decoder, so the checks are identical.
 //!
+//! Where the output goes into a buffer anyway (a frame),
+//! [`EnvelopeWriter::in_place`] seals each segment straight into room the
+//! writer lends ([`WriteInPlace`]); where the input already sits in one
+//! ([`std::io::BufRead`]), [`EnvelopeReader::in_place`] opens each segment
+//! that lies whole in it where it lies. The envelope and the checks are the
+//! same; a copy of every byte is saved.
+//!
 //! # Format, version 1
 //!
 //! All integers are unsigned big-endian. An envelope is a header followed by
@@ -162,7 +169,8 @@
 //!   AWS-LC objects that cleanse on free; plaintext buffers (the writer's
 //!   segment buffer, the reader's plaintext buffer, the scratch used by
 //!   diagnosis and `finish`, [`decrypt_to_vec`]'s result) are zeroized when
-//!   dropped and the reader's after each segment. Buffers a caller passes in
+//!   dropped, the reader's after each segment, and the writer's as soon as
+//!   its plaintext is sealed into lent room. Buffers a caller passes in
 //!   are the caller's to zeroize.
 //! - **Bounded memory.** Header fields are bounded before any allocation; a
 //!   writer holds one segment buffer (*S* + 20 bytes), a reader one ciphertext
