@@ -372,33 +372,27 @@ impl Decoder {
                     }
                     return Poll::Ready(Ok(n));
                 }
-                State::Word if self.filled == 0 => {
-                    // A whole segment already in the source, and room for its
-                    // plaintext: opened where it lies.
-                    match self.open_in_place(out, &mut source) {
-                        Ok(Some(0)) => {}
-                        Ok(Some(n)) => return Poll::Ready(Ok(n)),
-                        Ok(None) => match ready!(self.fill(SEGMENT_WORD_LEN, &mut source)) {
-                            Ok(true) => match self.parse_word(&self.ct) {
-                                Ok(next) => self.state = next,
-                                Err(e) => return self.fail(e),
-                            },
-                            Ok(false) => {}
-                            Err(e @ DecryptError::Io(_)) => return Poll::Ready(Err(e)),
+                State::Word => {
+                    if self.filled == 0 {
+                        // A whole segment already in the source, and room for
+                        // its plaintext: opened where it lies.
+                        match self.open_in_place(out, &mut source) {
+                            Ok(Some(0)) => continue,
+                            Ok(Some(n)) => return Poll::Ready(Ok(n)),
+                            Ok(None) => {}
+                            Err(e) => return self.fail(e),
+                        }
+                    }
+                    match ready!(self.fill(SEGMENT_WORD_LEN, &mut source)) {
+                        Ok(true) => match self.parse_word(&self.ct) {
+                            Ok(next) => self.state = next,
                             Err(e) => return self.fail(e),
                         },
+                        Ok(false) => {}
+                        Err(e @ DecryptError::Io(_)) => return Poll::Ready(Err(e)),
                         Err(e) => return self.fail(e),
                     }
                 }
-                State::Word => match ready!(self.fill(SEGMENT_WORD_LEN, &mut source)) {
-                    Ok(true) => match self.parse_word(&self.ct) {
-                        Ok(next) => self.state = next,
-                        Err(e) => return self.fail(e),
-                    },
-                    Ok(false) => {}
-                    Err(e @ DecryptError::Io(_)) => return Poll::Ready(Err(e)),
-                    Err(e) => return self.fail(e),
-                },
                 State::Body { len, is_final } => {
                     // word + len + tag: at most 16 MiB + 20, no overflow.
                     let need = SEGMENT_WORD_LEN.saturating_add(len).saturating_add(TAG_LEN);
