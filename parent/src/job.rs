@@ -586,8 +586,7 @@ async fn exchange_copying(
             behind.wrote(u64::try_from(payload.len()).unwrap_or(u64::MAX));
             let _ = spare_tx.try_send(frame);
         }
-        behind.finish()?;
-        file.sync_all()
+        behind.finish(&file).map(drop)
     });
 
     let (mut from_enclave, to_enclave) = tokio::io::split(stream);
@@ -732,15 +731,11 @@ async fn exchange_zero_copy(
             return Err(e);
         }
     };
-    let written = match tokio::task::spawn_blocking(move || {
-        behind.finish()?;
-        partial_file.sync_all()
-    })
-    .await
-    {
-        Ok(r) => r.map_err(io("writing the output")),
-        Err(_) => Err(RunError::Protocol("the output's fsync failed".into())),
-    };
+    let written =
+        match tokio::task::spawn_blocking(move || behind.finish(&partial_file).map(drop)).await {
+            Ok(r) => r.map_err(io("writing the output")),
+            Err(_) => Err(RunError::Protocol("the output's fsync failed".into())),
+        };
     join_sender(sender, idle).await.and(written)?;
     Ok(counts)
 }
