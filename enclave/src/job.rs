@@ -84,6 +84,18 @@ struct ChannelReader {
     ended: bool,
 }
 
+impl ChannelReader {
+    fn new(rx: mpsc::Receiver<Input>, spare: mpsc::Sender<Vec<u8>>) -> Self {
+        ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            spare,
+            ended: false,
+        }
+    }
+}
+
 impl std::io::BufRead for ChannelReader {
     /// The rest of the current frame's payload (the decryptor opens whole
     /// segments there, in place); empty at the parent's `End`.
@@ -605,13 +617,7 @@ async fn run<R: AsyncRead + Unpin + Send + 'static>(
         ctx.idle_timeout,
         cancel.clone(),
     ));
-    let input = ChannelReader {
-        rx: input_rx,
-        chunk: Vec::new(),
-        pos: 0,
-        spare: spare_tx,
-        ended: false,
-    };
+    let input = ChannelReader::new(input_rx, spare_tx);
     let outcome = process(
         &spec,
         authorisation.as_ref(),
@@ -1044,13 +1050,7 @@ mod tests {
         tx.try_send(Input::Chunk(frame(b"defg"))).unwrap();
         tx.try_send(Input::End).unwrap();
         drop(tx);
-        let mut input = ChannelReader {
-            rx,
-            chunk: Vec::new(),
-            pos: 0,
-            spare,
-            ended: false,
-        };
+        let mut input = ChannelReader::new(rx, spare);
         assert_eq!(input.fill_buf().unwrap(), b"abc");
         input.consume(2);
         let mut buf = [0u8; 8];
@@ -1070,13 +1070,7 @@ mod tests {
         let (tx, rx) = mpsc::channel::<Input>(1);
         let (spare, _spares) = mpsc::channel(1);
         drop(tx);
-        let mut input = ChannelReader {
-            rx,
-            chunk: Vec::new(),
-            pos: 0,
-            spare,
-            ended: false,
-        };
+        let mut input = ChannelReader::new(rx, spare);
         let err = input.fill_buf().unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
     }
