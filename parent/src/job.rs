@@ -466,18 +466,25 @@ fn enclave_side_error(e: std::io::Error) -> RunError {
     }
 }
 
-/// Wait for the input sender after `Done` (the enclave read `End`, so it has
-/// finished or is about to).
-async fn join_sender<T>(
+/// After `Done`: the output's writer (a blocking task that ends with the
+/// output's final fsync) and the input's sender (the enclave read `End`, so
+/// it has finished or is about to) must both have succeeded.
+async fn conclude<T>(
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
     sender: tokio::task::JoinHandle<Result<T, RunError>>,
     idle: Duration,
 ) -> Result<(), RunError> {
-    match tokio::time::timeout(idle, sender).await {
+    let written = match writer.await {
+        Ok(r) => r.map_err(io("writing the output")),
+        Err(_) => Err(RunError::Protocol("the output writer failed".into())),
+    };
+    let sent = match tokio::time::timeout(idle, sender).await {
         Ok(Ok(Ok(_))) => Ok(()),
         Ok(Ok(Err(e))) => Err(e),
         Ok(Err(_)) => Err(RunError::Protocol("the input sender failed".into())),
         Err(_) => Err(RunError::Timeout(idle)),
-    }
+    };
+    sent.and(written)
 }
 
 /// [`run_job`] over a connection already made to `job.enclave` (by
@@ -642,11 +649,7 @@ async fn exchange_copying(
         }
     };
     drop(out_tx);
-    let written = match writer.await {
-        Ok(r) => r.map_err(io("writing the output")),
-        Err(_) => Err(RunError::Protocol("the output writer failed".into())),
-    };
-    join_sender(sender, job.idle_timeout).await.and(written)?;
+    conclude(writer, sender, job.idle_timeout).await?;
     Ok(counts)
 }
 
@@ -731,12 +734,8 @@ async fn exchange_zero_copy(
             return Err(e);
         }
     };
-    let written =
-        match tokio::task::spawn_blocking(move || behind.finish(&partial_file).map(drop)).await {
-            Ok(r) => r.map_err(io("writing the output")),
-            Err(_) => Err(RunError::Protocol("the output's fsync failed".into())),
-        };
-    join_sender(sender, idle).await.and(written)?;
+    let writer = tokio::task::spawn_blocking(move || behind.finish(&partial_file).map(drop));
+    conclude(writer, sender, idle).await?;
     Ok(counts)
 }
 

@@ -16,8 +16,8 @@
 //!
 //! Writing to the output file (`splice` from the pipe) happens on the
 //! runtime's thread: a regular file takes page-cache writes without
-//! waiting on the device (the one `fsync` at the end runs on a blocking
-//! thread).
+//! waiting on the device (flushing and allocating it run on a thread of
+//! their own, [`crate::writebehind`]).
 
 use std::fs::File;
 use std::io::{self, ErrorKind};
