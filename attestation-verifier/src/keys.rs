@@ -309,7 +309,7 @@ impl CmkRecord {
         }
     }
 
-    fn require_enabled(&self, action: &'static str) -> Result<(), KeyError> {
+    pub(crate) fn require_enabled(&self, action: &'static str) -> Result<(), KeyError> {
         match self.state {
             KeyState::Enabled => Ok(()),
             KeyState::Destroyed { .. } => Err(KeyError::Destroyed {
@@ -636,11 +636,29 @@ pub fn decrypt_data_key(
     let aad = WrappedDataKey::aad(&record.name, wrapped.version);
     let plain = backend
         .unwrap(&version.material_id, &wrapped.ciphertext, &aad)
-        .map_err(|_| {
-            KeyError::BadWrappedKey("does not authenticate under the named key version")
-        })?;
+        .map_err(|e| unwrap_error(e, record, wrapped.version))?;
     DataKey::from_slice(&plain)
         .map_err(|_| KeyError::BadWrappedKey("unwrapped key is not 32 bytes"))
+}
+
+/// What a failed unwrap says about the request. Only the backend's own
+/// verdict on the bytes (they do not parse, or do not authenticate) makes
+/// the wrapped key bad; material destroyed under the record is a destroyed
+/// version; anything else (an HSM session lost, the database unreachable)
+/// is the store's failure, passed on as it is, so that a key release is
+/// refused as `unavailable` and the audit log records an outage, not a
+/// tampered key.
+fn unwrap_error(e: kluis_keystore::StoreError, record: &CmkRecord, version: u32) -> KeyError {
+    use kluis_keystore::StoreError;
+    match e {
+        StoreError::UnwrapFailed { reason, .. } => KeyError::BadWrappedKey(reason),
+        StoreError::TooLarge { .. } => KeyError::BadWrappedKey("larger than any wrapped data key"),
+        StoreError::MaterialDestroyed { .. } => KeyError::Destroyed {
+            name: record.name.to_string(),
+            version,
+        },
+        other => KeyError::Store(other),
+    }
 }
 
 /// Move a wrapped data key to the CMK's current version without exposing it.
@@ -660,4 +678,101 @@ pub fn rewrap(
         version: current.version,
         ciphertext,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use kluis_keystore::StoreError;
+    use zeroize::Zeroizing;
+
+    /// A backend whose unwrap fails with a chosen error.
+    struct Failing(fn() -> StoreError);
+
+    impl KeyBackend for Failing {
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+        fn create_material(&self, _: &StoreGuard<'_>, _: &str) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn wrap(&self, _: &str, _: &[u8], _: &[u8]) -> Result<Vec<u8>, StoreError> {
+            Err((self.0)())
+        }
+        fn unwrap(&self, _: &str, _: &[u8], _: &[u8]) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+            Err((self.0)())
+        }
+        fn destroy_material(&self, _: &StoreGuard<'_>, _: &str) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn record() -> CmkRecord {
+        CmkRecord {
+            format: 1,
+            name: KeyName::parse("t/a/prod").unwrap(),
+            created_ms: 0,
+            rotation_days: 0,
+            state: KeyState::Enabled,
+            versions: vec![CmkVersion {
+                version: 1,
+                created_ms: 0,
+                material_id: "cmk:t/a/prod:v1:00".to_owned(),
+                state: VersionState::Current,
+            }],
+        }
+    }
+
+    fn decrypt_with(error: fn() -> StoreError) -> KeyError {
+        let record = record();
+        let wrapped = WrappedDataKey {
+            key: record.name.clone(),
+            version: 1,
+            ciphertext: vec![1; 60],
+        };
+        match decrypt_data_key(&Failing(error), &record, &wrapped) {
+            Ok(_) => panic!("a failing backend unwrapped a key"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn an_outage_while_unwrapping_is_an_outage_not_a_bad_key() {
+        let database = decrypt_with(|| StoreError::Database {
+            target: "postgresql://kluis@db/kluis".to_owned(),
+            action: "read a record from",
+            reason: "connection reset".to_owned(),
+        });
+        assert!(
+            matches!(database, KeyError::Store(StoreError::Database { .. })),
+            "{database:?}"
+        );
+        assert!(database.is_outage());
+        let backend = decrypt_with(|| StoreError::Backend {
+            backend: "pkcs11",
+            reason: "the session was closed".to_owned(),
+        });
+        assert!(backend.is_outage(), "{backend:?}");
+    }
+
+    #[test]
+    fn bytes_that_do_not_authenticate_are_a_bad_wrapped_key() {
+        let bad = decrypt_with(|| StoreError::UnwrapFailed {
+            id: "cmk:t/a/prod:v1:00".to_owned(),
+            reason: "does not authenticate",
+        });
+        assert!(
+            matches!(bad, KeyError::BadWrappedKey("does not authenticate")),
+            "{bad:?}"
+        );
+        assert!(!bad.is_outage());
+        let destroyed = decrypt_with(|| StoreError::MaterialDestroyed {
+            id: "cmk:t/a/prod:v1:00".to_owned(),
+        });
+        assert!(
+            matches!(destroyed, KeyError::Destroyed { version: 1, .. }),
+            "{destroyed:?}"
+        );
+    }
 }
