@@ -673,3 +673,61 @@ fn a_store_that_cannot_be_read_answers_unavailable_not_denied() {
         Response::KeyRelease(_)
     ));
 }
+
+/// Records are chained onto the last record, not onto whatever the head row
+/// says: a hash written into the head row (by someone holding the
+/// database's credentials) stops appends instead of starting a second chain
+/// that the anchor would then follow.
+#[test]
+fn a_forged_head_row_stops_appends_instead_of_breaking_the_chain() {
+    let Some(db) = scratch("a_forged_head_row_stops_appends_instead_of_breaking_the_chain") else {
+        return;
+    };
+    init_store(db.url(), 365);
+    let (_, log) = open_replica(db.url());
+    let record = || NewRecord {
+        time_ms: T0,
+        actor: Actor::System,
+        operation: "test.append".to_owned(),
+        key_id: None,
+        key_version: None,
+        decision: Decision::Allowed,
+        reason: None,
+        attestation_document: None,
+    };
+    log.append(record()).unwrap();
+    let before = log.verify(None).unwrap();
+    let mut sql = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
+    let real: Vec<u8> = sql
+        .query_one("SELECT hash FROM kluis_audit_head", &[])
+        .unwrap()
+        .get(0);
+    sql.execute(
+        "UPDATE kluis_audit_head SET hash = $1",
+        &[&vec![0xabu8; 48]],
+    )
+    .unwrap();
+    let err = log.append(record()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            attestation_verifier::audit::AuditError::HeadMismatch { .. }
+        ),
+        "{err}"
+    );
+    let rows: i64 = sql
+        .query_one("SELECT count(*) FROM kluis_audit", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        u64::try_from(rows).unwrap(),
+        before.records,
+        "nothing appended"
+    );
+
+    // The head row put back: appends go on, on the one chain.
+    sql.execute("UPDATE kluis_audit_head SET hash = $1", &[&real])
+        .unwrap();
+    log.append(record()).unwrap();
+    assert_eq!(log.verify(None).unwrap().records, before.records + 1);
+}

@@ -171,32 +171,43 @@ impl DbLog {
             }
             return Ok(());
         }
-        let seq = i64::try_from(anchor.seq).map_err(|_| AuditError::AnchorNotFound {
-            expected: anchor.head(),
-            at: 0,
-        })?;
         let mut client = self.client()?;
+        self.check_record_at(&mut *client, anchor.head())
+    }
+
+    /// Checks that the row at `head.seq` holds the record whose head is
+    /// `head` (the genesis head needs no row).
+    fn check_record_at(
+        &self,
+        client: &mut impl postgres::GenericClient,
+        head: AuditHead,
+    ) -> Result<(), AuditError> {
+        if head.seq == 0 {
+            if head.hash != AuditHead::GENESIS.hash {
+                return Err(AuditError::HeadMismatch {
+                    expected: head,
+                    found: AuditHead::GENESIS,
+                });
+            }
+            return Ok(());
+        }
+        let not_found = || AuditError::AnchorNotFound {
+            expected: head,
+            at: head.seq,
+        };
+        let seq = i64::try_from(head.seq).map_err(|_| not_found())?;
         let row = client
             .query_opt(
                 "SELECT substring(line from 1 for $2) FROM kluis_audit WHERE seq = $1",
                 &[&seq, &line_bound()],
             )
-            .map_err(|e| self.error(&e))?;
-        let Some(row) = row else {
-            return Err(AuditError::AnchorNotFound {
-                expected: anchor.head(),
-                at: anchor.seq,
-            });
-        };
+            .map_err(|e| self.error(&e))?
+            .ok_or_else(not_found)?;
         let line: Vec<u8> = row.try_get(0).map_err(|e| self.error(&e))?;
-        let record: AuditRecord =
-            serde_json::from_slice(&line).map_err(|_| AuditError::AnchorNotFound {
-                expected: anchor.head(),
-                at: anchor.seq,
-            })?;
-        if record.head() != anchor.head() {
+        let record: AuditRecord = serde_json::from_slice(&line).map_err(|_| not_found())?;
+        if record.head() != head {
             return Err(AuditError::HeadMismatch {
-                expected: anchor.head(),
+                expected: head,
                 found: record.head(),
             });
         }
@@ -265,6 +276,11 @@ impl DbLog {
             row.try_get(0).map_err(|e| self.error(&e))?,
             row.try_get(1).map_err(|e| self.error(&e))?,
         )?;
+        // The head row is only a pointer: new records are chained onto the
+        // record it points at, never onto a hash written into it (by anyone
+        // holding the database's credentials), which would break the chain
+        // silently and let the audit anchor move past the break.
+        self.check_record_at(&mut tx, start)?;
         let mut head = start;
         let mut seqs: Vec<i64> = Vec::with_capacity(batch.len());
         let mut lines: Vec<Vec<u8>> = Vec::with_capacity(batch.len());

@@ -214,6 +214,16 @@ impl AuditError {
                 path: path.clone(),
                 source: io::Error::new(source.kind(), source.to_string()),
             },
+            // What the database holds is wrong: said as it is, to every
+            // append of the batch (the next batch checks again).
+            AuditError::HeadMismatch { expected, found } => AuditError::HeadMismatch {
+                expected: *expected,
+                found: *found,
+            },
+            AuditError::AnchorNotFound { expected, at } => AuditError::AnchorNotFound {
+                expected: *expected,
+                at: *at,
+            },
             other => AuditError::Failed(other.to_string()),
         }
     }
