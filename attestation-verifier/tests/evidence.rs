@@ -30,6 +30,38 @@ const DAY_MS: u64 = 86_400_000;
 mod support;
 use support::{run_with_stdout as run, verifier_command as bin, CliStore};
 
+/// Output that does not reach its reader whole is a failure (exit 2), never
+/// a success with a truncated checkpoint or listing (standard output on
+/// `/dev/full`: every write fails with ENOSPC).
+#[test]
+fn output_that_cannot_be_written_fails_the_command() {
+    let env = Env::new();
+    assert_eq!(env.admin(&["key", "create", "a/b/one"]).0, 0);
+    for args in [
+        &["audit", "checkpoint"][..],
+        &["audit", "show"][..],
+        &["audit", "show", "--json"][..],
+        &["identity"][..],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let status = bin()
+            .env("KLUIS_STORE", env.store())
+            .env("KLUIS_ROOT_KEY_FILE", env.dir.path().join("root.key"))
+            .env("KLUIS_CREDENTIAL_FILE", env.key_admin())
+            .args(args)
+            .stdout(full)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(2), "{args:?}");
+        // The same command with a working output succeeds.
+        assert_eq!(env.admin(args).0, 0, "{args:?}");
+    }
+}
+
 /// A store made by `init`, driven as an operator would.
 struct Env {
     dir: tempfile::TempDir,

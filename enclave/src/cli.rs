@@ -441,9 +441,12 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             "nsm": if args.simulate_nsm { "simulated" } else { "device" },
             "pcrs": { "0": pcrs.first(), "1": pcrs.get(1), "2": pcrs.get(2) },
         });
-        println!("{line}");
+        // The parent (or whoever started the enclave) reads this line; a
+        // closed or full standard output is an error, not a panic.
         use std::io::Write as _;
-        let _ = std::io::stdout().flush();
+        writeln!(std::io::stdout().lock(), "{line}")
+            .and_then(|()| std::io::stdout().flush())
+            .context("announcing the service on standard output")?;
         tracing::info!(listen = %bound, "enclave service started");
         let shutdown = async {
             let mut term =
@@ -507,8 +510,17 @@ where
         Command::CheckConfig(args) => {
             return match check_config(&args) {
                 Ok(summary) => {
-                    println!("{}: ok: {summary}", args.file.display());
-                    ExitCode::SUCCESS
+                    use std::io::Write as _;
+                    let mut out = std::io::stdout().lock();
+                    match writeln!(out, "{}: ok: {summary}", args.file.display())
+                        .and_then(|()| out.flush())
+                    {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => {
+                            eprintln!("error: writing to standard output: {e}");
+                            ExitCode::from(2)
+                        }
+                    }
                 }
                 Err(err) => {
                     let message = format!("{err:#}").replace('\n', " ");

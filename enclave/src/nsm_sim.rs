@@ -147,13 +147,17 @@ fn init(state: &StateArgs) -> Result<()> {
         RootOrigin::Created => "created",
         RootOrigin::Loaded => "loaded",
     };
-    println!("simulated NSM root {verb}");
-    println!("state directory:     {}", dir.display());
-    println!(
-        "root certificate:    {}",
-        SimRoot::cert_path(&dir).display()
-    );
-    println!("SHA-256 fingerprint: {}", root.fingerprint_hex());
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "simulated NSM root {verb}\nstate directory:     {}\nroot certificate:    {}\nSHA-256 fingerprint: {}",
+        dir.display(),
+        SimRoot::cert_path(&dir).display(),
+        root.fingerprint_hex()
+    )
+    .and_then(|()| out.flush())
+    .context("writing to standard output")?;
     Ok(())
 }
 

@@ -885,42 +885,42 @@ pub(crate) fn audit(store: &StoreArgs, command: &AuditCommand) -> Result<(), Fai
                 decision,
                 ..AuditFilter::default()
             };
-            let records = session
+            // One record in memory at a time, however long the log.
+            session
                 .audit
-                .records(&filter)
+                .scan(|r| !filter.matches(r) || crate::cli::print_out(&show_line(r, *json)))
                 .map_err(|e| anyhow!("audit log: {e}"))?;
-            let mut out = std::io::stdout().lock();
-            for r in records {
-                if *json {
-                    let _ = writeln!(out, "{}", serde_json::to_string(&r).unwrap_or_default());
-                } else {
-                    let actor = match &r.actor {
-                        Actor::Admin { name, role } => format!("{name} ({role})"),
-                        Actor::Enclave { module_id, .. } => format!("enclave {module_id}"),
-                        Actor::System => "system".to_owned(),
-                    };
-                    let _ = writeln!(
-                        out,
-                        "{:>6}  {}  {:<28} {:<8} {:<24} {}{}",
-                        r.seq,
-                        crate::cli::report::rfc3339_millis(r.time_ms)
-                            .as_str()
-                            .unwrap_or_default(),
-                        r.operation,
-                        match r.decision {
-                            Decision::Allowed => "allowed",
-                            Decision::Refused => "REFUSED",
-                        },
-                        r.key_id.as_deref().unwrap_or("-"),
-                        actor,
-                        r.reason
-                            .as_deref()
-                            .map(|x| format!("  [{x}]"))
-                            .unwrap_or_default(),
-                    );
-                }
-            }
         }
     }
     Ok(())
+}
+
+/// One record as `audit show` prints it: a JSON line, or a table row.
+fn show_line(r: &crate::audit::AuditRecord, json: bool) -> String {
+    if json {
+        return format!("{}\n", serde_json::to_string(r).unwrap_or_default());
+    }
+    let actor = match &r.actor {
+        Actor::Admin { name, role } => format!("{name} ({role})"),
+        Actor::Enclave { module_id, .. } => format!("enclave {module_id}"),
+        Actor::System => "system".to_owned(),
+    };
+    format!(
+        "{:>6}  {}  {:<28} {:<8} {:<24} {}{}\n",
+        r.seq,
+        crate::cli::report::rfc3339_millis(r.time_ms)
+            .as_str()
+            .unwrap_or_default(),
+        r.operation,
+        match r.decision {
+            Decision::Allowed => "allowed",
+            Decision::Refused => "REFUSED",
+        },
+        r.key_id.as_deref().unwrap_or("-"),
+        actor,
+        r.reason
+            .as_deref()
+            .map(|x| format!("  [{x}]"))
+            .unwrap_or_default(),
+    )
 }

@@ -13,7 +13,6 @@ use anyhow::{anyhow, Context};
 use clap::Subcommand;
 use kluis_attestation::TrustAnchor;
 use serde_json::json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Largest root PEM or identity file read.
@@ -57,8 +56,8 @@ pub(crate) fn checkpoint(session: &Session) -> Result<(), Failure> {
     let identity = load_identity(&session.kms)?;
     let signed = evidence::checkpoint_incremental(&session.kms, &session.audit, &identity)
         .map_err(evidence_failure)?;
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(signed.note.as_bytes());
+    // A failed write makes the command fail (see `print_out`).
+    crate::cli::print_out(&signed.note);
     Ok(())
 }
 

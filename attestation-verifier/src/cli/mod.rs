@@ -22,6 +22,7 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Kluis attestation verifier.
 #[derive(Debug, Parser)]
@@ -103,6 +104,22 @@ pub(crate) enum Outcome {
     Failed,
 }
 
+/// Set when writing to standard output failed during this run.
+static STDOUT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Writes `text` to standard output. A failure (a full disk behind a
+/// redirect, a closed pipe) is remembered, and the command then exits 2:
+/// output that did not reach its reader whole (a checkpoint, a record
+/// listing, a proof) must never look like success. Returns whether it was
+/// written (a listing stops at the first failure).
+pub(crate) fn print_out(text: &str) -> bool {
+    let written = std::io::stdout().lock().write_all(text.as_bytes()).is_ok();
+    if !written {
+        STDOUT_FAILED.store(true, Ordering::SeqCst);
+    }
+    written
+}
+
 /// Run the command line on `args` (the first item is the program name) and
 /// return the process exit code: 0 accepted/done, 1 rejected/refused, 2 usage
 /// or I/O error.
@@ -147,7 +164,11 @@ where
         Command::Evidence(c) => session::finish(evidence_cmd::evidence(c)),
     };
     // Flush explicitly: a closed stdout must not turn into a panic.
-    let _ = std::io::stdout().flush();
+    let flushed = std::io::stdout().flush();
+    if flushed.is_err() || STDOUT_FAILED.load(Ordering::SeqCst) {
+        eprintln!("error: the output could not be written in full to standard output");
+        return ExitCode::from(2);
+    }
     match outcome {
         Outcome::Accepted => ExitCode::SUCCESS,
         Outcome::Rejected => ExitCode::from(1),

@@ -9,7 +9,6 @@ use kluis_attestation::{
     VerifyOptions, MAX_DOCUMENT_LEN,
 };
 use serde_json::{json, Value};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,8 +37,7 @@ pub(crate) struct VerifyArgs {
 
 /// Print one JSON value on stdout. A closed stdout is not worth a panic.
 pub(crate) fn emit(value: &Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{value}");
+    crate::cli::print_out(&format!("{value}\n"));
 }
 
 /// A usage or I/O failure: exit 2, a JSON error on stdout, a line on stderr.
