@@ -100,6 +100,26 @@ struct Noise {
     last_summary_ms: u64,
 }
 
+impl Noise {
+    /// Puts back refusals whose summary could not be written, in front of
+    /// those counted since; their summary is due again at once.
+    fn restore(&mut self, earlier: Noise) {
+        if self.count == 0 {
+            self.last_ms = earlier.last_ms;
+        }
+        self.count = self.count.saturating_add(earlier.count);
+        self.first_ms = earlier.first_ms;
+        if earlier.first_detail.is_some() {
+            self.first_detail = earlier.first_detail;
+        }
+        for (rule, n) in earlier.by_rule {
+            let total = self.by_rule.entry(rule).or_insert(0);
+            *total = total.saturating_add(n);
+        }
+        self.last_summary_ms = earlier.last_summary_ms;
+    }
+}
+
 /// Longest detail kept in a noise summary.
 const MAX_NOISE_DETAIL: usize = 1024;
 
@@ -311,11 +331,14 @@ impl Broker {
                 crate::audit::rfc3339_millis(noise.last_ms),
                 noise.first_detail.as_deref().unwrap_or("-"),
             );
-            *noise = Noise {
-                last_summary_ms: now_ms,
-                ..Noise::default()
-            };
-            NewRecord {
+            let summarised = std::mem::replace(
+                &mut *noise,
+                Noise {
+                    last_summary_ms: now_ms,
+                    ..Noise::default()
+                },
+            );
+            let record = NewRecord {
                 time_ms: now_ms,
                 actor: Actor::System,
                 operation: "key.release.unauthenticated".to_owned(),
@@ -324,9 +347,18 @@ impl Broker {
                 decision: Decision::Refused,
                 reason: Some(reason),
                 attestation_document: None,
-            }
+            };
+            (record, summarised)
         };
-        let _ = self.record(record);
+        let (record, summarised) = record;
+        if self.record(record).is_err() {
+            // Not written (logged by `record`): the refusals stay counted,
+            // and are summarised again at the next flush.
+            self.noise
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .restore(summarised);
+        }
     }
 
     /// Keep in `nonces` only the challenges still open (issued, unused,
@@ -533,7 +565,7 @@ impl Broker {
                     "key release refused: {}",
                     refused.detail
                 );
-                let _ = self.record_job(
+                let recorded = self.record_job(
                     NewRecord {
                         time_ms: now_ms,
                         actor: Actor::enclave(&attestation),
@@ -546,7 +578,13 @@ impl Broker {
                     },
                     job.as_ref(),
                 );
-                Response::Error { code: refused.code }
+                // A refusal the log could not take is answered as the log's
+                // failure (`unavailable` for an outage): the client retries
+                // or fails over, and the replica that answers records it.
+                match recorded {
+                    Ok(()) => Response::Error { code: refused.code },
+                    Err(code) => Response::Error { code },
+                }
             }
         }
     }
@@ -705,6 +743,34 @@ impl Broker {
                 code,
                 noise: false,
             })?;
+        }
+        // What the release was decided on may have changed since it was read
+        // (an administrator's change, in this process or another replica):
+        // if a change is in the log before these records, the keys stay
+        // here, and the refusal recorded next says that the release above
+        // was withdrawn.
+        let authorisation = request.authorisation();
+        for (step, key) in plan.iter().zip(&released) {
+            let decrypted = step.wrapped.as_ref().map(|_| key.version);
+            match self.kms.release_withdrawn(
+                &step.key,
+                decrypted,
+                &step.policy_sha256,
+                authorisation,
+            ) {
+                Ok(None) => {}
+                Ok(Some(why)) => {
+                    return Err(Refused::denied(
+                        "changed_during_release",
+                        format!(
+                            "{}: {why}; the release recorded as allowed is withdrawn, \
+                             no key was sent",
+                            step.key
+                        ),
+                    ))
+                }
+                Err(e) => return Err(Refused::store("store_error", &e)),
+            }
         }
 
         Ok(Response::KeyRelease(Box::new(sealed)))
@@ -912,4 +978,55 @@ fn parse_key(key_id: &str) -> Result<KeyName, Refused> {
         code: ErrorCode::BadRequest,
         noise: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn refusals_whose_summary_was_not_written_are_summarised_again() {
+        let earlier = Noise {
+            count: 3,
+            first_ms: 100,
+            last_ms: 300,
+            by_rule: [("bad_frame", 2), ("no_challenge", 1)]
+                .into_iter()
+                .collect(),
+            first_detail: Some("the first".to_owned()),
+            last_summary_ms: 50,
+        };
+        // Two more came while the summary was being written.
+        let mut now = Noise {
+            count: 2,
+            first_ms: 400,
+            last_ms: 500,
+            by_rule: [("bad_frame", 2)].into_iter().collect(),
+            first_detail: Some("a later one".to_owned()),
+            last_summary_ms: 350,
+        };
+        now.restore(earlier);
+        assert_eq!(now.count, 5);
+        assert_eq!((now.first_ms, now.last_ms), (100, 500));
+        assert_eq!(now.by_rule.get("bad_frame"), Some(&4));
+        assert_eq!(now.by_rule.get("no_challenge"), Some(&1));
+        assert_eq!(now.first_detail.as_deref(), Some("the first"));
+        assert_eq!(now.last_summary_ms, 50, "due again");
+
+        // Nothing came since: the earlier refusals are all there is.
+        let mut empty = Noise {
+            last_summary_ms: 350,
+            ..Noise::default()
+        };
+        empty.restore(Noise {
+            count: 1,
+            first_ms: 7,
+            last_ms: 9,
+            by_rule: [("bad_frame", 1)].into_iter().collect(),
+            first_detail: None,
+            last_summary_ms: 0,
+        });
+        assert_eq!((empty.count, empty.first_ms, empty.last_ms), (1, 7, 9));
+    }
 }

@@ -444,6 +444,15 @@ impl Kms {
         let Some(intent) = self.get_json::<Intent>(KIND_SYSTEM, ID_INTENT)? else {
             return Ok(());
         };
+        if intent.operation == "key.destroy"
+            && intent.kind == KIND_CMK
+            && self.digest(&intent.kind, &intent.id)? == intent.before
+        {
+            // A destruction that stopped part way (a crash, the token failing
+            // on one version) may already have destroyed material: it is
+            // never voided, it is finished. Its record stands.
+            return self.finish_destruction(guard, binding, &intent);
+        }
         if self.digest(&intent.kind, &intent.id)? == intent.before {
             let begun = crate::audit::rfc3339_millis(intent.time_ms);
             let anchor = binding
@@ -464,6 +473,45 @@ impl Kms {
                 .map_err(audit_error)?;
             self.advance_anchor(guard, &binding.log, &anchor)?;
         }
+        self.store.delete(guard, KIND_SYSTEM, ID_INTENT)?;
+        Ok(())
+    }
+
+    /// Completes the interrupted `key.destroy` of `intent`: every version's
+    /// material destroyed (destroying destroyed material succeeds), the
+    /// record written as destroyed, a record saying so, the intent removed.
+    /// If the backend still fails, the intent stays and the next change
+    /// tries again; meanwhile no release of the key stands
+    /// ([`Kms::release_withdrawn`]).
+    fn finish_destruction(
+        &self,
+        guard: &StoreGuard<'_>,
+        binding: &AuditBinding,
+        intent: &Intent,
+    ) -> Result<(), KeyError> {
+        let name = KeyName::parse(&intent.id)?;
+        let mut record = self.key(&name)?;
+        // The waiting period was over when the destruction began.
+        keys::destroy(self.backend.as_ref(), guard, &mut record, intent.time_ms)?;
+        self.put_json(guard, KIND_CMK, name.as_str(), &record)?;
+        let begun = crate::audit::rfc3339_millis(intent.time_ms);
+        let anchor = binding
+            .log
+            .append_anchor(NewRecord {
+                time_ms: now_ms(),
+                actor: Actor::System,
+                operation: intent.operation.clone(),
+                key_id: intent.key_id.clone(),
+                key_version: intent.key_version,
+                decision: Decision::Allowed,
+                reason: Some(format!(
+                    "completed: the destruction begun at {begun} was interrupted, \
+                     and every version's material is now destroyed"
+                )),
+                attestation_document: None,
+            })
+            .map_err(audit_error)?;
+        self.advance_anchor(guard, &binding.log, &anchor)?;
         self.store.delete(guard, KIND_SYSTEM, ID_INTENT)?;
         Ok(())
     }
@@ -857,6 +905,72 @@ impl Kms {
         self.get_json(KIND_POLICY, name.as_str())
     }
 
+    /// For a key release whose allowed records were just written: why it
+    /// no longer stands, if it does not. The release was decided on reads
+    /// made before those records (the key's state, its policy, the job's
+    /// authorisation). Every change writes its intent, then its audit
+    /// record, then the change; so a change whose record comes before the
+    /// release's is, by now, either in force or still an intent. Either way
+    /// it is seen here, and a key released after a `key.disable`,
+    /// `policy.set` or `job.revoke` in the log never leaves. Rotation does
+    /// not withdraw a release: the versions it was decided on stay usable.
+    ///
+    /// `decrypted` is the version a decrypt release unwrapped (`None` for a
+    /// generate release); `decided_policy` the SHA-256 of the policy it was
+    /// decided under (empty: none).
+    pub fn release_withdrawn(
+        &self,
+        name: &KeyName,
+        decrypted: Option<u32>,
+        decided_policy: &str,
+        authorisation: Option<&kluis_proto::AuthorisationId>,
+    ) -> Result<Option<String>, KeyError> {
+        let authorisation_hex = authorisation.map(kluis_proto::AuthorisationId::to_hex);
+        if let Some(intent) = self.get_json::<Intent>(KIND_SYSTEM, ID_INTENT)? {
+            let on_key =
+                intent.key_id.as_deref() == Some(name.as_str()) && intent.operation != "key.rotate";
+            let on_authorisation = intent.kind == KIND_AUTHORISATION
+                && authorisation_hex.as_deref() == Some(intent.id.as_str());
+            if on_key || on_authorisation {
+                return Ok(Some(format!(
+                    "{} was under way when the release was recorded",
+                    intent.operation
+                )));
+            }
+        }
+        let record = self.key(name)?;
+        if let Err(e) = record.require_enabled("key release") {
+            return Ok(Some(e.to_string()));
+        }
+        if let Some(version) = decrypted {
+            let usable = record
+                .version(version)
+                .is_some_and(|v| v.state != keys::VersionState::Destroyed);
+            if !usable {
+                return Ok(Some(format!("version {version} was destroyed")));
+            }
+        }
+        let digest = self
+            .policy(name)?
+            .map(|p| policy_sha256(&p.text))
+            .unwrap_or_default();
+        if digest != decided_policy {
+            return Ok(Some(format!(
+                "its policy changed (now sha256 {})",
+                if digest.is_empty() { "none" } else { &digest }
+            )));
+        }
+        if let Some(id) = authorisation {
+            if let Some(r) = self.authorisation(id)?.and_then(|a| a.revoked) {
+                return Ok(Some(format!(
+                    "the job's authorisation was revoked by {}",
+                    r.by
+                )));
+            }
+        }
+        Ok(None)
+    }
+
     /// Add an administrator; refuses to replace one.
     pub fn add_admin(&self, record: &AdminRecord) -> Result<(), KeyError> {
         self.add_admin_then(record, "", || Ok(()))
@@ -1050,5 +1164,82 @@ impl Kms {
         new: &AuditAnchor,
     ) -> Result<(), KeyError> {
         self.put_json(guard, KIND_SYSTEM, ID_AUDIT_HEAD, new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use crate::audit::AuditFilter;
+
+    const T: u64 = 1_767_225_600_000;
+
+    /// A destruction that stopped after destroying the first version's
+    /// material (a crash, or the token failing on the second) is finished
+    /// when resolved, never recorded as having had no effect.
+    #[test]
+    fn an_interrupted_destruction_is_finished_not_voided() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32]));
+        let mut kms = Kms::init(&dir.path().join("store"), secret).unwrap();
+        let log = Arc::new(AuditLog::open(dir.path().join("audit.log")).unwrap());
+        kms.bind_audit(Arc::clone(&log), Actor::System);
+        let name = KeyName::parse("agency/app/prod").unwrap();
+        kms.create_key(&name, 0, T).unwrap();
+        kms.rotate_key(&name, T).unwrap();
+        let after = kms.schedule_deletion(&name, 7, T).unwrap();
+
+        // The destruction's intent and record are written, the first
+        // version's material is destroyed, and then it stops.
+        {
+            let guard = kms.lock().unwrap();
+            let record = kms.key(&name).unwrap();
+            let change = Change {
+                operation: "key.destroy",
+                key: Some(&name),
+                reason: None,
+                job: None,
+            };
+            kms.journal(&guard, KIND_CMK, name.as_str(), change, None)
+                .unwrap();
+            kms.backend
+                .destroy_material(&guard, &record.versions[0].material_id)
+                .unwrap();
+        }
+        let digest = kms
+            .policy(&name)
+            .unwrap()
+            .map(|p| policy_sha256(&p.text))
+            .unwrap_or_default();
+        let why = kms.release_withdrawn(&name, None, &digest, None).unwrap();
+        assert!(
+            why.unwrap().contains("key.destroy"),
+            "no release while it is under way"
+        );
+
+        kms.resolve_interrupted().unwrap();
+        let record = kms.key(&name).unwrap();
+        assert!(
+            matches!(record.state, keys::KeyState::Destroyed { .. }),
+            "{record:?}"
+        );
+        assert!(record
+            .versions
+            .iter()
+            .all(|v| v.state == keys::VersionState::Destroyed));
+        let records = log.records(&AuditFilter::default()).unwrap();
+        let last = records.last().unwrap();
+        assert_eq!(last.operation, "key.destroy");
+        assert_eq!(last.decision, Decision::Allowed);
+        assert!(
+            last.reason.as_deref().unwrap().starts_with("completed"),
+            "{last:?}"
+        );
+        assert!(!records.iter().any(|r| r
+            .reason
+            .as_deref()
+            .is_some_and(|x| x.contains("did not take effect"))));
+        assert!(after > T);
     }
 }

@@ -382,6 +382,102 @@ fn policy_matrix_on(backend: Backend) {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// A release is re-checked once its allowed records are written: a change
+/// to what it was decided on (the key's state, its policy, a change still
+/// under way) withdraws it; a rotation does not.
+#[test]
+fn a_change_made_while_a_release_was_decided_withdraws_it() {
+    let world = new_world();
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v1")], ""));
+    let kms = world.broker.kms();
+    let name = KeyName::parse(KEY).unwrap();
+    let digest =
+        attestation_verifier::kms::policy_sha256(&kms.policy(&name).unwrap().unwrap().text);
+    let withdrawn = |decrypted| {
+        kms.release_withdrawn(&name, decrypted, &digest, None)
+            .unwrap()
+    };
+    assert_eq!(withdrawn(None), None);
+    assert_eq!(withdrawn(Some(1)), None);
+    assert!(
+        withdrawn(Some(9)).is_some(),
+        "a version the key does not have"
+    );
+
+    // A change begun (its intent and record written, the change not yet in
+    // force) withdraws a release of its key; a rotation under way does not.
+    let intent = |operation: &str| {
+        let guard = kms.lock().unwrap();
+        let json = serde_json::json!({
+            "operation": operation,
+            "key_id": KEY,
+            "key_version": null,
+            "kind": "cmk",
+            "id": KEY,
+            "before": null,
+            "time_ms": T0,
+        });
+        kms.store()
+            .put(&guard, "system", "intent", json.to_string().as_bytes())
+            .unwrap();
+    };
+    intent("key.disable");
+    let why = withdrawn(None).unwrap();
+    assert!(why.contains("key.disable"), "{why}");
+    // Through the broker: the release is decided (the key is still enabled),
+    // recorded as allowed, then withdrawn; no key is sent.
+    let nsm = world.nsm(b"v1", false, T0);
+    let n = world.challenge(T0);
+    let a = world.attempt(&nsm, Some(n), generate(), T0 + 1_000, false);
+    assert!(
+        matches!(
+            a.response,
+            Response::Error {
+                code: ErrorCode::Denied
+            }
+        ),
+        "{:?}",
+        a.response
+    );
+    let reason = last_refusal_reason(&world);
+    assert!(reason.starts_with("changed_during_release"), "{reason}");
+    let records = world
+        .broker
+        .audit()
+        .records(&AuditFilter::default())
+        .unwrap();
+    let [.., allowed, withdrawal] = records.as_slice() else {
+        panic!("{records:?}")
+    };
+    assert_eq!(
+        (allowed.operation.as_str(), allowed.decision),
+        ("key.release.generate", Decision::Allowed)
+    );
+    assert_eq!(withdrawal.decision, Decision::Refused);
+    intent("key.rotate");
+    assert_eq!(withdrawn(None), None);
+    {
+        let guard = kms.lock().unwrap();
+        kms.store().delete(&guard, "system", "intent").unwrap();
+    }
+
+    let n = world.challenge(T0);
+    let a = world.attempt(&nsm, Some(n), generate(), T0 + 2_000, false);
+    assert!(
+        matches!(a.response, Response::KeyRelease(_)),
+        "{:?}",
+        a.response
+    );
+
+    // The change in force.
+    kms.disable_key(&name).unwrap();
+    assert!(withdrawn(None).unwrap().contains("disabled"));
+    kms.enable_key(&name).unwrap();
+    assert_eq!(withdrawn(None), None);
+    world.set_policy(KEY, &policy_toml(&[image_pcr0(b"v2")], ""));
+    assert!(withdrawn(None).unwrap().contains("policy changed"));
+}
+
 #[test]
 fn key_lifecycle_through_release() {
     on_both_backends(key_lifecycle_through_release_on);
