@@ -25,9 +25,11 @@
 //! - The job is one owned task tree under one cancellation token: on any
 //!   failure and at the deadline every part stops and is joined before
 //!   `Failed` is written (see [`serve_job`]); nothing follows it.
-//! - What the parent sees does not depend on where the data fails: a
-//!   workload failure is reported after the whole input (`drain`), and
-//!   progress is the input read so far, coarsely (`ProgressReporter`).
+//! - When a workload fails, the failure is reported after the whole input
+//!   was read (`drain`), and progress is the input read so far, coarsely
+//!   (`ProgressReporter`), so neither tells the parent where the data
+//!   failed; the output, which stops growing within one frame of the
+//!   failure, does (SECURITY.md, "What a hostile parent learns").
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -738,6 +740,24 @@ async fn process(
     let (output_key, secrets) = rest
         .split_last()
         .ok_or_else(|| JobError::new(FailureKind::KeyReleaseInvalid, "no output key released"))?;
+    // The header's key name was read before it could be authenticated; the
+    // released key says which master key the wrapped key is really under.
+    // A header that names another was altered: nothing is used.
+    if input_key.key_id != header.cmk_id() {
+        return Err(JobError::new(
+            FailureKind::InputTampered,
+            format!(
+                "the input's header names master key {:?}, but its data key is under {:?}",
+                header.cmk_id(),
+                input_key.key_id
+            ),
+        ));
+    }
+    ctx.check_released_keys(
+        spec,
+        &input_key.key_id,
+        secrets.iter().map(|k| k.key_id.as_str()),
+    )?;
     let input_key = data_key(input_key)?;
     let output_data_key = data_key(output_key)?;
     let wrapped_output = WrappedKey::new(
@@ -746,7 +766,6 @@ async fn process(
         output_key.wrapped.clone(),
     )
     .map_err(|e| JobError::new(FailureKind::KeyReleaseInvalid, format!("output key: {e}")))?;
-    ctx.check_secret_keys(spec, secrets.iter().map(|k| k.key_id.as_str()))?;
     if let Some(a) = authorisation {
         // The verifier enforces this too; the enclave does not rely on it.
         let named = a.authorisation().secret_keys.iter().map(String::as_str);

@@ -43,6 +43,13 @@ pub struct AllowedJob {
     pub input_keys: Vec<String>,
 }
 
+impl AllowedJob {
+    /// Whether input under this master key may be this job's input.
+    fn admits_input(&self, input_key: &str) -> bool {
+        self.input_keys.is_empty() || self.input_keys.iter().any(|k| k == input_key)
+    }
+}
+
 /// What every job of one enclave shares.
 pub struct EnclaveContext {
     /// The NSM (device or simulator).
@@ -183,7 +190,10 @@ impl EnclaveContext {
         }
     }
 
-    /// Before key release: the input's master key must be allowed.
+    /// Before key release: the input's master key, as the envelope's header
+    /// names it, must be allowed. The header is not authenticated until the
+    /// data key is released, so this only refuses early what
+    /// [`EnclaveContext::check_released_keys`] would refuse anyway.
     pub fn check_input_key(
         &self,
         spec: &kluis_proto::job::JobSpec,
@@ -192,8 +202,7 @@ impl EnclaveContext {
         match self.candidates(spec) {
             None => Ok(()),
             Some(mut c) => {
-                if c.any(|a| a.input_keys.is_empty() || a.input_keys.iter().any(|k| k == input_key))
-                {
+                if c.any(|a| a.admits_input(input_key)) {
                     Ok(())
                 } else {
                     Err(job::JobError::new(
@@ -205,31 +214,137 @@ impl EnclaveContext {
         }
     }
 
-    /// After key release, before any use: the secrets must be data keys of
-    /// the allowed master keys (the wrapped form names its key, which only
-    /// the verifier can read; the released answer says it).
-    pub fn check_secret_keys<'k>(
+    /// After key release, before any use: one allowed job must admit both
+    /// the input's master key and the secrets' master keys, as the verifier
+    /// released them (a wrapped key names its master key, which only the
+    /// verifier can read; the released answer says it). Each is checked
+    /// against the same entry: an input allowed by one entry with secrets
+    /// allowed by another is a job this image does not run (it would, for
+    /// one, link pseudonyms across datasets the controller keeps apart).
+    pub fn check_released_keys<'k>(
         &self,
         spec: &kluis_proto::job::JobSpec,
-        released: impl Iterator<Item = &'k str> + Clone,
+        input_key: &str,
+        secrets: impl Iterator<Item = &'k str> + Clone,
     ) -> Result<(), job::JobError> {
         match self.candidates(spec) {
             None => Ok(()),
             Some(mut c) => {
                 if c.any(|a| {
-                    a.secret_keys
-                        .iter()
-                        .map(String::as_str)
-                        .eq(released.clone())
+                    a.admits_input(input_key)
+                        && a.secret_keys.iter().map(String::as_str).eq(secrets.clone())
                 }) {
                     Ok(())
                 } else {
                     Err(job::JobError::new(
                         FailureKind::JobNotAllowed,
-                        "the job's secrets are not data keys of the master keys this image allows",
+                        "no job this image runs has this input's master key together with \
+                         these secrets' master keys",
                     ))
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use kluis_proto::job::{JobSpec, WorkloadSpec};
+
+    /// An NSM that answers nothing: these checks never ask it.
+    struct NoNsm;
+    impl kluis_nsm::Nsm for NoNsm {
+        fn process(&self, _: kluis_nsm::Request) -> kluis_nsm::Response {
+            kluis_nsm::Response::Error(kluis_nsm::ErrorCode::InternalError)
+        }
+    }
+
+    fn pseudonymise() -> WorkloadSpec {
+        WorkloadSpec::Pseudonymise {
+            column: 0,
+            delimiter: b',',
+            secret: 0,
+            header: false,
+            check_national_number: false,
+        }
+    }
+
+    /// Two jobs that differ only in their input and their secret: dataset A
+    /// is pseudonymised under A's key, dataset B under B's.
+    fn context() -> EnclaveContext {
+        let mut ctx = EnclaveContext::new(
+            Arc::new(NoNsm),
+            "tcp:127.0.0.1:1".parse().unwrap(),
+            [4; kluis_proto::message::P384_PUBLIC_KEY_LEN],
+        );
+        let entry = |input: &str, secret: &str| AllowedJob {
+            workload: pseudonymise(),
+            output_key: "agency/research/prod".into(),
+            secret_keys: vec![secret.into()],
+            input_keys: vec![input.into()],
+        };
+        ctx.allowed_jobs = Some(vec![
+            entry("agency/a/prod", "agency/pseudonym-a/prod"),
+            entry("agency/b/prod", "agency/pseudonym-b/prod"),
+        ]);
+        ctx
+    }
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            job_id: "j".into(),
+            workload: pseudonymise(),
+            output_key: "agency/research/prod".into(),
+            secrets: vec![kluis_proto::job::WrappedSecret(vec![1; 40])],
+            authorisation: None,
+        }
+    }
+
+    #[test]
+    fn the_input_and_the_secrets_must_be_allowed_by_the_same_job() {
+        let ctx = context();
+        let spec = spec();
+        for (input, secret) in [
+            ("agency/a/prod", "agency/pseudonym-a/prod"),
+            ("agency/b/prod", "agency/pseudonym-b/prod"),
+        ] {
+            assert!(ctx.check_input_key(&spec, input).is_ok());
+            ctx.check_released_keys(&spec, input, [secret].into_iter())
+                .unwrap();
+        }
+        // Each key is allowed by some entry, but not together.
+        for (input, secret) in [
+            ("agency/a/prod", "agency/pseudonym-b/prod"),
+            ("agency/b/prod", "agency/pseudonym-a/prod"),
+        ] {
+            assert!(ctx.check_input_key(&spec, input).is_ok());
+            let err = ctx
+                .check_released_keys(&spec, input, [secret].into_iter())
+                .unwrap_err();
+            assert_eq!(
+                err.kind,
+                FailureKind::JobNotAllowed,
+                "{input} with {secret}"
+            );
+        }
+        // An input no entry allows, before and after release.
+        assert!(ctx.check_input_key(&spec, "agency/c/prod").is_err());
+        assert!(ctx
+            .check_released_keys(
+                &spec,
+                "agency/c/prod",
+                ["agency/pseudonym-a/prod"].into_iter()
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn without_a_list_every_released_key_passes() {
+        let mut ctx = context();
+        ctx.allowed_jobs = None;
+        ctx.check_released_keys(&spec(), "agency/c/prod", ["any/key/prod"].into_iter())
+            .unwrap();
     }
 }

@@ -145,8 +145,9 @@ impl<'a> ProgressReporter<'a> {
 /// After a workload failure: read (and so authenticate) the rest of the
 /// input to its end, reporting progress as before, so that neither the
 /// time of the failure nor the progress tells the parent where in the
-/// input it happened. An input error found on the way wins (the parent
-/// caused it and may know it).
+/// input it happened. (The output does: it stops growing within one output
+/// frame of the failure; SECURITY.md says what a parent learns.) An input
+/// error found on the way wins (the parent caused it and may know it).
 pub(crate) fn drain<R: Read>(
     reader: &mut R,
     mut bytes_in: u64,

@@ -470,6 +470,54 @@ async fn a_parent_answering_as_the_verifier_gets_no_key_accepted() {
     assert!(!out.exists());
 }
 
+/// An input whose header names one master key while its wrapped data key is
+/// under another (made here by someone holding the data key, so that even
+/// the header's tag is right): the key the verifier releases says which
+/// master key it is really under, and the enclave uses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_whose_header_names_another_master_key_is_refused() {
+    use std::io::Write as _;
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let plain = records(100);
+    let honest = d.world.encrypt(INPUT_KEY, &plain, 1024);
+    let data_key = d.world.data_key_of(&honest).unwrap();
+    let (header, _) = kluis_envelope::EnvelopeHeader::from_bytes(&honest).unwrap();
+    let renamed = kluis_envelope::WrappedKey::new(
+        OUTPUT_KEY,
+        header.wrapped_key().cmk_version(),
+        header.wrapped_key().wrapped_bytes().to_vec(),
+    )
+    .unwrap();
+    let mut w =
+        kluis_envelope::EnvelopeWriter::with_segment_size(Vec::new(), &data_key, renamed, 1024)
+            .unwrap();
+    w.write_all(&plain).unwrap();
+    let forged = w.finish().unwrap();
+    let out = d.world.path("renamed.kenv");
+    let err = run(
+        &job(&d.enclave.address, WorkloadSpec::Identity, vec![]),
+        forged,
+        &out,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.enclave_kind(),
+        Some(FailureKind::InputTampered),
+        "{err}"
+    );
+    assert!(err.to_string().contains(INPUT_KEY), "{err}");
+    assert!(!out.exists());
+    // The honest input runs.
+    run(
+        &job(&d.enclave.address, WorkloadSpec::Identity, vec![]),
+        honest,
+        &out,
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_parent_on_the_data_fails_the_job_or_the_decryption() {
     use Direction::*;

@@ -167,8 +167,22 @@ pub fn check_spec(spec: &WorkloadSpec, secrets: usize) -> Result<(), WorkloadErr
             Ok(())
         }
     };
+    // Every secret a job brings is released to the enclave (and audited as
+    // released): a job may bring only the secrets its workload uses.
+    let no_secrets = || {
+        if secrets == 0 {
+            Ok(())
+        } else {
+            Err(WorkloadError::BadParameters(format!(
+                "{} uses no secret, {secrets} given",
+                spec.name()
+            )))
+        }
+    };
     match spec {
-        WorkloadSpec::Identity | WorkloadSpec::Reencrypt | WorkloadSpec::Exec { .. } => Ok(()),
+        WorkloadSpec::Identity | WorkloadSpec::Reencrypt | WorkloadSpec::Exec { .. } => {
+            no_secrets()
+        }
         WorkloadSpec::Pseudonymise {
             column: c,
             delimiter: d,
@@ -180,6 +194,11 @@ pub fn check_spec(spec: &WorkloadSpec, secrets: usize) -> Result<(), WorkloadErr
             if usize::try_from(*secret).map_or(true, |s| s >= secrets) {
                 return Err(WorkloadError::BadParameters(format!(
                     "secret {secret} named, {secrets} given"
+                )));
+            }
+            if secrets != 1 {
+                return Err(WorkloadError::BadParameters(format!(
+                    "pseudonymise uses one secret, {secrets} given"
                 )));
             }
             Ok(())
@@ -194,7 +213,8 @@ pub fn check_spec(spec: &WorkloadSpec, secrets: usize) -> Result<(), WorkloadErr
             if let Some(s) = sum {
                 column(*s)?;
             }
-            delimiter(*d)
+            delimiter(*d)?;
+            no_secrets()
         }
         _ => Err(WorkloadError::BadParameters(
             "a workload this enclave does not know".to_owned(),
@@ -542,6 +562,26 @@ mod tests {
         assert!(check_spec(&p(MAX_COLUMN + 1, b',', 0), 1).is_err());
         assert!(check_spec(&p(0, b'"', 0), 1).is_err());
         assert!(check_spec(&WorkloadSpec::Identity, 0).is_ok());
+        // Secrets the workload would not use are never asked for.
+        assert!(check_spec(&p(0, b',', 0), 2).is_err());
+        assert!(check_spec(&p(0, b',', 0), 0).is_err());
+        for spec in [
+            WorkloadSpec::Identity,
+            WorkloadSpec::Reencrypt,
+            WorkloadSpec::Exec {
+                program: "upper".into(),
+                args: vec![],
+            },
+            WorkloadSpec::Aggregate {
+                by: 0,
+                sum: None,
+                delimiter: b',',
+                header: false,
+            },
+        ] {
+            assert!(check_spec(&spec, 0).is_ok(), "{spec:?}");
+            assert!(check_spec(&spec, 1).is_err(), "{spec:?}");
+        }
     }
 
     #[test]
