@@ -551,9 +551,17 @@ pub async fn run_job_on(
         context: format!("moving the output into place at {}", output.display()),
         source: e.error,
     })?;
-    if let Ok(d) = std::fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
+    // The rename is durable only once the directory is: a job is reported
+    // done only then (the output in place is whole either way).
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| RunError::Io {
+            context: format!(
+                "syncing the directory of the output {} after moving it into place",
+                output.display()
+            ),
+            source: e,
+        })?;
     tally.state.counts = counts;
     tally.tell(&mut progress);
     Ok(JobReport {

@@ -68,6 +68,11 @@ pub(crate) struct RunArgs {
     /// Fail when the enclave says nothing for this long.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub idle_timeout: u64,
+    /// Fail when the whole job (key release and data) takes longer than
+    /// this, however often the enclave reports progress. The default is an
+    /// hour past the enclave's own default deadline (24 h). 0: no limit.
+    #[arg(long, value_name = "SECONDS", default_value_t = 25 * 3600)]
+    pub job_timeout: u64,
     /// Keep trying to connect to the enclave this long: `nitro-cli
     /// run-enclave` returns before the enclave program listens. 0: try once.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
@@ -331,8 +336,22 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
                 None => run_job_on(&job, stream, input, &args.output, |p| reporter.update(p)).await,
             }
         };
+        let job_timeout = args.job_timeout;
+        let deadline = async {
+            if job_timeout == 0 {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_secs(job_timeout)).await;
+        };
         let result = tokio::select! {
             r = run => r,
+            () = deadline => {
+                reporter.finish();
+                let _ = stop_tx.send(());
+                return Err(anyhow!(
+                    "the job did not finish within {job_timeout} s (--job-timeout): no output written"
+                ));
+            }
             _ = tokio::signal::ctrl_c() => {
                 reporter.finish();
                 let _ = stop_tx.send(());
@@ -351,7 +370,11 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
             "output_key": report.output_key.as_ref().map(|(k, v)| format!("{k}#{v}")),
             "seconds": report.elapsed.as_secs_f64(),
         });
-        println!("{line}");
+        // A closed or full standard output is an error, not a panic.
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), "{line}")
+            .and_then(|()| std::io::stdout().flush())
+            .context("writing the job's report to standard output")?;
         Ok(())
     })
 }

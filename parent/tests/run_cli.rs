@@ -37,6 +37,50 @@ fn run_waits_for_the_enclave_then_fails_clearly() {
     assert!(!output.exists());
 }
 
+/// An enclave that takes the connection and then never ends the job: the
+/// parent gives up at `--job-timeout`, whatever the idle timeout, and
+/// leaves no output.
+#[test]
+fn run_gives_up_at_the_job_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.kenv");
+    std::fs::write(&input, b"sent to an enclave that never answers").unwrap();
+    let output = dir.path().join("output.kenv");
+    let socket = dir.path().join("enclave.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let held = std::thread::spawn(move || {
+        use std::io::Read as _;
+        let (mut stream, _) = listener.accept().unwrap();
+        // Read whatever comes, answer nothing, until the parent goes.
+        let mut buf = [0u8; 4096];
+        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_parent"))
+        .args(["run", "--enclave"])
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .args([
+            "--output-key",
+            "a/b/c",
+            "--idle-timeout",
+            "600",
+            "--job-timeout",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("did not finish within 1 s"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(600));
+    assert!(!output.exists());
+    held.join().unwrap();
+}
+
 fn parent(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_parent"))
         .args(args)
