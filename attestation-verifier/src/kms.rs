@@ -567,17 +567,7 @@ impl Kms {
         kind: &str,
         id: &str,
     ) -> Result<Option<T>, KeyError> {
-        match self.store.get(kind, id)? {
-            None => Ok(None),
-            Some(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| KeyError::CorruptRecord {
-                        name: format!("{kind}/{id}"),
-                        detail: e.to_string(),
-                    })
-            }
-        }
+        decode_json(kind, id, self.store.get(kind, id)?)
     }
 
     fn put_json<T: serde::Serialize>(
@@ -926,7 +916,26 @@ impl Kms {
         authorisation: Option<&kluis_proto::AuthorisationId>,
     ) -> Result<Option<String>, KeyError> {
         let authorisation_hex = authorisation.map(kluis_proto::AuthorisationId::to_hex);
-        if let Some(intent) = self.get_json::<Intent>(KIND_SYSTEM, ID_INTENT)? {
+        // Read together: one round trip when the store is a database.
+        let mut wanted = vec![
+            (KIND_SYSTEM, ID_INTENT),
+            (KIND_CMK, name.as_str()),
+            (KIND_POLICY, name.as_str()),
+        ];
+        if let Some(hex) = &authorisation_hex {
+            wanted.push((KIND_AUTHORISATION, hex.as_str()));
+        }
+        let mut records = self.store.get_many(&wanted)?.into_iter();
+        let intent: Option<Intent> = decode_json(KIND_SYSTEM, ID_INTENT, records.next().flatten())?;
+        let record: Option<CmkRecord> =
+            decode_json(KIND_CMK, name.as_str(), records.next().flatten())?;
+        let policy: Option<StoredPolicy> =
+            decode_json(KIND_POLICY, name.as_str(), records.next().flatten())?;
+        let authorisation: Option<AuthorisationRecord> = match &authorisation_hex {
+            Some(hex) => decode_json(KIND_AUTHORISATION, hex, records.next().flatten())?,
+            None => None,
+        };
+        if let Some(intent) = intent {
             let on_key =
                 intent.key_id.as_deref() == Some(name.as_str()) && intent.operation != "key.rotate";
             let on_authorisation = intent.kind == KIND_AUTHORISATION
@@ -938,7 +947,7 @@ impl Kms {
                 )));
             }
         }
-        let record = self.key(name)?;
+        let record = record.ok_or_else(|| KeyError::NotFound(name.to_string()))?;
         if let Err(e) = record.require_enabled("key release") {
             return Ok(Some(e.to_string()));
         }
@@ -950,23 +959,18 @@ impl Kms {
                 return Ok(Some(format!("version {version} was destroyed")));
             }
         }
-        let digest = self
-            .policy(name)?
-            .map(|p| policy_sha256(&p.text))
-            .unwrap_or_default();
+        let digest = policy.map(|p| policy_sha256(&p.text)).unwrap_or_default();
         if digest != decided_policy {
             return Ok(Some(format!(
                 "its policy changed (now sha256 {})",
                 if digest.is_empty() { "none" } else { &digest }
             )));
         }
-        if let Some(id) = authorisation {
-            if let Some(r) = self.authorisation(id)?.and_then(|a| a.revoked) {
-                return Ok(Some(format!(
-                    "the job's authorisation was revoked by {}",
-                    r.by
-                )));
-            }
+        if let Some(r) = authorisation.and_then(|a| a.revoked) {
+            return Ok(Some(format!(
+                "the job's authorisation was revoked by {}",
+                r.by
+            )));
         }
         Ok(None)
     }
@@ -1164,6 +1168,25 @@ impl Kms {
         new: &AuditAnchor,
     ) -> Result<(), KeyError> {
         self.put_json(guard, KIND_SYSTEM, ID_AUDIT_HEAD, new)
+    }
+}
+
+/// A stored record's JSON, decoded.
+fn decode_json<T: serde::de::DeserializeOwned>(
+    kind: &str,
+    id: &str,
+    bytes: Option<zeroize::Zeroizing<Vec<u8>>>,
+) -> Result<Option<T>, KeyError> {
+    match bytes {
+        None => Ok(None),
+        Some(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| KeyError::CorruptRecord {
+                    name: format!("{kind}/{id}"),
+                    detail: e.to_string(),
+                })
+        }
     }
 }
 

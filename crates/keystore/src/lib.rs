@@ -46,7 +46,9 @@ pub use backend::{
 pub use error::StoreError;
 pub use pg::Database;
 pub use secret::{Argon2Params, RootSecret, KEY_LEN};
-pub use store::{Store, StoreGuard, MAX_ID_LEN, MAX_KIND_LEN, MAX_LIST_LEN, MAX_RECORD_LEN};
+pub use store::{
+    Store, StoreGuard, MAX_GET_MANY, MAX_ID_LEN, MAX_KIND_LEN, MAX_LIST_LEN, MAX_RECORD_LEN,
+};
 pub use zeroize::Zeroizing;
 
 /// Writes `contents` to a new file `dir/name` (mode 0600) atomically and

@@ -395,6 +395,46 @@ impl Database {
             .map_err(|e| self.error("read a record from", &e))
     }
 
+    /// The bodies (at most `max_body` bytes and one) of the records
+    /// `wanted` (kind, tag), in one query: `None` where there is none.
+    pub(crate) fn get_records(
+        &self,
+        wanted: &[(&str, &[u8])],
+        max_body: u64,
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let kinds: Vec<&str> = wanted.iter().map(|(k, _)| *k).collect();
+        let tags: Vec<&[u8]> = wanted.iter().map(|(_, t)| *t).collect();
+        let mut client = self.client()?;
+        let rows = client
+            .query(
+                "SELECT w.i, substring(r.body from 1 for $3) \
+                 FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS w(kind, tag, i) \
+                 JOIN kluis_records r ON r.kind = w.kind AND r.tag = w.tag",
+                &[&kinds, &tags, &bound(max_body)],
+            )
+            .map_err(|e| self.error("read records from", &e))?;
+        let mut out: Vec<Option<Vec<u8>>> = wanted.iter().map(|_| None).collect();
+        for row in rows {
+            let i: i64 = row
+                .try_get(0)
+                .map_err(|e| self.error("read records from", &e))?;
+            let slot = usize::try_from(i)
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| out.get_mut(i))
+                .ok_or_else(|| StoreError::Database {
+                    target: self.inner.target.clone(),
+                    action: "read records from",
+                    reason: "the database answered a row no one asked for".to_owned(),
+                })?;
+            *slot = Some(
+                row.try_get(1)
+                    .map_err(|e| self.error("read records from", &e))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Calls `each` with the tag and body (at most `max_body` bytes and one)
     /// of every record of `kind`, one row in memory at a time, at most
     /// `limit` rows and one (the caller refuses a list that long).

@@ -356,14 +356,8 @@ impl Store {
         let tag = self.keys.name_tag(kind, id)?;
         let (path, record) = match &self.db {
             Some(db) => {
-                let record = match db.get_record(kind, &tag, MAX_RECORD_FILE_LEN)? {
-                    Some(body) => {
-                        check_row_len(&body)?;
-                        Some(self.decode_record(kind, &tag, &body, &self.dir)?)
-                    }
-                    None => None,
-                };
-                (self.dir.clone(), record)
+                let body = db.get_record(kind, &tag, MAX_RECORD_FILE_LEN)?;
+                (self.dir.clone(), self.decode_row(kind, &tag, body)?)
             }
             None => {
                 let path = self.record_path(kind, &tag);
@@ -371,16 +365,64 @@ impl Store {
                 (path, record)
             }
         };
-        let Some((stored_id, value)) = record else {
-            return Ok(None);
-        };
-        if stored_id != id {
-            return Err(StoreError::CorruptRecord {
-                path,
-                reason: "the record holds another id than the one asked for",
+        check_stored_id(id, path, record)
+    }
+
+    /// [`Store::get`] of several records at once: in one query when the
+    /// store is in a database (a caller that must see them together, and
+    /// soon, pays one round trip), one after the other in a directory.
+    /// At most [`MAX_GET_MANY`] records.
+    pub fn get_many(
+        &self,
+        wanted: &[(&str, &str)],
+    ) -> Result<Vec<Option<Zeroizing<Vec<u8>>>>, StoreError> {
+        if wanted.len() > MAX_GET_MANY {
+            return Err(StoreError::TooLarge {
+                what: "a batch of records to read",
+                limit: u64::try_from(MAX_GET_MANY).unwrap_or(u64::MAX),
+                found: u64::try_from(wanted.len()).unwrap_or(u64::MAX),
             });
         }
-        Ok(Some(value))
+        let Some(db) = &self.db else {
+            return wanted.iter().map(|(kind, id)| self.get(kind, id)).collect();
+        };
+        let mut tags = Vec::with_capacity(wanted.len());
+        for (kind, id) in wanted {
+            check_kind(kind)?;
+            check_id(id)?;
+            tags.push(self.keys.name_tag(kind, id)?);
+        }
+        let keys: Vec<(&str, &[u8])> = wanted
+            .iter()
+            .zip(&tags)
+            .map(|((kind, _), tag)| (*kind, tag.as_slice()))
+            .collect();
+        let bodies = db.get_records(&keys, MAX_RECORD_FILE_LEN)?;
+        wanted
+            .iter()
+            .zip(&tags)
+            .zip(bodies)
+            .map(|(((kind, id), tag), body)| {
+                let record = self.decode_row(kind, tag, body)?;
+                check_stored_id(id, self.dir.clone(), record)
+            })
+            .collect()
+    }
+
+    /// A record's row, as the database returned it, decoded.
+    fn decode_row(
+        &self,
+        kind: &str,
+        tag: &[u8; NAME_TAG_LEN],
+        body: Option<Vec<u8>>,
+    ) -> Result<Option<Record>, StoreError> {
+        match body {
+            Some(body) => {
+                check_row_len(&body)?;
+                Ok(Some(self.decode_record(kind, tag, &body, &self.dir)?))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Writes record `id` of `kind`, replacing any previous value, atomically
@@ -667,6 +709,28 @@ fn check_row_len(body: &[u8]) -> Result<(), StoreError> {
 }
 
 /// Reads a record file with the record bound; `None` if it does not exist.
+/// The most records [`Store::get_many`] reads at once.
+pub const MAX_GET_MANY: usize = 16;
+
+/// A record's value, if it holds the id it was asked for (its file name or
+/// row is a keyed hash of the id, and the id is inside, authenticated).
+fn check_stored_id(
+    id: &str,
+    path: PathBuf,
+    record: Option<Record>,
+) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+    let Some((stored_id, value)) = record else {
+        return Ok(None);
+    };
+    if stored_id != id {
+        return Err(StoreError::CorruptRecord {
+            path,
+            reason: "the record holds another id than the one asked for",
+        });
+    }
+    Ok(Some(value))
+}
+
 fn read_record_file(path: &Path) -> Result<Option<(Vec<u8>, FileIdentity)>, StoreError> {
     match fsutil::read_bounded_identified(path, MAX_RECORD_FILE_LEN) {
         Ok(read) => Ok(Some(read)),

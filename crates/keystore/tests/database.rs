@@ -112,6 +112,64 @@ fn records_round_trip_and_the_database_sees_only_ciphertext() {
     assert_eq!(store.list("cmk").unwrap(), vec!["agency-a/app-x/prod"]);
 }
 
+/// Several records read in one query give what reading them one by one
+/// gives, in the order asked (absent ones as `None`), with the same checks:
+/// a row moved under another record's tag is refused.
+#[test]
+fn records_read_together_are_the_records_read_one_by_one() {
+    let Some(db) = scratch("records_read_together_are_the_records_read_one_by_one") else {
+        return;
+    };
+    let (_keys, key) = key();
+    let store = init(&db, &key);
+    {
+        let guard = store.lock().unwrap();
+        store.put(&guard, "cmk", "a/b/c", b"one").unwrap();
+        store.put(&guard, "policy", "a/b/c", b"two").unwrap();
+        store.put(&guard, "system", "intent", b"three").unwrap();
+    }
+    let wanted = [
+        ("policy", "a/b/c"),
+        ("cmk", "a/b/missing"),
+        ("system", "intent"),
+        ("cmk", "a/b/c"),
+    ];
+    let together: Vec<Option<Vec<u8>>> = store
+        .get_many(&wanted)
+        .unwrap()
+        .into_iter()
+        .map(|v| v.map(|v| v.to_vec()))
+        .collect();
+    let one_by_one: Vec<Option<Vec<u8>>> = wanted
+        .iter()
+        .map(|(kind, id)| store.get(kind, id).unwrap().map(|v| v.to_vec()))
+        .collect();
+    assert_eq!(together, one_by_one);
+    assert_eq!(
+        together,
+        vec![
+            Some(b"two".to_vec()),
+            None,
+            Some(b"three".to_vec()),
+            Some(b"one".to_vec())
+        ]
+    );
+    let too_many = vec![("cmk", "a/b/c"); kluis_keystore::MAX_GET_MANY + 1];
+    assert!(matches!(
+        store.get_many(&too_many),
+        Err(StoreError::TooLarge { .. })
+    ));
+    // The policy's body moved under the key record's row: refused, as by get.
+    sql(&db)
+        .batch_execute(
+            "UPDATE kluis_records r SET body = o.body FROM kluis_records o \
+             WHERE r.kind = 'cmk' AND o.kind = 'policy'",
+        )
+        .unwrap();
+    let err = store.get_many(&wanted).unwrap_err();
+    assert!(matches!(err, StoreError::CorruptRecord { .. }), "{err}");
+}
+
 #[test]
 fn a_row_moved_or_altered_by_the_administrator_fails_to_open() {
     let Some(db) = scratch("a_row_moved_or_altered_by_the_administrator_fails_to_open") else {
