@@ -102,7 +102,9 @@ struct Noise {
 
 impl Noise {
     /// Puts back refusals whose summary could not be written, in front of
-    /// those counted since; their summary is due again at once.
+    /// those counted since. Their summary is due again an interval after
+    /// the failed one (not at once: while the log is down, every
+    /// unauthenticated request would try it again).
     fn restore(&mut self, earlier: Noise) {
         if self.count == 0 {
             self.last_ms = earlier.last_ms;
@@ -116,7 +118,6 @@ impl Noise {
             let total = self.by_rule.entry(rule).or_insert(0);
             *total = total.saturating_add(n);
         }
-        self.last_summary_ms = earlier.last_summary_ms;
     }
 }
 
@@ -1012,7 +1013,10 @@ mod tests {
         assert_eq!(now.by_rule.get("bad_frame"), Some(&4));
         assert_eq!(now.by_rule.get("no_challenge"), Some(&1));
         assert_eq!(now.first_detail.as_deref(), Some("the first"));
-        assert_eq!(now.last_summary_ms, 50, "due again");
+        assert_eq!(
+            now.last_summary_ms, 350,
+            "due again an interval after the failed one"
+        );
 
         // Nothing came since: the earlier refusals are all there is.
         let mut empty = Noise {

@@ -15,14 +15,17 @@
 //! effect (checking its preconditions and learning the resulting version);
 //! then an *intent* (which record it changes, and a digest of that record
 //! before) is written to the store, the `allowed` audit record is appended
-//! (fsync'd) and anchored, and only then are the material and the record
-//! written and the intent removed. If the audit record cannot be written,
-//! nothing changes. If the process dies between the audit record and the
-//! change, the next change or command start ([`Kms::resolve_interrupted`])
-//! finds the intent, compares the record with its digest, and when the
-//! change did not take effect appends a `refused` record saying that the
-//! allowed one is void. So a crash leaves a change either audited and in
-//! force, or audited as interrupted.
+//! (fsync'd) and anchored, the intent is marked recorded, and only then are
+//! the material and the record written and the intent removed. If the
+//! audit record cannot be written, nothing changes. If the process dies
+//! between the audit record and the change, the next change or command
+//! start ([`Kms::resolve_interrupted`]) finds the intent, compares the
+//! record with its digest, and when the change did not take effect appends
+//! a `refused` record saying that the allowed one is void. So a crash
+//! leaves a change either audited and in force, or audited as interrupted.
+//! A recorded destruction is the exception: it may have destroyed some
+//! material before it stopped, so it is finished, never voided. A key
+//! release reads the intent too ([`Kms::release_withdrawn`]).
 //!
 //! The audit anchor (the log head kept in the store, authenticated) only
 //! moves forward along the chain it anchors: [`Kms::anchor_audit`] checks
@@ -74,6 +77,11 @@ struct Intent {
     before: Option<String>,
     /// When the change began, Unix ms.
     time_ms: u64,
+    /// The change's `allowed` record was written and anchored (the intent
+    /// is rewritten with this set before anything changes). Only a recorded
+    /// destruction is finished when interrupted; any other is voided.
+    #[serde(default)]
+    recorded: bool,
 }
 
 /// The audit log a [`Kms`] writes each change's record to, and who acts.
@@ -394,6 +402,7 @@ impl Kms {
             id: id.to_owned(),
             before: self.digest(kind, id)?,
             time_ms,
+            recorded: false,
         };
         self.put_json(guard, KIND_SYSTEM, ID_INTENT, &intent)?;
         let appended = binding.log.append_job(
@@ -410,7 +419,18 @@ impl Kms {
             change.job,
         );
         match appended {
-            Ok(anchor) => self.advance_anchor(guard, &binding.log, &anchor),
+            Ok(anchor) => {
+                self.advance_anchor(guard, &binding.log, &anchor)?;
+                self.put_json(
+                    guard,
+                    KIND_SYSTEM,
+                    ID_INTENT,
+                    &Intent {
+                        recorded: true,
+                        ..intent
+                    },
+                )
+            }
             Err(e) => {
                 // Nothing was recorded, so nothing may change.
                 let _ = self.store.delete(guard, KIND_SYSTEM, ID_INTENT);
@@ -446,35 +466,73 @@ impl Kms {
         };
         if intent.operation == "key.destroy"
             && intent.kind == KIND_CMK
+            && intent.recorded
             && self.digest(&intent.kind, &intent.id)? == intent.before
         {
             // A destruction that stopped part way (a crash, the token failing
             // on one version) may already have destroyed material: it is
-            // never voided, it is finished. Its record stands.
-            return self.finish_destruction(guard, binding, &intent);
+            // never voided, it is finished, and its record stands. If it
+            // cannot be finished now, the record says what is known, and the
+            // intent goes (it must not block every later command).
+            if let Err(e) = self.finish_destruction(guard, binding, &intent) {
+                tracing::error!(error = %e, "could not finish an interrupted destruction");
+                let begun = crate::audit::rfc3339_millis(intent.time_ms);
+                self.record_resolution(
+                    guard,
+                    binding,
+                    &intent,
+                    Decision::Refused,
+                    format!(
+                        "interrupted: the destruction begun at {begun} stopped part way and \
+                         could not be finished ({e}); some versions' material may be \
+                         destroyed: run key destroy again"
+                    ),
+                )?;
+                self.store.delete(guard, KIND_SYSTEM, ID_INTENT)?;
+            }
+            return Ok(());
         }
         if self.digest(&intent.kind, &intent.id)? == intent.before {
             let begun = crate::audit::rfc3339_millis(intent.time_ms);
-            let anchor = binding
-                .log
-                .append_anchor(NewRecord {
-                    time_ms: now_ms(),
-                    actor: Actor::System,
-                    operation: intent.operation.clone(),
-                    key_id: intent.key_id.clone(),
-                    key_version: intent.key_version,
-                    decision: Decision::Refused,
-                    reason: Some(format!(
-                        "interrupted: the change begun at {begun} did not take effect; \
-                         the record allowing it is void"
-                    )),
-                    attestation_document: None,
-                })
-                .map_err(audit_error)?;
-            self.advance_anchor(guard, &binding.log, &anchor)?;
+            self.record_resolution(
+                guard,
+                binding,
+                &intent,
+                Decision::Refused,
+                format!(
+                    "interrupted: the change begun at {begun} did not take effect; \
+                     the record allowing it is void"
+                ),
+            )?;
         }
         self.store.delete(guard, KIND_SYSTEM, ID_INTENT)?;
         Ok(())
+    }
+
+    /// The system's record of how the interrupted change `intent` was
+    /// resolved (same operation, key and version), anchored.
+    fn record_resolution(
+        &self,
+        guard: &StoreGuard<'_>,
+        binding: &AuditBinding,
+        intent: &Intent,
+        decision: Decision,
+        reason: String,
+    ) -> Result<(), KeyError> {
+        let anchor = binding
+            .log
+            .append_anchor(NewRecord {
+                time_ms: now_ms(),
+                actor: Actor::System,
+                operation: intent.operation.clone(),
+                key_id: intent.key_id.clone(),
+                key_version: intent.key_version,
+                decision,
+                reason: Some(reason),
+                attestation_document: None,
+            })
+            .map_err(audit_error)?;
+        self.advance_anchor(guard, &binding.log, &anchor)
     }
 
     /// Completes the interrupted `key.destroy` of `intent`: every version's
@@ -491,27 +549,29 @@ impl Kms {
     ) -> Result<(), KeyError> {
         let name = KeyName::parse(&intent.id)?;
         let mut record = self.key(&name)?;
-        // The waiting period was over when the destruction began.
-        keys::destroy(self.backend.as_ref(), guard, &mut record, intent.time_ms)?;
-        self.put_json(guard, KIND_CMK, name.as_str(), &record)?;
+        // The destruction was admitted (its waiting period over, by the
+        // clock of the command that began it) before its intent was
+        // written: it is not judged again by another clock.
+        let at_ms = match record.state {
+            keys::KeyState::PendingDeletion { after_ms } => intent.time_ms.max(after_ms),
+            _ => intent.time_ms,
+        };
+        // Audit first: the record that it is being finished, then the
+        // material, then the key's record. (Interrupted again, it is
+        // finished again, under one more such record.)
         let begun = crate::audit::rfc3339_millis(intent.time_ms);
-        let anchor = binding
-            .log
-            .append_anchor(NewRecord {
-                time_ms: now_ms(),
-                actor: Actor::System,
-                operation: intent.operation.clone(),
-                key_id: intent.key_id.clone(),
-                key_version: intent.key_version,
-                decision: Decision::Allowed,
-                reason: Some(format!(
-                    "completed: the destruction begun at {begun} was interrupted, \
-                     and every version's material is now destroyed"
-                )),
-                attestation_document: None,
-            })
-            .map_err(audit_error)?;
-        self.advance_anchor(guard, &binding.log, &anchor)?;
+        self.record_resolution(
+            guard,
+            binding,
+            intent,
+            Decision::Allowed,
+            format!(
+                "completed: the destruction begun at {begun} was interrupted, \
+                 and is finished now: every version's material destroyed"
+            ),
+        )?;
+        keys::destroy(self.backend.as_ref(), guard, &mut record, at_ms)?;
+        self.put_json(guard, KIND_CMK, name.as_str(), &record)?;
         self.store.delete(guard, KIND_SYSTEM, ID_INTENT)?;
         Ok(())
     }
@@ -925,14 +985,23 @@ impl Kms {
         if let Some(hex) = &authorisation_hex {
             wanted.push((KIND_AUTHORISATION, hex.as_str()));
         }
-        let mut records = self.store.get_many(&wanted)?.into_iter();
-        let intent: Option<Intent> = decode_json(KIND_SYSTEM, ID_INTENT, records.next().flatten())?;
+        let raw = self.store.get_many(&wanted)?;
+        let bytes = |kind: &str, id: &str| {
+            wanted
+                .iter()
+                .position(|w| *w == (kind, id))
+                .and_then(|i| raw.get(i))
+                .and_then(Option::as_ref)
+        };
+        let json = |kind: &str, id: &str| bytes(kind, id).cloned();
+        let intent: Option<Intent> =
+            decode_json(KIND_SYSTEM, ID_INTENT, json(KIND_SYSTEM, ID_INTENT))?;
         let record: Option<CmkRecord> =
-            decode_json(KIND_CMK, name.as_str(), records.next().flatten())?;
+            decode_json(KIND_CMK, name.as_str(), json(KIND_CMK, name.as_str()))?;
         let policy: Option<StoredPolicy> =
-            decode_json(KIND_POLICY, name.as_str(), records.next().flatten())?;
+            decode_json(KIND_POLICY, name.as_str(), json(KIND_POLICY, name.as_str()))?;
         let authorisation: Option<AuthorisationRecord> = match &authorisation_hex {
-            Some(hex) => decode_json(KIND_AUTHORISATION, hex, records.next().flatten())?,
+            Some(hex) => decode_json(KIND_AUTHORISATION, hex, json(KIND_AUTHORISATION, hex))?,
             None => None,
         };
         if let Some(intent) = intent {
@@ -940,7 +1009,13 @@ impl Kms {
                 intent.key_id.as_deref() == Some(name.as_str()) && intent.operation != "key.rotate";
             let on_authorisation = intent.kind == KIND_AUTHORISATION
                 && authorisation_hex.as_deref() == Some(intent.id.as_str());
-            if on_key || on_authorisation {
+            // Under way: the record it changes is still as it was. Once the
+            // change is in force (or the intent is a leftover of one that
+            // is), the checks below see the record itself.
+            let unchanged = bytes(&intent.kind, &intent.id)
+                .map(|b| hex::encode(sha2::Sha256::digest(b.as_slice())))
+                == intent.before;
+            if (on_key || on_authorisation) && unchanged {
                 return Ok(Some(format!(
                     "{} was under way when the release was recorded",
                     intent.operation
@@ -1211,7 +1286,10 @@ mod tests {
         let name = KeyName::parse("agency/app/prod").unwrap();
         kms.create_key(&name, 0, T).unwrap();
         kms.rotate_key(&name, T).unwrap();
-        let after = kms.schedule_deletion(&name, 7, T).unwrap();
+        // Scheduled by a clock far ahead of this machine's: the destruction
+        // was admitted by that clock, and is finished without asking again.
+        let far = now_ms() + 3_650 * 86_400_000;
+        let after = kms.schedule_deletion(&name, 7, far).unwrap();
 
         // The destruction's intent and record are written, the first
         // version's material is destroyed, and then it stops.
@@ -1263,6 +1341,55 @@ mod tests {
             .reason
             .as_deref()
             .is_some_and(|x| x.contains("did not take effect"))));
-        assert!(after > T);
+        assert!(after > now_ms());
+    }
+
+    /// A destruction whose `allowed` record was never written (a crash
+    /// between its intent and its record) destroyed nothing, and is voided.
+    #[test]
+    fn an_unrecorded_destruction_is_voided_and_destroys_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32]));
+        let mut kms = Kms::init(&dir.path().join("store"), secret).unwrap();
+        let log = Arc::new(AuditLog::open(dir.path().join("audit.log")).unwrap());
+        kms.bind_audit(Arc::clone(&log), Actor::System);
+        let name = KeyName::parse("agency/app/prod").unwrap();
+        kms.create_key(&name, 0, T).unwrap();
+        let (data_key, wrapped) = kms.generate_data_key(&name, T).unwrap();
+        kms.schedule_deletion(&name, 7, T).unwrap();
+        {
+            let guard = kms.lock().unwrap();
+            let intent = Intent {
+                operation: "key.destroy".to_owned(),
+                key_id: Some(name.to_string()),
+                key_version: None,
+                kind: KIND_CMK.to_owned(),
+                id: name.to_string(),
+                before: kms.digest(KIND_CMK, name.as_str()).unwrap(),
+                time_ms: now_ms(),
+                recorded: false,
+            };
+            kms.put_json(&guard, KIND_SYSTEM, ID_INTENT, &intent)
+                .unwrap();
+        }
+        kms.resolve_interrupted().unwrap();
+        let record = kms.key(&name).unwrap();
+        assert!(
+            matches!(record.state, keys::KeyState::PendingDeletion { .. }),
+            "{record:?}"
+        );
+        kms.cancel_deletion(&name).unwrap();
+        kms.enable_key(&name).unwrap();
+        assert_eq!(
+            kms.decrypt_data_key(&wrapped).unwrap().expose_secret(),
+            data_key.expose_secret(),
+            "nothing was destroyed"
+        );
+        let records = log.records(&AuditFilter::default()).unwrap();
+        assert!(records.iter().any(|r| r.operation == "key.destroy"
+            && r.decision == Decision::Refused
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.contains("did not take effect"))));
     }
 }

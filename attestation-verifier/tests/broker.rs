@@ -406,7 +406,13 @@ fn a_change_made_while_a_release_was_decided_withdraws_it() {
 
     // A change begun (its intent and record written, the change not yet in
     // force) withdraws a release of its key; a rotation under way does not.
-    let intent = |operation: &str| {
+    // An intent names the digest of the record it changes, as it was.
+    let digest_now = || {
+        use sha2::Digest as _;
+        let bytes = kms.store().get("cmk", KEY).unwrap().unwrap();
+        hex::encode(sha2::Sha256::digest(bytes.as_slice()))
+    };
+    let intent_with = |operation: &str, before: &str| {
         let guard = kms.lock().unwrap();
         let json = serde_json::json!({
             "operation": operation,
@@ -414,13 +420,19 @@ fn a_change_made_while_a_release_was_decided_withdraws_it() {
             "key_version": null,
             "kind": "cmk",
             "id": KEY,
-            "before": null,
+            "before": before,
             "time_ms": T0,
+            "recorded": true,
         });
         kms.store()
             .put(&guard, "system", "intent", json.to_string().as_bytes())
             .unwrap();
     };
+    let intent = |operation: &str| intent_with(operation, &digest_now());
+    // A leftover intent of a change already in force (the record is no
+    // longer as the intent saw it) withdraws nothing: the record speaks.
+    intent_with("key.disable", &"0".repeat(64));
+    assert_eq!(withdrawn(None), None);
     intent("key.disable");
     let why = withdrawn(None).unwrap();
     assert!(why.contains("key.disable"), "{why}");

@@ -552,16 +552,24 @@ pub async fn run_job_on(
         source: e.error,
     })?;
     // The rename is durable only once the directory is: a job is reported
-    // done only then (the output in place is whole either way).
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| RunError::Io {
-            context: format!(
-                "syncing the directory of the output {} after moving it into place",
-                output.display()
-            ),
-            source: e,
-        })?;
+    // done only then. A file system that cannot sync a directory at all
+    // (EINVAL, ENOTSUP: some network and FUSE file systems) is not an error.
+    let synced = std::fs::File::open(&dir).and_then(|d| d.sync_all());
+    if let Err(e) = synced {
+        let unsupported = [rustix::io::Errno::INVAL, rustix::io::Errno::NOTSUP]
+            .iter()
+            .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()));
+        if !unsupported {
+            return Err(RunError::Io {
+                context: format!(
+                    "syncing the directory of the output {} after moving it into place \
+                     (the output is whole and in place; it may not survive a crash)",
+                    output.display()
+                ),
+                source: e,
+            });
+        }
+    }
     tally.state.counts = counts;
     tally.tell(&mut progress);
     Ok(JobReport {

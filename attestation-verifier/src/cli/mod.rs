@@ -165,8 +165,15 @@ where
     };
     // Flush explicitly: a closed stdout must not turn into a panic.
     let flushed = std::io::stdout().flush();
-    if flushed.is_err() || STDOUT_FAILED.load(Ordering::SeqCst) {
-        eprintln!("error: the output could not be written in full to standard output");
+    if (flushed.is_err() || STDOUT_FAILED.load(Ordering::SeqCst))
+        && matches!(outcome, Outcome::Accepted)
+    {
+        // What the command did (a change, if it makes one) is done; only
+        // its report is lost. A refusal stays a refusal (exit 1).
+        eprintln!(
+            "error: the output could not be written in full to standard output \
+             (whatever the command changes was changed)"
+        );
         return ExitCode::from(2);
     }
     match outcome {

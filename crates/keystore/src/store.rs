@@ -708,7 +708,6 @@ fn check_row_len(body: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Reads a record file with the record bound; `None` if it does not exist.
 /// The most records [`Store::get_many`] reads at once.
 pub const MAX_GET_MANY: usize = 16;
 
@@ -731,6 +730,7 @@ fn check_stored_id(
     Ok(Some(value))
 }
 
+/// Reads a record file with the record bound; `None` if it does not exist.
 fn read_record_file(path: &Path) -> Result<Option<(Vec<u8>, FileIdentity)>, StoreError> {
     match fsutil::read_bounded_identified(path, MAX_RECORD_FILE_LEN) {
         Ok(read) => Ok(Some(read)),
