@@ -1273,11 +1273,8 @@ mod tests {
 
     const T: u64 = 1_767_225_600_000;
 
-    /// A destruction that stopped after destroying the first version's
-    /// material (a crash, or the token failing on the second) is finished
-    /// when resolved, never recorded as having had no effect.
-    #[test]
-    fn an_interrupted_destruction_is_finished_not_voided() {
+    /// A directory store with its audit log bound, and one key made at `T`.
+    fn store_with_key() -> (tempfile::TempDir, Kms, Arc<AuditLog>, KeyName) {
         let dir = tempfile::tempdir().unwrap();
         let secret = RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32]));
         let mut kms = Kms::init(&dir.path().join("store"), secret).unwrap();
@@ -1285,6 +1282,15 @@ mod tests {
         kms.bind_audit(Arc::clone(&log), Actor::System);
         let name = KeyName::parse("agency/app/prod").unwrap();
         kms.create_key(&name, 0, T).unwrap();
+        (dir, kms, log, name)
+    }
+
+    /// A destruction that stopped after destroying the first version's
+    /// material (a crash, or the token failing on the second) is finished
+    /// when resolved, never recorded as having had no effect.
+    #[test]
+    fn an_interrupted_destruction_is_finished_not_voided() {
+        let (_dir, kms, log, name) = store_with_key();
         kms.rotate_key(&name, T).unwrap();
         // Scheduled by a clock far ahead of this machine's: the destruction
         // was admitted by that clock, and is finished without asking again.
@@ -1348,13 +1354,7 @@ mod tests {
     /// between its intent and its record) destroyed nothing, and is voided.
     #[test]
     fn an_unrecorded_destruction_is_voided_and_destroys_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let secret = RootSecret::from_key_bytes(zeroize::Zeroizing::new([7u8; 32]));
-        let mut kms = Kms::init(&dir.path().join("store"), secret).unwrap();
-        let log = Arc::new(AuditLog::open(dir.path().join("audit.log")).unwrap());
-        kms.bind_audit(Arc::clone(&log), Actor::System);
-        let name = KeyName::parse("agency/app/prod").unwrap();
-        kms.create_key(&name, 0, T).unwrap();
+        let (_dir, kms, log, name) = store_with_key();
         let (data_key, wrapped) = kms.generate_data_key(&name, T).unwrap();
         kms.schedule_deletion(&name, 7, T).unwrap();
         {
