@@ -464,46 +464,41 @@ impl Kms {
         let Some(intent) = self.get_json::<Intent>(KIND_SYSTEM, ID_INTENT)? else {
             return Ok(());
         };
-        if intent.operation == "key.destroy"
-            && intent.kind == KIND_CMK
-            && intent.recorded
-            && self.digest(&intent.kind, &intent.id)? == intent.before
-        {
-            // A destruction that stopped part way (a crash, the token failing
-            // on one version) may already have destroyed material: it is
-            // never voided, it is finished, and its record stands. If it
-            // cannot be finished now, the record says what is known, and the
-            // intent goes (it must not block every later command).
-            if let Err(e) = self.finish_destruction(guard, binding, &intent) {
-                tracing::error!(error = %e, "could not finish an interrupted destruction");
-                let begun = crate::audit::rfc3339_millis(intent.time_ms);
+        let begun = crate::audit::rfc3339_millis(intent.time_ms);
+        if self.digest(&intent.kind, &intent.id)? == intent.before {
+            if intent.operation == "key.destroy" && intent.kind == KIND_CMK && intent.recorded {
+                // A destruction that stopped part way (a crash, the token
+                // failing on one version) may already have destroyed
+                // material: it is never voided, it is finished, and its
+                // record stands. If it cannot be finished now, the record
+                // says what is known, and the intent goes (it must not block
+                // every later command).
+                if let Err(e) = self.finish_destruction(guard, binding, &intent) {
+                    tracing::error!(error = %e, "could not finish an interrupted destruction");
+                    self.record_resolution(
+                        guard,
+                        binding,
+                        &intent,
+                        Decision::Refused,
+                        format!(
+                            "interrupted: the destruction begun at {begun} stopped part way \
+                             and could not be finished ({e}); some versions' material may \
+                             be destroyed: run key destroy again"
+                        ),
+                    )?;
+                }
+            } else {
                 self.record_resolution(
                     guard,
                     binding,
                     &intent,
                     Decision::Refused,
                     format!(
-                        "interrupted: the destruction begun at {begun} stopped part way and \
-                         could not be finished ({e}); some versions' material may be \
-                         destroyed: run key destroy again"
+                        "interrupted: the change begun at {begun} did not take effect; \
+                         the record allowing it is void"
                     ),
                 )?;
-                self.store.delete(guard, KIND_SYSTEM, ID_INTENT)?;
             }
-            return Ok(());
-        }
-        if self.digest(&intent.kind, &intent.id)? == intent.before {
-            let begun = crate::audit::rfc3339_millis(intent.time_ms);
-            self.record_resolution(
-                guard,
-                binding,
-                &intent,
-                Decision::Refused,
-                format!(
-                    "interrupted: the change begun at {begun} did not take effect; \
-                     the record allowing it is void"
-                ),
-            )?;
         }
         self.store.delete(guard, KIND_SYSTEM, ID_INTENT)?;
         Ok(())
@@ -535,12 +530,10 @@ impl Kms {
         self.advance_anchor(guard, &binding.log, &anchor)
     }
 
-    /// Completes the interrupted `key.destroy` of `intent`: every version's
-    /// material destroyed (destroying destroyed material succeeds), the
-    /// record written as destroyed, a record saying so, the intent removed.
-    /// If the backend still fails, the intent stays and the next change
-    /// tries again; meanwhile no release of the key stands
-    /// ([`Kms::release_withdrawn`]).
+    /// Completes the interrupted `key.destroy` of `intent`: a record saying
+    /// so, every version's material destroyed (destroying destroyed
+    /// material succeeds), the key's record written as destroyed. The
+    /// caller removes the intent, and records a failure if there is one.
     fn finish_destruction(
         &self,
         guard: &StoreGuard<'_>,
@@ -571,9 +564,7 @@ impl Kms {
             ),
         )?;
         keys::destroy(self.backend.as_ref(), guard, &mut record, at_ms)?;
-        self.put_json(guard, KIND_CMK, name.as_str(), &record)?;
-        self.store.delete(guard, KIND_SYSTEM, ID_INTENT)?;
-        Ok(())
+        self.put_json(guard, KIND_CMK, name.as_str(), &record)
     }
 
     /// Resolve a change that a crash interrupted after its audit record

@@ -6,23 +6,42 @@
 
 use std::process::Command;
 
-#[test]
-fn run_waits_for_the_enclave_then_fails_clearly() {
+/// `parent run` of `input` in a fresh directory, to an enclave at a Unix
+/// socket there (`listen` gets the socket's path first), with `extra`
+/// arguments: what it printed, whether it left an output, and what
+/// `listen` returned.
+fn run_on_socket<T>(
+    input: &[u8],
+    extra: &[&str],
+    listen: impl FnOnce(&std::path::Path) -> T,
+) -> (std::process::Output, bool, T) {
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("input.kenv");
-    std::fs::write(&input, b"not read: the enclave is never reached").unwrap();
+    let input_path = dir.path().join("input.kenv");
+    std::fs::write(&input_path, input).unwrap();
     let output = dir.path().join("output.kenv");
     let socket = dir.path().join("enclave.sock");
+    let listening = listen(&socket);
     let out = Command::new(env!("CARGO_BIN_EXE_parent"))
         .args(["run", "--enclave"])
         .arg(format!("unix:{}", socket.display()))
         .arg("--input")
-        .arg(&input)
+        .arg(&input_path)
         .arg("--output")
         .arg(&output)
-        .args(["--output-key", "a/b/c", "--enclave-wait", "1"])
+        .args(["--output-key", "a/b/c"])
+        .args(extra)
         .output()
         .unwrap();
+    (out, output.exists(), listening)
+}
+
+#[test]
+fn run_waits_for_the_enclave_then_fails_clearly() {
+    let (out, output_exists, ()) = run_on_socket(
+        b"not read: the enclave is never reached",
+        &["--enclave-wait", "1"],
+        |_| (),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
@@ -34,7 +53,7 @@ fn run_waits_for_the_enclave_then_fails_clearly() {
         "{stderr}"
     );
     assert!(stderr.contains("nitro-cli describe-enclaves"), "{stderr}");
-    assert!(!output.exists());
+    assert!(!output_exists);
 }
 
 /// An enclave that takes the connection and then never ends the job: the
@@ -42,42 +61,26 @@ fn run_waits_for_the_enclave_then_fails_clearly() {
 /// leaves no output.
 #[test]
 fn run_gives_up_at_the_job_deadline() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("input.kenv");
-    std::fs::write(&input, b"sent to an enclave that never answers").unwrap();
-    let output = dir.path().join("output.kenv");
-    let socket = dir.path().join("enclave.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    let held = std::thread::spawn(move || {
-        use std::io::Read as _;
-        let (mut stream, _) = listener.accept().unwrap();
-        // Read whatever comes, answer nothing, until the parent goes.
-        let mut buf = [0u8; 4096];
-        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
-    });
     let started = std::time::Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_parent"))
-        .args(["run", "--enclave"])
-        .arg(format!("unix:{}", socket.display()))
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .args([
-            "--output-key",
-            "a/b/c",
-            "--idle-timeout",
-            "600",
-            "--job-timeout",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let (out, output_exists, held) = run_on_socket(
+        b"sent to an enclave that never answers",
+        &["--idle-timeout", "600", "--job-timeout", "1"],
+        |socket| {
+            let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+            std::thread::spawn(move || {
+                use std::io::Read as _;
+                let (mut stream, _) = listener.accept().unwrap();
+                // Read whatever comes, answer nothing, until the parent goes.
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+            })
+        },
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("did not finish within 1 s"), "{stderr}");
     assert!(started.elapsed() < std::time::Duration::from_secs(600));
-    assert!(!output.exists());
+    assert!(!output_exists);
     held.join().unwrap();
 }
 
