@@ -84,6 +84,14 @@ pub struct Broker {
     release_key: Mutex<Option<Arc<DelegatedKey>>>,
 }
 
+/// The rule of the refusal that withdraws a release already recorded as
+/// allowed (something it was decided on changed while it was recorded; no
+/// key was sent). Its record (`key.release`, refused, reason
+/// `changed_during_release: …`) carries the same attestation document as
+/// the allowed records it withdraws: that document's nonce was spent by
+/// this one request, so the document names the request.
+pub const WITHDRAWAL_RULE: &str = "changed_during_release";
+
 /// How long a release key certified by an HSM-held identity is valid.
 pub const RELEASE_KEY_VALIDITY: Duration = Duration::from_secs(3600);
 /// A release key with less than this left is replaced before use.
@@ -762,7 +770,7 @@ impl Broker {
                 Ok(None) => {}
                 Ok(Some(why)) => {
                     return Err(Refused::denied(
-                        "changed_during_release",
+                        WITHDRAWAL_RULE,
                         format!(
                             "{}: {why}; the release recorded as allowed is withdrawn, \
                              no key was sent",

@@ -407,33 +407,11 @@ fn a_change_made_while_a_release_was_decided_withdraws_it() {
     // A change begun (its intent and record written, the change not yet in
     // force) withdraws a release of its key; a rotation under way does not.
     // An intent names the digest of the record it changes, as it was.
-    let digest_now = || {
-        use sha2::Digest as _;
-        let bytes = kms.store().get("cmk", KEY).unwrap().unwrap();
-        hex::encode(sha2::Sha256::digest(bytes.as_slice()))
-    };
-    let intent_with = |operation: &str, before: &str| {
-        let guard = kms.lock().unwrap();
-        let json = serde_json::json!({
-            "operation": operation,
-            "key_id": KEY,
-            "key_version": null,
-            "kind": "cmk",
-            "id": KEY,
-            "before": before,
-            "time_ms": T0,
-            "recorded": true,
-        });
-        kms.store()
-            .put(&guard, "system", "intent", json.to_string().as_bytes())
-            .unwrap();
-    };
-    let intent = |operation: &str| intent_with(operation, &digest_now());
     // A leftover intent of a change already in force (the record is no
     // longer as the intent saw it) withdraws nothing: the record speaks.
-    intent_with("key.disable", &"0".repeat(64));
+    world.pending_change(KEY, "key.disable", Some(&"0".repeat(64)));
     assert_eq!(withdrawn(None), None);
-    intent("key.disable");
+    world.pending_change(KEY, "key.disable", None);
     let why = withdrawn(None).unwrap();
     assert!(why.contains("key.disable"), "{why}");
     // Through the broker: the release is decided (the key is still enabled),
@@ -466,7 +444,7 @@ fn a_change_made_while_a_release_was_decided_withdraws_it() {
         ("key.release.generate", Decision::Allowed)
     );
     assert_eq!(withdrawal.decision, Decision::Refused);
-    intent("key.rotate");
+    world.pending_change(KEY, "key.rotate", None);
     assert_eq!(withdrawn(None), None);
     {
         let guard = kms.lock().unwrap();

@@ -725,6 +725,91 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
     every_changed_byte_is_refused(&path, &["--identity", &identity, "--root", &root], 300);
 }
 
+/// A release recorded as allowed and then withdrawn (a change was under
+/// way while it was recorded; no key was sent): its bundle carries the
+/// withdrawal, and `evidence verify` reports it. A withdrawal is accepted
+/// only from the record's own request.
+#[test]
+fn a_withdrawn_release_s_bundle_carries_its_withdrawal() {
+    let world = new_world();
+    let identity = hex::encode(world.identity().public_key_sec1());
+    let root = world.dir().join("root.pem").display().to_string();
+    set_policy(&world, &image_pcr0(b"v1"));
+    assert!(matches!(
+        release(&world, b"v1", T0 + 1_000),
+        Response::KeyRelease(_)
+    ));
+    world.pending_change(KEY, "key.disable", None);
+    assert!(matches!(
+        release(&world, b"v1", T0 + 2_000),
+        Response::Error { .. }
+    ));
+    let allowed = seq_of(&world, "key.release.generate");
+    let refusals = seq_of(&world, "key.release");
+    let ([kept, withdrawn], [withdrawal]) = (allowed.as_slice(), refusals.as_slice()) else {
+        panic!("allowed {allowed:?}, refused {refusals:?}")
+    };
+    let verify = |path: &Path| {
+        offline(&[
+            "evidence",
+            "verify",
+            "--identity",
+            &identity,
+            "--root",
+            &root,
+            &path.display().to_string(),
+        ])
+    };
+
+    let withdrawn = write_bundle(&world, *withdrawn, "withdrawn.json");
+    let (code, report) = verify(&withdrawn);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["decision"], "allowed");
+    assert_eq!(report["withdrawn_by"]["seq"].as_u64(), Some(*withdrawal));
+    assert!(report["withdrawn_by"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("changed_during_release: "));
+
+    let kept = write_bundle(&world, *kept, "kept.json");
+    let (code, report) = verify(&kept);
+    assert_eq!(code, 0, "{report}");
+    assert!(report["withdrawn_by"].is_null(), "{report}");
+    // No withdrawal, no field: the file is as an older version wrote it.
+    let text = std::fs::read_to_string(&kept).unwrap();
+    assert!(!text.contains("\"withdrawal\""), "{text}");
+
+    // Another request's withdrawal (a valid, later record in the same tree,
+    // of the same key) does not withdraw this release.
+    let read = |path: &Path| -> evidence::EvidenceBundle {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let mut borrowed = read(&kept);
+    borrowed.withdrawal = read(&withdrawn).withdrawal;
+    assert!(borrowed.withdrawal.is_some());
+    let borrowed_path = world.path("borrowed.json");
+    std::fs::write(
+        &borrowed_path,
+        evidence::encode_evidence(&borrowed).unwrap(),
+    )
+    .unwrap();
+    let (code, out) = verify(&borrowed_path);
+    assert_eq!(
+        (code, out["error"]["kind"].as_str()),
+        (1, Some("evidence_invalid")),
+        "{out}"
+    );
+    assert!(
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("withdrawal"),
+        "{out}"
+    );
+
+    every_changed_byte_is_refused(&withdrawn, &["--identity", &identity, "--root", &root], 150);
+}
+
 /// The cost of a checkpoint and a proof on a large log (run by hand:
 /// `cargo test -p attestation-verifier --test evidence -- --ignored --nocapture`;
 /// `KLUIS_EVIDENCE_RECORDS` sets the size, 100 000 by default).

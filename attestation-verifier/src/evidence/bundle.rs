@@ -8,6 +8,7 @@ use super::note::{verify_checkpoint, Checkpoint};
 use super::tree::{decode_proof, prove_records, record_leaf, EVIDENCE_VERSION};
 use super::EvidenceError;
 use crate::audit::{rfc3339_millis, Actor, AuditLog, AuditRecord, Decision};
+use crate::broker::WITHDRAWAL_RULE;
 use crate::keys::{CmkRecord, KeyName, KeyState, VersionState};
 use crate::kms::{policy_sha256, Kms, POLICY_REASON_PREFIX};
 use crate::policy::{KeyPolicy, Operation};
@@ -50,6 +51,17 @@ pub struct BundledAuthorisation {
     pub signed: String,
 }
 
+/// The refusal that withdrew an allowed key release before any key was
+/// sent ([`crate::broker::WITHDRAWAL_RULE`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundledWithdrawal {
+    /// The canonical JSON line of the refused `key.release` record.
+    pub record: String,
+    /// Its inclusion proof in the bundle's checkpoint (hex).
+    pub proof: Vec<String>,
+}
+
 /// An evidence bundle: everything needed to re-check one audited decision
 /// offline. Every field is checked by [`verify_evidence`]; none is merely
 /// informative.
@@ -71,6 +83,12 @@ pub struct EvidenceBundle {
     pub policy: Option<BundledPolicy>,
     /// The job authorisation, if the record names one; `null` otherwise.
     pub authorisation: Option<BundledAuthorisation>,
+    /// For an allowed key release that was withdrawn: the refusal that
+    /// withdrew it, if the log held one when the bundle was built. Left out
+    /// of the file when there is none, so bundles written before this field
+    /// existed keep their one encoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withdrawal: Option<BundledWithdrawal>,
 }
 
 /// The signed statement of a shredding receipt.
@@ -150,6 +168,28 @@ fn release_policy_hash(record: &AuditRecord) -> Option<&str> {
         .filter(|h| is_sha256_hex(h))
 }
 
+/// Whether `refusal` withdraws the allowed key release `release`: a later
+/// refused `key.release` of the same request (the same attestation
+/// document, whose nonce only that request could spend, the same enclave
+/// and job) under [`WITHDRAWAL_RULE`]. One withdrawal withdraws every key
+/// of its request: none was sent.
+fn withdraws(refusal: &AuditRecord, release: &AuditRecord) -> bool {
+    release.decision == Decision::Allowed
+        && release_operation(release).is_some()
+        && release.attestation_document.is_some()
+        && refusal.operation == "key.release"
+        && refusal.decision == Decision::Refused
+        && refusal.seq > release.seq
+        && refusal
+            .reason
+            .as_deref()
+            .and_then(|r| r.strip_prefix(WITHDRAWAL_RULE))
+            .is_some_and(|rest| rest.starts_with(": "))
+        && refusal.attestation_document == release.attestation_document
+        && refusal.actor == release.actor
+        && refusal.job == release.job
+}
+
 fn is_sha256_hex(h: &str) -> bool {
     h.len() == 64
         && h.bytes()
@@ -174,8 +214,9 @@ fn release_operation(record: &AuditRecord) -> Option<Operation> {
 /// Builds the evidence bundle of record `seq`: the record, its inclusion
 /// proof and a checkpoint of the log now; for a key release, the policy in
 /// force (the last `policy.set` of the key before the record, whose text
-/// the store keeps by hash) with its own proof; the authorisation the
-/// record names, if the store holds it.
+/// the store keeps by hash) with its own proof, and the refusal that
+/// withdrew it, if the log holds one; the authorisation the record names,
+/// if the store holds it.
 pub fn build_bundle(
     kms: &Kms,
     log: &AuditLog,
@@ -187,15 +228,27 @@ pub fn build_bundle(
         return Err(EvidenceError::NoSuchRecord { seq, size });
     }
     // Pass 1: the record, and for each key the last policy.set before it,
-    // and the last one that set each policy text (by hash).
+    // and the last one that set each policy text (by hash); after it, for
+    // an allowed release, the refusal that withdrew it, if any.
     let mut target: Option<AuditRecord> = None;
+    let mut withdrawal: Option<AuditRecord> = None;
     let mut last_set: std::collections::BTreeMap<String, AuditRecord> = Default::default();
     let mut set_by_hash: std::collections::BTreeMap<(String, String), AuditRecord> =
         Default::default();
     log.scan(|r| {
+        if let Some(release) = &target {
+            if withdraws(r, release) {
+                withdrawal = Some(r.clone());
+                return false;
+            }
+            return true;
+        }
         if r.seq == seq {
+            let may_be_withdrawn = r.decision == Decision::Allowed
+                && release_operation(r).is_some()
+                && r.attestation_document.is_some();
             target = Some(r.clone());
-            return false;
+            return may_be_withdrawn;
         }
         if r.operation == "policy.set" && r.decision == Decision::Allowed {
             if let Some(key) = &r.key_id {
@@ -282,18 +335,38 @@ pub fn build_bundle(
     if let Some(set) = &set_record {
         seqs.push(set.seq);
     }
+    if let Some(refusal) = &withdrawal {
+        seqs.push(refusal.seq);
+    }
     let (signed, proved) = prove_records(log, identity, &seqs)?;
     let mut proved = proved.into_iter();
     let (record, proof) = proved
         .next()
         .ok_or(EvidenceError::NoSuchRecord { seq, size })?;
-    let policy = match (policy_text, proved.next()) {
-        (Some(text), Some((set, set_proof))) => Some(BundledPolicy {
-            text,
-            set_record: line(&set)?,
-            set_proof: hexes(&set_proof),
-        }),
-        _ => None,
+    let policy = match policy_text {
+        Some(text) => {
+            let (set, set_proof) = proved
+                .next()
+                .ok_or(EvidenceError::NoSuchRecord { seq, size })?;
+            Some(BundledPolicy {
+                text,
+                set_record: line(&set)?,
+                set_proof: hexes(&set_proof),
+            })
+        }
+        None => None,
+    };
+    let withdrawal = match withdrawal {
+        Some(_) => {
+            let (refusal, proof) = proved
+                .next()
+                .ok_or(EvidenceError::NoSuchRecord { seq, size })?;
+            Some(BundledWithdrawal {
+                record: line(&refusal)?,
+                proof: hexes(&proof),
+            })
+        }
+        None => None,
     };
     Ok(EvidenceBundle {
         format: BUNDLE_FORMAT.to_owned(),
@@ -303,6 +376,7 @@ pub fn build_bundle(
         proof: hexes(&proof),
         policy,
         authorisation,
+        withdrawal,
     })
 }
 
@@ -697,6 +771,25 @@ pub fn verify_bundle(
         (None, None) => {}
     }
 
+    // The withdrawal, if bundled: a later refusal of the same request, in
+    // the same tree.
+    let mut withdrawn_by = Value::Null;
+    if let Some(w) = &bundle.withdrawal {
+        let refusal = parse_record(&w.record, "the withdrawal record")?;
+        check_included(&refusal, &w.proof, &checkpoint, "the withdrawal record")?;
+        if !withdraws(&refusal, &record) {
+            return Err(invalid(
+                "the bundled withdrawal is not a later refusal of the record's own request",
+            ));
+        }
+        withdrawn_by = json!({
+            "seq": refusal.seq,
+            "record_hash": hex::encode(refusal.hash),
+            "time": rfc3339_millis(refusal.time_ms),
+            "reason": refusal.reason,
+        });
+    }
+
     let document = attestation.as_ref().map(|a| a.document());
     Ok(json!({
         "status": "valid",
@@ -721,6 +814,7 @@ pub fn verify_bundle(
         "policy_sha256": policy_sha,
         "policy_set_seq": policy_set_seq,
         "policy_named_by_record": policy_named_by_record,
+        "withdrawn_by": withdrawn_by,
         "checkpoint": checkpoint_json(&checkpoint),
     }))
 }

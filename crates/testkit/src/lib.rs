@@ -229,6 +229,37 @@ impl BrokerWorld {
             .unwrap();
     }
 
+    /// Leave a change of `key` under way, as an administrator's command
+    /// interrupted after its audit record and before the change: the
+    /// change intent in the store, naming `operation` (`key.disable`, …) and
+    /// the digest of the key's record as it was (`before`; by default, as
+    /// it is now).
+    pub fn pending_change(&self, key: &str, operation: &str, before: Option<&str>) {
+        use sha2::Digest as _;
+        let kms = self.broker.kms();
+        let before = match before {
+            Some(digest) => digest.to_owned(),
+            None => {
+                let bytes = kms.store().get("cmk", key).unwrap().unwrap();
+                hex::encode(sha2::Sha256::digest(bytes.as_slice()))
+            }
+        };
+        let intent = serde_json::json!({
+            "operation": operation,
+            "key_id": key,
+            "key_version": null,
+            "kind": "cmk",
+            "id": key,
+            "before": before,
+            "time_ms": self.at_ms,
+            "recorded": true,
+        });
+        let guard = kms.lock().unwrap();
+        kms.store()
+            .put(&guard, "system", "intent", intent.to_string().as_bytes())
+            .unwrap();
+    }
+
     /// A simulated NSM under this world's root, booted from `image`, whose
     /// clock reads `at_ms`.
     pub fn nsm(&self, image: &[u8], debug: bool, at_ms: u64) -> SimulatedNsm {
