@@ -124,8 +124,32 @@ struct Demo {
     step: u32,
 }
 
+/// Set once standard output could not be written (a closed pipe, as in
+/// `kluis-demo | head`, or a full disk behind a redirect).
+static STDOUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// One line of the demo's narration on standard output. A write that fails
+/// is remembered, not a panic (as `println!` would); the demo stops at the
+/// end of the phase under way ([`still_heard`]), stopping what it started.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        STDOUT_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// An error once the narration could not be written: nobody reads the
+/// demo any more, so it stops (and cleans up) instead of going on.
+fn still_heard() -> Result<()> {
+    if STDOUT_FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+        bail!("standard output could not be written (closed or full); the demo stopped");
+    }
+    Ok(())
+}
+
 fn detail(text: impl AsRef<str>) {
-    println!("      {}", text.as_ref());
+    say(format_args!("      {}", text.as_ref()));
 }
 
 impl Demo {
@@ -136,7 +160,7 @@ impl Demo {
 
     fn step(&mut self, who: &str, what: &str) {
         self.step = self.step.saturating_add(1);
-        println!("[{:>2}] {who:<10} {what}", self.step);
+        say(format_args!("[{:>2}] {who:<10} {what}", self.step));
     }
 
     /// Run `attestation-verifier ARGS` as the controller would, as `role`;
@@ -457,31 +481,31 @@ pub(crate) fn run(keep: Option<&Path>, records: u32, deployment: &Deployment<'_>
     let result = run_steps(&mut demo, records);
     children.stop_all();
     if let (Some(db), Some(_)) = (&scratch, keep) {
-        println!("(the demo's database {} is kept)", db.name());
+        say(format_args!("(the demo's database {} is kept)", db.name()));
         std::mem::forget(scratch);
-    }
-    if let Err(e) = &result {
-        eprintln!("\ndemo FAILED: {e:#}");
-        if keep.is_none() {
-            eprintln!("(run with --keep DIR to keep the logs of the verifier and the enclave)");
-        }
     }
     result
 }
 
 fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
-    println!(
+    say(format_args!(
         "Kluis local demo: confidential processing end to end on the SIMULATED Nitro Secure Module"
-    );
-    println!("(in production the enclave runs in a Nitro Enclave with /dev/nsm, and the verifier trusts only the AWS root)\n");
+    ));
+    say(format_args!("(in production the enclave runs in a Nitro Enclave with /dev/nsm, and the verifier trusts only the AWS root)\n"));
+    still_heard()?;
     let keys = controller_setup(demo)?;
+    still_heard()?;
     let (stage, relay_listener) = start_relay(demo)?;
     let enclave = start_enclave(demo, &stage, &keys)?;
+    still_heard()?;
     let root_pem = set_policies(demo, &enclave)?;
     start_verifier(demo, &stage, relay_listener, &root_pem)?;
+    still_heard()?;
     let dataset = encrypt_dataset(demo, records)?;
     let authorisation = authorise_job(demo)?;
+    still_heard()?;
     let ran = run_pseudonymisation(demo, &stage, &enclave, &dataset, &authorisation)?;
+    still_heard()?;
     if demo.replicas > 1 {
         let victim = replica_name(demo.replicas, 1);
         if demo.children.has(&victim) {
@@ -493,14 +517,17 @@ fn run_steps(demo: &mut Demo, records: u32) -> Result<()> {
     }
     let output = check_result(demo, &dataset, &ran)?;
     parent_view(demo, &stage, &dataset, &output)?;
+    still_heard()?;
     attacks(demo, &stage, &keys, &enclave, &dataset, &ran.job)?;
+    still_heard()?;
     let shown = audit_summary(demo, &stage, &authorisation)?;
     let dir = demo.dir.clone();
     let path = |name: &str| dir.join(name);
     evidence_steps(demo, &shown, &keys.verifier_key, &root_pem, &path)?;
     replica_report(demo)?;
-    println!("\ndemo OK: data was readable only inside the attested enclave; the parent carried ciphertext only");
-    Ok(())
+    say(format_args!("\ndemo OK: data was readable only inside the attested enclave; the parent carried ciphertext only"));
+    // The last line too must have been written for the demo to say OK.
+    still_heard()
 }
 
 /// A path as a command-line argument.

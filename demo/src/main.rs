@@ -87,7 +87,12 @@ fn main() -> ExitCode {
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+                eprintln!("\ndemo FAILED: {}", format!("{e:#}").replace('\n', " "));
+                if cli.keep.is_none() {
+                    eprintln!(
+                        "(run with --keep DIR to keep the logs of the verifier and the enclave)"
+                    );
+                }
                 ExitCode::FAILURE
             }
         },

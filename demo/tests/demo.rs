@@ -6,6 +6,17 @@
 
 use std::process::Command;
 
+/// Processes whose command line names `dir` (the demo's children name its
+/// directory).
+fn survivors(dir: &std::path::Path) -> usize {
+    let dir = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|cmd| String::from_utf8_lossy(cmd).contains(&dir))
+        .count()
+}
+
 #[test]
 fn the_demo_runs_end_to_end_and_cleans_up() {
     let keep = tempfile::tempdir().unwrap();
@@ -42,13 +53,7 @@ fn the_demo_runs_end_to_end_and_cleans_up() {
     assert!(!result.contains(first_nrn));
     // No process it started is left: its children's logs are closed and no
     // `kluis-demo enclave run` or `kluis-demo verifier serve` of this demo survives.
-    let dir = keep.path().display().to_string();
-    let survivors = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .filter(|cmd| String::from_utf8_lossy(cmd).contains(&dir))
-        .count();
-    assert_eq!(survivors, 0, "the demo left processes behind");
+    assert_eq!(survivors(keep.path()), 0, "the demo left processes behind");
 }
 
 /// `--hsm-module`: the same run with the master keys, store root and
@@ -166,4 +171,32 @@ fn replicas_without_a_database_are_refused() {
             "{stderr}"
         );
     }
+}
+
+/// Standard output that cannot be written (`kluis-demo > /dev/full`, or a
+/// pipe whose reader left): the demo stops at the end of the phase under
+/// way with a clear error, not a panic, and leaves no process behind.
+#[test]
+fn the_demo_stops_cleanly_when_its_output_cannot_be_written() {
+    let keep = tempfile::tempdir().unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kluis-demo"))
+        .args(["--records", "10", "--keep"])
+        .arg(keep.path())
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("standard output could not be written"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // It stopped before the job: no output dataset was written.
+    assert!(!keep.path().join("pseudonymised.csv").exists());
+    assert_eq!(survivors(keep.path()), 0, "the demo left processes behind");
 }
