@@ -8,6 +8,14 @@
 //! Never a panic.
 #![forbid(unsafe_code)]
 
+/// Every block this process frees is wiped first, and a block that grows is
+/// moved by allocate, copy, wipe and free: data keys, unwrapped master keys
+/// and credentials leave nothing in freed heap (see the enclave's
+/// `main.rs`).
+#[global_allocator]
+static ALLOCATOR: secmem_alloc::zeroizing_alloc::ZeroizeAlloc<std::alloc::System> =
+    secmem_alloc::zeroizing_alloc::ZeroizeAlloc::new(std::alloc::System);
+
 fn main() -> std::process::ExitCode {
     attestation_verifier::cli::run_from(std::env::args_os())
 }

@@ -35,6 +35,13 @@ use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
+/// The verifier and the enclave run in children of this binary, so it
+/// allocates as their own programs do: every freed block wiped (their
+/// `main.rs`).
+#[global_allocator]
+static ALLOCATOR: secmem_alloc::zeroizing_alloc::ZeroizeAlloc<std::alloc::System> =
+    secmem_alloc::zeroizing_alloc::ZeroizeAlloc::new(std::alloc::System);
+
 const EXE: &str = env!("CARGO_BIN_EXE_parent");
 /// The first argument that makes this binary run one of the other programs.
 const CHILD: &str = "--kluis-child";

@@ -1,0 +1,26 @@
+//! The enclave program's allocator leaves no plaintext in freed heap: a
+//! buffer that grew (moved to larger blocks) and was dropped is found
+//! nowhere in the process's memory. This binary allocates exactly as the
+//! `enclave` program does (its `main.rs`); `freed_heap_control.rs` runs the
+//! same search with the plain system allocator and finds the secret, so
+//! this search can fail.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+mod support;
+
+#[global_allocator]
+static ALLOCATOR: secmem_alloc::zeroizing_alloc::ZeroizeAlloc<std::alloc::System> =
+    secmem_alloc::zeroizing_alloc::ZeroizeAlloc::new(std::alloc::System);
+
+#[test]
+fn a_grown_and_dropped_buffer_leaves_nothing_in_freed_heap() {
+    // Under the allocator's mmap threshold, so its blocks stay in the heap
+    // when freed.
+    support::heap::grow_and_drop_a_secret(64 * 1024);
+    assert_eq!(support::heap::marker_copies(), 0);
+}
