@@ -92,6 +92,41 @@ pub struct Broker {
 /// this one request, so the document names the request.
 pub const WITHDRAWAL_RULE: &str = "changed_during_release";
 
+/// The start of an allowed key-release record's reason.
+const RELEASE_REASON_PREFIX: &str = "measurement set ";
+
+/// The reason of an allowed key-release record: the measurement set that
+/// matched and the SHA-256 (lowercase hex) of the policy that decided,
+/// `measurement set NAME; policy sha256 HEX`.
+pub fn release_reason(set_name: &str, policy_sha256: &str) -> String {
+    format!(
+        "{RELEASE_REASON_PREFIX}{set_name}; {}{policy_sha256}",
+        crate::kms::POLICY_REASON_PREFIX
+    )
+}
+
+/// The measurement set and, if named, the policy hash of an allowed
+/// key-release record's reason ([`release_reason`]; records written before
+/// the hash was named say `measurement set NAME` only). The hash is the
+/// reason's last part and exactly 64 lowercase hex digits, so it is read
+/// from the end: a set name that holds `; policy sha256 …` itself is part of
+/// the name, not a second hash.
+pub fn parse_release_reason(reason: &str) -> Option<(&str, Option<&str>)> {
+    let rest = reason.strip_prefix(RELEASE_REASON_PREFIX)?;
+    let marker = format!("; {}", crate::kms::POLICY_REASON_PREFIX);
+    match rest.rsplit_once(marker.as_str()) {
+        Some((name, hash)) if is_sha256_hex(hash) => Some((name, Some(hash))),
+        _ => Some((rest, None)),
+    }
+}
+
+/// Exactly 64 lowercase hex digits.
+pub(crate) fn is_sha256_hex(h: &str) -> bool {
+    h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// How long a release key certified by an HSM-held identity is valid.
 pub const RELEASE_KEY_VALIDITY: Duration = Duration::from_secs(3600);
 /// A release key with less than this left is replaced before use.
@@ -727,7 +762,10 @@ impl Broker {
             e => Refused::denied("seal_failed", e.to_string()),
         })?;
 
-        for (step, key) in plan.iter().zip(&released) {
+        // Any failure once one of the request's allowed records is written
+        // withdraws the release under one rule, so that the log (and an
+        // evidence bundle) says that none of its keys was sent.
+        for (written, (step, key)) in plan.iter().zip(&released).enumerate() {
             self.record_job(
                 NewRecord {
                     time_ms: now_ms,
@@ -736,19 +774,26 @@ impl Broker {
                     key_id: Some(step.key.to_string()),
                     key_version: Some(key.version),
                     decision: Decision::Allowed,
-                    reason: Some(format!(
-                        "measurement set {}; {}{}",
-                        step.matched_set,
-                        crate::kms::POLICY_REASON_PREFIX,
-                        step.policy_sha256
-                    )),
+                    reason: Some(release_reason(&step.matched_set, &step.policy_sha256)),
                     attestation_document: Some(document.to_vec()),
                 },
                 job.as_ref(),
             )
             .map_err(|code| Refused {
-                rule: "audit_failed",
-                detail: "could not write the audit record".to_owned(),
+                rule: if written == 0 {
+                    "audit_failed"
+                } else {
+                    WITHDRAWAL_RULE
+                },
+                detail: if written == 0 {
+                    "could not write the audit record".to_owned()
+                } else {
+                    format!(
+                        "{}: could not write its audit record; the release recorded as \
+                         allowed is withdrawn, no key was sent",
+                        step.key
+                    )
+                },
                 code,
                 noise: false,
             })?;
@@ -778,7 +823,16 @@ impl Broker {
                         ),
                     ))
                 }
-                Err(e) => return Err(Refused::store("store_error", &e)),
+                Err(e) => {
+                    return Err(Refused {
+                        detail: format!(
+                            "{}: the re-check could not read the store ({}); the release \
+                             recorded as allowed is withdrawn, no key was sent",
+                            step.key, e
+                        ),
+                        ..Refused::store(WITHDRAWAL_RULE, &e)
+                    })
+                }
             }
         }
 

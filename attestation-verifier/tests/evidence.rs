@@ -725,6 +725,59 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
     every_changed_byte_is_refused(&path, &["--identity", &identity, "--root", &root], 300);
 }
 
+/// The policy hash is read from the end of a release record's reason: a
+/// measurement set whose name holds `; policy sha256 <hash of another
+/// policy>` cannot make the bundle carry that other policy, and a name with
+/// `;` in it is compared whole.
+#[test]
+fn a_set_name_cannot_stand_in_for_the_policy_hash() {
+    let world = new_world();
+    let identity = hex::encode(world.identity().public_key_sec1());
+    let root = world.dir().join("root.pem").display().to_string();
+    let policy = |name: &str| {
+        format!(
+            "operations = [\"generate\"]\nmax_document_age_seconds = 120\n\
+             [[measurements]]\nname = \"{name}\"\npcr0 = \"{}\"\n",
+            hex::encode(image_pcr0(b"v1"))
+        )
+    };
+    // A decoy set first (it allows the same image), then the policy in
+    // force, whose set's name names the decoy's hash.
+    let decoy = policy("a");
+    world.set_policy(KEY, &decoy);
+    let decoy_sha = attestation_verifier::kms::policy_sha256(&decoy);
+    for name in [
+        format!("a; policy sha256 {decoy_sha}"),
+        "prod; v2".to_owned(),
+    ] {
+        let real = policy(&name);
+        world.set_policy(KEY, &real);
+        let now = T0 + 1_000;
+        assert!(matches!(
+            release(&world, b"v1", now),
+            Response::KeyRelease(_)
+        ));
+        let seq = *seq_of(&world, "key.release.generate").last().unwrap();
+        let path = write_bundle(&world, seq, "named.json");
+        let (code, report) = offline(&[
+            "evidence",
+            "verify",
+            "--identity",
+            &identity,
+            "--root",
+            &root,
+            &path.display().to_string(),
+        ]);
+        assert_eq!(code, 0, "{name}: {report}");
+        assert_eq!(
+            report["policy_sha256"],
+            attestation_verifier::kms::policy_sha256(&real),
+            "{name}"
+        );
+        assert_eq!(report["policy_named_by_record"], true);
+    }
+}
+
 /// A release recorded as allowed and then withdrawn (a change was under
 /// way while it was recorded; no key was sent): its bundle carries the
 /// withdrawal, and `evidence verify` reports it. A withdrawal is accepted

@@ -8,7 +8,7 @@ use super::note::{verify_checkpoint, Checkpoint};
 use super::tree::{decode_proof, prove_records, record_leaf, EVIDENCE_VERSION};
 use super::EvidenceError;
 use crate::audit::{rfc3339_millis, Actor, AuditLog, AuditRecord, Decision};
-use crate::broker::WITHDRAWAL_RULE;
+use crate::broker::{is_sha256_hex, parse_release_reason, WITHDRAWAL_RULE};
 use crate::keys::{CmkRecord, KeyName, KeyState, VersionState};
 use crate::kms::{policy_sha256, Kms, POLICY_REASON_PREFIX};
 use crate::policy::{KeyPolicy, Operation};
@@ -156,23 +156,23 @@ fn policy_hash_in(record: &AuditRecord) -> Option<&str> {
         .filter(|h| is_sha256_hex(h))
 }
 
-/// The policy hash an allowed key-release record names (`measurement set
-/// NAME; policy sha256 HEX`), if it names one (records written before the
-/// broker named it do not).
+/// The policy hash an allowed key-release record names, if it names one
+/// (records written before the broker named it do not).
 fn release_policy_hash(record: &AuditRecord) -> Option<&str> {
-    let reason = record.reason.as_deref()?;
-    reason
-        .split("; ")
-        .skip(1)
-        .find_map(|part| part.strip_prefix(POLICY_REASON_PREFIX))
-        .filter(|h| is_sha256_hex(h))
+    parse_release_reason(record.reason.as_deref()?)?.1
 }
 
 /// Whether `refusal` withdraws the allowed key release `release`: a later
 /// refused `key.release` of the same request (the same attestation
 /// document, whose nonce only that request could spend, the same enclave
-/// and job) under [`WITHDRAWAL_RULE`]. One withdrawal withdraws every key
-/// of its request: none was sent.
+/// and job) under [`WITHDRAWAL_RULE`], which the broker records for every
+/// failure after a request's allowed records (a change seen by the
+/// re-check, the store failing then, a later record of the request that
+/// could not be written). A request is answered with its keys or with one
+/// refusal, never both: one withdrawal withdraws every key of its request.
+/// The rule is required: a refusal of a replay of the document (a spent
+/// nonce the shared store could not check, say) carries the same document
+/// and withdraws nothing.
 fn withdraws(refusal: &AuditRecord, release: &AuditRecord) -> bool {
     release.decision == Decision::Allowed
         && release_operation(release).is_some()
@@ -188,12 +188,6 @@ fn withdraws(refusal: &AuditRecord, release: &AuditRecord) -> bool {
         && refusal.attestation_document == release.attestation_document
         && refusal.actor == release.actor
         && refusal.job == release.job
-}
-
-fn is_sha256_hex(h: &str) -> bool {
-    h.len() == 64
-        && h.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The authorisation id a record names (its hashed `job` field), if any.
@@ -676,8 +670,7 @@ pub fn verify_bundle(
             match evaluated {
                 Ok(m) => {
                     if let Some(reason) = &record.reason {
-                        if let Some(rest) = reason.strip_prefix("measurement set ") {
-                            let set_name = rest.split(';').next().unwrap_or_default();
+                        if let Some((set_name, _)) = parse_release_reason(reason) {
                             if set_name != m.set_name {
                                 return Err(invalid(format!(
                                     "the record says measurement set {set_name:?}, the policy matches {:?}",
