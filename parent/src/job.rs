@@ -386,20 +386,48 @@ async fn send_input_zero_copy(
 }
 
 /// Run `job` on `input` (a file, or [`JobInput::reader`]); on success the
-/// output is at `output`.
+/// output is at `output`, replacing what was there in one rename (a failed
+/// job leaves it as it was). `parent run` refuses an existing output
+/// unless told to replace it.
 pub async fn run_job(
     job: &JobRun,
     input: impl Into<JobInput>,
     output: &Path,
     progress: impl FnMut(&Progress),
 ) -> Result<JobReport, RunError> {
-    let stream = kluis_transport::connect(&job.enclave)
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, kluis_transport::connect(&job.enclave))
         .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {CONNECT_TIMEOUT:?}"),
+            ))
+        })
         .map_err(|source| RunError::Connect {
             address: job.enclave.to_string(),
             source,
         })?;
     run_job_on(job, stream, input, output, progress).await
+}
+
+/// How long [`run_job`] waits for its connection to the enclave (a vsock
+/// connect to a CID that is not up can hang; an enclave that may still be
+/// starting is waited for with [`crate::connect::connect_patiently`]).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The enclave's text as the operator's terminal and logs may show it:
+/// control characters (escape sequences, carriage returns) are escaped, so
+/// a hostile enclave cannot rewrite what is on the screen.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// What the job has sent and heard so far.
@@ -436,7 +464,10 @@ impl Tally {
                 Ok(None)
             }
             JobEvent::Done(counts) => Ok(Some(counts)),
-            JobEvent::Failed { kind, reason } => Err(RunError::Failed { kind, reason }),
+            JobEvent::Failed { kind, reason } => Err(RunError::Failed {
+                kind,
+                reason: printable(&reason),
+            }),
             _ => Err(RunError::Protocol("an unknown event".into())),
         }
     }
@@ -471,18 +502,22 @@ fn enclave_side_error(e: std::io::Error) -> RunError {
 /// it has finished or is about to) must both have succeeded.
 async fn conclude<T>(
     writer: tokio::task::JoinHandle<std::io::Result<()>>,
-    sender: tokio::task::JoinHandle<Result<T, RunError>>,
+    mut sender: tokio::task::JoinHandle<Result<T, RunError>>,
     idle: Duration,
 ) -> Result<(), RunError> {
     let written = match writer.await {
         Ok(r) => r.map_err(io("writing the output")),
         Err(_) => Err(RunError::Protocol("the output writer failed".into())),
     };
-    let sent = match tokio::time::timeout(idle, sender).await {
+    let sent = match tokio::time::timeout(idle, &mut sender).await {
         Ok(Ok(Ok(_))) => Ok(()),
         Ok(Ok(Err(e))) => Err(e),
         Ok(Err(_)) => Err(RunError::Protocol("the input sender failed".into())),
-        Err(_) => Err(RunError::Timeout(idle)),
+        Err(_) => {
+            // It is stopped, not left holding the input and the connection.
+            sender.abort();
+            Err(RunError::Timeout(idle))
+        }
     };
     sent.and(written)
 }
@@ -765,6 +800,30 @@ mod tests {
         clippy::cast_possible_truncation
     )]
     use super::*;
+
+    /// The enclave's failure text reaches the operator with its control
+    /// characters escaped: no escape sequence or carriage return survives.
+    #[test]
+    fn an_enclave_s_failure_text_cannot_drive_the_terminal() {
+        let mut tally = Tally {
+            state: Progress::default(),
+            output_key: None,
+            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            started: Instant::now(),
+        };
+        let hostile = "job failed\x1b]0;owned\x07\r\x1b[2Jall good\u{9b}31m";
+        let frame = kluis_proto::job::encode_job_frame(&JobEvent::Failed {
+            kind: FailureKind::Internal,
+            reason: hostile.to_owned(),
+        })
+        .unwrap();
+        let Err(RunError::Failed { reason, .. }) = tally.message(&frame) else {
+            panic!("not a failure")
+        };
+        assert!(!reason.chars().any(char::is_control), "{reason:?}");
+        assert!(reason.starts_with("job failed\\u{1b}]0;owned"), "{reason}");
+        assert!(reason.contains("all good"));
+    }
 
     /// Every frame the reader hands over, until it stops.
     async fn drain(mut input: InputFrames) -> Vec<Result<Vec<u8>, RunError>> {

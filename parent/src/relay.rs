@@ -684,9 +684,14 @@ async fn carry_answered(
     };
     let (mut from, mut to) = tokio::io::split(upstream);
     let enclave_closed = AtomicBool::new(enclave.closed);
+    // Requests sent to the replica and answers it gave (each request has
+    // one answer; `first` answered the opening's request).
+    let requests = AtomicU64::new(u64::try_from(enclave.sent.len()).unwrap_or(u64::MAX).max(1));
+    let answers = AtomicU64::new(0);
     let up = async {
         if !enclave.closed {
             while let Some(frame) = enclave.frames.recv().await {
+                requests.fetch_add(1, Ordering::Relaxed);
                 if enclave.send(replica, &mut to, frame).await.is_err() {
                     return;
                 }
@@ -712,7 +717,8 @@ async fn carry_answered(
                         // side is shut below), so that a job failing for it
                         // sees the count (`crate::failover`). Any key request
                         // this replica got was counted when it was sent,
-                        // before its end could be seen here.
+                        // before its end could be seen here; none is sent
+                        // after it (`up` stops with this side).
                         if !enclave_closed.load(Ordering::Relaxed) {
                             tracing::warn!(verifier = %replica.target.address,
                                 "verifier replica ended an exchange it had answered; \
@@ -722,9 +728,21 @@ async fn carry_answered(
                         }
                         break;
                     }
-                    Err(_) => break,
+                    Err(_) => {
+                        // Silent while a request waits for its answer: the
+                        // replica is stuck (a stalled store or HSM), and
+                        // later exchanges go elsewhere first. Silent while
+                        // the enclave is quiet is no fault of the replica.
+                        if requests.load(Ordering::Relaxed) > answers.load(Ordering::Relaxed) {
+                            tracing::warn!(verifier = %replica.target.address, timeout = ?RELAY_IDLE,
+                                "verifier replica did not answer a request in time");
+                            verifiers.failed(index);
+                        }
+                        break;
+                    }
                 },
             };
+            answers.fetch_add(1, Ordering::Relaxed);
             let mut failed = false;
             for out in hook.on_frame(Channel::Verifier, Direction::ToEnclave, frame) {
                 if write_frame(enclave_write, &out).await.is_err() {
@@ -738,7 +756,17 @@ async fn carry_answered(
         }
         let _ = enclave_write.shutdown().await;
     };
-    tokio::join!(up, down);
+    // When the replica's side ends, nothing more goes to it: a key request
+    // still on its way from the enclave (which now sees the exchange end and
+    // fails its job) is dropped here, never sent to a replica, so a job run
+    // again for it (`crate::failover`) makes the only request that reaches
+    // one. When the enclave's side ends first, the replica's answers are
+    // still carried back.
+    tokio::pin!(up, down);
+    tokio::select! {
+        () = &mut down => {}
+        () = &mut up => down.await,
+    }
 }
 
 /// Relay every connection on `listener` to `verifiers` (one replica, an

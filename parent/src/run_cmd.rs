@@ -38,8 +38,13 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub input: PathBuf,
     /// Where the encrypted output goes (written only when the job completes).
+    /// An existing file there is refused unless --replace is given.
     #[arg(long, value_name = "PATH")]
     pub output: PathBuf,
+    /// Replace an existing --output (in one rename, once the job has
+    /// completed; a failed job leaves it as it was).
+    #[arg(long)]
+    pub replace: bool,
     /// The workload, in the `--job` syntax of the README.
     #[arg(
         long,
@@ -244,6 +249,14 @@ impl Reporter {
 }
 
 pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
+    // Checked before anything runs (an earlier job's output, or another
+    // run's, is not replaced by mistake).
+    if !args.replace && std::fs::symlink_metadata(&args.output).is_ok() {
+        return Err(anyhow!(
+            "{} already exists: remove it, choose another --output, or give --replace",
+            args.output.display()
+        ));
+    }
     let workload = kluis_parent::spec::parse(&args.job)?;
     let secrets = args
         .secret

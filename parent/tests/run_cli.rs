@@ -177,3 +177,27 @@ fn run_takes_several_verifiers() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// An existing output is refused before anything runs, unless `--replace`
+/// is given (then the job goes ahead, here to find no enclave).
+#[test]
+fn run_refuses_an_existing_output_unless_told_to_replace_it() {
+    let earlier = |socket: &std::path::Path| {
+        std::fs::write(socket.with_file_name("output.kenv"), b"an earlier result").unwrap();
+    };
+    let (out, output_exists, ()) = run_on_socket(b"not read", &["--enclave-wait", "1"], earlier);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(output_exists);
+    assert!(stderr.contains("already exists"), "{stderr}");
+    assert!(!stderr.contains("waiting for the enclave"), "{stderr}");
+
+    let (out, _, ()) = run_on_socket(b"not read", &["--enclave-wait", "1", "--replace"], earlier);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("already exists"), "{stderr}");
+    assert!(
+        stderr.contains("did not accept a connection within"),
+        "{stderr}"
+    );
+}
