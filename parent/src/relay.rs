@@ -57,6 +57,10 @@ pub const MAX_RELAY_CONNECTIONS: usize = 64;
 /// A relayed connection idle this long (or a peer that stops reading for
 /// this long) is closed.
 pub const RELAY_IDLE: Duration = Duration::from_secs(60);
+/// The longest one relayed connection lives, however often its peers
+/// speak: an exchange is a challenge and a key request, seconds long, and a
+/// peer trickling a frame a minute keeps no slot for longer than this.
+pub const MAX_EXCHANGE: Duration = Duration::from_secs(600);
 
 impl From<Address> for VerifierTarget {
     fn from(address: Address) -> Self {
@@ -558,6 +562,16 @@ async fn open_exchange(
 /// Relay one enclave connection (one key-release exchange) to the first
 /// replica that answers, as the module documentation describes.
 pub async fn relay_connection(enclave: BoxStream, verifiers: &Verifiers, hook: Arc<dyn FrameHook>) {
+    // At the limit both sides are dropped, so closed.
+    if tokio::time::timeout(MAX_EXCHANGE, relay_exchange(enclave, verifiers, hook))
+        .await
+        .is_err()
+    {
+        tracing::warn!(limit = ?MAX_EXCHANGE, "a relayed exchange ran past its limit; closed");
+    }
+}
+
+async fn relay_exchange(enclave: BoxStream, verifiers: &Verifiers, hook: Arc<dyn FrameHook>) {
     let (enclave_read, enclave_write) = tokio::io::split(enclave);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
