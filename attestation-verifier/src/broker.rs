@@ -762,10 +762,12 @@ impl Broker {
             e => Refused::denied("seal_failed", e.to_string()),
         })?;
 
-        // Any failure once one of the request's allowed records is written
-        // withdraws the release under one rule, so that the log (and an
-        // evidence bundle) says that none of its keys was sent.
-        for (written, (step, key)) in plan.iter().zip(&released).enumerate() {
+        // Any failure once one of the request's allowed records may have
+        // been written withdraws the release under one rule, so that the
+        // log (and an evidence bundle) says that none of its keys was sent.
+        // That includes the first record: an append that fails may still
+        // have been committed (a database whose commit reply was lost).
+        for (step, key) in plan.iter().zip(&released) {
             self.record_job(
                 NewRecord {
                     time_ms: now_ms,
@@ -780,20 +782,12 @@ impl Broker {
                 job.as_ref(),
             )
             .map_err(|code| Refused {
-                rule: if written == 0 {
-                    "audit_failed"
-                } else {
-                    WITHDRAWAL_RULE
-                },
-                detail: if written == 0 {
-                    "could not write the audit record".to_owned()
-                } else {
-                    format!(
-                        "{}: could not write its audit record; the release recorded as \
-                         allowed is withdrawn, no key was sent",
-                        step.key
-                    )
-                },
+                rule: WITHDRAWAL_RULE,
+                detail: format!(
+                    "{}: could not write its audit record; any release of the request \
+                     recorded as allowed is withdrawn, no key was sent",
+                    step.key
+                ),
                 code,
                 noise: false,
             })?;

@@ -297,3 +297,12 @@ fn inspect_shows_the_whole_chain_without_judging() {
     assert!(json["module_id"].is_string());
     assert_eq!(json["signature"].as_str().unwrap().len(), 192);
 }
+
+/// The program is built with the wiping allocator of its `main.rs` (every
+/// freed block wiped; tested in `enclave/tests/freed_heap.rs`): its code is
+/// in the binary, which links the crate for nothing else.
+#[test]
+fn the_verifier_program_allocates_through_the_wiping_allocator() {
+    let binary = std::fs::read(env!("CARGO_BIN_EXE_attestation-verifier")).unwrap();
+    assert!(binary.windows(12).any(|w| w == b"ZeroizeAlloc"));
+}

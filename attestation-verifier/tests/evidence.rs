@@ -856,7 +856,7 @@ fn a_withdrawn_release_s_bundle_carries_its_withdrawal() {
         out["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("withdrawal"),
+            .contains("not a later refusal of the record's own request"),
         "{out}"
     );
 

@@ -10,6 +10,13 @@
 
 mod demo;
 
+/// The verifier and the enclave run as children of this binary: they
+/// allocate as their own programs do (every freed block wiped; see their
+/// `main.rs`).
+#[global_allocator]
+static ALLOCATOR: secmem_alloc::zeroizing_alloc::ZeroizeAlloc<std::alloc::System> =
+    secmem_alloc::zeroizing_alloc::ZeroizeAlloc::new(std::alloc::System);
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 

@@ -444,8 +444,9 @@ impl Tally {
     fn message(&mut self, frame: &[u8]) -> Result<Option<JobCounts>, RunError> {
         // A hook in a test may have made anything of a frame: decode it
         // like any peer's.
+        // The decoder's message can quote the enclave's bytes.
         let event = kluis_proto::job::decode_job_frame::<JobEvent>(frame)
-            .map_err(|e| RunError::Protocol(e.to_string()))?;
+            .map_err(|e| RunError::Protocol(printable(&e.to_string())))?;
         match event {
             JobEvent::Started {
                 output_key_id,

@@ -450,6 +450,8 @@ struct EnclaveSide {
     sent: Vec<Vec<u8>>,
     /// False once a frame that may not be re-sent was sent.
     replayable: bool,
+    /// Frames sent to the replica of the exchange, all kinds.
+    sent_frames: u64,
     /// The enclave has closed its side (or stopped sending).
     closed: bool,
 }
@@ -465,6 +467,7 @@ impl EnclaveSide {
         if !challenge {
             bump(&replica.counters.key_requests);
         }
+        self.sent_frames = self.sent_frames.saturating_add(1);
         if challenge && self.replayable && self.sent.len() < MAX_REPLAYED_FRAMES {
             self.sent.push(frame.clone());
         } else {
@@ -599,6 +602,7 @@ async fn carry(
         frames,
         sent: Vec::new(),
         replayable: true,
+        sent_frames: 0,
         closed: false,
     };
     let first = verifiers.first();
@@ -699,13 +703,18 @@ async fn carry_answered(
     let (mut from, mut to) = tokio::io::split(upstream);
     let enclave_closed = AtomicBool::new(enclave.closed);
     // Requests sent to the replica and answers it gave (each request has
-    // one answer; `first` answered the opening's request).
-    let requests = AtomicU64::new(u64::try_from(enclave.sent.len()).unwrap_or(u64::MAX).max(1));
+    // one answer; `first` answered one of the opening's), and when the last
+    // request went (milliseconds since `began`).
+    let requests = AtomicU64::new(enclave.sent_frames);
     let answers = AtomicU64::new(0);
+    let began = tokio::time::Instant::now();
+    let since_began = || u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let last_request_ms = AtomicU64::new(0);
     let up = async {
         if !enclave.closed {
             while let Some(frame) = enclave.frames.recv().await {
                 requests.fetch_add(1, Ordering::Relaxed);
+                last_request_ms.store(since_began(), Ordering::Relaxed);
                 if enclave.send(replica, &mut to, frame).await.is_err() {
                     return;
                 }
@@ -745,9 +754,16 @@ async fn carry_answered(
                     Err(_) => {
                         // Silent while a request waits for its answer: the
                         // replica is stuck (a stalled store or HSM), and
-                        // later exchanges go elsewhere first. Silent while
-                        // the enclave is quiet is no fault of the replica.
+                        // later exchanges go elsewhere first. A request
+                        // sent within the last RELAY_IDLE is waited for
+                        // its full time. Silent while the enclave is quiet
+                        // is no fault of the replica.
                         if requests.load(Ordering::Relaxed) > answers.load(Ordering::Relaxed) {
+                            let waited = since_began()
+                                .saturating_sub(last_request_ms.load(Ordering::Relaxed));
+                            if u128::from(waited) < RELAY_IDLE.as_millis() {
+                                continue;
+                            }
                             tracing::warn!(verifier = %replica.target.address, timeout = ?RELAY_IDLE,
                                 "verifier replica did not answer a request in time");
                             verifiers.failed(index);

@@ -42,7 +42,9 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub output: PathBuf,
     /// Replace an existing --output (in one rename, once the job has
-    /// completed; a failed job leaves it as it was).
+    /// completed; a failed job leaves it as it was). Without it, a file
+    /// at --output when the job starts is refused (one made there while the
+    /// job runs is replaced at its end).
     #[arg(long)]
     pub replace: bool,
     /// The workload, in the `--job` syntax of the README.
