@@ -2,6 +2,12 @@
 //! own connection (challenge, attestation by the simulated NSM, key
 //! release, signature check and HPKE open).
 
+/// The bench's process allocates as the verifier and the enclave programs
+/// do: every freed block wiped (their `main.rs`).
+#[global_allocator]
+static ALLOCATOR: secmem_alloc::zeroizing_alloc::ZeroizeAlloc<std::alloc::System> =
+    secmem_alloc::zeroizing_alloc::ZeroizeAlloc::new(std::alloc::System);
+
 use kluis_nsm::sim::SimulatedNsm;
 use kluis_proto::{request_hash, EphemeralKeyPair, KeyOperation, KeyRequest};
 use std::net::SocketAddr;
