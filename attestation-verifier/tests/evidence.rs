@@ -135,6 +135,19 @@ fn offline(args: &[&str]) -> (i32, serde_json::Value) {
     (code, json)
 }
 
+/// `evidence verify --identity IDENTITY --root ROOT FILE`.
+fn verify_offline(identity: &str, root: &str, file: &Path) -> (i32, serde_json::Value) {
+    offline(&[
+        "evidence",
+        "verify",
+        "--identity",
+        identity,
+        "--root",
+        root,
+        &file.display().to_string(),
+    ])
+}
+
 /// Flips one bit of bytes spread over the whole file (at most `max`
 /// positions, always including the first and the last) and checks that
 /// `evidence verify` refuses every one with exit 1.
@@ -618,15 +631,7 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
     let allowed = seq_of(&world, "key.release.generate");
     assert_eq!(allowed.len(), 1);
     let path = write_bundle(&world, allowed[0], "allowed.json");
-    let (code, report) = offline(&[
-        "evidence",
-        "verify",
-        "--identity",
-        &identity,
-        "--root",
-        &root,
-        &path.display().to_string(),
-    ]);
+    let (code, report) = verify_offline(&identity, &root, &path);
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["decision"], "allowed");
     assert_eq!(report["recomputed_decision"], "allowed");
@@ -695,29 +700,13 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
         .text;
     let swapped_path = world.dir().join("swapped.json");
     std::fs::write(&swapped_path, serde_json::to_string(&swapped).unwrap()).unwrap();
-    let (code, out) = offline(&[
-        "evidence",
-        "verify",
-        "--identity",
-        &identity,
-        "--root",
-        &root,
-        &swapped_path.display().to_string(),
-    ]);
+    let (code, out) = verify_offline(&identity, &root, &swapped_path);
     assert_eq!(code, 1, "{out}");
 
     // The refused request's record verifies too (its document re-checked).
     let refused = seq_of(&world, "key.release");
     let path_refused = write_bundle(&world, *refused.last().unwrap(), "refused.json");
-    let (code, report) = offline(&[
-        "evidence",
-        "verify",
-        "--identity",
-        &identity,
-        "--root",
-        &root,
-        &path_refused.display().to_string(),
-    ]);
+    let (code, report) = verify_offline(&identity, &root, &path_refused);
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["decision"], "refused");
     assert_eq!(report["pcrs"]["0"], hex::encode(image_pcr0(b"v2")));
@@ -759,15 +748,7 @@ fn a_set_name_cannot_stand_in_for_the_policy_hash() {
         ));
         let seq = *seq_of(&world, "key.release.generate").last().unwrap();
         let path = write_bundle(&world, seq, "named.json");
-        let (code, report) = offline(&[
-            "evidence",
-            "verify",
-            "--identity",
-            &identity,
-            "--root",
-            &root,
-            &path.display().to_string(),
-        ]);
+        let (code, report) = verify_offline(&identity, &root, &path);
         assert_eq!(code, 0, "{name}: {report}");
         assert_eq!(
             report["policy_sha256"],
@@ -802,17 +783,7 @@ fn a_withdrawn_release_s_bundle_carries_its_withdrawal() {
     let ([kept, withdrawn], [withdrawal]) = (allowed.as_slice(), refusals.as_slice()) else {
         panic!("allowed {allowed:?}, refused {refusals:?}")
     };
-    let verify = |path: &Path| {
-        offline(&[
-            "evidence",
-            "verify",
-            "--identity",
-            &identity,
-            "--root",
-            &root,
-            &path.display().to_string(),
-        ])
-    };
+    let verify = |path: &Path| verify_offline(&identity, &root, path);
 
     let withdrawn = write_bundle(&world, *withdrawn, "withdrawn.json");
     let (code, report) = verify(&withdrawn);
