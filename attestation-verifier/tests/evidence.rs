@@ -558,6 +558,15 @@ fn new_world() -> World {
     World::builder(T0).key(KEY).audit_first().build()
 }
 
+/// [`new_world`], with the verifier identity (hex) and the simulated root
+/// (a PEM path) that `evidence verify` is given.
+fn world_for_bundles() -> (World, String, String) {
+    let world = new_world();
+    let identity = hex::encode(world.identity().public_key_sec1());
+    let root = world.dir().join("root.pem").display().to_string();
+    (world, identity, root)
+}
+
 /// Set [`KEY`]'s policy: generate and decrypt for an image with `pcr0`.
 fn set_policy(world: &World, pcr0: &[u8; 48]) {
     let text = format!(
@@ -612,9 +621,7 @@ fn image_pcr0(image: &[u8]) -> [u8; 48] {
 
 #[test]
 fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
-    let world = new_world();
-    let identity = hex::encode(world.identity().public_key_sec1());
-    let root = world.dir().join("root.pem").display().to_string();
+    let (world, identity, root) = world_for_bundles();
     set_policy(&world, &image_pcr0(b"v1"));
     assert!(matches!(
         release(&world, b"v1", T0 + 1_000),
@@ -720,9 +727,7 @@ fn an_evidence_bundle_verifies_offline_under_the_policy_then_in_force() {
 /// `;` in it is compared whole.
 #[test]
 fn a_set_name_cannot_stand_in_for_the_policy_hash() {
-    let world = new_world();
-    let identity = hex::encode(world.identity().public_key_sec1());
-    let root = world.dir().join("root.pem").display().to_string();
+    let (world, identity, root) = world_for_bundles();
     let policy = |name: &str| {
         format!(
             "operations = [\"generate\"]\nmax_document_age_seconds = 120\n\
@@ -765,9 +770,7 @@ fn a_set_name_cannot_stand_in_for_the_policy_hash() {
 /// only from the record's own request.
 #[test]
 fn a_withdrawn_release_s_bundle_carries_its_withdrawal() {
-    let world = new_world();
-    let identity = hex::encode(world.identity().public_key_sec1());
-    let root = world.dir().join("root.pem").display().to_string();
+    let (world, identity, root) = world_for_bundles();
     set_policy(&world, &image_pcr0(b"v1"));
     assert!(matches!(
         release(&world, b"v1", T0 + 1_000),

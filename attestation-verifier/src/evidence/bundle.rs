@@ -174,9 +174,7 @@ fn release_policy_hash(record: &AuditRecord) -> Option<&str> {
 /// nonce the shared store could not check, say) carries the same document
 /// and withdraws nothing.
 fn withdraws(refusal: &AuditRecord, release: &AuditRecord) -> bool {
-    release.decision == Decision::Allowed
-        && release_operation(release).is_some()
-        && release.attestation_document.is_some()
+    withdrawable(release)
         && refusal.operation == "key.release"
         && refusal.decision == Decision::Refused
         && refusal.seq > release.seq
@@ -188,6 +186,14 @@ fn withdraws(refusal: &AuditRecord, release: &AuditRecord) -> bool {
         && refusal.attestation_document == release.attestation_document
         && refusal.actor == release.actor
         && refusal.job == release.job
+}
+
+/// Whether a refusal can withdraw `record`: an allowed key release made
+/// with an attestation document (see [`withdraws`]).
+fn withdrawable(record: &AuditRecord) -> bool {
+    record.decision == Decision::Allowed
+        && release_operation(record).is_some()
+        && record.attestation_document.is_some()
 }
 
 /// The authorisation id a record names (its hashed `job` field), if any.
@@ -238,11 +244,9 @@ pub fn build_bundle(
             return true;
         }
         if r.seq == seq {
-            let may_be_withdrawn = r.decision == Decision::Allowed
-                && release_operation(r).is_some()
-                && r.attestation_document.is_some();
             target = Some(r.clone());
-            return may_be_withdrawn;
+            // Only a withdrawable record makes the scan go on past it.
+            return withdrawable(r);
         }
         if r.operation == "policy.set" && r.decision == Decision::Allowed {
             if let Some(key) = &r.key_id {
