@@ -96,6 +96,19 @@ pub enum HsmError {
         /// How many.
         count: usize,
     },
+    /// An object with a key's id lacks the protection every key Kluis
+    /// makes has: it was made outside Kluis (planted in place of a
+    /// destroyed one, say, with a value its maker knows) and is not used.
+    #[error(
+        "the token's object with id {id:?} is not a key Kluis made: {attribute} is not as Kluis \
+         sets it, so the object was made outside Kluis and is not used"
+    )]
+    ObjectNotOurs {
+        /// The object's `CKA_ID`.
+        id: String,
+        /// The first attribute found wrong.
+        attribute: &'static str,
+    },
     /// The session dropped and a fresh one failed too.
     #[error(
         "the token session was lost while {operation}, and a fresh session failed too: {detail}"

@@ -484,7 +484,12 @@ impl Token {
             .find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])
             .map_err(|e| HsmError::op("finding an object", e))?;
         match handles.as_slice() {
-            [one] => Ok(*one),
+            [one] => {
+                if class != ObjectClass::PUBLIC_KEY {
+                    Self::check_ours(session, *one, id)?;
+                }
+                Ok(*one)
+            }
             [] => Err(HsmError::ObjectMissing {
                 id: String::from_utf8_lossy(id).into_owned(),
             }),
@@ -493,6 +498,60 @@ impl Token {
                 count: handles.len(),
             }),
         }
+    }
+
+    /// Refuses a secret or private key that lacks what every key Kluis
+    /// generates has: made in the token (`CKA_LOCAL`), kept there, sensitive
+    /// and never extractable since it was made. Anyone logged in to the
+    /// token can destroy a key and create another with its id and a value
+    /// they know; without this check, data keys would then be wrapped
+    /// under that value. A created object cannot claim `CKA_LOCAL` or
+    /// `CKA_NEVER_EXTRACTABLE` (the token sets them), so a planted key
+    /// fails here.
+    fn check_ours(session: &Session, handle: ObjectHandle, id: &[u8]) -> Result<(), HsmError> {
+        let attributes = session
+            .get_attributes(
+                handle,
+                &[
+                    AttributeType::Token,
+                    AttributeType::Local,
+                    AttributeType::Sensitive,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::Extractable,
+                    AttributeType::NeverExtractable,
+                ],
+            )
+            .map_err(|e| HsmError::op("reading attributes", e))?;
+        let found: Vec<(&'static str, bool)> = attributes
+            .iter()
+            .filter_map(|attribute| match attribute {
+                Attribute::Token(v) => Some(("CKA_TOKEN", *v)),
+                Attribute::Local(v) => Some(("CKA_LOCAL", *v)),
+                Attribute::Sensitive(v) => Some(("CKA_SENSITIVE", *v)),
+                Attribute::AlwaysSensitive(v) => Some(("CKA_ALWAYS_SENSITIVE", *v)),
+                Attribute::Extractable(v) => Some(("CKA_EXTRACTABLE", *v)),
+                Attribute::NeverExtractable(v) => Some(("CKA_NEVER_EXTRACTABLE", *v)),
+                _ => None,
+            })
+            .collect();
+        for (name, want) in [
+            ("CKA_TOKEN", true),
+            ("CKA_LOCAL", true),
+            ("CKA_SENSITIVE", true),
+            ("CKA_ALWAYS_SENSITIVE", true),
+            ("CKA_EXTRACTABLE", false),
+            ("CKA_NEVER_EXTRACTABLE", true),
+        ] {
+            // An attribute the token did not return counts as wrong.
+            let value = found.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+            if value != Some(want) {
+                return Err(HsmError::ObjectNotOurs {
+                    id: String::from_utf8_lossy(id).into_owned(),
+                    attribute: name,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Whether any object has `CKA_ID` `id`.

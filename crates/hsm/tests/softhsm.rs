@@ -260,3 +260,71 @@ fn clear_errors_for_module_token_pin_and_lost_objects() {
     // The Debug form of a token shows no PIN.
     assert!(!format!("{token:?}").contains(common::PIN));
 }
+
+/// Someone logged in to the token (the PIN holder, or code in the
+/// verifier's process) destroys a master key's object and creates one
+/// with the same id and a value they know. Kluis then neither wraps a
+/// data key under it nor unwraps with it: the object was not generated in
+/// the token, and was extractable when made.
+#[test]
+fn a_key_planted_under_a_kluis_id_is_not_used() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::error::{Error as CkError, RvError};
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+
+    let Some(config) = common::token("plant") else {
+        return;
+    };
+    let token = open(&config);
+    let (_dir, store) = store();
+    let backend = Pkcs11Backend::new(Arc::clone(&token), Arc::clone(&store));
+    backend.create_material(&store.lock().unwrap(), ID).unwrap();
+    let wrapped = backend.wrap(ID, b"k", b"").unwrap();
+
+    // The planting, through the module directly.
+    let pkcs11 = Pkcs11::new(&config.module).unwrap();
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    let slot = pkcs11
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|slot| pkcs11.get_token_info(*slot).unwrap().label() == config.token)
+        .unwrap();
+    let session = pkcs11.open_rw_session(slot).unwrap();
+    match session.login(UserType::User, Some(&AuthPin::from(common::PIN))) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    assert_eq!(token.destroy(ID.as_bytes()).unwrap(), 1);
+    let known = [0x42u8; 32];
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Value(known.to_vec()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            // As protected as it can claim to be once made.
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Id(ID.as_bytes().to_vec()),
+        ])
+        .unwrap();
+
+    let refused = |err: StoreError| {
+        assert!(
+            matches!(&err, StoreError::Backend { reason, .. }
+                if reason.contains("not a key Kluis made") && reason.contains("CKA_LOCAL")),
+            "{err}"
+        );
+    };
+    refused(backend.wrap(ID, b"a data key", b"").unwrap_err());
+    refused(backend.unwrap(ID, &wrapped, b"").unwrap_err());
+}
