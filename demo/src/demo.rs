@@ -1034,6 +1034,7 @@ fn run_pseudonymisation(
         },
         hook: stage.recorder.clone(),
         idle_timeout: Duration::from_secs(60),
+        output_limits: kluis_parent::limit::OutputLimits::default(),
     };
     let output = demo.path("pseudonymised.kenv");
     let report = stage.runtime.block_on(async {

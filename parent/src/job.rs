@@ -23,6 +23,7 @@ use kluis_transport::Address;
 use tokio::io::AsyncWriteExt;
 
 use crate::hook::{read_raw_frame_into, Channel, Direction, FrameHook};
+use crate::limit::{OutputGuard, OutputLimits};
 use crate::writebehind::WriteBehind;
 use crate::zerocopy::{Pipe, Socket};
 
@@ -92,6 +93,9 @@ pub enum RunError {
          before running it again"
     )]
     AnswerLost(Box<RunError>),
+    /// The output passed one of the job's [`OutputLimits`].
+    #[error("{0}: the job was stopped, no output written")]
+    OutputLimit(String),
 }
 
 impl RunError {
@@ -151,6 +155,8 @@ pub struct JobRun {
     pub hook: Arc<dyn FrameHook>,
     /// Fail when the enclave says nothing this long.
     pub idle_timeout: Duration,
+    /// How much output the enclave may have the parent write.
+    pub output_limits: OutputLimits,
 }
 
 impl std::fmt::Debug for JobRun {
@@ -158,6 +164,7 @@ impl std::fmt::Debug for JobRun {
         f.debug_struct("JobRun")
             .field("enclave", &self.enclave)
             .field("spec", &self.spec)
+            .field("output_limits", &self.output_limits)
             .finish_non_exhaustive()
     }
 }
@@ -629,6 +636,10 @@ async fn exchange_copying(
     tally: &mut Tally,
     progress: &mut impl FnMut(&Progress),
 ) -> Result<JobCounts, RunError> {
+    let mut guard = OutputGuard::new(
+        job.output_limits,
+        partial_file.try_clone().map_err(io("writing the output"))?,
+    )?;
     // The output is written by a blocking thread, straight from the data
     // frames (checked as such before they are sent here).
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
@@ -675,6 +686,7 @@ async fn exchange_copying(
             {
                 if let Some(payload) = kluis_proto::job::data_payload(&frame) {
                     // The data path: hand the frame to the writer as it is.
+                    guard.admit(payload.len())?;
                     tally.received(payload.len());
                     out_tx.send(frame).await.map_err(|_| RunError::Io {
                         context: "writing the output".into(),
@@ -718,6 +730,7 @@ async fn exchange_zero_copy(
     progress: &mut impl FnMut(&Progress),
 ) -> Result<JobCounts, RunError> {
     let pipe = Pipe::new().map_err(io("making a pipe for the output"))?;
+    let mut guard = OutputGuard::new(job.output_limits, &partial_file)?;
     let mut behind = WriteBehind::start(&partial_file).map_err(io("writing the output"))?;
     let sender = tokio::spawn(send_input_zero_copy(
         input,
@@ -738,6 +751,7 @@ async fn exchange_zero_copy(
                 .ok_or_else(|| RunError::Protocol("a short frame header".into()))?;
             match head.kind {
                 FrameKind::Data if head.body_len <= MAX_CHUNK_LEN => {
+                    guard.admit(head.body_len)?;
                     tokio::time::timeout(
                         idle,
                         socket.splice_to_file(&pipe, &partial_file, head.body_len),
@@ -1113,6 +1127,7 @@ mod tests {
                     },
                     hook: Arc::clone(&hook),
                     idle_timeout: Duration::from_secs(20),
+                    output_limits: OutputLimits::default(),
                 };
                 let output = dir.path().join("output");
                 let result = run_job_on(

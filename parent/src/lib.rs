@@ -12,6 +12,7 @@ pub mod connect;
 pub mod failover;
 pub mod hook;
 pub mod job;
+pub mod limit;
 pub mod relay;
 pub mod spec;
 mod writebehind;

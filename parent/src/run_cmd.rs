@@ -11,6 +11,7 @@ use kluis_parent::connect::connect_patiently;
 use kluis_parent::failover::run_job_failing_over;
 use kluis_parent::hook::PassThrough;
 use kluis_parent::job::{run_job_on, JobRun, Progress};
+use kluis_parent::limit::OutputLimits;
 use kluis_parent::relay::Verifiers;
 use kluis_proto::job::{JobSpec, WrappedSecret};
 use kluis_transport::{Address, Listener};
@@ -84,6 +85,42 @@ pub(crate) struct RunArgs {
     /// run-enclave` returns before the enclave program listens. 0: try once.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub enclave_wait: u64,
+    /// Stop the job (no output written) when its output would pass this
+    /// size: bytes, or with a suffix K, M, G or T (powers of 1024).
+    /// [default: no cap]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_output: Option<u64>,
+    /// Stop the job (no output written) when the output's file system has
+    /// less than this free, read every 16 MiB of output: a hostile or
+    /// runaway workload cannot fill the host's disk. Same units as
+    /// --max-output; 0: not checked.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1G")]
+    pub keep_free: u64,
+}
+
+/// A size given on the command line: a number of bytes, or one followed by
+/// K, M, G or T (KiB, MiB, GiB, TiB).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, unit)) if unit.is_ascii_alphabetic() => {
+            let shift = match unit.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{text:?}: the unit must be K, M, G or T")),
+            };
+            (text.get(..at).unwrap_or_default(), shift)
+        }
+        _ => (text, 0),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (bytes, or a number with K, M, G or T)"))?;
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Arguments of `parent relay`.
@@ -284,6 +321,10 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
         },
         hook: Arc::new(PassThrough),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+        output_limits: OutputLimits {
+            max_bytes: args.max_output,
+            keep_free: args.keep_free,
+        },
     };
     let relay = if args.verifier.is_empty() {
         None
@@ -414,4 +455,24 @@ pub(crate) fn relay(args: &RelayArgs) -> anyhow::Result<()> {
         .await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::parse_size;
+
+    #[test]
+    fn sizes_are_bytes_or_powers_of_1024() {
+        assert_eq!(parse_size("0").unwrap(), 0);
+        assert_eq!(parse_size("1500").unwrap(), 1500);
+        assert_eq!(parse_size("3k").unwrap(), 3 << 10);
+        assert_eq!(parse_size("3M").unwrap(), 3 << 20);
+        assert_eq!(parse_size(" 1G ").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert_eq!(parse_size("16777215T").unwrap(), 16_777_215 << 40);
+        for bad in ["", "K", "3X", "1.5G", "-1", "16777216T", "3 M", "GG"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -9,7 +9,8 @@ use std::process::Command;
 /// `parent run` of `input` in a fresh directory, to an enclave at a Unix
 /// socket there (`listen` gets the socket's path first), with `extra`
 /// arguments: what it printed, whether it left an output, and what
-/// `listen` returned.
+/// `listen` returned. Whatever happened, the parent has left no partial
+/// output behind.
 fn run_on_socket<T>(
     input: &[u8],
     extra: &[&str],
@@ -32,6 +33,12 @@ fn run_on_socket<T>(
         .args(extra)
         .output()
         .unwrap();
+    let partial: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".kluis-partial-"))
+        .collect();
+    assert!(partial.is_empty(), "left behind: {partial:?}");
     (out, output.exists(), listening)
 }
 
@@ -200,4 +207,72 @@ fn run_refuses_an_existing_output_unless_told_to_replace_it() {
         stderr.contains("did not accept a connection within"),
         "{stderr}"
     );
+}
+
+/// An enclave that takes the connection and sends output without end: a
+/// data frame of 1 MiB after another, never `Done`.
+fn flooding_enclave(socket: &std::path::Path) -> std::thread::JoinHandle<u64> {
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut reader = stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        let payload = vec![0x5a; kluis_proto::job::MAX_CHUNK_LEN];
+        let header = kluis_proto::job::data_frame_header(payload.len()).unwrap();
+        let mut sent = 0u64;
+        // Until the parent hangs up (or 1 GiB, a bound for a broken test).
+        while sent < 1 << 30 {
+            if stream.write_all(&header).is_err() || stream.write_all(&payload).is_err() {
+                break;
+            }
+            sent += payload.len() as u64;
+        }
+        sent
+    })
+}
+
+/// A hostile enclave's endless output stops at `--max-output`, and an
+/// output's file system that cannot keep `--keep-free` refuses the job:
+/// each fails clearly and leaves nothing in the output's directory.
+#[test]
+fn run_stops_output_at_its_limits() {
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--max-output", "3M"],
+            "3145728 output bytes --max-output allows",
+        ),
+        (&["--keep-free", "1048576T"], "--keep-free keeps"),
+    ];
+    for (limit, expected) in cases {
+        let (out, output_exists, flood) = run_on_socket(b"ignored", limit, flooding_enclave);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{limit:?}: {stderr}");
+        assert!(stderr.contains(expected), "{limit:?}: {stderr}");
+        assert!(stderr.contains("no output written"), "{stderr}");
+        assert!(!output_exists);
+        let sent = flood.join().unwrap();
+        assert!(sent < 1 << 30, "the parent read on past its limit");
+    }
+
+    // Sizes the parser refuses: a usage error.
+    for bad in ["3X", "", "K", "99999999999T", "-1"] {
+        let out = parent(&[
+            "run",
+            "--enclave",
+            "unix:/nonexistent",
+            "--input",
+            "i",
+            "--output",
+            "o",
+            "--output-key",
+            "a/b/c",
+            "--max-output",
+            bad,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+    }
 }

@@ -358,6 +358,7 @@ pub fn job(enclave: &Address, workload: WorkloadSpec, secrets: Vec<WrappedSecret
         },
         hook: Arc::new(PassThrough),
         idle_timeout: Duration::from_secs(20),
+        output_limits: kluis_parent::limit::OutputLimits::default(),
     }
 }
 
