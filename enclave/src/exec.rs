@@ -195,6 +195,11 @@ pub(crate) fn run<R: Read + Send>(
             }
         })
     };
+    // Set when the input fails to decrypt (truncated, altered): the
+    // program is killed before it can see an end of input, and nothing more
+    // it wrote is sent.
+    let input_failed = std::sync::atomic::AtomicBool::new(false);
+    let input_failed = &input_failed;
     let (fed, produced) = std::thread::scope(|scope| {
         let feeder = scope.spawn(move || -> Result<(u64, u64), JobError> {
             let mut buf = Zeroizing::new(vec![0u8; PIPE_CHUNK]);
@@ -205,9 +210,17 @@ pub(crate) fn run<R: Read + Send>(
                 if cancel.is_cancelled() {
                     return Err(JobError::new(FailureKind::Cancelled, "the job was stopped"));
                 }
-                let n = input
-                    .read(&mut buf)
-                    .map_err(|e| crate::pipeline::read_error(&e))?;
+                let n = match input.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // Its standard input is still open: the program
+                        // cannot take a prefix the parent chose for the
+                        // whole input and finish on it.
+                        input_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        kill_group(pid);
+                        return Err(crate::pipeline::read_error(&e));
+                    }
+                };
                 let Some(chunk) = buf.get(..n).filter(|c| !c.is_empty()) else {
                     break;
                 };
@@ -232,6 +245,9 @@ pub(crate) fn run<R: Read + Send>(
             let mut buf = Zeroizing::new(vec![0u8; PIPE_CHUNK]);
             match stdout.read(&mut buf) {
                 Ok(0) => break Ok(records_out.saturating_add(u64::from(last != b'\n'))),
+                Ok(_) if input_failed.load(std::sync::atomic::Ordering::SeqCst) => {
+                    break Err(failed())
+                }
                 Ok(n) => {
                     buf.truncate(n);
                     records_out = records_out.saturating_add(crate::workload::count_newlines(&buf));
@@ -272,9 +288,18 @@ pub(crate) fn run<R: Read + Send>(
         .0
         .take()
         .ok_or_else(|| JobError::new(FailureKind::Internal, "no child"))?;
-    let status = running.wait().map_err(|_| failed())?;
-    // Whatever it started goes with it.
+    // Whatever it started goes with it, once the program has ended but
+    // before it is reaped: until then its id is still its group's, never
+    // another's.
+    if let Ok(id) = i32::try_from(pid) {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag};
+        let _ = waitid(
+            Id::Pid(nix::unistd::Pid::from_raw(id)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        );
+    }
     kill_group(pid);
+    let status = running.wait().map_err(|_| failed())?;
     if !status.success() {
         return Err(failed());
     }

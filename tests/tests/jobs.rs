@@ -885,6 +885,71 @@ async fn exec_runs_only_programs_of_the_image_on_plaintext_inside() {
     }
 }
 
+/// A parent that cuts the input short (or alters it) must not get an
+/// `exec` program to run on the prefix it chose as if it were the whole
+/// input: the program is killed while its standard input is still open, so
+/// it never reaches its end-of-input step (here: leaving a mark, and
+/// writing output).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_program_never_sees_a_cut_input_end() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let workloads = d.world.path("workloads");
+    std::fs::create_dir(&workloads).unwrap();
+    let mark = d.world.path("reached-the-end");
+    let script = workloads.join("summarise");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncat >/dev/null\ntouch {}\nhead -c 3000000 /dev/zero\n",
+            mark.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut ctx = d.world.enclave_context(GOOD_IMAGE, &d.relay.address);
+    ctx.exec_dir = Some(workloads.clone());
+    let enclave = start_enclave_with(ctx).await;
+    let exec = WorkloadSpec::Exec {
+        program: "summarise".into(),
+        args: vec![],
+    };
+    let input = d.world.encrypt(INPUT_KEY, &records(30_000), 4096);
+
+    // The whole input: the program reaches its end (the control).
+    let out = d.world.path("whole.kenv");
+    run(
+        &job(&enclave.address, exec.clone(), vec![]),
+        input.clone(),
+        &out,
+    )
+    .await
+    .unwrap();
+    assert!(mark.exists(), "the control run never reached the end");
+    std::fs::remove_file(&mark).unwrap();
+
+    // Cut mid-segment, and a byte altered in the middle.
+    let cut = input[..input.len() / 2].to_vec();
+    let mut altered = input.clone();
+    let middle = altered.len() / 2;
+    altered[middle] ^= 1;
+    for (what, bad, kind) in [
+        ("cut", cut, FailureKind::InputTruncated),
+        ("altered", altered, FailureKind::InputTampered),
+    ] {
+        let out = d.world.path("bad.kenv");
+        let err = run(&job(&enclave.address, exec.clone(), vec![]), bad, &out)
+            .await
+            .unwrap_err();
+        assert_eq!(err.enclave_kind(), Some(kind), "{what}: {err}");
+        assert!(!out.exists());
+        assert!(
+            !mark.exists(),
+            "{what}: the program ran past the end of its input"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_runs_only_its_allowed_jobs() {
     let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;

@@ -345,7 +345,8 @@ impl StoreArgs {
                 path.display()
             )));
         }
-        let mut text = Vec::with_capacity(4097);
+        // Wiped on every path out, the refusals included.
+        let mut text = Zeroizing::new(Vec::with_capacity(4097));
         std::io::Read::read_to_end(&mut std::io::Read::take(file, 4097), &mut text)
             .with_context(|| format!("reading credential {}", path.display()))?;
         if text.len() > 4096 {
@@ -354,10 +355,9 @@ impl StoreArgs {
                 path.display()
             )));
         }
-        let text = Zeroizing::new(
-            String::from_utf8(text).map_err(|_| anyhow!("credential file is not text"))?,
-        );
-        Ok(Credential::new(text))
+        let text =
+            std::str::from_utf8(&text).map_err(|_| anyhow!("credential file is not text"))?;
+        Ok(Credential::new(Zeroizing::new(text.to_owned())))
     }
 }
 

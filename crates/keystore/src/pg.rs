@@ -409,8 +409,16 @@ impl Database {
             .query(
                 "SELECT w.i, substring(r.body from 1 for $3) \
                  FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS w(kind, tag, i) \
-                 JOIN kluis_records r ON r.kind = w.kind AND r.tag = w.tag",
-                &[&kinds, &tags, &bound(max_body)],
+                 JOIN kluis_records r ON r.kind = w.kind AND r.tag = w.tag \
+                 LIMIT $4",
+                // One row per wanted record while (kind, tag) is the key; a
+                // table altered to hold more reads no further than that.
+                &[
+                    &kinds,
+                    &tags,
+                    &bound(max_body),
+                    &bound(u64::try_from(wanted.len()).unwrap_or(u64::MAX)),
+                ],
             )
             .map_err(|e| self.error("read records from", &e))?;
         let mut out: Vec<Option<Vec<u8>>> = wanted.iter().map(|_| None).collect();
