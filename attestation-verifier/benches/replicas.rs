@@ -34,7 +34,7 @@ use attestation_verifier::policy::KeyPolicy;
 use attestation_verifier::service::{self, ServiceConfig};
 use kluis_attestation::{TrustAnchor, UnixMillis, Verifier, VerifyOptions};
 use kluis_keystore::pg::scratch::{self, ScratchDatabase};
-use kluis_keystore::{Database, RootSecret};
+use kluis_keystore::{Database, RootSecret, Store};
 use kluis_nsm::sim::{SimConfig, SimRoot, SimulatedNsm};
 use kluis_proto::VerifierIdentity;
 use std::sync::Arc;
@@ -230,12 +230,12 @@ fn main() {
     }
     for replicas in [1usize, 3] {
         let db = ScratchDatabase::create(&server).unwrap();
-        Database::connect(db.url()).unwrap().migrate().unwrap();
+        drop(Store::init_database(Database::connect(db.url()).unwrap(), secret()).unwrap());
         let logs: Vec<Arc<AuditLog>> = (0..replicas)
             .map(|_| {
-                Arc::new(
-                    AuditLog::open_database(Database::connect(db.url()).unwrap(), None).unwrap(),
-                )
+                let store =
+                    Store::open_database(Database::connect(db.url()).unwrap(), secret()).unwrap();
+                Arc::new(AuditLog::open_database(&store, None).unwrap())
             })
             .collect();
         let (rate, lat) = appends(&logs, total_appends, &record);
@@ -291,8 +291,7 @@ fn main() {
             .map(|_| {
                 let kms =
                     Kms::open_database(Database::connect(db.url()).unwrap(), secret()).unwrap();
-                let audit =
-                    AuditLog::open_database(kms.store().database().unwrap().clone(), None).unwrap();
+                let audit = AuditLog::open_database(kms.store(), None).unwrap();
                 let identity = kms.identity().unwrap().unwrap();
                 let verifier =
                     Verifier::new(TrustAnchor::dangerous_from_der(root.root_der()).unwrap());

@@ -267,7 +267,11 @@ fn administrative_commands_on_several_replicas_serialise() {
         "{out} {err}"
     );
     let db = kluis_keystore::Database::connect(env.db.url()).unwrap();
-    let log = attestation_verifier::audit::AuditLog::open_database(db, None).unwrap();
+    let secret =
+        kluis_keystore::RootSecret::from_key_file(std::path::Path::new(&env.path("root.key")))
+            .unwrap();
+    let store = kluis_keystore::Store::open_database(db, secret).unwrap();
+    let log = attestation_verifier::audit::AuditLog::open_database(&store, None).unwrap();
     let creates = log
         .records(&attestation_verifier::audit::AuditFilter::default())
         .unwrap()

@@ -47,9 +47,8 @@ fn secret() -> RootSecret {
 /// A replica: the store opened from the database, its own audit handle.
 fn open_replica(url: &str) -> (Kms, Arc<AuditLog>) {
     let mut kms = Kms::open_database(Database::connect(url).unwrap(), secret()).unwrap();
-    let db = kms.store().database().unwrap().clone();
     let anchor = kms.audit_anchor().unwrap();
-    let audit = Arc::new(AuditLog::open_database(db, anchor.as_ref()).unwrap());
+    let audit = Arc::new(AuditLog::open_database(kms.store(), anchor.as_ref()).unwrap());
     kms.bind_audit(Arc::clone(&audit), Actor::System);
     (kms, audit)
 }
@@ -57,8 +56,7 @@ fn open_replica(url: &str) -> (Kms, Arc<AuditLog>) {
 /// A store with one key under a policy admitting [`IMAGE`].
 fn init_store(url: &str, rotation_days: u32) {
     let mut kms = Kms::init_database(Database::connect(url).unwrap(), secret()).unwrap();
-    let audit =
-        Arc::new(AuditLog::open_database(kms.store().database().unwrap().clone(), None).unwrap());
+    let audit = Arc::new(AuditLog::open_database(kms.store(), None).unwrap());
     kms.bind_audit(audit, Actor::System);
     let identity = kluis_proto::VerifierIdentity::generate().unwrap();
     kms.set_identity_pkcs8(&identity.to_pkcs8_der().unwrap())
@@ -150,10 +148,8 @@ fn a_challenge_from_one_replica_is_redeemed_once_at_any() {
     // Issued by A, redeemed at B; then replayed at both.
     let nonce = challenge(&a, 1, T0).unwrap();
     let (document, request) = attested(&nsm, nonce);
-    assert!(matches!(
-        b.release(&document, &request, T0 + 1_000),
-        Response::KeyRelease(_)
-    ));
+    let answer = b.release(&document, &request, T0 + 1_000);
+    assert!(matches!(answer, Response::KeyRelease(_)), "{answer:?}");
     for replica in [&a, &b] {
         let answer = replica.release(&document, &request, T0 + 2_000);
         assert!(
@@ -730,4 +726,154 @@ fn a_forged_head_row_stops_appends_instead_of_breaking_the_chain() {
         .unwrap();
     log.append(record()).unwrap();
     assert_eq!(log.verify(None).unwrap().records, before.records + 1);
+}
+
+/// Someone who can write the database but does not hold the store's root
+/// appends a record with a valid hash and chain (here: an administrator
+/// destroying a key) and moves the head row to it. No replica builds on it,
+/// and no reader takes it: verification, reading and appends all name it
+/// as unauthenticated. A row copied from elsewhere in the log, with its own
+/// authenticator, is refused the same way.
+#[test]
+fn a_record_added_to_the_database_without_the_root_is_refused() {
+    let Some(db) = scratch("a_record_added_to_the_database_without_the_root_is_refused") else {
+        return;
+    };
+    init_store(db.url(), 365);
+    let (_, log) = open_replica(db.url());
+    let record = || NewRecord {
+        time_ms: T0,
+        actor: Actor::System,
+        operation: "test.append".to_owned(),
+        key_id: None,
+        key_version: None,
+        decision: Decision::Allowed,
+        reason: None,
+        attestation_document: None,
+    };
+    log.append(record()).unwrap();
+    let before = log.verify(None).unwrap();
+
+    // The forgery, from what the database shows.
+    let last = log.records(&AuditFilter::default()).unwrap().pop().unwrap();
+    let mut forged = last.clone();
+    forged.seq = last.seq + 1;
+    forged.operation = "key.destroy".to_owned();
+    forged.key_id = Some(KEY.to_owned());
+    forged.actor = Actor::Admin {
+        name: "alice".to_owned(),
+        role: "key-admin".to_owned(),
+    };
+    forged.prev_hash = last.hash;
+    forged.hash = forged.compute_hash();
+    let line = serde_json::to_vec(&forged).unwrap();
+    let seq = i64::try_from(forged.seq).unwrap();
+    let mut sql = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
+    let insert_and_move = |sql: &mut postgres::Client, mac: Option<Vec<u8>>| {
+        let mut tx = sql.transaction().unwrap();
+        tx.execute(
+            "INSERT INTO kluis_audit (seq, line, mac) VALUES ($1, $2, $3)",
+            &[&seq, &line, &mac],
+        )
+        .unwrap();
+        tx.execute(
+            "UPDATE kluis_audit_head SET seq = $1, hash = $2",
+            &[&seq, &forged.hash.as_slice()],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    };
+    // A real authenticator, of another record.
+    let borrowed: Vec<u8> = sql
+        .query_one("SELECT mac FROM kluis_audit WHERE seq = $1", &[&(seq - 1)])
+        .unwrap()
+        .get(0);
+    insert_and_move(&mut sql, Some(borrowed));
+
+    let unauthenticated = |err: attestation_verifier::audit::AuditError| {
+        assert!(
+            err.to_string().contains(&format!(
+                "audit record {} in the database has no valid authenticator",
+                forged.seq
+            )),
+            "{err}"
+        );
+    };
+    // This handle, and a replica opened afresh.
+    unauthenticated(log.append(record()).unwrap_err());
+    unauthenticated(log.verify(None).unwrap_err());
+    unauthenticated(log.records(&AuditFilter::default()).unwrap_err());
+    let (_, fresh) = open_replica(db.url());
+    unauthenticated(fresh.append(record()).unwrap_err());
+    unauthenticated(fresh.verify(None).unwrap_err());
+    let rows: i64 = sql
+        .query_one("SELECT count(*) FROM kluis_audit", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        u64::try_from(rows).unwrap(),
+        before.records + 1,
+        "nothing built on it"
+    );
+
+    // Without any authenticator: the same. (The forged row is removed as a
+    // superuser would, triggers off.)
+    sql.batch_execute(
+        "ALTER TABLE kluis_audit DISABLE TRIGGER kluis_audit_no_update; \
+         DELETE FROM kluis_audit WHERE seq = (SELECT max(seq) FROM kluis_audit); \
+         ALTER TABLE kluis_audit ENABLE TRIGGER kluis_audit_no_update;",
+    )
+    .unwrap();
+    insert_and_move(&mut sql, None);
+    unauthenticated(fresh.verify(None).unwrap_err());
+    unauthenticated(fresh.append(record()).unwrap_err());
+    // Claiming the forged record predates authenticators does not help:
+    // records after the first authenticated one need theirs.
+    sql.execute("UPDATE kluis_audit_legacy SET through = $1", &[&seq])
+        .unwrap();
+    let (_, reopened) = open_replica(db.url());
+    unauthenticated(reopened.verify(None).unwrap_err());
+}
+
+/// A log from before authenticators (its rows have none; migration 2
+/// recorded its head as `through`) still opens, verifies and takes
+/// appends, which carry authenticators from then on.
+#[test]
+fn records_from_before_authenticators_are_still_read() {
+    let Some(db) = scratch("records_from_before_authenticators_are_still_read") else {
+        return;
+    };
+    init_store(db.url(), 365);
+    let (_, log) = open_replica(db.url());
+    let before = log.verify(None).unwrap();
+    assert!(before.records > 0);
+    // As a log of schema 1 is after migration 2.
+    let mut sql = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
+    sql.batch_execute(
+        "ALTER TABLE kluis_audit DISABLE TRIGGER kluis_audit_no_update; \
+         UPDATE kluis_audit SET mac = NULL; \
+         ALTER TABLE kluis_audit ENABLE TRIGGER kluis_audit_no_update; \
+         UPDATE kluis_audit_legacy SET through = (SELECT seq FROM kluis_audit_head);",
+    )
+    .unwrap();
+    let (_, upgraded) = open_replica(db.url());
+    assert_eq!(upgraded.verify(None).unwrap(), before);
+    upgraded
+        .append(NewRecord {
+            time_ms: T0,
+            actor: Actor::System,
+            operation: "test.append".to_owned(),
+            key_id: None,
+            key_version: None,
+            decision: Decision::Allowed,
+            reason: None,
+            attestation_document: None,
+        })
+        .unwrap();
+    assert_eq!(upgraded.verify(None).unwrap().records, before.records + 1);
+    let unauthenticated: i64 = sql
+        .query_one("SELECT count(*) FROM kluis_audit WHERE mac IS NULL", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(u64::try_from(unauthenticated).unwrap(), before.records);
 }

@@ -264,8 +264,13 @@ fn a_replica_killed_under_load_loses_and_duplicates_nothing() {
 
     // Every release a client saw has exactly one allowed record, naming
     // its document; the chain is intact.
-    let log = AuditLog::open_database(kluis_keystore::Database::connect(&setup.url).unwrap(), None)
-        .unwrap();
+    let store = kluis_keystore::Store::open_database(
+        kluis_keystore::Database::connect(&setup.url).unwrap(),
+        kluis_keystore::RootSecret::from_key_file(std::path::Path::new(&setup.path("root.key")))
+            .unwrap(),
+    )
+    .unwrap();
+    let log = AuditLog::open_database(&store, None).unwrap();
     log.verify(None).unwrap();
     let allowed = log
         .records(&AuditFilter {

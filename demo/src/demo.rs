@@ -1454,7 +1454,7 @@ fn backdate_deletion(demo: &Demo, key: &str) -> Result<()> {
     };
     let anchor = kms.audit_anchor()?;
     let log = match kms.store().database() {
-        Some(db) => AuditLog::open_database(db.clone(), anchor.as_ref())?,
+        Some(_) => AuditLog::open_database(kms.store(), anchor.as_ref())?,
         None => AuditLog::open_anchored(demo.store.join("audit.log"), anchor.as_ref())?,
     };
     kms.bind_audit(Arc::new(log), Actor::System);

@@ -2,7 +2,12 @@
 //! trying for `--enclave-wait` seconds, says so, and then fails with a
 //! message that says what to check, leaving no output.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects
+)]
 
 use std::process::Command;
 

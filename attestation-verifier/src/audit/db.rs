@@ -19,10 +19,21 @@
 //! `UPDATE`, `DELETE` and `TRUNCATE`); a database superuser can still
 //! rewrite them, which the chain, the anchor in the store and the signed
 //! checkpoints (docs/evidence.md) show.
+//!
+//! Adding is another matter: the chain's hashes take no key, so anyone who
+//! can write the database could append records with valid hashes, move the
+//! head row to them, and have every replica build on them and the next
+//! checkpoint sign them. Each row therefore carries `mac`, an authenticator
+//! under a key only holders of the store's root have ([`AuditRowKey`]),
+//! and a verifier takes no record without a valid one: not as the record
+//! it chains onto, nor as one it reads (verification, export, checkpoints,
+//! evidence). Records from before authenticators existed (migration 2)
+//! have none; they are accepted up to the first record that has one, and
+//! up to the head at the time of the migration ([`DbLog::authenticated_from`]).
 
 use super::*;
 use kluis_keystore::pg::{reason, PooledClient};
-use kluis_keystore::Database;
+use kluis_keystore::{AuditRowKey, Database};
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -43,6 +54,10 @@ fn line_bound() -> i32 {
 /// The audit log in the store's database.
 pub(super) struct DbLog {
     db: Database,
+    key: AuditRowKey,
+    /// Every record from this sequence number on must carry a valid
+    /// authenticator.
+    authenticated_from: u64,
     target: PathBuf,
     state: Mutex<DbState>,
     committed: Condvar,
@@ -76,13 +91,20 @@ struct DbState {
 impl DbLog {
     /// Opens the log in `db`; with `anchor`, refuses one that does not hold
     /// the anchored record (see [`AuditLog::open_anchored`]).
-    pub(super) fn open(db: Database, anchor: Option<&AuditAnchor>) -> Result<Self, AuditError> {
-        let log = DbLog {
+    pub(super) fn open(
+        db: Database,
+        key: AuditRowKey,
+        anchor: Option<&AuditAnchor>,
+    ) -> Result<Self, AuditError> {
+        let mut log = DbLog {
             target: PathBuf::from(db.target()),
             db,
+            key,
+            authenticated_from: 1,
             state: Mutex::new(DbState::default()),
             committed: Condvar::new(),
         };
+        log.authenticated_from = log.authenticated_from()?;
         let head = log.read_head()?;
         log.lock().head = Some(head);
         if let Some(anchor) = anchor {
@@ -115,6 +137,46 @@ impl DbLog {
 
     fn client(&self) -> Result<PooledClient, AuditError> {
         self.db.client().map_err(|e| self.store_error(&e))
+    }
+
+    /// The first sequence number whose record must carry an authenticator:
+    /// the one after the head when authenticators began (migration 2; 1 on
+    /// a store made since), or the first record that carries one, whichever
+    /// is lower. The second bound does not depend on the migration's row,
+    /// which the database's writers could change: once a verifier has
+    /// written one authenticated record, no record after it is taken
+    /// without one.
+    fn authenticated_from(&self) -> Result<u64, AuditError> {
+        let mut client = self.client()?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT through FROM kluis_audit_legacy), \
+                        (SELECT min(seq) FROM kluis_audit WHERE mac IS NOT NULL)",
+                &[],
+            )
+            .map_err(|e| self.error(&e))?;
+        let through: Option<i64> = row.try_get(0).map_err(|e| self.error(&e))?;
+        let first: Option<i64> = row.try_get(1).map_err(|e| self.error(&e))?;
+        let through = through.and_then(|t| u64::try_from(t).ok()).ok_or_else(|| {
+            AuditError::Failed(
+                "the database's kluis_audit_legacy row is missing or negative: it was \
+                     written outside Kluis"
+                    .to_owned(),
+            )
+        })?;
+        let first = first
+            .and_then(|f| u64::try_from(f).ok())
+            .unwrap_or(u64::MAX);
+        Ok(through.saturating_add(1).min(first).max(1))
+    }
+
+    /// Whether the row of record `seq` with `hash` may be taken: it carries
+    /// a valid authenticator, or comes from before they existed.
+    fn authentic(&self, seq: u64, hash: &[u8], mac: Option<&[u8]>) -> bool {
+        if seq < self.authenticated_from {
+            return true;
+        }
+        mac.is_some_and(|mac| self.key.verify(seq, hash, mac))
     }
 
     /// The head row.
@@ -198,18 +260,22 @@ impl DbLog {
         let seq = i64::try_from(head.seq).map_err(|_| not_found())?;
         let row = client
             .query_opt(
-                "SELECT substring(line from 1 for $2) FROM kluis_audit WHERE seq = $1",
+                "SELECT substring(line from 1 for $2), mac FROM kluis_audit WHERE seq = $1",
                 &[&seq, &line_bound()],
             )
             .map_err(|e| self.error(&e))?
             .ok_or_else(not_found)?;
         let line: Vec<u8> = row.try_get(0).map_err(|e| self.error(&e))?;
+        let mac: Option<Vec<u8>> = row.try_get(1).map_err(|e| self.error(&e))?;
         let record: AuditRecord = serde_json::from_slice(&line).map_err(|_| not_found())?;
         if record.head() != head {
             return Err(AuditError::HeadMismatch {
                 expected: head,
                 found: record.head(),
             });
+        }
+        if !self.authentic(head.seq, &head.hash, mac.as_deref()) {
+            return Err(AuditError::Unauthenticated { seq: head.seq });
         }
         Ok(())
     }
@@ -284,6 +350,7 @@ impl DbLog {
         let mut head = start;
         let mut seqs: Vec<i64> = Vec::with_capacity(batch.len());
         let mut lines: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
+        let mut macs: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
         let mut results = Vec::with_capacity(batch.len());
         for Pending { ticket, new, job } in batch {
             let result = (|| {
@@ -302,6 +369,7 @@ impl DbLog {
                     head = new_head;
                     seqs.push(seq_sql);
                     lines.push(line);
+                    macs.push(self.key.tag(new_head.seq, &new_head.hash).to_vec());
                     results.push((
                         ticket,
                         Ok(AuditAnchor {
@@ -316,9 +384,9 @@ impl DbLog {
         }
         if head != start {
             tx.execute(
-                "INSERT INTO kluis_audit (seq, line) \
-                 SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-                &[&seqs, &lines],
+                "INSERT INTO kluis_audit (seq, line, mac) \
+                 SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bytea[])",
+                &[&seqs, &lines, &macs],
             )
             .map_err(|e| self.error(&e))?;
             let seq = i64::try_from(head.seq)
@@ -353,6 +421,8 @@ impl DbLog {
             TAIL_CHUNK,
             DbLines {
                 client: self.client()?,
+                key: self.key.clone(),
+                authenticated_from: self.authenticated_from,
                 next: after.saturating_add(1),
                 through,
                 buf: Vec::new(),
@@ -364,9 +434,13 @@ impl DbLog {
 
 /// The records of the database log as the lines of a log file, read a page
 /// of rows at a time. A gap in the sequence numbers ends the lines there, so
-/// the chain check reports what follows as broken or the tail as missing.
+/// the chain check reports what follows as broken or the tail as missing. A
+/// row without a valid authenticator (where one is due) is an error: what
+/// it holds was not written by a verifier of this store.
 pub(super) struct DbLines {
     client: PooledClient,
+    key: AuditRowKey,
+    authenticated_from: u64,
     next: u64,
     through: u64,
     buf: Vec<u8>,
@@ -385,7 +459,7 @@ impl DbLines {
         let rows = self
             .client
             .query(
-                "SELECT seq, substring(line from 1 for $4) FROM kluis_audit \
+                "SELECT seq, substring(line from 1 for $4), mac FROM kluis_audit \
                  WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
                 &[&from, &through, &PAGE_ROWS, &line_bound()],
             )
@@ -398,6 +472,25 @@ impl DbLines {
                 break;
             }
             let line: Vec<u8> = row.try_get(1).map_err(|e| io::Error::other(reason(&e)))?;
+            let mac: Option<Vec<u8>> = row.try_get(2).map_err(|e| io::Error::other(reason(&e)))?;
+            if self.next >= self.authenticated_from {
+                // The hash as the line states it: a line whose hash does
+                // not match its contents fails the chain check after this.
+                let hash = serde_json::from_slice::<AuditRecord>(&line)
+                    .map(|record| record.hash)
+                    .ok();
+                let valid = match (&hash, &mac) {
+                    (Some(hash), Some(mac)) => self.key.verify(self.next, hash, mac),
+                    (Some(_), None) => false,
+                    // Not a record at all: the chain check says so.
+                    (None, _) => true,
+                };
+                if !valid {
+                    return Err(io::Error::other(AuditError::Unauthenticated {
+                        seq: self.next,
+                    }));
+                }
+            }
             self.buf.extend_from_slice(&line);
             self.buf.push(b'\n');
             self.next = self.next.saturating_add(1);

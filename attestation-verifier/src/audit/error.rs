@@ -185,6 +185,18 @@ pub enum AuditError {
         /// `deleted` or `replaced by another file`.
         what: &'static str,
     },
+    /// A record in the database carries no valid authenticator: it was
+    /// written by someone who can write the database but does not hold the
+    /// store's root, not by a verifier of this store.
+    #[error(
+        "audit record {seq} in the database has no valid authenticator: it was not written by a \
+         verifier of this store (someone wrote the database directly); the log is not trusted \
+         past it"
+    )]
+    Unauthenticated {
+        /// Its sequence number.
+        seq: u64,
+    },
     /// The path is a symbolic link (not followed).
     #[error("audit log {path} is a symbolic link; give the real path")]
     Symlink {
@@ -224,6 +236,7 @@ impl AuditError {
                 expected: *expected,
                 at: *at,
             },
+            AuditError::Unauthenticated { seq } => AuditError::Unauthenticated { seq: *seq },
             other => AuditError::Failed(other.to_string()),
         }
     }

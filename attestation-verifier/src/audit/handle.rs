@@ -22,7 +22,8 @@ pub struct AuditLog {
 #[derive(Debug)]
 enum Backing {
     File(FileLog),
-    Database(DbLog),
+    // Boxed: its keys make it many times the size of a file log.
+    Database(Box<DbLog>),
 }
 
 impl AuditLog {
@@ -54,14 +55,26 @@ impl AuditLog {
         })
     }
 
-    /// Opens the log in the store's database `db`; with `anchor`, refuses a
-    /// log that no longer holds the anchored record unchanged.
+    /// Opens the log in the database of `store` (a database store), whose
+    /// root authenticates the records this handle writes and reads; with
+    /// `anchor`, refuses a log that no longer holds the anchored record
+    /// unchanged.
     pub fn open_database(
-        db: kluis_keystore::Database,
+        store: &kluis_keystore::Store,
         anchor: Option<&AuditAnchor>,
     ) -> Result<AuditLog, AuditError> {
+        let db = store.database().ok_or_else(|| {
+            AuditError::Failed(format!(
+                "the store {} keeps no database: its log is a file",
+                store.path().display()
+            ))
+        })?;
         Ok(AuditLog {
-            backing: Backing::Database(DbLog::open(db, anchor)?),
+            backing: Backing::Database(Box::new(DbLog::open(
+                db.clone(),
+                store.audit_row_key(),
+                anchor,
+            )?)),
         })
     }
 

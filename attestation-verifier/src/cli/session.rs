@@ -323,7 +323,7 @@ impl StoreArgs {
     ) -> Result<AuditLog, Failure> {
         if let Some(db) = kms.store().database() {
             let target = PathBuf::from(db.target());
-            return AuditLog::open_database(db.clone(), anchor)
+            return AuditLog::open_database(kms.store(), anchor)
                 .map_err(|e| audit_failure(&target, e));
         }
         let path = self.audit_path()?;

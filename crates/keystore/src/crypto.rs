@@ -8,7 +8,9 @@
 //! - `kluis-store-v1 names`: HMAC-SHA256 key turning `(kind, id)` into the
 //!   record's file name, so the directory does not reveal ids;
 //! - `kluis-store-v1 key check`: AES-256-GCM key sealing the constant in
-//!   `store.meta` that tells a wrong secret from a right one.
+//!   `store.meta` that tells a wrong secret from a right one;
+//! - `kluis-store-v1 audit rows`: HMAC-SHA256 key authenticating each
+//!   audit record a verifier writes into the database ([`AuditRowKey`]).
 //!
 //! The derived bytes exist only in zeroizing buffers for the instant it takes
 //! to build the AWS-LC key objects, which wipe their key schedules when freed.
@@ -30,6 +32,10 @@ pub(crate) const NAME_TAG_LEN: usize = 32;
 const INFO_RECORDS: &[u8] = b"kluis-store-v1 records";
 const INFO_NAMES: &[u8] = b"kluis-store-v1 names";
 const INFO_CHECK: &[u8] = b"kluis-store-v1 key check";
+const INFO_AUDIT: &[u8] = b"kluis-store-v1 audit rows";
+
+/// Length of an audit row's authenticator ([`AuditRowKey::tag`]), bytes.
+pub const AUDIT_TAG_LEN: usize = 32;
 
 /// The plaintext of the key-check value.
 pub(crate) const KEY_CHECK_PLAINTEXT: &[u8; 32] = b"kluis-store-v1 key check value!!";
@@ -117,6 +123,7 @@ pub(crate) struct StoreKeys {
     records: SealingKey,
     names: hmac::Key,
     check: SealingKey,
+    audit: AuditRowKey,
 }
 
 impl fmt::Debug for StoreKeys {
@@ -132,10 +139,15 @@ impl StoreKeys {
         let records = SealingKey::new(&*expand(&prk, INFO_RECORDS)?)?;
         let names = hmac::Key::new(hmac::HMAC_SHA256, expand(&prk, INFO_NAMES)?.as_slice());
         let check = SealingKey::new(&*expand(&prk, INFO_CHECK)?)?;
+        let audit = AuditRowKey(hmac::Key::new(
+            hmac::HMAC_SHA256,
+            expand(&prk, INFO_AUDIT)?.as_slice(),
+        ));
         Ok(Self {
             records,
             names,
             check,
+            audit,
         })
     }
 
@@ -145,6 +157,10 @@ impl StoreKeys {
 
     pub(crate) fn check(&self) -> &SealingKey {
         &self.check
+    }
+
+    pub(crate) fn audit(&self) -> &AuditRowKey {
+        &self.audit
     }
 
     /// HMAC-SHA256 over `label || len(kind) || kind || id`: the record's name.
@@ -165,6 +181,48 @@ impl StoreKeys {
         }
         out.copy_from_slice(tag.as_ref());
         Ok(out)
+    }
+}
+
+/// The key that authenticates the audit records a verifier of this store
+/// writes into its database: whoever can write the database but does not
+/// hold the store's root cannot add a record that a verifier accepts
+/// (`kluis_audit.mac`, docs/deploy.md).
+#[derive(Clone)]
+pub struct AuditRowKey(hmac::Key);
+
+impl fmt::Debug for AuditRowKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuditRowKey(<redacted>)")
+    }
+}
+
+impl AuditRowKey {
+    fn context(&self, seq: u64, hash: &[u8]) -> hmac::Context {
+        let mut ctx = hmac::Context::with_key(&self.0);
+        ctx.update(b"kluis-audit-row-v1\0");
+        ctx.update(&seq.to_be_bytes());
+        ctx.update(&u64::try_from(hash.len()).unwrap_or(u64::MAX).to_be_bytes());
+        ctx.update(hash);
+        ctx
+    }
+
+    /// The authenticator of the record `seq` whose hash (which covers the
+    /// record and, through `prev_hash`, the chain before it) is `hash`.
+    pub fn tag(&self, seq: u64, hash: &[u8]) -> [u8; AUDIT_TAG_LEN] {
+        let mut out = [0u8; AUDIT_TAG_LEN];
+        let tag = self.context(seq, hash).sign();
+        if let Some(bytes) = tag.as_ref().get(..AUDIT_TAG_LEN) {
+            out.copy_from_slice(bytes);
+        }
+        out
+    }
+
+    /// Whether `tag` is the authenticator of record `seq` with `hash`
+    /// (compared in constant time).
+    pub fn verify(&self, seq: u64, hash: &[u8], tag: &[u8]) -> bool {
+        use subtle::ConstantTimeEq as _;
+        tag.len() == AUDIT_TAG_LEN && bool::from(self.tag(seq, hash).ct_eq(tag))
     }
 }
 
@@ -190,6 +248,23 @@ mod tests {
         assert!(key.open(b"aad", body.get(..20).unwrap()).is_none());
         assert!(key.open(b"aad", &[]).is_none());
         assert_eq!(NONCE_LEN, 12);
+    }
+
+    #[test]
+    fn an_audit_row_tag_binds_its_key_position_and_hash() {
+        let keys = StoreKeys::derive(&[1u8; KEY_LEN], &[2u8; 32]).unwrap();
+        let other = StoreKeys::derive(&[1u8; KEY_LEN], &[3u8; 32]).unwrap();
+        let key = keys.audit();
+        let tag = key.tag(7, &[9u8; 48]);
+        assert!(key.verify(7, &[9u8; 48], &tag));
+        assert!(!key.verify(8, &[9u8; 48], &tag));
+        assert!(!key.verify(7, &[8u8; 48], &tag));
+        assert!(!other.audit().verify(7, &[9u8; 48], &tag));
+        assert!(!key.verify(7, &[9u8; 48], &tag[..31]));
+        let mut flipped = tag;
+        flipped[0] ^= 1;
+        assert!(!key.verify(7, &[9u8; 48], &flipped));
+        assert_eq!(format!("{key:?}"), "AuditRowKey(<redacted>)");
     }
 
     #[test]

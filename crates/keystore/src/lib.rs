@@ -43,6 +43,7 @@ pub use backend::{
     check_wrap_input, material_aad, wrapped_body, KeyBackend, LocalBackend, MATERIAL_KIND,
     MAX_WRAP_PLAINTEXT,
 };
+pub use crypto::{AuditRowKey, AUDIT_TAG_LEN};
 pub use error::StoreError;
 pub use pg::Database;
 pub use secret::{Argon2Params, RootSecret, KEY_LEN};

@@ -38,7 +38,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::StoreError;
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// A pooled connection to the store's database.
 pub type PooledClient = r2d2::PooledConnection<PostgresConnectionManager<MakeRustlsConnect>>;
@@ -78,11 +78,18 @@ struct Migration {
 }
 
 /// Every migration, in order; a released one is never edited.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "store records, audit log with one head row, challenge nonces",
-    sql: include_str!("migrations/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "store records, audit log with one head row, challenge nonces",
+        sql: include_str!("migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "an authenticator on each audit record",
+        sql: include_str!("migrations/0002_audit_row_mac.sql"),
+    },
+];
 
 /// A connection pool to the database of one store.
 ///
@@ -417,7 +424,7 @@ impl Database {
                     &kinds,
                     &tags,
                     &bound(max_body),
-                    &bound(u64::try_from(wanted.len()).unwrap_or(u64::MAX)),
+                    &i64::try_from(wanted.len()).unwrap_or(i64::MAX),
                 ],
             )
             .map_err(|e| self.error("read records from", &e))?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use crate::crypto::{StoreKeys, NAME_TAG_LEN};
+use crate::crypto::{AuditRowKey, StoreKeys, NAME_TAG_LEN};
 use crate::fsutil::{self, Existing, FileIdentity, ReadError};
 use crate::meta::{Meta, META_FILE};
 use crate::pg::{Database, DbLock};
@@ -296,6 +296,12 @@ impl Store {
     /// The database of a database store.
     pub fn database(&self) -> Option<&Database> {
         self.db.as_ref()
+    }
+
+    /// The key that authenticates the audit records verifiers of this store
+    /// write into its database.
+    pub fn audit_row_key(&self) -> AuditRowKey {
+        self.keys.audit().clone()
     }
 
     /// Takes the store's exclusive lock, waiting for other holders.
