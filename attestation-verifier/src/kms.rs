@@ -39,7 +39,7 @@ pub use job_authorisation::{
     KIND_AUTHORISATION,
 };
 
-use crate::audit::{Actor, AuditAnchor, AuditLog, Decision, NewRecord};
+use crate::audit::{Actor, AuditAnchor, AuditError, AuditLog, Decision, NewRecord};
 use crate::auth::AdminRecord;
 use crate::keys::{self, CmkRecord, DataKey, KeyError, KeyName, WrappedDataKey};
 use kluis_hsm::{HsmStoreConfig, Pkcs11Backend, Token};
@@ -431,9 +431,19 @@ impl Kms {
                     },
                 )
             }
-            Err(e) => {
-                // Nothing was recorded, so nothing may change.
+            // A record refused before anything was written: nothing was
+            // recorded, so nothing may change.
+            Err(e @ AuditError::InvalidRecord { .. }) => {
                 let _ = self.store.delete(guard, KIND_SYSTEM, ID_INTENT);
+                Err(audit_error(e))
+            }
+            // Any other failure may come after the record was written (a
+            // database commit whose answer was lost, a line written whose
+            // sync failed): nothing changes, and the record allowing it,
+            // if it is there, is voided now, or by the next command if the
+            // log cannot take that either (the intent stays until then).
+            Err(e) => {
+                self.journal_failed(guard);
                 Err(audit_error(e))
             }
         }

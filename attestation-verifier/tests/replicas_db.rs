@@ -877,3 +877,54 @@ fn records_from_before_authenticators_are_still_read() {
         .get(0);
     assert_eq!(u64::try_from(unauthenticated).unwrap(), before.records);
 }
+
+/// An administrator's change whose `allowed` record fails to commit (here a
+/// constraint checked at COMMIT refuses it; a commit whose answer is lost
+/// looks the same to the replica, though the record may then be there) does
+/// not take effect, and the log says at once that the record allowing it,
+/// if it is there, is void.
+#[test]
+fn a_change_whose_record_may_not_have_committed_is_voided() {
+    let Some(db) = scratch("a_change_whose_record_may_not_have_committed_is_voided") else {
+        return;
+    };
+    init_store(db.url(), 365);
+    let (kms, log) = open_replica(db.url());
+    let name = KeyName::parse(KEY).unwrap();
+    let mut sql = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
+    sql.batch_execute(
+        r#"CREATE FUNCTION refuse_disable() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               IF convert_from(NEW.line, 'UTF8') LIKE '%"operation":"key.disable"%"decision":"allowed"%' THEN
+                   RAISE EXCEPTION 'refused at commit';
+               END IF;
+               RETURN NULL;
+           END; $$;
+           CREATE CONSTRAINT TRIGGER refuse_disable AFTER INSERT ON kluis_audit
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_disable();"#,
+    )
+    .unwrap();
+    let before = log.verify(None).unwrap();
+    kms.disable_key(&name).unwrap_err();
+    assert_eq!(
+        kms.key(&name).unwrap().state,
+        attestation_verifier::keys::KeyState::Enabled,
+        "the change took effect"
+    );
+    let records = log.records(&AuditFilter::default()).unwrap();
+    assert_eq!(records.len() as u64, before.records + 1, "{records:?}");
+    let last = records.last().unwrap();
+    assert_eq!(last.operation, "key.disable");
+    assert_eq!(last.decision, Decision::Refused);
+    assert!(
+        last.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("the record allowing it is void"),
+        "{last:?}"
+    );
+    // Once the database takes records again, the change goes through.
+    sql.batch_execute("DROP TRIGGER refuse_disable ON kluis_audit")
+        .unwrap();
+    kms.disable_key(&name).unwrap();
+}
