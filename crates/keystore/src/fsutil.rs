@@ -278,8 +278,35 @@ pub(crate) fn shred_and_remove(path: &Path, limit: u64) -> Result<(), StoreError
     }
 }
 
+/// Whether `.NAME.RANDOM.del` (at `path`) is a second name of the file
+/// still at `NAME` in `dir`: a record given that name to be wiped once
+/// replaced, when the replacement never happened. Its bytes are the record's
+/// and must not be wiped; only the second name goes.
+fn still_in_place(dir: &Path, leftover: &str, path: &Path) -> Result<bool, StoreError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(record) = leftover
+        .strip_prefix('.')
+        .and_then(|rest| rest.strip_suffix(SHRED_SUFFIX))
+        .and_then(|rest| rest.rsplit_once('.'))
+        .map(|(record, _random)| record)
+    else {
+        return Ok(false);
+    };
+    let same = |a: &fs::Metadata, b: &fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    match (
+        fs::symlink_metadata(dir.join(record)),
+        fs::symlink_metadata(path),
+    ) {
+        (Ok(live), Ok(doomed)) => Ok(live.is_file() && same(&live, &doomed)),
+        (Err(err), _) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        (Err(err), _) => Err(StoreError::io("inspect", dir.join(record), err)),
+        (_, Err(err)) => Err(StoreError::io("inspect", path, err)),
+    }
+}
+
 /// Removes the leftovers of interrupted writes (`.*.tmp`) and finishes
-/// interrupted deletions (`.*.del`) in `dir`. Returns how many were removed.
+/// interrupted deletions and replacements (`.*.del`) in `dir`. Returns how
+/// many were removed.
 pub(crate) fn clean_leftovers(dir: &Path, shred_limit: u64) -> Result<usize, StoreError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -296,7 +323,7 @@ pub(crate) fn clean_leftovers(dir: &Path, shred_limit: u64) -> Result<usize, Sto
             continue;
         }
         let path = entry.path();
-        if name.ends_with(SHRED_SUFFIX) {
+        if name.ends_with(SHRED_SUFFIX) && !still_in_place(dir, &name, &path)? {
             shred_and_remove(&path, shred_limit)?;
         } else {
             match fs::remove_file(&path) {

@@ -435,9 +435,11 @@ impl Store {
     /// and durably: when this returns, the record survives a crash; if the
     /// process dies before, the old value (or none) remains. A replaced
     /// record's old file is overwritten with zeros once the new one is in
-    /// place; an error from that last step (the only one that can follow a
-    /// successful replacement) is reported, and repeating the `put` is
-    /// harmless.
+    /// place. It is given a second name first (`.*.del`, durable before the
+    /// replacement), so a crash or an error before the wipe leaves it to
+    /// the next `open`, which finishes it as it finishes interrupted
+    /// deletions; a crash before the replacement leaves a second name of
+    /// the record still in place, which `open` only removes.
     pub fn put(
         &self,
         guard: &StoreGuard<'_>,
@@ -477,12 +479,36 @@ impl Store {
         fsutil::ensure_private_dir(&kind_dir)?;
         let name = record_file_name(&tag);
         let old_path = kind_dir.join(&name);
-        let old = fsutil::open_for_shredding(&old_path)?;
-        fsutil::write_atomic(&kind_dir, &name, &sealed, Existing::Replace)?;
+        let doomed = kind_dir.join(format!(
+            ".{name}.{}{}",
+            fsutil::random_hex(8)?,
+            fsutil::SHRED_SUFFIX
+        ));
+        let kept = match fs::hard_link(&old_path, &doomed) {
+            Ok(()) => {
+                fsutil::sync_dir(&kind_dir)?;
+                true
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => false,
+            Err(err) => {
+                return Err(StoreError::io(
+                    "keep the record to replace for wiping",
+                    &old_path,
+                    err,
+                ))
+            }
+        };
+        if let Err(err) = fsutil::write_atomic(&kind_dir, &name, &sealed, Existing::Replace) {
+            if kept {
+                // The old record is still in place: only its second name goes.
+                let _ = fs::remove_file(&doomed);
+            }
+            return Err(err);
+        }
         // The new record is in place and durable; wipe the old one's blocks.
-        if let Some(mut old) = old {
-            fsutil::zero_file(&mut old, MAX_RECORD_FILE_LEN)
-                .map_err(|err| StoreError::io("overwrite the replaced record", &old_path, err))?;
+        if kept {
+            fsutil::shred_and_remove(&doomed, MAX_RECORD_FILE_LEN)?;
+            fsutil::sync_dir(&kind_dir)?;
         }
         Ok(())
     }

@@ -515,6 +515,52 @@ fn leftovers_of_interrupted_writes_are_cleaned_on_open() {
     assert!(!temp.exists());
 }
 
+/// A replacement keeps the old record under a second name to wipe it once
+/// the new one is in place. A crash before the replacement leaves that
+/// name on the record still in place: open removes the name and leaves the
+/// record whole. A crash after it leaves the old bytes under that name
+/// alone: open wipes them.
+#[test]
+fn a_replacement_a_crash_interrupted_is_finished_without_losing_the_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    let store = Store::init(&dir, key()).unwrap();
+    let path = put_and_find(&store, "k", "x", b"value");
+    drop(store);
+    let kind_dir = path.parent().unwrap();
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let before_replacing = kind_dir.join(format!(".{name}.0123456789abcdef.del"));
+    fs::hard_link(&path, &before_replacing).unwrap();
+    let witness = tmp.path().join("witness");
+    fs::hard_link(&path, &witness).unwrap();
+    let store = Store::open(&dir, key()).unwrap();
+    assert!(!before_replacing.exists());
+    assert_eq!(store.get("k", "x").unwrap().unwrap().as_slice(), b"value");
+    assert!(fs::read(&witness).unwrap().iter().any(|&b| b != 0));
+    drop(store);
+
+    // After the replacement: the second name holds the old inode alone.
+    let after_replacing = kind_dir.join(format!(".{name}.fedcba9876543210.del"));
+    fs::rename(&witness, &after_replacing).unwrap();
+    let old_copy = tmp.path().join("old-copy");
+    fs::hard_link(&after_replacing, &old_copy).unwrap();
+    {
+        let store = Store::open(&dir, key()).unwrap();
+        let guard = store.lock().unwrap();
+        store.put(&guard, "k", "x", b"new value").unwrap();
+    }
+    // (The put wiped the record it replaced, which shares the inode; make
+    // the leftover's bytes non-zero again to see open wipe them.)
+    fs::write(&after_replacing, b"old record bytes").unwrap();
+    let store = Store::open(&dir, key()).unwrap();
+    assert!(!after_replacing.exists());
+    assert!(fs::read(&old_copy).unwrap().iter().all(|&b| b == 0));
+    assert_eq!(
+        store.get("k", "x").unwrap().unwrap().as_slice(),
+        b"new value"
+    );
+}
+
 #[test]
 fn replaced_and_deleted_records_are_overwritten() {
     // Keep a hard link to a record file: after the record is replaced or
