@@ -141,6 +141,9 @@ struct Noise {
     by_rule: BTreeMap<&'static str, u64>,
     first_detail: Option<String>,
     last_summary_ms: u64,
+    /// When a summary of some of these refusals failed to be written: such
+    /// a write may still have been committed, so the next summary says so.
+    failed_summary_ms: Option<u64>,
 }
 
 impl Noise {
@@ -148,7 +151,8 @@ impl Noise {
     /// those counted since. Their summary is due again an interval after
     /// the failed one (not at once: while the log is down, every
     /// unauthenticated request would try it again).
-    fn restore(&mut self, earlier: Noise) {
+    fn restore(&mut self, earlier: Noise, failed_at_ms: u64) {
+        self.failed_summary_ms = Some(earlier.failed_summary_ms.unwrap_or(failed_at_ms));
         if self.count == 0 {
             self.last_ms = earlier.last_ms;
         }
@@ -161,6 +165,31 @@ impl Noise {
             let total = self.by_rule.entry(rule).or_insert(0);
             *total = total.saturating_add(n);
         }
+    }
+
+    /// The summary record's reason.
+    fn summary(&self) -> String {
+        let counts = self
+            .by_rule
+            .iter()
+            .map(|(rule, n)| format!("{rule}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut reason = format!(
+            "{} requests refused before any key was considered, from {} to {} ({counts}); first: {}",
+            self.count,
+            crate::audit::rfc3339_millis(self.first_ms),
+            crate::audit::rfc3339_millis(self.last_ms),
+            self.first_detail.as_deref().unwrap_or("-"),
+        );
+        if let Some(failed) = self.failed_summary_ms {
+            reason.push_str(&format!(
+                "; includes refusals whose summary at {} failed to be written and may have been \
+                 recorded all the same",
+                crate::audit::rfc3339_millis(failed)
+            ));
+        }
+        reason
     }
 }
 
@@ -362,19 +391,7 @@ impl Broker {
             {
                 return;
             }
-            let counts = noise
-                .by_rule
-                .iter()
-                .map(|(rule, n)| format!("{rule}: {n}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let reason = format!(
-                "{} requests refused before any key was considered, from {} to {} ({counts}); first: {}",
-                noise.count,
-                crate::audit::rfc3339_millis(noise.first_ms),
-                crate::audit::rfc3339_millis(noise.last_ms),
-                noise.first_detail.as_deref().unwrap_or("-"),
-            );
+            let reason = noise.summary();
             let summarised = std::mem::replace(
                 &mut *noise,
                 Noise {
@@ -401,7 +418,7 @@ impl Broker {
             self.noise
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .restore(summarised);
+                .restore(summarised, now_ms);
         }
     }
 
@@ -1053,6 +1070,7 @@ mod tests {
                 .collect(),
             first_detail: Some("the first".to_owned()),
             last_summary_ms: 50,
+            failed_summary_ms: None,
         };
         // Two more came while the summary was being written.
         let mut now = Noise {
@@ -1062,8 +1080,10 @@ mod tests {
             by_rule: [("bad_frame", 2)].into_iter().collect(),
             first_detail: Some("a later one".to_owned()),
             last_summary_ms: 350,
+            failed_summary_ms: None,
         };
-        now.restore(earlier);
+        assert!(!now.summary().contains("failed to be written"));
+        now.restore(earlier, 360);
         assert_eq!(now.count, 5);
         assert_eq!((now.first_ms, now.last_ms), (100, 500));
         assert_eq!(now.by_rule.get("bad_frame"), Some(&4));
@@ -1073,20 +1093,34 @@ mod tests {
             now.last_summary_ms, 350,
             "due again an interval after the failed one"
         );
+        // The failed write may have been committed: the next summary says
+        // these may be counted twice.
+        assert!(
+            now.summary().starts_with("5 requests refused")
+                && now
+                    .summary()
+                    .contains("summary at 1970-01-01T00:00:00.36Z failed to be written"),
+            "{}",
+            now.summary()
+        );
 
         // Nothing came since: the earlier refusals are all there is.
         let mut empty = Noise {
             last_summary_ms: 350,
             ..Noise::default()
         };
-        empty.restore(Noise {
-            count: 1,
-            first_ms: 7,
-            last_ms: 9,
-            by_rule: [("bad_frame", 1)].into_iter().collect(),
-            first_detail: None,
-            last_summary_ms: 0,
-        });
+        empty.restore(
+            Noise {
+                count: 1,
+                first_ms: 7,
+                last_ms: 9,
+                by_rule: [("bad_frame", 1)].into_iter().collect(),
+                first_detail: None,
+                last_summary_ms: 0,
+                failed_summary_ms: None,
+            },
+            400,
+        );
         assert_eq!((empty.count, empty.first_ms, empty.last_ms), (1, 7, 9));
     }
 }
