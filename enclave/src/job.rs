@@ -310,6 +310,15 @@ pub(crate) async fn write_last<W: AsyncWrite + Unpin>(
     .await;
 }
 
+/// Cancels its job when dropped.
+struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
 /// Serve one job whose `Start` was read, until `deadline` at the latest, and
 /// return how it ended (also sent to the parent, when the connection still
 /// works).
@@ -334,6 +343,10 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let cancel = Cancel::new();
+    // A job abandoned at shutdown (its task dropped, not finished) is
+    // cancelled all the same: the threads it started see that and stop, and
+    // an `exec` program's group is killed, not left running.
+    let _cancel_if_dropped = CancelOnDrop(cancel.clone());
     let (events_tx, events_rx) = mpsc::channel::<Outgoing>(CHANNEL_DEPTH);
     let event_writer = tokio::spawn(write_events(
         writer,

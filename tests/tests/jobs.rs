@@ -950,6 +950,70 @@ async fn an_exec_program_never_sees_a_cut_input_end() {
     }
 }
 
+/// An enclave service that stops while an `exec` job runs abandons the job
+/// and leaves no program behind: the job is cancelled, and its program's
+/// group killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enclave_that_stops_leaves_no_exec_program_running() {
+    let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
+    let workloads = d.world.path("workloads");
+    std::fs::create_dir(&workloads).unwrap();
+    let pid_file = d.world.path("program.pid");
+    let script = workloads.join("lingers");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 300\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut ctx = d.world.enclave_context(GOOD_IMAGE, &d.relay.address);
+    ctx.exec_dir = Some(workloads.clone());
+    ctx.exec_timeout = Duration::from_secs(600);
+    let enclave = start_enclave_with(ctx).await;
+    let exec = WorkloadSpec::Exec {
+        program: "lingers".into(),
+        args: vec![],
+    };
+    let input = d.world.encrypt(INPUT_KEY, &records(10), 4096);
+    let job = job(&enclave.address, exec, vec![]);
+    let out = d.world.path("abandoned.kenv");
+    let running = tokio::spawn(async move { run(&job, input, &out).await });
+    let mut pid = None;
+    for _ in 0..200 {
+        if let Some(p) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+        {
+            pid = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = pid.expect("the program never started");
+    let alive = |pid: u32| {
+        // Gone, or a zombie nobody has reaped yet: not running either way.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                let state = stat.rsplit(") ").next().unwrap_or("").chars().next();
+                state != Some('Z')
+            })
+            .unwrap_or(false)
+    };
+    assert!(alive(pid));
+    enclave.stop().await;
+    let mut waited = 0;
+    while alive(pid) && waited < 100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert!(!alive(pid), "the program outlived its enclave service");
+    assert!(running.await.unwrap().is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_runs_only_its_allowed_jobs() {
     let d = deploy(Arc::new(kluis_parent::hook::PassThrough)).await;
