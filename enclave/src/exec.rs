@@ -272,8 +272,21 @@ pub(crate) fn run<R: Read + Send>(
             .unwrap_or_else(|_| Err(JobError::new(FailureKind::Internal, "feeder failed")));
         (fed, produced)
     });
+    // The program may still be running with its output closed: the
+    // watchdog stays on until it has ended, so the deadline and the job's
+    // cancellation still kill it. It is not reaped yet: until it is, its id
+    // is still its group's, never another's.
+    if let Ok(id) = i32::try_from(pid) {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag};
+        while let Err(nix::errno::Errno::EINTR) = waitid(
+            Id::Pid(nix::unistd::Pid::from_raw(id)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {}
+    }
     drop(done_tx);
     let _ = watchdog.join();
+    // Whatever it started goes with it.
+    kill_group(pid);
     if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(JobError::new(
             FailureKind::ExecTimeout,
@@ -288,17 +301,6 @@ pub(crate) fn run<R: Read + Send>(
         .0
         .take()
         .ok_or_else(|| JobError::new(FailureKind::Internal, "no child"))?;
-    // Whatever it started goes with it, once the program has ended but
-    // before it is reaped: until then its id is still its group's, never
-    // another's.
-    if let Ok(id) = i32::try_from(pid) {
-        use nix::sys::wait::{waitid, Id, WaitPidFlag};
-        let _ = waitid(
-            Id::Pid(nix::unistd::Pid::from_raw(id)),
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
-        );
-    }
-    kill_group(pid);
     let status = running.wait().map_err(|_| failed())?;
     if !status.success() {
         return Err(failed());

@@ -836,8 +836,11 @@ async fn exec_runs_only_programs_of_the_image_on_plaintext_inside() {
         "#!/bin/sh\ncat >/dev/null\nsleep 300 &\nsleep 300\n",
     )
     .unwrap();
+    // Reads everything, closes its output, and runs on.
+    let lingers = workloads.join("lingers");
+    std::fs::write(&lingers, "#!/bin/sh\ncat >/dev/null\nexec >&-\nsleep 300\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
-    for p in [&script, &failing, &hangs] {
+    for p in [&script, &failing, &hangs, &lingers] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let mut ctx = d.world.enclave_context(GOOD_IMAGE, &d.relay.address);
@@ -871,6 +874,7 @@ async fn exec_runs_only_programs_of_the_image_on_plaintext_inside() {
     for (enclave, program, kind) in [
         (&enclave.address, "fails", FailureKind::Exec),
         (&enclave.address, "hangs", FailureKind::ExecTimeout),
+        (&enclave.address, "lingers", FailureKind::ExecTimeout),
         (&enclave.address, "../../bin/sh", FailureKind::ExecRefused),
         (&d.enclave.address, "upper", FailureKind::ExecRefused),
     ] {
