@@ -816,23 +816,70 @@ fn a_record_added_to_the_database_without_the_root_is_refused() {
         "nothing built on it"
     );
 
-    // Without any authenticator: the same. (The forged row is removed as a
-    // superuser would, triggers off.)
+    // The forged row removed, as the tables' owner could (triggers off).
+    let remove_last = |sql: &mut postgres::Client| {
+        sql.batch_execute(
+            "ALTER TABLE kluis_audit DISABLE TRIGGER kluis_audit_no_update; \
+             DELETE FROM kluis_audit WHERE seq = (SELECT max(seq) FROM kluis_audit); \
+             ALTER TABLE kluis_audit ENABLE TRIGGER kluis_audit_no_update;",
+        )
+        .unwrap();
+    };
+    remove_last(&mut sql);
+    // Without any authenticator the database refuses the row (an older
+    // replica still running after the migration cannot write one either),
+    // and refuses to move the legacy boundary.
+    let refused = sql
+        .execute(
+            "INSERT INTO kluis_audit (seq, line) VALUES ($1, $2)",
+            &[&seq, &line],
+        )
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("has no authenticator")
+            || format!("{refused:?}").contains("has no authenticator"),
+        "{refused:?}"
+    );
+    sql.execute("UPDATE kluis_audit_legacy SET through = $1", &[&seq])
+        .unwrap_err();
+    // The owner can drop the triggers; the replicas still refuse the row,
+    // even with the boundary moved past it: records after the first
+    // authenticated one need theirs.
     sql.batch_execute(
-        "ALTER TABLE kluis_audit DISABLE TRIGGER kluis_audit_no_update; \
-         DELETE FROM kluis_audit WHERE seq = (SELECT max(seq) FROM kluis_audit); \
-         ALTER TABLE kluis_audit ENABLE TRIGGER kluis_audit_no_update;",
+        "ALTER TABLE kluis_audit DISABLE TRIGGER kluis_audit_needs_mac; \
+         ALTER TABLE kluis_audit_legacy DISABLE TRIGGER kluis_audit_legacy_fixed;",
     )
     .unwrap();
     insert_and_move(&mut sql, None);
     unauthenticated(fresh.verify(None).unwrap_err());
     unauthenticated(fresh.append(record()).unwrap_err());
-    // Claiming the forged record predates authenticators does not help:
-    // records after the first authenticated one need theirs.
     sql.execute("UPDATE kluis_audit_legacy SET through = $1", &[&seq])
         .unwrap();
     let (_, reopened) = open_replica(db.url());
     unauthenticated(reopened.verify(None).unwrap_err());
+
+    // One row holding two records (each chained, the second where the head
+    // row points): not read as two.
+    remove_last(&mut sql);
+    let mut second = forged.clone();
+    second.seq = forged.seq + 1;
+    second.prev_hash = forged.hash;
+    second.hash = second.compute_hash();
+    let mut two = line.clone();
+    two.push(b'\n');
+    two.extend_from_slice(&serde_json::to_vec(&second).unwrap());
+    sql.execute(
+        "INSERT INTO kluis_audit (seq, line) VALUES ($1, $2)",
+        &[&seq, &two],
+    )
+    .unwrap();
+    sql.execute(
+        "UPDATE kluis_audit_head SET seq = $1, hash = $2",
+        &[&(seq + 1), &second.hash.as_slice()],
+    )
+    .unwrap();
+    let err = reopened.verify(None).unwrap_err();
+    assert!(err.to_string().contains("spans several lines"), "{err}");
 }
 
 /// A log from before authenticators (its rows have none; migration 2
@@ -853,7 +900,9 @@ fn records_from_before_authenticators_are_still_read() {
         "ALTER TABLE kluis_audit DISABLE TRIGGER kluis_audit_no_update; \
          UPDATE kluis_audit SET mac = NULL; \
          ALTER TABLE kluis_audit ENABLE TRIGGER kluis_audit_no_update; \
-         UPDATE kluis_audit_legacy SET through = (SELECT seq FROM kluis_audit_head);",
+         ALTER TABLE kluis_audit_legacy DISABLE TRIGGER kluis_audit_legacy_fixed; \
+         UPDATE kluis_audit_legacy SET through = (SELECT seq FROM kluis_audit_head); \
+         ALTER TABLE kluis_audit_legacy ENABLE TRIGGER kluis_audit_legacy_fixed;",
     )
     .unwrap();
     let (_, upgraded) = open_replica(db.url());

@@ -473,17 +473,22 @@ impl DbLines {
             }
             let line: Vec<u8> = row.try_get(1).map_err(|e| io::Error::other(reason(&e)))?;
             let mac: Option<Vec<u8>> = row.try_get(2).map_err(|e| io::Error::other(reason(&e)))?;
+            // One row is one line: a row holding a newline would be read as
+            // several records, of which only the first is its own.
+            if line.contains(&b'\n') {
+                return Err(io::Error::other(format!(
+                    "audit record {} in the database spans several lines: it was not written \
+                     by a verifier",
+                    self.next
+                )));
+            }
             if self.next >= self.authenticated_from {
                 // The hash as the line states it: a line whose hash does
                 // not match its contents fails the chain check after this.
-                let hash = serde_json::from_slice::<AuditRecord>(&line)
-                    .map(|record| record.hash)
-                    .ok();
-                let valid = match (&hash, &mac) {
-                    (Some(hash), Some(mac)) => self.key.verify(self.next, hash, mac),
-                    (Some(_), None) => false,
-                    // Not a record at all: the chain check says so.
-                    (None, _) => true,
+                // A row that is no record cannot be authenticated either.
+                let valid = match (serde_json::from_slice::<AuditRecord>(&line), &mac) {
+                    (Ok(record), Some(mac)) => self.key.verify(self.next, &record.hash, mac),
+                    _ => false,
                 };
                 if !valid {
                     return Err(io::Error::other(AuditError::Unauthenticated {

@@ -486,7 +486,7 @@ impl Token {
         match handles.as_slice() {
             [one] => {
                 if class != ObjectClass::PUBLIC_KEY {
-                    Self::check_ours(session, *one, id)?;
+                    Self::check_ours(session, *one, class, id)?;
                 }
                 Ok(*one)
             }
@@ -501,32 +501,62 @@ impl Token {
     }
 
     /// Refuses a secret or private key that lacks what every key Kluis
-    /// generates has: made in the token (`CKA_LOCAL`), kept there, sensitive
-    /// and never extractable since it was made. Anyone logged in to the
-    /// token can destroy a key and create another with its id and a value
-    /// they know; without this check, data keys would then be wrapped
-    /// under that value. A created object cannot claim `CKA_LOCAL` or
-    /// `CKA_NEVER_EXTRACTABLE` (the token sets them), so a planted key
-    /// fails here.
-    fn check_ours(session: &Session, handle: ObjectHandle, id: &[u8]) -> Result<(), HsmError> {
+    /// generates has: made in the token (`CKA_LOCAL`), kept there, private
+    /// (usable only after login), sensitive and never extractable since it
+    /// was made, neither copyable, changeable nor usable to derive keys, of
+    /// the key type Kluis makes. Anyone logged in to the token can destroy a
+    /// key and create another with its id and a value they know; without
+    /// this check, data keys would then be wrapped under that value. A
+    /// created object cannot claim `CKA_LOCAL` or `CKA_NEVER_EXTRACTABLE`
+    /// (the token sets them), so a planted key fails here; a key generated
+    /// in its place with weaker attributes (public, say) fails on those.
+    fn check_ours(
+        session: &Session,
+        handle: ObjectHandle,
+        class: ObjectClass,
+        id: &[u8],
+    ) -> Result<(), HsmError> {
         let attributes = session
             .get_attributes(
                 handle,
                 &[
                     AttributeType::Token,
                     AttributeType::Local,
+                    AttributeType::Private,
                     AttributeType::Sensitive,
                     AttributeType::AlwaysSensitive,
                     AttributeType::Extractable,
                     AttributeType::NeverExtractable,
+                    AttributeType::Copyable,
+                    AttributeType::Modifiable,
+                    AttributeType::Derive,
+                    AttributeType::KeyType,
                 ],
             )
             .map_err(|e| HsmError::op("reading attributes", e))?;
+        let key_type = if class == ObjectClass::SECRET_KEY {
+            KeyType::AES
+        } else {
+            KeyType::EC
+        };
+        let type_ok = attributes
+            .iter()
+            .any(|a| matches!(a, Attribute::KeyType(t) if *t == key_type));
+        if !type_ok {
+            return Err(HsmError::ObjectNotOurs {
+                id: String::from_utf8_lossy(id).into_owned(),
+                attribute: "CKA_KEY_TYPE",
+            });
+        }
         let found: Vec<(&'static str, bool)> = attributes
             .iter()
             .filter_map(|attribute| match attribute {
                 Attribute::Token(v) => Some(("CKA_TOKEN", *v)),
                 Attribute::Local(v) => Some(("CKA_LOCAL", *v)),
+                Attribute::Private(v) => Some(("CKA_PRIVATE", *v)),
+                Attribute::Copyable(v) => Some(("CKA_COPYABLE", *v)),
+                Attribute::Modifiable(v) => Some(("CKA_MODIFIABLE", *v)),
+                Attribute::Derive(v) => Some(("CKA_DERIVE", *v)),
                 Attribute::Sensitive(v) => Some(("CKA_SENSITIVE", *v)),
                 Attribute::AlwaysSensitive(v) => Some(("CKA_ALWAYS_SENSITIVE", *v)),
                 Attribute::Extractable(v) => Some(("CKA_EXTRACTABLE", *v)),
@@ -537,6 +567,10 @@ impl Token {
         for (name, want) in [
             ("CKA_TOKEN", true),
             ("CKA_LOCAL", true),
+            ("CKA_PRIVATE", true),
+            ("CKA_COPYABLE", false),
+            ("CKA_MODIFIABLE", false),
+            ("CKA_DERIVE", false),
             ("CKA_SENSITIVE", true),
             ("CKA_ALWAYS_SENSITIVE", true),
             ("CKA_EXTRACTABLE", false),

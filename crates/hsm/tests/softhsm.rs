@@ -327,4 +327,31 @@ fn a_key_planted_under_a_kluis_id_is_not_used() {
     };
     refused(backend.wrap(ID, b"a data key", b"").unwrap_err());
     refused(backend.unwrap(ID, &wrapped, b"").unwrap_err());
+
+    // A key generated in the token in its place, as protected as Kluis's
+    // but public (usable by any session, without the PIN): refused too.
+    assert_eq!(token.destroy(ID.as_bytes()).unwrap(), 1);
+    session
+        .generate_key(
+            &cryptoki::mechanism::Mechanism::AesKeyGen,
+            &[
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Copyable(false),
+                Attribute::Modifiable(false),
+                Attribute::Derive(false),
+                Attribute::Id(ID.as_bytes().to_vec()),
+            ],
+        )
+        .unwrap();
+    let err = backend.wrap(ID, b"a data key", b"").unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Backend { reason, .. } if reason.contains("CKA_PRIVATE")),
+        "{err}"
+    );
 }
