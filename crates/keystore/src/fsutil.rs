@@ -282,7 +282,7 @@ pub(crate) fn shred_and_remove(path: &Path, limit: u64) -> Result<(), StoreError
 /// still at `NAME` in `dir`: a record given that name to be wiped once
 /// replaced, when the replacement never happened. Its bytes are the record's
 /// and must not be wiped; only the second name goes.
-fn still_in_place(dir: &Path, leftover: &str, path: &Path) -> Result<bool, StoreError> {
+pub(crate) fn still_in_place(dir: &Path, leftover: &str, path: &Path) -> Result<bool, StoreError> {
     use std::os::unix::fs::MetadataExt as _;
     let Some(record) = leftover
         .strip_prefix('.')

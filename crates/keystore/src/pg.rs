@@ -419,12 +419,13 @@ impl Database {
                  JOIN kluis_records r ON r.kind = w.kind AND r.tag = w.tag \
                  LIMIT $4",
                 // One row per wanted record while (kind, tag) is the key; a
-                // table altered to hold more reads no further than that.
+                // table altered to hold more reads one row past that, which
+                // is refused below.
                 &[
                     &kinds,
                     &tags,
                     &bound(max_body),
-                    &i64::try_from(wanted.len()).unwrap_or(i64::MAX),
+                    &i64::try_from(wanted.len().saturating_add(1)).unwrap_or(i64::MAX),
                 ],
             )
             .map_err(|e| self.error("read records from", &e))?;
@@ -442,6 +443,14 @@ impl Database {
                     action: "read records from",
                     reason: "the database answered a row no one asked for".to_owned(),
                 })?;
+            if slot.is_some() {
+                // Two rows for one (kind, tag): the table lost its key.
+                return Err(StoreError::Database {
+                    target: self.inner.target.clone(),
+                    action: "read records from",
+                    reason: "the database holds a record twice".to_owned(),
+                });
+            }
             *slot = Some(
                 row.try_get(1)
                     .map_err(|e| self.error("read records from", &e))?,

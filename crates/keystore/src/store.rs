@@ -479,11 +479,8 @@ impl Store {
         fsutil::ensure_private_dir(&kind_dir)?;
         let name = record_file_name(&tag);
         let old_path = kind_dir.join(&name);
-        let doomed = kind_dir.join(format!(
-            ".{name}.{}{}",
-            fsutil::random_hex(8)?,
-            fsutil::SHRED_SUFFIX
-        ));
+        let doomed_name = format!(".{name}.{}{}", fsutil::random_hex(8)?, fsutil::SHRED_SUFFIX);
+        let doomed = kind_dir.join(&doomed_name);
         let kept = match fs::hard_link(&old_path, &doomed) {
             Ok(()) => {
                 fsutil::sync_dir(&kind_dir)?;
@@ -499,8 +496,11 @@ impl Store {
             }
         };
         if let Err(err) = fsutil::write_atomic(&kind_dir, &name, &sealed, Existing::Replace) {
-            if kept {
-                // The old record is still in place: only its second name goes.
+            // Still in place (the write failed before its rename): only its
+            // second name goes. Replaced all the same (a sync after the
+            // rename failed): it stays under that name for the next open
+            // to wipe.
+            if kept && fsutil::still_in_place(&kind_dir, &doomed_name, &doomed).unwrap_or(false) {
                 let _ = fs::remove_file(&doomed);
             }
             return Err(err);
