@@ -53,6 +53,20 @@ fn open_replica(url: &str) -> (Kms, Arc<AuditLog>) {
     (kms, audit)
 }
 
+/// A system record to append.
+fn test_record() -> NewRecord {
+    NewRecord {
+        time_ms: T0,
+        actor: Actor::System,
+        operation: "test.append".to_owned(),
+        key_id: None,
+        key_version: None,
+        decision: Decision::Allowed,
+        reason: None,
+        attestation_document: None,
+    }
+}
+
 /// A store with one key under a policy admitting [`IMAGE`].
 fn init_store(url: &str, rotation_days: u32) {
     let mut kms = Kms::init_database(Database::connect(url).unwrap(), secret()).unwrap();
@@ -681,16 +695,7 @@ fn a_forged_head_row_stops_appends_instead_of_breaking_the_chain() {
     };
     init_store(db.url(), 365);
     let (_, log) = open_replica(db.url());
-    let record = || NewRecord {
-        time_ms: T0,
-        actor: Actor::System,
-        operation: "test.append".to_owned(),
-        key_id: None,
-        key_version: None,
-        decision: Decision::Allowed,
-        reason: None,
-        attestation_document: None,
-    };
+    let record = test_record;
     log.append(record()).unwrap();
     let before = log.verify(None).unwrap();
     let mut sql = postgres::Client::connect(db.url(), postgres::NoTls).unwrap();
@@ -741,16 +746,7 @@ fn a_record_added_to_the_database_without_the_root_is_refused() {
     };
     init_store(db.url(), 365);
     let (_, log) = open_replica(db.url());
-    let record = || NewRecord {
-        time_ms: T0,
-        actor: Actor::System,
-        operation: "test.append".to_owned(),
-        key_id: None,
-        key_version: None,
-        decision: Decision::Allowed,
-        reason: None,
-        attestation_document: None,
-    };
+    let record = test_record;
     log.append(record()).unwrap();
     let before = log.verify(None).unwrap();
 
@@ -907,18 +903,7 @@ fn records_from_before_authenticators_are_still_read() {
     .unwrap();
     let (_, upgraded) = open_replica(db.url());
     assert_eq!(upgraded.verify(None).unwrap(), before);
-    upgraded
-        .append(NewRecord {
-            time_ms: T0,
-            actor: Actor::System,
-            operation: "test.append".to_owned(),
-            key_id: None,
-            key_version: None,
-            decision: Decision::Allowed,
-            reason: None,
-            attestation_document: None,
-        })
-        .unwrap();
+    upgraded.append(test_record()).unwrap();
     assert_eq!(upgraded.verify(None).unwrap().records, before.records + 1);
     let unauthenticated: i64 = sql
         .query_one("SELECT count(*) FROM kluis_audit WHERE mac IS NULL", &[])

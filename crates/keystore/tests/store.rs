@@ -484,13 +484,19 @@ fn value_and_name_bounds() {
     assert!(store.list("../records").is_err());
 }
 
-#[test]
-fn leftovers_of_interrupted_writes_are_cleaned_on_open() {
+/// A store holding record `k/x` = `value`, closed: its temporary
+/// directory, the store's directory and the record's file.
+fn closed_store_with_record() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("s");
     let store = Store::init(&dir, key()).unwrap();
     let path = put_and_find(&store, "k", "x", b"value");
-    drop(store);
+    (tmp, dir, path)
+}
+
+#[test]
+fn leftovers_of_interrupted_writes_are_cleaned_on_open() {
+    let (tmp, dir, path) = closed_store_with_record();
     let kind_dir = path.parent().unwrap();
     let name = path.file_name().unwrap().to_str().unwrap();
     let temp = kind_dir.join(format!(".{name}.00112233aabbccdd.tmp"));
@@ -522,11 +528,7 @@ fn leftovers_of_interrupted_writes_are_cleaned_on_open() {
 /// alone: open wipes them.
 #[test]
 fn a_replacement_a_crash_interrupted_is_finished_without_losing_the_record() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("s");
-    let store = Store::init(&dir, key()).unwrap();
-    let path = put_and_find(&store, "k", "x", b"value");
-    drop(store);
+    let (tmp, dir, path) = closed_store_with_record();
     let kind_dir = path.parent().unwrap();
     let name = path.file_name().unwrap().to_str().unwrap();
     let before_replacing = kind_dir.join(format!(".{name}.0123456789abcdef.del"));
