@@ -496,7 +496,7 @@ fn closed_store_with_record() -> (tempfile::TempDir, std::path::PathBuf, std::pa
 
 #[test]
 fn leftovers_of_interrupted_writes_are_cleaned_on_open() {
-    let (tmp, dir, path) = closed_store_with_record();
+    let (_tmp, dir, path) = closed_store_with_record();
     let kind_dir = path.parent().unwrap();
     let name = path.file_name().unwrap().to_str().unwrap();
     let temp = kind_dir.join(format!(".{name}.00112233aabbccdd.tmp"));
