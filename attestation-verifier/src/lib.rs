@@ -2,7 +2,18 @@
 //! policy, audit, authentication and the key-release service. The
 //! `attestation-verifier` binary is a thin command line over it.
 #![forbid(unsafe_code)]
+#![deny(clippy::print_stderr)]
 #![warn(missing_docs)]
+
+/// `eprintln!` that cannot panic: a line for standard error that is closed
+/// or full (`2>&1 | head`, `2>/dev/full`) is lost, and the program goes on
+/// to its documented exit instead of a panic.
+macro_rules! to_stderr {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 pub mod audit;
 pub mod auth;

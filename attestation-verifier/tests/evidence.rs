@@ -1173,3 +1173,62 @@ fn an_authorisation_that_does_not_cover_the_release_is_invalid_offline() {
     let err = verify_under(&issue(KEY, T0 + 1_100)).unwrap_err();
     assert!(err.contains("expiry"), "{err}");
 }
+
+/// Standard error that cannot be written (`2>/dev/full`, or `2>&1 | head`
+/// whose reader left) never turns a command into a panic (exit 101): each
+/// exits as it does with a working standard error.
+#[test]
+fn standard_error_that_cannot_be_written_is_no_panic() {
+    let env = Env::new();
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let command = |args: &[&str]| {
+        let mut cmd = bin();
+        cmd.env("KLUIS_STORE", env.store())
+            .env("KLUIS_ROOT_KEY_FILE", env.dir.path().join("root.key"))
+            .env("KLUIS_CREDENTIAL_FILE", env.key_admin())
+            .args(args);
+        cmd
+    };
+    for args in [
+        &["verify", "/dev/null"][..],
+        &["key", "show", "no/such/key"][..],
+        &["key", "list"][..],
+        &["no-such-command"][..],
+    ] {
+        let expected = command(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .code();
+        assert_ne!(expected, Some(101), "{args:?}");
+        // Standard error full, standard output full or working.
+        for stdout_full in [true, false] {
+            let mut cmd = command(args);
+            cmd.stderr(full());
+            if stdout_full {
+                cmd.stdout(full());
+            } else {
+                cmd.stdout(std::process::Stdio::null());
+            }
+            let code = cmd.status().unwrap().code();
+            assert_ne!(code, Some(101), "{args:?} panicked");
+            if !stdout_full {
+                assert_eq!(code, expected, "{args:?}");
+            }
+        }
+        // Standard error a pipe nobody reads any more.
+        let mut child = command(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stderr.take());
+        assert_eq!(child.wait().unwrap().code(), expected, "{args:?}");
+    }
+}

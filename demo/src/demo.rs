@@ -447,7 +447,7 @@ pub(crate) fn run(keep: Option<&Path>, records: u32, deployment: &Deployment<'_>
                 return;
             };
             if rt.block_on(tokio::signal::ctrl_c()).is_ok() {
-                eprintln!("\ninterrupted: stopping the verifier and the enclave");
+                to_stderr!("\ninterrupted: stopping the verifier and the enclave");
                 children.stop_all();
                 if let Some(dir) = remove {
                     let _ = std::fs::remove_dir_all(dir);

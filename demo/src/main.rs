@@ -7,6 +7,17 @@
 //! programs are built separately: `parent` holds no verifier or enclave
 //! code, and the enclave image holds no simulator.
 #![forbid(unsafe_code)]
+#![deny(clippy::print_stderr)]
+
+/// `eprintln!` that cannot panic: a line for standard error that is closed
+/// or full (`2>&1 | head`, `2>/dev/full`) is lost, and the program goes on
+/// to its documented exit instead of a panic.
+macro_rules! to_stderr {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 mod demo;
 
@@ -94,9 +105,9 @@ fn main() -> ExitCode {
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("\ndemo FAILED: {}", format!("{e:#}").replace('\n', " "));
+                to_stderr!("\ndemo FAILED: {}", format!("{e:#}").replace('\n', " "));
                 if cli.keep.is_none() {
-                    eprintln!(
+                    to_stderr!(
                         "(run with --keep DIR to keep the logs of the verifier and the enclave)"
                     );
                 }

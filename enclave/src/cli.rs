@@ -369,7 +369,7 @@ fn open_simulator(_: &RunArgs) -> anyhow::Result<Arc<dyn kluis_nsm::Nsm>> {
 
 #[cfg(feature = "simulator")]
 fn open_simulator(args: &RunArgs) -> anyhow::Result<Arc<dyn kluis_nsm::Nsm>> {
-    eprintln!("{}", nsm_sim::WARNING);
+    to_stderr!("{}", nsm_sim::WARNING);
     tracing::warn!("SIMULATED NSM: attestation documents chain to a local root, not AWS");
     let dir = nsm_sim::state_dir(&nsm_sim::StateArgs {
         state: args.sim_state.clone(),
@@ -477,6 +477,9 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line standard error cannot take is lost, not reported
+        // through `eprintln!` (which would panic on a closed stderr).
+        .log_internal_errors(false)
         // Colours only for a terminal: never escape codes in a log file.
         .with_ansi(
             std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -517,14 +520,14 @@ where
                     {
                         Ok(()) => ExitCode::SUCCESS,
                         Err(e) => {
-                            eprintln!("error: writing to standard output: {e}");
+                            to_stderr!("error: writing to standard output: {e}");
                             ExitCode::from(2)
                         }
                     }
                 }
                 Err(err) => {
                     let message = format!("{err:#}").replace('\n', " ");
-                    eprintln!("error: {}: {message}", args.file.display());
+                    to_stderr!("error: {}: {message}", args.file.display());
                     ExitCode::from(1)
                 }
             };
@@ -537,7 +540,7 @@ where
         Err(err) => {
             // One line: the error and its causes, joined.
             let message = format!("{err:#}").replace('\n', " ");
-            eprintln!("error: {message}");
+            to_stderr!("error: {message}");
             ExitCode::from(EXIT_FAILURE)
         }
     }

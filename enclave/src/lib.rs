@@ -10,12 +10,23 @@
 //! The NSM is the real `/dev/nsm` unless the program is started with an
 //! explicit simulation flag, which it then announces loudly.
 #![forbid(unsafe_code)]
+#![deny(clippy::print_stderr)]
 #![warn(missing_docs)]
 
 use kluis_proto::job::FailureKind;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// `eprintln!` that cannot panic: a line for standard error that is closed
+/// or full (`2>&1 | head`, `2>/dev/full`) is lost, and the program goes on
+/// to its documented exit instead of a panic.
+macro_rules! to_stderr {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 pub mod cli;
 pub mod exec;

@@ -87,7 +87,7 @@ pub(crate) struct AttestArgs {
 
 /// Runs one `nsm-sim` subcommand.
 pub(crate) fn run(command: NsmSimCommand) -> Result<()> {
-    eprintln!("{WARNING}");
+    to_stderr!("{WARNING}");
     match command {
         NsmSimCommand::Init(state) => init(&state),
         NsmSimCommand::ExportRoot { state, out } => export_root(&state, out.as_deref()),
@@ -131,7 +131,7 @@ fn default_state_dir(
 pub(crate) fn load_or_create(dir: &Path, announce: bool) -> Result<(Arc<SimRoot>, RootOrigin)> {
     let (root, origin) = SimRoot::load_or_create(dir, &SystemClock)?;
     if announce && origin == RootOrigin::Created {
-        eprintln!(
+        to_stderr!(
             "created a new simulated root in {} (SHA-256 {})",
             dir.display(),
             root.fingerprint_hex()
@@ -267,7 +267,7 @@ fn attest(args: &AttestArgs) -> Result<()> {
     .context("the simulated NSM refused the attestation request")?;
     write_output(Some(&args.out), &document)?;
     if args.out != Path::new("-") {
-        eprintln!(
+        to_stderr!(
             "wrote a {}-byte attestation document to {}",
             document.len(),
             args.out.display()

@@ -1,6 +1,17 @@
 //! `parent`: runs on the EC2 host, outside the enclave. It relays the
 //! enclave's verifier traffic and runs jobs; it never holds a key.
 #![forbid(unsafe_code)]
+#![deny(clippy::print_stderr)]
+
+/// `eprintln!` that cannot panic: a line for standard error that is closed
+/// or full (`2>&1 | head`, `2>/dev/full`) is lost, and the program goes on
+/// to its documented exit instead of a panic.
+macro_rules! to_stderr {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 mod run_cmd;
 
@@ -30,6 +41,9 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line standard error cannot take is lost, not reported
+        // through `eprintln!` (which would panic on a closed stderr).
+        .log_internal_errors(false)
         // Colours only for a terminal: never escape codes in a log file.
         .with_ansi(
             std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -53,7 +67,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            to_stderr!("error: {}", format!("{e:#}").replace('\n', " "));
             ExitCode::FAILURE
         }
     }

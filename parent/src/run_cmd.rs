@@ -274,7 +274,7 @@ impl Reporter {
             None => {
                 if self.last_line.elapsed() >= Duration::from_secs(2) {
                     self.last_line = Instant::now();
-                    eprintln!("progress: {}", Self::line(p));
+                    to_stderr!("progress: {}", Self::line(p));
                 }
             }
         }
@@ -359,7 +359,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
                 // A line now and then, not one per attempt.
                 if last_notice.is_none_or(|at| waited >= at.saturating_add(Duration::from_secs(5))) {
                     last_notice = Some(waited);
-                    eprintln!(
+                    to_stderr!(
                         "waiting for the enclave at {} to listen ({:.0?} of {patience:?}): {error}",
                         job.enclave, waited
                     );
@@ -448,7 +448,7 @@ pub(crate) fn relay(args: &RelayArgs) -> anyhow::Result<()> {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        eprintln!("relaying {} -> {replicas}", listener.local_address()?);
+        to_stderr!("relaying {} -> {replicas}", listener.local_address()?);
         kluis_parent::relay::serve(listener, verifier, Arc::new(PassThrough), async {
             let _ = tokio::signal::ctrl_c().await;
         })

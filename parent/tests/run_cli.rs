@@ -281,3 +281,26 @@ fn run_stops_output_at_its_limits() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
     }
 }
+
+/// Standard error that cannot be written is no panic (exit 101): the
+/// failure is still exit 1.
+#[test]
+fn run_with_standard_error_full_fails_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_parent"))
+        .args(["run", "--enclave"])
+        .arg(format!("unix:{}", dir.path().join("none.sock").display()))
+        .arg("--input")
+        .arg(dir.path().join("missing.kenv"))
+        .arg("--output")
+        .arg(dir.path().join("out.kenv"))
+        .args(["--output-key", "a/b/c", "--enclave-wait", "0"])
+        .stderr(full)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+}

@@ -147,7 +147,7 @@ pub(crate) fn init(store: &StoreArgs, args: &InitArgs) -> Result<(), Failure> {
     };
     init_contents(store, args, &mut kms, &name, &mut cleanup)?;
     cleanup.done = true;
-    eprintln!("store created; build the verifier public key above into the enclave image");
+    to_stderr!("store created; build the verifier public key above into the enclave image");
     Ok(())
 }
 
@@ -652,7 +652,7 @@ fn measure_eif(eif: &Path, name: Option<&str>, out: Option<&Path>) -> Result<(),
         }
     }
     if !measured.is_signed() {
-        eprintln!(
+        to_stderr!(
             "note: {} is not signed, so the entry pins PCR0-2 but not PCR8 (the signer)",
             eif.display()
         );

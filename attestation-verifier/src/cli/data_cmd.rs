@@ -133,7 +133,7 @@ fn remove_stale_partials(path: &Path) {
             continue;
         };
         if file.try_lock().is_ok() && std::fs::remove_file(&stale).is_ok() {
-            eprintln!("removed {} left by an interrupted run", stale.display());
+            to_stderr!("removed {} left by an interrupted run", stale.display());
         }
     }
 }

@@ -89,6 +89,9 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line standard error cannot take is lost, not reported
+        // through `eprintln!` (which would panic on a closed stderr).
+        .log_internal_errors(false)
         // Colours only for a terminal: never escape codes in a log file.
         .with_ansi(
             std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -170,7 +173,7 @@ where
     {
         // What the command did (a change, if it makes one) is done; only
         // its report is lost. A refusal stays a refusal (exit 1).
-        eprintln!(
+        to_stderr!(
             "error: the output could not be written in full to standard output \
              (whatever the command changes was changed)"
         );

@@ -177,6 +177,6 @@ pub(crate) fn serve(store: &StoreArgs, args: &ServeArgs) -> Result<(), Failure> 
             format!("key releases were stopped: {reason}"),
         ));
     }
-    eprintln!("stopped");
+    to_stderr!("stopped");
     Ok(())
 }

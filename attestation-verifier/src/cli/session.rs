@@ -160,7 +160,7 @@ pub(crate) fn finish(result: Result<(), Failure>) -> Outcome {
         Ok(()) => Outcome::Accepted,
         Err(Failure::Refused(kind, message)) => {
             emit(&json!({ "error": { "kind": kind, "message": message } }));
-            eprintln!("refused ({kind}): {message}");
+            to_stderr!("refused ({kind}): {message}");
             Outcome::Rejected
         }
         Err(Failure::Usage(e)) => {
@@ -170,7 +170,7 @@ pub(crate) fn finish(result: Result<(), Failure>) -> Outcome {
                 "usage"
             };
             emit(&json!({ "error": { "kind": kind, "message": format!("{e:#}") } }));
-            eprintln!("error: {e:#}");
+            to_stderr!("error: {e:#}");
             Outcome::Failed
         }
     }

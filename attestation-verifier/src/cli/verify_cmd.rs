@@ -43,13 +43,13 @@ pub(crate) fn emit(value: &Value) {
 /// A usage or I/O failure: exit 2, a JSON error on stdout, a line on stderr.
 fn fail(kind: &str, message: String) -> Outcome {
     emit(&report::error_object(kind, &message));
-    eprintln!("error: {message}");
+    to_stderr!("error: {message}");
     Outcome::Failed
 }
 
 fn reject(err: &VerifyError) -> Outcome {
     emit(&report::rejection(err));
-    eprintln!("rejected ({}): {err}", err.kind());
+    to_stderr!("rejected ({}): {err}", err.kind());
     Outcome::Rejected
 }
 
@@ -163,7 +163,7 @@ fn try_run(args: &VerifyArgs) -> Result<Outcome, Outcome> {
             );
             out.insert("certificate".into(), report::certificate(verified.leaf()));
             emit(&Value::Object(out));
-            eprintln!("accepted: {}", verified.document().module_id);
+            to_stderr!("accepted: {}", verified.document().module_id);
             Ok(Outcome::Accepted)
         }
         Err(e) => Ok(reject(&e)),
