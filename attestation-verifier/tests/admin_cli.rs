@@ -930,3 +930,73 @@ fn a_torn_last_line_is_removed_and_recorded() {
     assert!(recorded["reason"].as_str().unwrap().contains("7 bytes"));
     assert_eq!(env.run(Some(&key_admin), &["audit", "verify"]).0, 0);
 }
+
+/// A decryption killed part way (SIGKILL: nothing runs after it) leaves no
+/// file behind: its output had no name until it was whole.
+#[test]
+fn a_killed_decryption_leaves_no_plaintext_behind() {
+    let env = Env::new();
+    let key_admin = env.cred("key-admin");
+    let app_admin = env.cred("app-admin");
+    assert_eq!(env.run(Some(&key_admin), &["key", "create", KEY]).0, 0);
+    let plain: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(env.path("plain"), &plain).unwrap();
+    let (code, _, err) = env.run(
+        Some(&app_admin),
+        &[
+            "data",
+            "encrypt",
+            "--key",
+            KEY,
+            &env.path("plain"),
+            &env.path("env"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    std::fs::remove_file(env.path("plain")).unwrap();
+    let names = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(env.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = names();
+    let mut child = env
+        .command(
+            Some(&app_admin),
+            &["data", "decrypt", &env.path("env"), &env.path("back")],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once its output is open (a descriptor on a file of the
+    // directory itself, other than the input: named or not), while it
+    // writes.
+    let input = std::path::PathBuf::from(env.path("env"));
+    let writing = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                    .any(|target| target.parent() == Some(env.dir.path()) && target != input)
+            })
+            .unwrap_or(false)
+    };
+    let started = std::time::Instant::now();
+    while !writing(child.id()) && child.try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let finished = child.try_wait().unwrap().is_some();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut after = names();
+    if finished {
+        // Too fast to catch part way: the whole output, nothing else.
+        after.retain(|n| n != "back");
+    }
+    assert_eq!(after, before, "left behind");
+}

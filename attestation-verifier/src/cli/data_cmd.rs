@@ -6,9 +6,13 @@
 //! a failed or interrupted decryption never leaves a file that looks complete.
 //! An existing output is refused unless `--force`, and then only a regular
 //! file is replaced (never a FIFO, device, directory or symbolic link). The
-//! temporary file (`.kluis-partial-<name>-<random>`, mode 0600) is locked
-//! while it is written; one left by a killed run (it may hold a plaintext
-//! prefix) is removed by the next run for the same output.
+//! output is written to a file with no name (`O_TMPFILE`, mode 0600) and
+//! linked into place at the end: a run that is interrupted or killed
+//! leaves nothing behind (a decryption's plaintext prefix included). On a
+//! file system without unnamed files, a named temporary file
+//! (`.kluis-partial-<name>-<random>`, mode 0600) is used instead; it is
+//! locked while it is written, and one left by a killed run is removed by
+//! the next run for the same output.
 
 use crate::audit::Decision;
 use crate::auth::Permission;
@@ -74,6 +78,12 @@ fn open_input(path: &Path) -> anyhow::Result<Box<dyn Read>> {
 /// Where output goes: stdout, or a temporary file renamed into place on success.
 enum Output {
     Stdout,
+    /// A file with no name in `dest`'s directory, linked in on success.
+    Unnamed {
+        file: std::fs::File,
+        dest: PathBuf,
+        force: bool,
+    },
     File {
         temp: tempfile::NamedTempFile,
         dest: PathBuf,
@@ -146,6 +156,27 @@ impl Output {
         check_output(path, force)?;
         remove_stale_partials(path);
         let dir = output_dir(path);
+        use rustix::fs::{Mode, OFlags};
+        match rustix::fs::open(
+            dir,
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => {
+                return Ok(Output::Unnamed {
+                    file: std::fs::File::from(fd),
+                    dest: path.to_path_buf(),
+                    force,
+                })
+            }
+            // No unnamed files here (EOPNOTSUPP; EISDIR on old kernels):
+            // a named temporary file.
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR) => {}
+            Err(e) => {
+                return Err(anyhow!(std::io::Error::from(e))
+                    .context(format!("creating a temporary file in {}", dir.display())))
+            }
+        }
         let temp = tempfile::Builder::new()
             .prefix(&partial_prefix(path))
             .tempfile_in(dir)
@@ -164,6 +195,9 @@ impl Output {
     fn writer(&mut self) -> Box<dyn Write + '_> {
         match self {
             Output::Stdout => Box::new(std::io::stdout().lock()),
+            Output::Unnamed { file, .. } => {
+                Box::new(std::io::BufWriter::with_capacity(1 << 20, file))
+            }
             Output::File { temp, .. } => Box::new(std::io::BufWriter::with_capacity(
                 1 << 20,
                 temp.as_file_mut(),
@@ -175,6 +209,46 @@ impl Output {
     fn commit(self) -> anyhow::Result<()> {
         match self {
             Output::Stdout => Ok(std::io::stdout().flush()?),
+            Output::Unnamed { file, dest, force } => {
+                file.sync_all()?;
+                let dir = output_dir(&dest);
+                // The file's own name in /proc links it without privileges
+                // (a link from the descriptor itself needs one).
+                use std::os::fd::AsRawFd as _;
+                let fd_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+                let link = |to: &Path| {
+                    rustix::fs::linkat(
+                        rustix::fs::CWD,
+                        fd_path.as_str(),
+                        rustix::fs::CWD,
+                        to,
+                        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                    )
+                    .map_err(|e| {
+                        anyhow!(
+                            "linking the output into {}: {}",
+                            to.display(),
+                            std::io::Error::from(e)
+                        )
+                    })
+                };
+                if force {
+                    // Linked under a name of its own, then renamed over the
+                    // destination (a link never replaces a file).
+                    let temp = tempfile::Builder::new()
+                        .prefix(&partial_prefix(&dest))
+                        .make_in(dir, |path| link(path).map_err(std::io::Error::other))
+                        .with_context(|| format!("linking the output into {}", dir.display()))?;
+                    check_output(&dest, true)?;
+                    temp.persist(&dest)
+                        .map_err(|e| anyhow!("renaming into {}: {}", dest.display(), e.error))?;
+                } else {
+                    // Refuses a file that appeared meanwhile (EEXIST).
+                    link(&dest)?;
+                }
+                std::fs::File::open(dir).and_then(|d| d.sync_all()).ok();
+                Ok(())
+            }
             Output::File { temp, dest, force } => {
                 temp.as_file().sync_all()?;
                 if force {
