@@ -26,9 +26,13 @@ pub(crate) enum NsmSimCommand {
     ExportRoot {
         #[command(flatten)]
         state: StateArgs,
-        /// Write the PEM to this file instead of standard output.
+        /// Write the PEM to this file instead of standard output (an
+        /// existing file is refused unless --force).
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// Replace an existing --out file.
+        #[arg(long, requires = "out")]
+        force: bool,
     },
     /// Produce an attestation document (raw COSE_Sign1 bytes).
     Attest(AttestArgs),
@@ -80,9 +84,13 @@ pub(crate) struct AttestArgs {
     /// Module id to report.
     #[arg(long, value_name = "ID")]
     module_id: Option<String>,
-    /// Where to write the document; `-` for standard output.
+    /// Where to write the document; `-` for standard output. An existing
+    /// file is refused unless --force.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Runs one `nsm-sim` subcommand.
@@ -90,7 +98,9 @@ pub(crate) fn run(command: NsmSimCommand) -> Result<()> {
     to_stderr!("{WARNING}");
     match command {
         NsmSimCommand::Init(state) => init(&state),
-        NsmSimCommand::ExportRoot { state, out } => export_root(&state, out.as_deref()),
+        NsmSimCommand::ExportRoot { state, out, force } => {
+            export_root(&state, out.as_deref(), force)
+        }
         NsmSimCommand::Attest(args) => attest(&args),
         NsmSimCommand::Describe { state, module_id } => describe(&state, module_id),
     }
@@ -161,7 +171,7 @@ fn init(state: &StateArgs) -> Result<()> {
     Ok(())
 }
 
-fn export_root(state: &StateArgs, out: Option<&Path>) -> Result<()> {
+fn export_root(state: &StateArgs, out: Option<&Path>, force: bool) -> Result<()> {
     let dir = state_dir(state)?;
     if !SimRoot::key_path(&dir).exists() {
         bail!(
@@ -170,14 +180,33 @@ fn export_root(state: &StateArgs, out: Option<&Path>) -> Result<()> {
         );
     }
     let root = SimRoot::load(&dir)?;
-    write_output(out, root.root_pem().as_bytes())
+    write_output(out, root.root_pem().as_bytes(), force)
 }
 
-/// Writes `bytes` to `out`, or to standard output when `out` is `None` or `-`.
-fn write_output(out: Option<&Path>, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `out`, or to standard output when `out` is `None` or
+/// `-`. An existing file is replaced only with `force`.
+fn write_output(out: Option<&Path>, bytes: &[u8], force: bool) -> Result<()> {
     match out {
         Some(path) if path != Path::new("-") => {
-            std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true);
+            if force {
+                options.create(true).truncate(true);
+            } else {
+                options.create_new(true);
+            }
+            let mut file = options.open(path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    anyhow::anyhow!(
+                        "{} exists: remove it, choose another --out, or give --force",
+                        path.display()
+                    )
+                } else {
+                    anyhow::Error::new(e).context(format!("cannot write {}", path.display()))
+                }
+            })?;
+            file.write_all(bytes)
+                .with_context(|| format!("cannot write {}", path.display()))
         }
         _ => {
             let mut stdout = std::io::stdout().lock();
@@ -265,7 +294,7 @@ fn attest(args: &AttestArgs) -> Result<()> {
         public_key.as_deref(),
     )
     .context("the simulated NSM refused the attestation request")?;
-    write_output(Some(&args.out), &document)?;
+    write_output(Some(&args.out), &document, args.force)?;
     if args.out != Path::new("-") {
         to_stderr!(
             "wrote a {}-byte attestation document to {}",
@@ -303,7 +332,7 @@ fn describe(state: &StateArgs, module_id: Option<String>) -> Result<()> {
     });
     let mut text = serde_json::to_string_pretty(&json).context("cannot encode JSON")?;
     text.push('\n');
-    write_output(None, text.as_bytes())
+    write_output(None, text.as_bytes(), false)
 }
 
 #[cfg(test)]

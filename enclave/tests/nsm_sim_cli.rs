@@ -355,3 +355,39 @@ fn redirected_run_logs_have_no_colour_codes() {
         "colour codes in a redirected log: {log:?}"
     );
 }
+
+/// An existing `--out` is refused (exit 2, left as it was) unless `--force`
+/// is given, for a document and for the root alike.
+#[test]
+fn an_existing_out_is_replaced_only_with_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state_arg = state.to_str().unwrap();
+    assert!(enclave(&["nsm-sim", "init", "--state", state_arg], None)
+        .status
+        .success());
+    let out = dir.path().join("important.txt");
+    let out_arg = out.to_str().unwrap();
+    for command in [
+        &[
+            "nsm-sim", "attest", "--nonce", "00", "--state", state_arg, "--out", out_arg,
+        ][..],
+        &[
+            "nsm-sim",
+            "export-root",
+            "--state",
+            state_arg,
+            "--out",
+            out_arg,
+        ][..],
+    ] {
+        std::fs::write(&out, b"keep me").unwrap();
+        let refused = enclave(command, None);
+        assert_eq!(refused.status.code(), Some(2), "{command:?}");
+        assert!(stderr(&refused).contains("--force"), "{}", stderr(&refused));
+        assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+        let forced = enclave(&[command, &["--force"]].concat(), None);
+        assert!(forced.status.success(), "{}", stderr(&forced));
+        assert_ne!(std::fs::read(&out).unwrap(), b"keep me");
+    }
+}

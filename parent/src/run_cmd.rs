@@ -1,7 +1,7 @@
 //! `parent run` and `parent relay`.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -287,6 +287,45 @@ impl Reporter {
     }
 }
 
+/// What `run` can tell about its input and output before it connects to
+/// anything: a job that could not be read from or written to at its end
+/// must not run first (it may spend a run of its authorisation).
+fn check_paths(input: &Path, output: &Path) -> anyhow::Result<()> {
+    let meta =
+        std::fs::metadata(input).with_context(|| format!("the input {}", input.display()))?;
+    if meta.is_dir() {
+        return Err(anyhow!(
+            "the input {} is a directory, not an envelope from `attestation-verifier data encrypt`",
+            input.display()
+        ));
+    }
+    if std::fs::symlink_metadata(output).is_ok_and(|m| m.is_dir()) {
+        return Err(anyhow!("the output {} is a directory", output.display()));
+    }
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
+        return Err(anyhow!(
+            "the output's directory {} does not exist",
+            dir.display()
+        ));
+    }
+    // The same file under two names (a link, `./x` and `x`): the output
+    // would replace the input.
+    let same = std::fs::canonicalize(input)
+        .ok()
+        .is_some_and(|i| std::fs::canonicalize(output).ok().is_some_and(|o| o == i));
+    if same {
+        return Err(anyhow!(
+            "the output {} is the input: choose another --output",
+            output.display()
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
     // Checked before anything runs (an earlier job's output, or another
     // run's, is not replaced by mistake).
@@ -296,6 +335,7 @@ pub(crate) fn run(args: &RunArgs) -> anyhow::Result<()> {
             args.output.display()
         ));
     }
+    check_paths(&args.input, &args.output)?;
     let workload = kluis_parent::spec::parse(&args.job)?;
     let secrets = args
         .secret

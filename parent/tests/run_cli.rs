@@ -304,3 +304,63 @@ fn run_with_standard_error_full_fails_without_a_panic() {
         .unwrap();
     assert_eq!(status.code(), Some(1));
 }
+
+/// Inputs and outputs a job could not use are refused before anything
+/// connects (a job must not run, and spend a run of its authorisation, only
+/// to fail at its end): a missing input, a directory for either, a missing
+/// output directory, and an output that is the input.
+#[test]
+fn run_refuses_unusable_paths_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.kenv");
+    std::fs::write(&input, b"envelope").unwrap();
+    let d = dir.path().display().to_string();
+    let i = input.display().to_string();
+    let cases: [(&str, String, &[&str], &str); 5] = [
+        (
+            "missing input",
+            format!("{d}/absent.kenv"),
+            &[],
+            "the input",
+        ),
+        ("input a directory", d.clone(), &[], "is a directory"),
+        (
+            "output a directory",
+            i.clone(),
+            &["--replace"],
+            "is a directory",
+        ),
+        ("no output directory", i.clone(), &[], "does not exist"),
+        ("output is input", i.clone(), &["--replace"], "is the input"),
+    ];
+    for (what, input_arg, extra, expected) in cases {
+        let output = match what {
+            "output a directory" => d.clone(),
+            "no output directory" => format!("{d}/nowhere/out.kenv"),
+            "output is input" => format!("{d}/./in.kenv"),
+            _ => format!("{d}/out.kenv"),
+        };
+        let out = parent(
+            &[
+                &[
+                    "run",
+                    "--enclave",
+                    "unix:/nonexistent/enclave.sock",
+                    "--input",
+                ][..],
+                &[input_arg.as_str(), "--output", output.as_str()],
+                &["--output-key", "a/b/c", "--enclave-wait", "0"],
+                extra,
+            ]
+            .concat(),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        assert!(stderr.contains(expected), "{what}: {stderr}");
+        assert!(
+            !stderr.contains("enclave"),
+            "{what}: it tried to connect: {stderr}"
+        );
+    }
+    assert_eq!(std::fs::read(&input).unwrap(), b"envelope");
+}
