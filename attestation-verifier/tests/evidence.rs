@@ -241,6 +241,23 @@ fn checkpoints_and_consistency_proofs_catch_a_rolled_back_log() {
         &env.path("c0-c1.json"),
     ]);
     assert_eq!((code, out["new_size"].as_u64()), (0, Some(n1)), "{out}");
+    // Two checkpoints and no proof: refused, saying how to give the proof.
+    let (code, out) = offline(&[
+        "evidence",
+        "verify-consistency",
+        "--identity",
+        &identity,
+        &env.path("c0.note"),
+        &env.path("c1.note"),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("this is a checkpoint"),
+        "{out}"
+    );
     let (code, out) = offline(&[
         "evidence",
         "verify-consistency",

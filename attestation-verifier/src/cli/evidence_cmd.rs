@@ -243,10 +243,17 @@ pub(crate) fn evidence(command: &EvidenceCommand) -> Result<(), Failure> {
             let proof_file = proof.as_deref().unwrap_or(new);
             let proof_text = read_text(proof_file, MAX_EVIDENCE_LEN, "the consistency proof")?;
             let mut doc: ConsistencyProofDoc = serde_json::from_str(&proof_text).map_err(|e| {
+                // A checkpoint where the proof was expected: say how to give both.
+                let hint = if proof.is_none() && proof_text.contains("\n\n\u{2014} ") {
+                    " (this is a checkpoint: give the output of `audit consistency --from OLD` \
+                     instead, or this checkpoint with --proof FILE)"
+                } else {
+                    ""
+                };
                 Failure::Refused(
                     "evidence_invalid".into(),
                     format!(
-                        "{}: not a consistency proof document: {e}",
+                        "{}: not a consistency proof document: {e}{hint}",
                         proof_file.display()
                     ),
                 )

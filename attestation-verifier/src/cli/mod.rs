@@ -100,6 +100,16 @@ fn init_logging() {
         .try_init();
 }
 
+/// A usage error as one line: clap's message up to its usage section (a
+/// missing argument is named on the lines after the first).
+fn usage_message(text: &str) -> String {
+    text.lines()
+        .take_while(|line| !line.trim().is_empty() && !line.starts_with("Usage:"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The outcome of a command, mapped to the documented exit codes.
 pub(crate) enum Outcome {
     Accepted,
@@ -140,8 +150,7 @@ where
                 return ExitCode::SUCCESS;
             }
             // Usage errors follow the rule of every other failure.
-            let text = e.to_string();
-            let message = text.lines().next().unwrap_or_default();
+            let message = usage_message(&e.to_string());
             verify_cmd::emit(
                 &serde_json::json!({ "error": { "kind": "usage", "message": message } }),
             );
@@ -203,5 +212,20 @@ mod tests {
         let printed = format!("{cli:?}");
         assert!(!printed.contains("s3cr3t-pw"), "{printed}");
         assert!(printed.contains("DatabaseUrl(<redacted>)"), "{printed}");
+    }
+
+    #[test]
+    fn a_usage_error_names_what_is_missing_on_one_line() {
+        let e = Cli::try_parse_from(["attestation-verifier", "key", "rotate"]).unwrap_err();
+        let message = usage_message(&e.to_string());
+        assert!(
+            message.starts_with("error: the following required arguments were not provided:"),
+            "{message}"
+        );
+        assert!(message.ends_with("provided: <NAME>"), "{message}");
+        assert!(
+            !message.contains('\n') && !message.contains("Usage:"),
+            "{message}"
+        );
     }
 }
