@@ -1000,3 +1000,27 @@ fn a_killed_decryption_leaves_no_plaintext_behind() {
     }
     assert_eq!(after, before, "left behind");
 }
+
+/// An error's causes are each said once (a cause that the error's own
+/// message already quotes is not repeated after it).
+#[test]
+fn an_error_says_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_attestation-verifier"))
+        .env_remove("KLUIS_ROOT_KEY_FILE")
+        .env_remove("KLUIS_STORE")
+        .env_remove("KLUIS_CREDENTIAL_FILE")
+        .args(["--store"])
+        .arg(dir.path().join("s"))
+        .arg("--root-key-file")
+        .arg(dir.path().join("missing.key"))
+        .args(["key", "list"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stdout} {stderr}");
+    for text in [&stdout, &stderr] {
+        assert_eq!(text.matches("(os error 2)").count(), 1, "{text}");
+    }
+}

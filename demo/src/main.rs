@@ -105,7 +105,10 @@ fn main() -> ExitCode {
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                to_stderr!("\ndemo FAILED: {}", format!("{e:#}").replace('\n', " "));
+                to_stderr!(
+                    "\ndemo FAILED: {}",
+                    kluis_proto::report::error_text(e.as_ref()).replace('\n', " ")
+                );
                 if cli.keep.is_none() {
                     to_stderr!(
                         "(run with --keep DIR to keep the logs of the verifier and the enclave)"

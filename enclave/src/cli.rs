@@ -526,7 +526,7 @@ where
                     }
                 }
                 Err(err) => {
-                    let message = format!("{err:#}").replace('\n', " ");
+                    let message = kluis_proto::report::error_text(err.as_ref()).replace('\n', " ");
                     to_stderr!("error: {}: {message}", args.file.display());
                     ExitCode::from(1)
                 }
@@ -539,7 +539,7 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the error and its causes, joined.
-            let message = format!("{err:#}").replace('\n', " ");
+            let message = kluis_proto::report::error_text(err.as_ref()).replace('\n', " ");
             to_stderr!("error: {message}");
             ExitCode::from(EXIT_FAILURE)
         }

@@ -67,7 +67,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            to_stderr!("error: {}", format!("{e:#}").replace('\n', " "));
+            to_stderr!(
+                "error: {}",
+                kluis_proto::report::error_text(e.as_ref()).replace('\n', " ")
+            );
             ExitCode::FAILURE
         }
     }

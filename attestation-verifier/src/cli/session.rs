@@ -169,8 +169,9 @@ pub(crate) fn finish(result: Result<(), Failure>) -> Outcome {
             } else {
                 "usage"
             };
-            emit(&json!({ "error": { "kind": kind, "message": format!("{e:#}") } }));
-            to_stderr!("error: {e:#}");
+            let message = kluis_proto::report::error_text(e.as_ref());
+            emit(&json!({ "error": { "kind": kind, "message": message } }));
+            to_stderr!("error: {message}");
             Outcome::Failed
         }
     }
@@ -623,7 +624,7 @@ pub(crate) fn add_admin_with_credential(
     let mut write_error = None;
     let added = kms.add_admin_then(record, reason, || {
         write_secret_file(path, credential).map_err(|e| {
-            let message = format!("{e:#}");
+            let message = kluis_proto::report::error_text(e.as_ref());
             write_error = Some(e);
             KeyError::InvalidArgument(message)
         })

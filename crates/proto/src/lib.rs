@@ -63,6 +63,7 @@ pub mod job;
 mod job_spec;
 pub mod keys;
 pub mod message;
+pub mod report;
 mod seal;
 
 #[cfg(test)]
