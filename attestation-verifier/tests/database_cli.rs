@@ -165,6 +165,22 @@ fn database_errors_are_clear_and_never_show_the_password() {
         (2, Some("usage")),
         "{out}"
     );
+    // The store from the environment (as a quick start exports it): the
+    // message names the variable.
+    let (code, out, _) = run(verifier_command().env("KLUIS_STORE", "/tmp/x").args([
+        "--database",
+        "postgresql://kluis@127.0.0.1:1/state",
+        "key",
+        "list",
+    ]));
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unset KLUIS_STORE"),
+        "{out}"
+    );
 
     // migrate needs a database.
     let (code, out, _) = run(verifier_command().args(["migrate"]));

@@ -100,6 +100,14 @@ fn init_logging() {
         .try_init();
 }
 
+/// A usage error on standard output, the rule of every other failure:
+/// exit 2.
+fn usage_error(message: &str) -> ExitCode {
+    verify_cmd::emit(&serde_json::json!({ "error": { "kind": "usage", "message": message } }));
+    let _ = std::io::stdout().flush();
+    ExitCode::from(2)
+}
+
 /// A usage error as one line: clap's message up to its usage section (a
 /// missing argument is named on the lines after the first).
 fn usage_message(text: &str) -> String {
@@ -150,16 +158,20 @@ where
                 return ExitCode::SUCCESS;
             }
             // Usage errors follow the rule of every other failure.
-            let message = usage_message(&e.to_string());
-            verify_cmd::emit(
-                &serde_json::json!({ "error": { "kind": "usage", "message": message } }),
-            );
-            let _ = std::io::stdout().flush();
-            return ExitCode::from(2);
+            return usage_error(&usage_message(&e.to_string()));
         }
     };
-    init_logging();
     let store = &cli.store;
+    if store.store.is_some() && store.database.is_some() {
+        // Either may come from the environment (a quick start exports
+        // KLUIS_STORE): say so, rather than name only the options.
+        let message = "error: a store directory (--store or KLUIS_STORE) and a database \
+                       (--database or KLUIS_DATABASE_URL) are both given: use one (unset \
+                       KLUIS_STORE to use a database)";
+        to_stderr!("{message}");
+        return usage_error(message);
+    }
+    init_logging();
     let outcome = match &cli.command {
         Command::Verify(args) => verify_cmd::run(args),
         Command::Inspect { doc } => verify_cmd::inspect(doc),

@@ -35,8 +35,7 @@ pub(crate) struct StoreArgs {
         env = "KLUIS_DATABASE_URL",
         value_name = "URL",
         global = true,
-        hide_env_values = true,
-        conflicts_with = "store"
+        hide_env_values = true
     )]
     pub database: Option<DatabaseUrl>,
     /// Reach the database over TLS, verified against the CA certificates in

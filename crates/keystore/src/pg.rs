@@ -654,7 +654,16 @@ fn is_local(config: &Config) -> bool {
 pub fn reason(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
+        // Not the server's answer (no connection, TLS, a dropped link):
+        // the error and its causes ("error connecting to server" alone
+        // says nothing of why), each said once.
+        None => std::iter::successors(Some(e as &dyn std::error::Error), |c| c.source())
+            .map(ToString::to_string)
+            .fold(String::new(), |text, cause| match text.as_str() {
+                "" => cause,
+                _ if text.contains(&cause) => text,
+                _ => format!("{text}: {cause}"),
+            }),
     }
 }
 

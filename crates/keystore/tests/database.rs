@@ -303,6 +303,8 @@ fn an_unreachable_database_is_a_clear_error() {
         "{text}"
     );
     assert!(!text.contains("pw-secret"), "{text}");
+    // With the reason why, not only "error connecting to server".
+    assert!(text.to_lowercase().contains("refused"), "{text}");
 }
 
 /// The server's certificate for the TLS tests: the one the local server
