@@ -434,7 +434,16 @@ impl KeyPolicy {
         };
         regular(std::fs::metadata(path).map_err(io)?)?;
         let file = std::fs::File::open(path).map_err(io)?;
-        regular(file.metadata().map_err(io)?)?;
+        let meta = file.metadata().map_err(io)?;
+        let len = meta.len();
+        regular(meta)?;
+        // Its size, not the bytes a bounded read would have taken.
+        if len > u64::try_from(MAX_POLICY_LEN).unwrap_or(u64::MAX) {
+            return Err(PolicyError::TooLarge {
+                found: len,
+                max: MAX_POLICY_LEN,
+            });
+        }
         let mut text = String::new();
         let cap = u64::try_from(MAX_POLICY_LEN).unwrap_or(u64::MAX);
         file.take(cap.saturating_add(1))

@@ -306,3 +306,17 @@ fn the_verifier_program_allocates_through_the_wiping_allocator() {
     let binary = std::fs::read(env!("CARGO_BIN_EXE_attestation-verifier")).unwrap();
     assert!(binary.windows(12).any(|w| w == b"ZeroizeAlloc"));
 }
+
+/// A document file far over the limit is rejected naming its own size,
+/// not the bytes a bounded read took.
+#[test]
+fn an_oversized_document_is_rejected_with_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.cbor");
+    std::fs::write(&big, vec![0x84u8; 3 << 20]).unwrap();
+    let (code, json, stderr) = run(&["verify", big.to_str().unwrap()], None);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(json["error"]["kind"], "document_too_large", "{json}");
+    let message = json["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("{} bytes", 3 << 20)), "{json}");
+}

@@ -60,7 +60,12 @@ fn read_document(path: &Path) -> Result<Vec<u8>, Outcome> {
     match read_bounded(path, limit) {
         Ok(Some(raw)) => Ok(decode_document_bytes(raw)),
         Ok(None) => Err(reject(&VerifyError::TooLarge {
-            found: limit.saturating_add(1),
+            // A file's size; for a stream, the most that was read.
+            found: std::fs::metadata(path)
+                .ok()
+                .filter(std::fs::Metadata::is_file)
+                .and_then(|m| usize::try_from(m.len()).ok())
+                .unwrap_or(limit.saturating_add(1)),
             limit: MAX_DOCUMENT_LEN,
         })),
         Err(e) => Err(fail(
