@@ -170,15 +170,6 @@ impl DbLog {
         Ok(through.saturating_add(1).min(first).max(1))
     }
 
-    /// Whether the row of record `seq` with `hash` may be taken: it carries
-    /// a valid authenticator, or comes from before they existed.
-    fn authentic(&self, seq: u64, hash: &[u8], mac: Option<&[u8]>) -> bool {
-        if seq < self.authenticated_from {
-            return true;
-        }
-        mac.is_some_and(|mac| self.key.verify(seq, hash, mac))
-    }
-
     /// The head row.
     fn read_head(&self) -> Result<AuditHead, AuditError> {
         let mut client = self.client()?;
@@ -274,7 +265,13 @@ impl DbLog {
                 found: record.head(),
             });
         }
-        if !self.authentic(head.seq, &head.hash, mac.as_deref()) {
+        if !authentic(
+            &self.key,
+            self.authenticated_from,
+            head.seq,
+            &line,
+            mac.as_deref(),
+        ) {
             return Err(AuditError::Unauthenticated { seq: head.seq });
         }
         Ok(())
@@ -368,8 +365,8 @@ impl DbLog {
                 Ok((new_head, seq_sql, line)) => {
                     head = new_head;
                     seqs.push(seq_sql);
+                    macs.push(self.key.tag(new_head.seq, &line).to_vec());
                     lines.push(line);
-                    macs.push(self.key.tag(new_head.seq, &new_head.hash).to_vec());
                     results.push((
                         ticket,
                         Ok(AuditAnchor {
@@ -432,6 +429,19 @@ impl DbLog {
     }
 }
 
+/// Whether the row of record `seq` holding `line` may be taken under
+/// `key`: it carries a valid authenticator, or comes from before
+/// `authenticated_from`, when they began.
+fn authentic(
+    key: &AuditRowKey,
+    authenticated_from: u64,
+    seq: u64,
+    line: &[u8],
+    mac: Option<&[u8]>,
+) -> bool {
+    seq < authenticated_from || mac.is_some_and(|mac| key.verify(seq, line, mac))
+}
+
 /// The records of the database log as the lines of a log file, read a page
 /// of rows at a time. A gap in the sequence numbers ends the lines there, so
 /// the chain check reports what follows as broken or the tail as missing. A
@@ -482,19 +492,17 @@ impl DbLines {
                     self.next
                 )));
             }
-            if self.next >= self.authenticated_from {
-                // The hash as the line states it: a line whose hash does
-                // not match its contents fails the chain check after this.
-                // A row that is no record cannot be authenticated either.
-                let valid = match (serde_json::from_slice::<AuditRecord>(&line), &mac) {
-                    (Ok(record), Some(mac)) => self.key.verify(self.next, &record.hash, mac),
-                    _ => false,
-                };
-                if !valid {
-                    return Err(io::Error::other(AuditError::Unauthenticated {
-                        seq: self.next,
-                    }));
-                }
+            // Its bytes are authenticated before anything parses them.
+            if !authentic(
+                &self.key,
+                self.authenticated_from,
+                self.next,
+                &line,
+                mac.as_deref(),
+            ) {
+                return Err(io::Error::other(AuditError::Unauthenticated {
+                    seq: self.next,
+                }));
             }
             self.buf.extend_from_slice(&line);
             self.buf.push(b'\n');

@@ -539,46 +539,21 @@ impl Token {
         } else {
             KeyType::EC
         };
-        let type_ok = attributes
-            .iter()
-            .any(|a| matches!(a, Attribute::KeyType(t) if *t == key_type));
-        if !type_ok {
-            return Err(HsmError::ObjectNotOurs {
-                id: String::from_utf8_lossy(id).into_owned(),
-                attribute: "CKA_KEY_TYPE",
-            });
-        }
-        let found: Vec<(&'static str, bool)> = attributes
-            .iter()
-            .filter_map(|attribute| match attribute {
-                Attribute::Token(v) => Some(("CKA_TOKEN", *v)),
-                Attribute::Local(v) => Some(("CKA_LOCAL", *v)),
-                Attribute::Private(v) => Some(("CKA_PRIVATE", *v)),
-                Attribute::Copyable(v) => Some(("CKA_COPYABLE", *v)),
-                Attribute::Modifiable(v) => Some(("CKA_MODIFIABLE", *v)),
-                Attribute::Derive(v) => Some(("CKA_DERIVE", *v)),
-                Attribute::Sensitive(v) => Some(("CKA_SENSITIVE", *v)),
-                Attribute::AlwaysSensitive(v) => Some(("CKA_ALWAYS_SENSITIVE", *v)),
-                Attribute::Extractable(v) => Some(("CKA_EXTRACTABLE", *v)),
-                Attribute::NeverExtractable(v) => Some(("CKA_NEVER_EXTRACTABLE", *v)),
-                _ => None,
-            })
-            .collect();
-        for (name, want) in [
-            ("CKA_TOKEN", true),
-            ("CKA_LOCAL", true),
-            ("CKA_PRIVATE", true),
-            ("CKA_COPYABLE", false),
-            ("CKA_MODIFIABLE", false),
-            ("CKA_DERIVE", false),
-            ("CKA_SENSITIVE", true),
-            ("CKA_ALWAYS_SENSITIVE", true),
-            ("CKA_EXTRACTABLE", false),
-            ("CKA_NEVER_EXTRACTABLE", true),
+        for (name, expected) in [
+            ("CKA_KEY_TYPE", Attribute::KeyType(key_type)),
+            ("CKA_TOKEN", Attribute::Token(true)),
+            ("CKA_LOCAL", Attribute::Local(true)),
+            ("CKA_PRIVATE", Attribute::Private(true)),
+            ("CKA_COPYABLE", Attribute::Copyable(false)),
+            ("CKA_MODIFIABLE", Attribute::Modifiable(false)),
+            ("CKA_DERIVE", Attribute::Derive(false)),
+            ("CKA_SENSITIVE", Attribute::Sensitive(true)),
+            ("CKA_ALWAYS_SENSITIVE", Attribute::AlwaysSensitive(true)),
+            ("CKA_EXTRACTABLE", Attribute::Extractable(false)),
+            ("CKA_NEVER_EXTRACTABLE", Attribute::NeverExtractable(true)),
         ] {
             // An attribute the token did not return counts as wrong.
-            let value = found.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
-            if value != Some(want) {
+            if !attributes.contains(&expected) {
                 return Err(HsmError::ObjectNotOurs {
                     id: String::from_utf8_lossy(id).into_owned(),
                     attribute: name,

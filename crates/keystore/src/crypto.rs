@@ -198,31 +198,32 @@ impl fmt::Debug for AuditRowKey {
 }
 
 impl AuditRowKey {
-    fn context(&self, seq: u64, hash: &[u8]) -> hmac::Context {
+    fn context(&self, seq: u64, line: &[u8]) -> hmac::Context {
         let mut ctx = hmac::Context::with_key(&self.0);
         ctx.update(b"kluis-audit-row-v1\0");
         ctx.update(&seq.to_be_bytes());
-        ctx.update(&u64::try_from(hash.len()).unwrap_or(u64::MAX).to_be_bytes());
-        ctx.update(hash);
+        ctx.update(&u64::try_from(line.len()).unwrap_or(u64::MAX).to_be_bytes());
+        ctx.update(line);
         ctx
     }
 
-    /// The authenticator of the record `seq` whose hash (which covers the
-    /// record and, through `prev_hash`, the chain before it) is `hash`.
-    pub fn tag(&self, seq: u64, hash: &[u8]) -> [u8; AUDIT_TAG_LEN] {
+    /// The authenticator of record `seq` stored as `line` (its bytes as
+    /// written, so a reader checks them before parsing anything; the line
+    /// holds `prev_hash`, which ties it to the chain before it).
+    pub fn tag(&self, seq: u64, line: &[u8]) -> [u8; AUDIT_TAG_LEN] {
         let mut out = [0u8; AUDIT_TAG_LEN];
-        let tag = self.context(seq, hash).sign();
+        let tag = self.context(seq, line).sign();
         if let Some(bytes) = tag.as_ref().get(..AUDIT_TAG_LEN) {
             out.copy_from_slice(bytes);
         }
         out
     }
 
-    /// Whether `tag` is the authenticator of record `seq` with `hash`
+    /// Whether `tag` is the authenticator of record `seq` stored as `line`
     /// (compared in constant time).
-    pub fn verify(&self, seq: u64, hash: &[u8], tag: &[u8]) -> bool {
+    pub fn verify(&self, seq: u64, line: &[u8], tag: &[u8]) -> bool {
         use subtle::ConstantTimeEq as _;
-        tag.len() == AUDIT_TAG_LEN && bool::from(self.tag(seq, hash).ct_eq(tag))
+        tag.len() == AUDIT_TAG_LEN && bool::from(self.tag(seq, line).ct_eq(tag))
     }
 }
 

@@ -1,7 +1,6 @@
 -- Each audit record a verifier writes carries an authenticator: HMAC-SHA256,
 -- under a key derived from the store's root, of its sequence number and
--- hash (which covers the record and, through prev_hash, the chain before
--- it). Whoever can write the database without holding the root (anyone
+-- its line (which holds prev_hash, so it is tied to the chain before it). Whoever can write the database without holding the root (anyone
 -- with the replicas' credentials) could otherwise add records at the end of
 -- the chain, with valid hashes, that every replica would build on and the
 -- next signed checkpoint would cover.
